@@ -1,0 +1,99 @@
+"""What is this machine: CUDA device (through CuPy and nvidia-ml-py) and software versions."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import numpy as np
+
+from . import __version__
+
+
+def cuda_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device it can use."""
+    return no_gpu_reason() is None
+
+
+def no_gpu_reason():
+    """None when a CUDA device is usable, else a one-line reason."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install
+        return f"CuPy is not importable ({type(exc).__name__}: {exc})"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return f"no CUDA device found ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    if n == 0:
+        return "no CUDA device found"
+    return None
+
+
+def versions() -> dict:
+    out = {"quickcupy": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
+           "platform": platform.platform()}
+    try:
+        import cupy
+        out["cupy"] = cupy.__version__
+        try:
+            out["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+        except Exception:
+            pass
+    except Exception:
+        out["cupy"] = None
+    return out
+
+
+def device_info(index: int = 0) -> dict:
+    """Name, compute capability, SMs, memory, L2, and from NVML driver, clocks, temperature, power limit.
+
+    Returns {"available": False, "reason": ...} without a usable GPU.
+    """
+    reason = no_gpu_reason()
+    if reason is not None:
+        return {"available": False, "reason": reason}
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(index)
+    info = {
+        "available": True,
+        "index": index,
+        "name": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+        "compute_capability": f"{props['major']}.{props['minor']}",
+        "sm_count": props["multiProcessorCount"],
+        "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
+        "l2_bytes": props["l2CacheSize"],
+    }
+    info.update(_nvml_info(index))
+    return info
+
+
+def _nvml_info(index: int) -> dict:
+    try:
+        import pynvml
+    except ImportError:
+        return {"nvml": "nvidia-ml-py is not installed"}
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:
+        return {"nvml": f"NVML unavailable: {exc}"}
+    out = {}
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        fields = {
+            "driver": lambda: pynvml.nvmlSystemGetDriverVersion(),
+            "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+            "sm_clock_max_mhz": lambda: pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
+            "mem_clock_max_mhz": lambda: pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM),
+            "temperature_c": lambda: pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU),
+            "power_limit_w": lambda: pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000.0,
+        }
+        for key, read in fields.items():
+            try:
+                value = read()
+                out[key] = value.decode() if isinstance(value, bytes) else value
+            except Exception:
+                out[key] = None
+    finally:
+        pynvml.nvmlShutdown()
+    return out
