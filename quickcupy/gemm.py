@@ -1,0 +1,214 @@
+"""The array-level API: :class:`QuantLinear` (one layer's packed weights on the GPU) and :func:`gemm`.
+
+Every rule is checked here, in Python, before any launch: a wrong dtype, shape, alignment, device
+or layout raises a ``TypeError``/``ValueError`` that names the argument.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels
+from .layouts import AWQ_PACK, QUICK_TILE_N, check_quick_shape, pack_awq, pack_quick, unpack_awq
+from .quantize import QuantizedWeight, check_group_size, quantize
+
+LAYOUTS = ("quick", "awq")
+
+# Kernel name -> (layout it reads, fixed rows per block or None for "chosen by M", description).
+KERNELS = {
+    "awq": ("awq", None, "AutoAWQ design: dequantized weights written back to shared memory, 16-row tiles"),
+    "quick": ("quick", None, "QUICK interleaved weights loaded straight into mma registers; tile rows by M"),
+    "quick_m16": ("quick", 16, "QUICK with AutoAWQ's 16-row tile (like-for-like with awq)"),
+}
+
+# What each layout needs of out_features (N); in_features must also be a multiple of 32 for both.
+LAYOUT_N_MULTIPLE = {"quick": QUICK_TILE_N, "awq": 64}
+
+
+def kernel_layout(kernel: str) -> str:
+    """The weight layout a kernel reads ("quick" or "awq")."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is unknown; available: {', '.join(KERNELS)}")
+    return KERNELS[kernel][0]
+
+
+def _check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown; use one of {LAYOUTS}")
+
+
+def check_layer_shape(layout: str, in_features: int, out_features: int):
+    """Raises ValueError when a (K, N) layer cannot run in ``layout``."""
+    _check_layout(layout)
+    mult = LAYOUT_N_MULTIPLE[layout]
+    if out_features % mult:
+        raise ValueError(f"out_features={out_features} is not a multiple of {mult}, "
+                         f"which the {layout} kernel needs")
+    if in_features % 32:
+        raise ValueError(f"in_features={in_features} is not a multiple of 32, which both kernels need")
+
+
+class QuantLinear:
+    """One linear layer y = x @ W.T (+ bias) with 4-bit weights resident on the current GPU.
+
+    Attributes: ``layout`` ("quick" or "awq"), ``in_features`` K, ``out_features`` N,
+    ``group_size`` G, ``qweight``/``qzeros``/``scales`` (CuPy arrays in that layout),
+    ``bias`` (CuPy float16 (N,) or None), ``device`` (CuPy device id).
+    Build with :meth:`from_quantized`, :meth:`from_awq` or :meth:`from_float`.
+    """
+
+    def __init__(self, q: QuantizedWeight, layout: str = "quick", bias=None):
+        import cupy
+        if not isinstance(q, QuantizedWeight):
+            raise TypeError(f"q must be a QuantizedWeight, got {type(q).__name__}")
+        _check_layout(layout)
+        check_layer_shape(layout, q.in_features, q.out_features)
+        kernels.require_gpu()
+        packed = pack_quick(q) if layout == "quick" else pack_awq(q)
+        self.layout = layout
+        self.in_features, self.out_features, self.group_size = q.in_features, q.out_features, q.group_size
+        self.device = cupy.cuda.Device().id
+        self.qweight = cupy.asarray(packed.qweight)
+        self.qzeros = cupy.asarray(packed.qzeros)
+        self.scales = cupy.asarray(packed.scales)
+        self.bias = None
+        if bias is not None:
+            bias = bias.get() if hasattr(bias, "get") else np.asarray(bias)
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape (out_features,) = ({self.out_features},), got {bias.shape}")
+            if not np.isfinite(bias).all():
+                raise ValueError("bias has NaN or inf values")
+            self.bias = cupy.asarray(bias.astype(np.float16))
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, layout: str = "quick", bias=None) -> "QuantLinear":
+        return cls(q, layout, bias)
+
+    @classmethod
+    def from_awq(cls, qweight, qzeros, scales, bias=None, layout: str = "quick", group_size=None) -> "QuantLinear":
+        """From the three tensors of an AutoAWQ checkpoint (NumPy or CuPy): qweight (K, N/8) int32,
+        qzeros (K/G, N/8) int32, scales (K/G, N) float16."""
+        host = [t.get() if hasattr(t, "get") else t for t in (qweight, qzeros, scales)]
+        return cls(unpack_awq(*host, group_size=group_size), layout, bias)
+
+    @classmethod
+    def from_float(cls, weight, group_size: int = 128, layout: str = "quick", bias=None) -> "QuantLinear":
+        """Quantizes a float16/float32 weight of shape (out_features, in_features) on the way."""
+        if hasattr(weight, "get"):
+            weight = weight.get()
+        return cls(quantize(weight, group_size), layout, bias)
+
+    def copy(self) -> "QuantLinear":
+        """A second layer with its own device buffers (e.g. to rotate weights in benchmarks)."""
+        new = object.__new__(QuantLinear)
+        new.__dict__.update(self.__dict__)
+        for name in ("qweight", "qzeros", "scales"):
+            setattr(new, name, getattr(self, name).copy())
+        return new
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.qweight.nbytes + self.qzeros.nbytes + self.scales.nbytes)
+
+    def __call__(self, x, out=None, kernel=None):
+        return gemm(x, self, kernel=kernel, out=out)
+
+    def __repr__(self):
+        return (f"QuantLinear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, layout={self.layout!r}, bias={self.bias is not None})")
+
+
+def _check_x(x, layer: QuantLinear):
+    import cupy
+    if isinstance(x, np.ndarray):
+        raise TypeError("x is a NumPy array; move it to the GPU first with cupy.asarray(x)")
+    if not isinstance(x, cupy.ndarray):
+        raise TypeError(f"x must be a cupy.ndarray, got {type(x).__name__}")
+    if x.dtype != np.float16:
+        raise TypeError(f"x must be float16, got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] != layer.in_features:
+        raise ValueError(f"x must have shape (..., {layer.in_features}), got {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"x has no rows (shape {x.shape}); M must be at least 1")
+    if not x.flags.c_contiguous:
+        raise ValueError("x must be C-contiguous; call cupy.ascontiguousarray(x)")
+    if x.data.ptr % 16:
+        raise ValueError("x must be 16-byte aligned (its data pointer is not); copy it")
+    if x.device.id != layer.device:
+        raise ValueError(f"x is on device {x.device.id} but the layer's weights are on device {layer.device}")
+
+
+def _check_out(out, shape, x, layer):
+    import cupy
+    if not isinstance(out, cupy.ndarray):
+        raise TypeError(f"out must be a cupy.ndarray, got {type(out).__name__}")
+    if out.dtype != np.float16:
+        raise TypeError(f"out must be float16, got {out.dtype}")
+    if out.shape != shape:
+        raise ValueError(f"out must have shape {shape}, got {out.shape}")
+    if not out.flags.c_contiguous or out.data.ptr % 16:
+        raise ValueError("out must be C-contiguous and 16-byte aligned")
+    if out.device.id != layer.device:
+        raise ValueError(f"out is on device {out.device.id} but the layer's weights are on device {layer.device}")
+    lo, hi = out.data.ptr, out.data.ptr + out.nbytes
+    if lo < x.data.ptr + x.nbytes and x.data.ptr < hi:
+        raise ValueError("out overlaps x; use a separate buffer")
+
+
+def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=None):
+    """y = x @ W.T (+ bias) with the 4-bit weights of ``layer``.
+
+    x: CuPy float16 (..., K), C-contiguous, on the layer's device; any number of rows M >= 1.
+    kernel: "quick", "quick_m16" or "awq" (default: the one for the layer's layout); must read the
+    layer's layout. out: optional CuPy float16 (..., N) to write into. ``tile_m``/``split_k``
+    override the launch plan (tuning, tests). Returns (..., N) float16, on the current stream.
+    """
+    import cupy
+    if not isinstance(layer, QuantLinear):
+        raise TypeError(f"layer must be a QuantLinear, got {type(layer).__name__}")
+    if kernel is None:
+        kernel = layer.layout
+    if kernel_layout(kernel) != layer.layout:
+        raise ValueError(f"kernel={kernel!r} reads the {kernel_layout(kernel)} layout but the layer is "
+                         f"packed as {layer.layout!r}; build it with QuantLinear(..., layout="
+                         f"{kernel_layout(kernel)!r})")
+    _check_x(x, layer)
+    N, K = layer.out_features, layer.in_features
+    shape = x.shape[:-1] + (N,)
+    M = x.size // K
+    if out is None:
+        out = cupy.empty(shape, np.float16)
+    else:
+        _check_out(out, shape, x, layer)
+    if tile_m is None:
+        tile_m = KERNELS[kernel][1]
+    p = _plan(kernel_layout(kernel), M, N, K, layer.group_size, layer.device, tile_m, split_k)
+    fn = kernels.get_function(layer.device, p.source, p.name, p.shared_bytes)
+    splits = p.split_k
+    partial = cupy.empty((splits, M, N), np.float32) if splits > 1 else None
+    null = np.uint64(0)
+    bias = layer.bias if splits == 1 and layer.bias is not None else null
+    args = (x, layer.qweight, layer.qzeros, layer.scales, bias, out, null if partial is None else partial,
+            np.int32(M), np.int32(N), np.int32(K), np.int32(layer.group_size), np.int32(p.chunks_per_split))
+    fn(p.grid, p.block, args, shared_mem=p.shared_bytes)
+    if splits > 1:
+        reduce_fn = kernels.get_function(layer.device, "splitk_reduce.cu", "splitk_reduce")
+        threads = 256
+        blocks = -(-(M * N // 4) // threads)
+        reduce_fn((blocks,), (threads,), (partial, null if layer.bias is None else layer.bias, out, np.int32(splits), np.int32(M), np.int32(N)))
+    return out
+
+
+_PLANS = {}
+
+
+def _plan(kernel, M, N, K, group_size, device, tile_m, split_k):
+    key = (kernel, M, N, K, group_size, device, tile_m, split_k)
+    p = _PLANS.get(key)
+    if p is None:
+        p = kernels.plan(kernel, M, N, K, group_size, kernels.sm_count(device), tile_m=tile_m, split_k=split_k)
+        _PLANS[key] = p
+    return p
+
+
+__all__ = ["QuantLinear", "gemm", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape",
+           "check_group_size", "AWQ_PACK"]
