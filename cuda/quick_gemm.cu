@@ -6,7 +6,8 @@
 // Warp w owns columns [32 w, 32 w + 32) = one QUICK tile column and all BM rows. Per 32-deep chunk
 // each lane issues ONE 16-byte load of its 4 words; word j dequantizes to the lane's B fragments of
 // n8 sub-tile j for the chunk's two k16 steps (see quickcupy/layouts.py for the drawing).
-// Pipelines: activations through a STAGES-deep cp.async ring; weights one K step ahead in registers.
+// Pipelines: activations through a STAGES-deep cp.async ring; weights through a ring of WSTAGES
+// register sets, loaded WSTAGES - 1 K steps ahead of their use.
 // GCH = chunks per scale/zero reload = min(group_size / 32, U).
 #include "quant_common.cuh"
 
@@ -19,19 +20,19 @@ struct WeightRegs {
   u32 z[U / GCH];             // zero points of the 4 sub-tiles (nibbles 0..3)
 };
 
-template <int BM, int U, int GCH, int STAGES>
+template <int BM, int U, int GCH, int STAGES, int WSTAGES>
 struct QuickTile {
   static constexpr int BK = 32 * U, BN = 128, MT = BM / 16, PITCH = BK + SMEM_PAD;
   static constexpr int A_PASSES = BM * BK / 8 / 128;
 };
 
-template <int BM, int U, int GCH, int STAGES>
+template <int BM, int U, int GCH, int STAGES, int WSTAGES>
 __global__ void __launch_bounds__(128)
 quick_gemm(const half* __restrict__ A, const uint4* __restrict__ qweight,
            const unsigned short* __restrict__ qzeros, const uint2* __restrict__ scales,
            const half* __restrict__ bias, half* __restrict__ C, float* __restrict__ partial,
            int M, int N, int K, int group_size, int chunks_per_split) {
-  using T = QuickTile<BM, U, GCH, STAGES>;
+  using T = QuickTile<BM, U, GCH, STAGES, WSTAGES>;
   constexpr int BK = T::BK, MT = T::MT, PITCH = T::PITCH;
   extern __shared__ __align__(16) half A_s[];  // [STAGES][BM][PITCH]
 
@@ -118,9 +119,10 @@ quick_gemm(const half* __restrict__ A, const uint4* __restrict__ qweight,
     }
   };
 
-  // One K step: prefetch the next step's weights, wait for this step's activations, refill the ring.
-  auto step = [&](int it, const WeightRegs<U, GCH>& cur, WeightRegs<U, GCH>& nxt) {
-    if (it + 1 < iters) load_w(it + 1, nxt);
+  // One K step: prefetch weights WSTAGES - 1 steps ahead, wait for this step's activations,
+  // refill the activation ring, compute.
+  auto step = [&](int it, const WeightRegs<U, GCH>& cur, WeightRegs<U, GCH>& ahead) {
+    if (it + WSTAGES - 1 < iters) load_w(it + WSTAGES - 1, ahead);
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     if (it + STAGES - 1 < iters) load_a(it + STAGES - 1);
@@ -133,11 +135,13 @@ quick_gemm(const half* __restrict__ A, const uint4* __restrict__ qweight,
     if (s < iters) load_a(s);
     cp_async_commit();
   }
-  WeightRegs<U, GCH> r0, r1;
-  load_w(0, r0);
-  for (int it = 0; it < iters; it += 2) {
-    step(it, r0, r1);
-    if (it + 1 < iters) step(it + 1, r1, r0);
+  WeightRegs<U, GCH> regs[WSTAGES];  // indexed only by unrolled constants: stays in registers
+#pragma unroll
+  for (int s = 0; s < WSTAGES - 1; ++s) load_w(s, regs[s]);
+  for (int it = 0; it < iters; it += WSTAGES) {
+#pragma unroll
+    for (int u = 0; u < WSTAGES; ++u)
+      if (it + u < iters) step(it + u, regs[u], regs[(u + WSTAGES - 1) % WSTAGES]);
   }
   if (warp_active) store_tiles<MT, 4>(acc, m0, col0, M, N, bias, C, partial);
 }

@@ -182,19 +182,26 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
     if tile_m is None:
         tile_m = KERNELS[kernel][1]
     p = _plan(kernel_layout(kernel), M, N, K, layer.group_size, layer.device, tile_m, split_k)
+    return launch(p, x, layer, out)
+
+
+def launch(p: kernels.LaunchPlan, x, layer: QuantLinear, out):
+    """Runs plan ``p`` on checked arrays (no checks here: :func:`gemm` does them)."""
+    import cupy
     fn = kernels.get_function(layer.device, p.source, p.name, p.shared_bytes)
-    splits = p.split_k
-    partial = cupy.empty((splits, M, N), np.float32) if splits > 1 else None
+    M, N, K, splits = p.M, p.N, p.K, p.split_k
     null = np.uint64(0)
+    partial = cupy.empty((splits, M, N), np.float32) if splits > 1 else null
     bias = layer.bias if splits == 1 and layer.bias is not None else null
-    args = (x, layer.qweight, layer.qzeros, layer.scales, bias, out, null if partial is None else partial,
-            np.int32(M), np.int32(N), np.int32(K), np.int32(layer.group_size), np.int32(p.chunks_per_split))
-    fn(p.grid, p.block, args, shared_mem=p.shared_bytes)
+    fn(p.grid, p.block, (x, layer.qweight, layer.qzeros, layer.scales, bias, out, partial,
+                         np.int32(M), np.int32(N), np.int32(K), np.int32(layer.group_size),
+                         np.int32(p.chunks_per_split)), shared_mem=p.shared_bytes)
     if splits > 1:
         reduce_fn = kernels.get_function(layer.device, "splitk_reduce.cu", "splitk_reduce")
         threads = 256
         blocks = -(-(M * N // 4) // threads)
-        reduce_fn((blocks,), (threads,), (partial, null if layer.bias is None else layer.bias, out, np.int32(splits), np.int32(M), np.int32(N)))
+        reduce_fn((blocks,), (threads,), (partial, null if layer.bias is None else layer.bias, out,
+                                          np.int32(splits), np.int32(M), np.int32(N)))
     return out
 
 

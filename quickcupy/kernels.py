@@ -48,15 +48,20 @@ class TileConfig:
     chunks: int      # 32-deep K chunks per main-loop step (U)
     stages: int      # cp.async ring depth for activations (QUICK)
     threads: int
+    wstages: int = 1  # register sets of weights in flight (QUICK): loads run wstages - 1 steps ahead
 
 
 AWQ_TILE_N = (128, 64)          # AutoAWQ picks 128 when N allows, else 64
-QUICK_TILES = {                 # rows per block -> (chunks per step, cp.async stages)
-    16: (4, 3),
-    32: (4, 3),
-    64: (2, 3),
-    128: (2, 3),
+# Rows per block -> (chunks per step, cp.async stages, weight stages, resident blocks per SM).
+# Chosen from a sweep on the H100 at K = N = 8192 (BENCHMARKS.md, "Tuning"); the last number is
+# what the register count allows and sets the split-K target of one full wave.
+QUICK_TILES = {
+    16: (4, 2, 2, 4),
+    32: (4, 3, 2, 3),
+    64: (4, 3, 2, 2),
+    128: (2, 3, 3, 2),
 }
+AWQ_BLOCKS_PER_SM = 8           # 64-thread blocks: as many threads in flight as 2 QUICK blocks
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,10 @@ class LaunchPlan:
 
 
 def _split_k(tiles: int, chunks: int, step_chunks: int, target_blocks: int, split_k=None):
-    """Splits K so that tiles * splits reaches ``target_blocks``; each split gets at least two main
-    loop steps and a whole number of steps (so a step never straddles a scale group)."""
+    """Splits K so that tiles * splits comes nearest ``target_blocks`` (one wave); each split gets
+    at least two main-loop steps and a whole number of steps (a step never straddles a group)."""
     if split_k is None:
-        want = max(1, math.ceil(target_blocks / tiles)) if tiles < target_blocks else 1
+        want = max(1, round(target_blocks / tiles))
         split_k = max(1, min(want, chunks // (2 * step_chunks)))
     split_k = max(1, min(int(split_k), math.ceil(chunks / step_chunks)))
     per = math.ceil(math.ceil(chunks / split_k) / step_chunks) * step_chunks
@@ -91,16 +96,19 @@ def _split_k(tiles: int, chunks: int, step_chunks: int, target_blocks: int, spli
 
 
 def quick_tile_m(M: int) -> int:
-    """Rows per block for QUICK: the smallest tile that covers M, up to 64; 128 for large M."""
+    """Rows per block for QUICK: the smallest tile that covers M, 128 beyond 64 rows."""
     for bm in (16, 32, 64):
         if M <= bm:
             return bm
-    return 128 if M >= 512 else 64
+    return 128
 
 
 def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 132,
-         tile_m=None, split_k=None) -> LaunchPlan:
-    """Launch plan of ``kernel`` ("awq" or "quick") for x (M, K) times weight (K, N)."""
+         tile_m=None, split_k=None, quick_tile=None) -> LaunchPlan:
+    """Launch plan of ``kernel`` ("awq" or "quick") for x (M, K) times weight (K, N).
+
+    ``tile_m``/``split_k`` override the choice by M; ``quick_tile`` = (chunks, stages, weight
+    stages, blocks per SM) overrides QUICK_TILES (tuning)."""
     chunks = K // 32
     if kernel == "awq":
         bm = 16 if tile_m is None else tile_m
@@ -110,17 +118,18 @@ def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 1
         tile = TileConfig(bm=bm, bn=bn, chunks=1, stages=1, threads=smem_maps.AWQ_THREADS)
         name = f"awq_gemm<{bm}, {bn}>"
         shared = 0
-        target = 8 * sm_count            # 64-thread blocks: same threads in flight as QUICK's 4
+        target = AWQ_BLOCKS_PER_SM * sm_count
     elif kernel == "quick":
         bm = quick_tile_m(M) if tile_m is None else tile_m
         if bm not in QUICK_TILES:
             raise ValueError(f"tile_m={bm} is not available for quick {tuple(QUICK_TILES)}")
-        u, stages = QUICK_TILES[bm]
+        u, stages, wstages, per_sm = QUICK_TILES[bm] if quick_tile is None else quick_tile
         gch = min(group_size // 32, u)
-        tile = TileConfig(bm=bm, bn=128, chunks=u, stages=stages, threads=smem_maps.QUICK_THREADS)
-        name = f"quick_gemm<{bm}, {u}, {gch}, {stages}>"
+        tile = TileConfig(bm=bm, bn=128, chunks=u, stages=stages, threads=smem_maps.QUICK_THREADS,
+                          wstages=wstages)
+        name = f"quick_gemm<{bm}, {u}, {gch}, {stages}, {wstages}>"
         shared = stages * bm * (32 * u + smem_maps.PAD) * 2
-        target = 4 * sm_count
+        target = per_sm * sm_count
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
     tiles = math.ceil(M / tile.bm) * math.ceil(N / tile.bn)
@@ -134,8 +143,9 @@ def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 1
 def all_instances():
     """Every (source, template instance) the planner can ask for: what the CPU compile test builds."""
     out = [("awq_gemm.cu", f"awq_gemm<{bm}, {bn}>") for bm in (16, 32, 64) for bn in AWQ_TILE_N]
-    for bm, (u, stages) in QUICK_TILES.items():
-        out += [("quick_gemm.cu", f"quick_gemm<{bm}, {u}, {gch}, {stages}>") for gch in (1, 2, 4) if gch <= u]
+    for bm, (u, stages, wstages, _) in QUICK_TILES.items():
+        out += [("quick_gemm.cu", f"quick_gemm<{bm}, {u}, {gch}, {stages}, {wstages}>")
+                for gch in (1, 2, 4) if gch <= u]
     out.append(("splitk_reduce.cu", "splitk_reduce"))
     return out
 
