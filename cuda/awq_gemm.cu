@@ -11,7 +11,7 @@
 using namespace qc;
 
 template <int BM, int BN>
-__global__ void __launch_bounds__(64)
+__global__ void __launch_bounds__(64, 1)
 awq_gemm(const half* __restrict__ A, const int* __restrict__ qweight, const int* __restrict__ qzeros,
          const half* __restrict__ scales, const half* __restrict__ bias, half* __restrict__ C,
          float* __restrict__ partial, int M, int N, int K, int group_size, int chunks_per_split) {

@@ -7,7 +7,9 @@ For each output row n and group g of ``group_size`` input columns::
     code  = clamp(round(W / scale) + zero, 0, 15)
     W_hat = (code - zero) * scale
 
-``round`` is round-half-to-even, as ``numpy.round`` and ``torch.round``.
+``round`` is round-half-to-even, as ``numpy.round`` and ``torch.round``. As in AutoAWQ, the zero
+point is clamped to 0..15, so |W - W_hat| <= scale / 2 holds for groups whose range contains 0
+(real weights); a group entirely above or below 0 clips.
 """
 from __future__ import annotations
 
@@ -137,6 +139,12 @@ def _quantize_rows(weight: np.ndarray, G: int):
     Arithmetic as AutoAWQ does it on a torch tensor of the weight's dtype: for float16 every
     operation is computed in float32 and rounded to float16, exactly what numpy's float16 ufuncs do.
     """
+    n, K = weight.shape
+    with np.errstate(over="ignore"):  # float16 overflow to inf is part of the rule (constant groups)
+        return _quantize_rows_inner(weight, G)
+
+
+def _quantize_rows_inner(weight: np.ndarray, G: int):
     n, K = weight.shape
     half = weight.dtype == np.float16
     rnd = (lambda a: a.astype(np.float16).astype(np.float32)) if half else (lambda a: a)
