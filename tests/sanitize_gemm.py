@@ -1,0 +1,49 @@
+"""A few GEMMs of both kernels for compute-sanitizer (not collected by pytest). Run on a GPU:
+
+    compute-sanitizer --tool memcheck  python tests/sanitize_gemm.py
+    compute-sanitizer --tool racecheck python tests/sanitize_gemm.py
+
+Shapes cover split-K, row tails (M not a multiple of the tile), every tile size, group sizes
+32/64/128/-1, bias and the warps of a block past N (N % 128 != 0).
+"""
+import sys
+
+import cupy
+import numpy as np
+
+from quickcupy import QuantLinear, gemm, quantize, reference_gemm
+
+CASES = [  # (M, K, N, group_size, tile_m, split_k)
+    (1, 512, 320, 128, None, None),
+    (7, 256, 192, 32, None, 3),
+    (33, 384, 256, 64, 32, None),
+    (100, 640, 448, -1, 64, 2),
+    (130, 256, 128, 128, 128, 1),
+]
+
+
+def main() -> int:
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for M, K, N, G, tile_m, split_k in CASES:
+        w = (rng.standard_normal((N, K)) * 0.05).astype(np.float16)
+        bias = rng.standard_normal(N).astype(np.float16)
+        q = quantize(w, G)
+        x = rng.standard_normal((M, K)).astype(np.float16)
+        ref = reference_gemm(x, q, bias)
+        for layout in ("awq", "quick"):
+            if layout == "awq" and (N % 64 or tile_m == 128):
+                continue
+            layer = QuantLinear.from_quantized(q, layout=layout, bias=bias)
+            out = cupy.full((M, N), np.nan, np.float16)
+            gemm(cupy.asarray(x), layer, out=out, tile_m=tile_m, split_k=split_k)
+            err = float(np.linalg.norm(out.get() - ref) / np.linalg.norm(ref))
+            worst = max(worst, err if np.isfinite(err) else np.inf)
+            print(f"{layout:5s} M={M:4d} K={K:4d} N={N:4d} G={G:4d} tile_m={tile_m} split_k={split_k}: rel err {err:.2e}")
+    cupy.cuda.Device().synchronize()
+    print(f"worst relative error {worst:.2e}")
+    return 0 if worst < 1e-2 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
