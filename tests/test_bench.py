@@ -1,0 +1,344 @@
+"""Tests of quickcupy.bench: parsing, floor arithmetic, table formatting, the no-GPU path (CPU);
+a tiny real sweep (GPU)."""
+import csv
+import io
+import json
+import math
+import sys
+import types
+
+import pytest
+
+import quickcupy
+from quickcupy import bench
+from quickcupy.__main__ import main
+
+TINY = ["--shapes", "1024x1024", "--m", "1,16", "--warmup", "2", "--repeats", "5", "--quiet"]
+
+
+def _no_gpu(monkeypatch, reason="test machine without GPU"):
+    monkeypatch.setattr("quickcupy.device.no_gpu_reason", lambda: reason)
+
+
+def _fake_banks(monkeypatch, **attrs):
+    module = types.ModuleType("quickcupy.banks")
+    module.__dict__.update(attrs)
+    monkeypatch.setitem(sys.modules, "quickcupy.banks", module)
+    monkeypatch.setattr(quickcupy, "banks", module, raising=False)
+
+
+# ------------------------------------------------------------------------------------- parsing
+def test_parse_shapes():
+    assert bench.parse_shapes("8192x8192,4096X12288") == [(8192, 8192), (4096, 12288)]
+    assert bench.parse_shapes(" 4096x4096 ") == [(4096, 4096)]
+
+
+@pytest.mark.parametrize("text", ["8192", "8192x", "x8192", "8192by8192", "0x128", "4096x4096x2",
+                                  "-128x128", "", "128x128,", "128x128,128x128"])
+def test_parse_shapes_rejects(text):
+    with pytest.raises(ValueError, match="--shapes"):
+        bench.parse_shapes(text)
+
+
+def test_parse_ms_and_kernels():
+    assert bench.parse_ms("1,16,128") == [1, 16, 128]
+    for bad in ("0", "-4", "a", "1,,2"):
+        with pytest.raises(ValueError, match="--m"):
+            bench.parse_ms(bad)
+    assert bench.parse_kernels(None, ["fp16", "awq"]) == ["fp16", "awq"]
+    assert bench.parse_kernels("awq", ["fp16", "awq"]) == ["awq"]
+    with pytest.raises(ValueError, match="unknown kernel 'nope'"):
+        bench.parse_kernels("fp16,nope", ["fp16", "awq"])
+
+
+def test_available_kernels_start_with_fp16():
+    names, note = bench.available_kernels()
+    assert names[0] == "fp16"
+    if note is None:
+        from quickcupy.gemm import KERNELS
+        assert names[1:] == [k for k in KERNELS]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--shapes", "8192by8192"], "--shapes"),
+    (["--shapes", "100x128"], "not a multiple of --group-size=128"),
+    (["--group-size", "48"], "--group-size=48 is not supported"),
+    (["--group-size", "abc"], "--group-size"),
+    (["--m", "0"], "M=0 must be >= 1"),
+    (["--m", "1,x"], "--m"),
+    (["--kernels", "fp16,bogus"], "unknown kernel 'bogus'"),
+    (["--repeats", "0"], "--repeats=0"),
+])
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, words):
+    assert main(["bench", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert words in lines[0] and "error" in lines[0]
+
+
+def test_plot_without_matplotlib_is_a_usage_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # makes "import matplotlib" fail
+    assert main(["bench", *TINY, "--plot", "x.png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "matplotlib" in err[0]
+
+
+# ---------------------------------------------------------------------------- floor arithmetic
+def test_moved_bytes_int4_and_fp16():
+    K = N = 8192
+    int4 = K * N // 2 + (K // 128) * N * 2 + (K // 128) * N // 2
+    assert bench.weight_bytes("quick", K, N, 128) == int4
+    assert bench.moved_bytes("quick", 16, K, N, 128) == int4 + 16 * K * 2 + 16 * N * 2
+    assert bench.moved_bytes("awq", 16, K, N, 128) == bench.moved_bytes("quick", 16, K, N, 128)
+    assert bench.moved_bytes("fp16", 16, K, N, 128) == K * N * 2 + 16 * K * 2 + 16 * N * 2
+    # group_size -1: one group per row of the weight (K // G = 1)
+    assert bench.weight_bytes("quick", 4096, 64, -1) == 4096 * 64 // 2 + 64 * 2 + 64 // 2
+
+
+def test_floor_matches_reference_table():
+    # docs/gpu.md: K = N = 8192, group 128, 3.0 TB/s copy bandwidth -> 11.6 us at M=1, 22.7 at M=1024
+    assert bench.floor_seconds("quick", 1, 8192, 8192, 128, 3.0e12) * 1e6 == pytest.approx(11.6, rel=0.01)
+    assert bench.floor_seconds("quick", 1024, 8192, 8192, 128, 3.0e12) * 1e6 == pytest.approx(22.7, rel=0.01)
+    assert bench.flops(2, 3, 5) == 60
+
+
+def test_rotation_copies_exceed_twice_l2():
+    l2 = 50 * 2 ** 20
+    for layer in (2 ** 10, 5 * 2 ** 20, 34 * 2 ** 20, 49 * 2 ** 20, 50 * 2 ** 20, 128 * 2 ** 20):
+        n = bench.rotation_copies(layer, l2)
+        assert n >= 2 and n * layer > 2 * l2
+        assert n == 2 or (n - 1) * layer <= 2 * l2          # no more copies than needed
+
+
+def _raw(kernel, M, t_us, K=1024, N=2048, G=128):
+    return {"K": K, "N": N, "M": M, "group_size": G, "kernel": kernel, "time_s": t_us * 1e-6,
+            "time_min_s": t_us * 0.9e-6, "copies": 3, "max_rel_err": 1e-3}
+
+
+def test_derive_points():
+    raw = [_raw("fp16", 1, 20.0), _raw("awq", 1, 40.0), _raw("quick", 1, 10.0), _raw("quick", 4, 12.0)]
+    bw = 2.0e12
+    points = bench.derive_points(raw, bw)
+    assert [set(p) for p in points] == [set(bench.POINT_FIELDS)] * 4
+    quick = points[2]
+    K, N, M = 1024, 2048, 1
+    assert quick["time_us"] == pytest.approx(10.0)
+    assert quick["tflops"] == pytest.approx(2 * M * N * K / 10e-6 / 1e12)
+    assert quick["speedup_vs_awq"] == pytest.approx(4.0)
+    assert quick["speedup_vs_fp16"] == pytest.approx(2.0)
+    assert points[1]["speedup_vs_awq"] == pytest.approx(1.0)
+    assert points[0]["speedup_vs_awq"] == pytest.approx(2.0)
+    floor = bench.moved_bytes("quick", M, K, N, 128) / bw
+    assert quick["floor_us"] == pytest.approx(floor * 1e6)
+    assert quick["time_over_floor"] == pytest.approx(10e-6 / floor)
+    assert quick["bound_tflops"] == pytest.approx(2 * M * N * K / floor / 1e12)
+    assert points[0]["bytes"] == bench.moved_bytes("fp16", M, K, N, 128)
+    assert points[3]["speedup_vs_awq"] is None and points[3]["speedup_vs_fp16"] is None
+
+
+# ----------------------------------------------------------------------------------- formatting
+def test_format_table():
+    raw = [_raw(k, m, t) for m in (1, 16) for k, t in (("fp16", 20.0), ("awq", 40.0), ("quick", 10.0))]
+    raw.append(_raw("quick", 1, 300.0, K=4096, N=4096))
+    text = bench.format_table(bench.derive_points(raw, 3e12))
+    lines = text.splitlines()
+    assert lines[0] == "K=1024 N=2048 group_size=128"
+    for title in ("time us", "TFLOP/s", "x fp16", "x awq", "time/floor"):
+        assert title in lines[1]
+    assert lines[2].split()[:4] == ["M", "|", "fp16", "awq"]
+    assert lines[3].split()[0] == "1" and lines[4].split()[0] == "16"
+    assert "4.00" in lines[3]                     # quick over awq
+    assert "K=4096 N=4096 group_size=128" in text
+    assert lines[-1].split()[0] == "1" and "-" in lines[-1].split()   # fp16, awq not run there
+    assert len({len(line) for line in lines[2:5]}) == 1               # aligned columns
+
+
+def test_format_table_without_baselines():
+    text = bench.format_table(bench.derive_points([_raw("quick", 1, 10.0)], 3e12))
+    assert "x fp16" not in text and "x awq" not in text and "time/floor" in text
+    assert bench.format_table([]) == "(no points)"
+
+
+def test_format_header():
+    result = {"command": "python -m quickcupy bench --m 1", "versions": {"cupy": "14.2.0"},
+              "device": {"available": True, "name": "GPU X", "driver": "1.2", "sm_clock_mhz": 1980},
+              "bandwidth": {"bytes": 2 ** 29, "time_us": 180.0, "bytes_per_s": 3e12, "gb_per_s": 3000.0},
+              "clocks": [{"K": 8, "N": 16, "sm_clock_mhz": 1755, "mem_clock_mhz": None, "temperature_c": 60}]}
+    text = bench.format_header(result)
+    assert "python -m quickcupy bench --m 1" in text and "name=GPU X" in text
+    assert "sm_clock_mhz=1980" in text and "3000 GB/s" in text and "cupy=14.2.0" in text
+    assert "8x16: sm_clock_mhz=1755, temperature_c=60" in text
+
+
+def test_write_csv(tmp_path):
+    points = bench.derive_points([_raw("fp16", 1, 20.0), _raw("quick", 1, 10.0)], 3e12)
+    path = tmp_path / "bench.csv"
+    bench.write_csv(path, points, "GPU X")
+    rows = list(csv.DictReader(open(path)))
+    assert len(rows) == 2 and rows[1]["kernel"] == "quick" and rows[1]["device"] == "GPU X"
+    assert rows[1]["speedup_vs_awq"] == ""
+    assert float(rows[1]["time_us"]) == pytest.approx(10.0)
+
+
+def test_write_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    raw = [_raw(k, m, t * m ** 0.5) for m in (1, 16, 256) for k, t in (("fp16", 20.0), ("awq", 40.0), ("quick", 10.0))]
+    raw += [_raw("quick", m, 30.0, K=4096, N=4096) for m in (1, 16)]
+    result = {"points": bench.derive_points(raw, 3e12), "bandwidth": {"bytes_per_s": 3e12},
+              "device": {"name": "GPU X"}}
+    path = tmp_path / "bench.png"
+    bench.write_plot(path, result)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_without_terminal_prints_notes_only():
+    stream = io.StringIO()
+    progress = bench.Progress(3, stream=stream)
+    progress.note("bench: K=1 N=2")
+    progress.step("a")
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "bench: K=1 N=2" and lines[1].startswith("bench: 1 points in")
+    quiet = io.StringIO()
+    bench.Progress(1, enabled=False, stream=quiet).note("hidden")
+    assert quiet.getvalue() == ""
+
+
+def test_progress_on_terminal_rewrites_one_line():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    stream = Tty()
+    progress = bench.Progress(2, stream=stream)
+    progress.step("K=1 N=2 M=1 quick")
+    progress.step("K=1 N=2 M=2 quick")
+    progress.close()
+    text = stream.getvalue()
+    assert "\r[1/2 " in text and "\r[2/2 " in text and text.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------- without GPU
+def test_no_gpu_path_one_line_and_exit_0(capsys, monkeypatch):
+    _no_gpu(monkeypatch)
+    _fake_banks(monkeypatch)                               # a banks module without predictions
+    assert main(["bench"]) == 0
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("bench: no GPU (test machine without GPU)")
+    assert sum("GPU" in line for line in lines) == 1
+    assert lines[1:] == ["bank-conflict model not available yet"]
+    assert out == ""
+
+
+def test_no_gpu_path_real_banks_module(capsys, monkeypatch):
+    _no_gpu(monkeypatch)
+    assert main(["bench", "--shapes", "4096x4096", "--m", "1,16"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("bench: no GPU (test machine without GPU)") and "Traceback" not in err
+
+
+def test_no_gpu_path_prints_predictions(capsys, monkeypatch, tmp_path):
+    _no_gpu(monkeypatch)
+    calls = []
+
+    def predict(kernel, M, N, K, group_size):
+        calls.append((kernel, M, N, K, group_size))
+        return {"wavefronts": M * 10, "conflicts": 0 if kernel == "quick" else M}
+    _fake_banks(monkeypatch, predict=predict)
+    path = tmp_path / "pred.json"
+    assert main(["bench", "--shapes", "4096x4096", "--m", "1,16", "--json", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1
+    assert ("quick", 16, 4096, 4096, 128) in calls and len(calls) == 4
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["K", "N", "M", "kernel", "wavefronts", "conflicts"]
+    assert len(lines) == 5
+    data = json.loads(path.read_text())
+    assert data["device"]["available"] is False and len(data["predictions"]) == 4
+    assert data["schema"] == bench.SCHEMA and data["command"]
+
+
+def test_no_gpu_path_per_kernel_predict_functions(capsys, monkeypatch):
+    _no_gpu(monkeypatch)
+
+    class Count(tuple):
+        def _asdict(self):
+            return {"wavefronts": self[0], "ideal": self[1]}
+    _fake_banks(monkeypatch, KERNELS=("awq", "quick"),
+                predict_awq=lambda m, k, n, group_size: Count((8 * m, 4 * m)),
+                predict_quick=lambda m, k, n, group_size: Count((4 * m, 4 * m)))
+    assert main(["bench", "--shapes", "1024x1024", "--m", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["1024", "1024", "2", "awq", "16", "8"]
+    assert out[2].split() == ["1024", "1024", "2", "quick", "8", "8"]
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_time_gpu_positive():
+    import cupy
+    a = cupy.ones((1024, 1024), cupy.float16)
+    t = bench.time_gpu(lambda: a @ a, warmup=2, repeats=5)
+    assert math.isfinite(t) and 0 < t < 1
+    samples = bench.time_gpu_samples(bench.rotating(lambda b: b * 2, [a, a.copy()]), 1, 4, queue_ahead=False)
+    assert samples.shape == (4,) and (samples > 0).all()
+
+
+def _check_json(path, kernels):
+    data = json.loads(path.read_text())
+    assert data["schema"] == bench.SCHEMA and data["device"]["available"] is True
+    assert data["versions"]["cupy"] and "bench" in data["command"]
+    assert data["bandwidth"]["gb_per_s"] > 0
+    assert [(c["K"], c["N"]) for c in data["clocks"]] == [(1024, 1024)]
+    points = data["points"]
+    assert sorted((p["kernel"], p["M"]) for p in points) == sorted((k, m) for k in kernels for m in (1, 16))
+    for p in points:
+        assert set(p) == set(bench.POINT_FIELDS), p
+        for field in bench.POINT_FIELDS:
+            value = p[field]
+            if field in ("kernel",):
+                continue
+            if field == "speedup_vs_awq" and "awq" not in kernels:
+                assert value is None
+                continue
+            assert isinstance(value, (int, float)) and math.isfinite(value), (field, p)
+            assert value > 0 or (field == "max_rel_err" and value >= 0), (field, p)
+        assert p["max_rel_err"] < 0.05, p
+        assert p["copies"] >= 2
+    return data
+
+
+@pytest.mark.gpu
+def test_bench_fp16_only(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    assert main(["bench", *TINY, "--kernels", "fp16", "--json", str(path)]) == 0
+    _check_json(path, ["fp16"])
+    out = capsys.readouterr().out
+    assert "K=1024 N=1024 group_size=128" in out and "device:" in out
+
+
+@pytest.mark.gpu
+def test_bench_tiny_sweep(tmp_path, capsys):
+    path, table = tmp_path / "b.json", tmp_path / "b.csv"
+    kernels = ["fp16", "awq", "quick"]
+    assert main(["bench", *TINY, "--kernels", ",".join(kernels), "--json", str(path), "--csv", str(table)]) == 0
+    data = _check_json(path, kernels)
+    assert data["skipped"] == []
+    assert len(list(csv.DictReader(open(table)))) == 6
+    out = capsys.readouterr().out
+    assert "x awq" in out and "time/floor" in out
+
+
+@pytest.mark.gpu
+def test_bench_skips_a_shape_a_kernel_cannot_hold(tmp_path, capsys):
+    path = tmp_path / "b.json"                 # N = 96: a multiple of 32 (quick) but not of 64 (awq)
+    argv = ["bench", "--shapes", "1024x96", "--m", "1,16", "--kernels", "awq,quick", "--warmup", "1",
+            "--repeats", "3", "--json", str(path)]
+    assert main(argv) == 0
+    data = json.loads(path.read_text())
+    assert {p["kernel"] for p in data["points"]} == {"quick"}
+    assert {(s["kernel"], s["M"]) for s in data["skipped"]} == {("awq", 1), ("awq", 16)}
+    err = capsys.readouterr().err
+    assert err.count("skipping awq") == 1 and "out_features=96" in err
