@@ -1,0 +1,425 @@
+"""``python -m quickcupy ncu``: ncu CSV parsing, attribution of launches to GEMM calls, the command
+line (with a fake ncu), and (GPU + ncu) one real run."""
+import json
+import math
+import os
+import shutil
+import stat
+import sys
+import textwrap
+
+import pytest
+
+from quickcupy import ncu
+from quickcupy.__main__ import main
+
+HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+          '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+AWQ = ("void awq_gemm<16, 128>(const __half *, const int *, const int *, const __half *, "
+       "const __half *, __half *, float *, int, int, int, int, int)")
+QUICK = ("void quick_gemm<16, 4, 4, 3>(const __half *, const uint4 *, const unsigned short *, "
+         "const uint2 *, const __half *, __half *, float *, int, int, int, int, int)")
+REDUCE = "splitk_reduce"
+
+# What ncu --csv printed for a child that made 2 awq calls (GEMM + split-K reduce each) and 2 quick
+# calls (no split), 3 metrics each; the first of each pair is the warm-up. One time is in usecond.
+SAMPLE = textwrap.dedent(f'''\
+    ==PROF== Connected to process 41872 (/usr/bin/python3.12)
+    ==PROF== Profiling "awq_gemm" - 0: 0%....50%....100% - 9 passes
+    ==PROF== Profiling "splitk_reduce" - 1: 0%....50%....100% - 9 passes
+    ==PROF== Profiling "awq_gemm" - 2: 0%....50%....100% - 9 passes
+    ==PROF== Profiling "splitk_reduce" - 3: 0%....50%....100% - 9 passes
+    ==PROF== Profiling "quick_gemm" - 4: 0%....50%....100% - 9 passes
+    ==PROF== Profiling "quick_gemm" - 5: 0%....50%....100% - 9 passes
+    ==PROF== Disconnected from process 41872
+    {HEADER}
+    "0","41872","python3.12","127.0.0.1","{AWQ}","1","7","(64, 1, 1)","(1, 64, 8)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","72,416"
+    "0","41872","python3.12","127.0.0.1","{AWQ}","1","7","(64, 1, 1)","(1, 64, 8)","0","9.0","Command line profiler metrics","l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum","","131,072"
+    "0","41872","python3.12","127.0.0.1","{AWQ}","1","7","(64, 1, 1)","(1, 64, 8)","0","9.0","Command line profiler metrics","smsp__sass_inst_executed_op_shared_st.sum","inst","294,912"
+    "1","41872","python3.12","127.0.0.1","{REDUCE}","1","7","(256, 1, 1)","(128, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","3,104"
+    "1","41872","python3.12","127.0.0.1","{REDUCE}","1","7","(256, 1, 1)","(128, 1, 1)","0","9.0","Command line profiler metrics","l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum","","0"
+    "1","41872","python3.12","127.0.0.1","{REDUCE}","1","7","(256, 1, 1)","(128, 1, 1)","0","9.0","Command line profiler metrics","smsp__sass_inst_executed_op_shared_st.sum","inst","0"
+    "2","41872","python3.12","127.0.0.1","{AWQ}","1","7","(64, 1, 1)","(1, 64, 8)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","70.21"
+    "2","41872","python3.12","127.0.0.1","{AWQ}","1","7","(64, 1, 1)","(1, 64, 8)","0","9.0","Command line profiler metrics","l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum","","131,072"
+    "2","41872","python3.12","127.0.0.1","{AWQ}","1","7","(64, 1, 1)","(1, 64, 8)","0","9.0","Command line profiler metrics","smsp__sass_inst_executed_op_shared_st.sum","inst","294,912"
+    "3","41872","python3.12","127.0.0.1","{REDUCE}","1","7","(256, 1, 1)","(128, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","2,990"
+    "3","41872","python3.12","127.0.0.1","{REDUCE}","1","7","(256, 1, 1)","(128, 1, 1)","0","9.0","Command line profiler metrics","l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum","","0"
+    "3","41872","python3.12","127.0.0.1","{REDUCE}","1","7","(256, 1, 1)","(128, 1, 1)","0","9.0","Command line profiler metrics","smsp__sass_inst_executed_op_shared_st.sum","inst","0"
+    "4","41872","python3.12","127.0.0.1","{QUICK}","1","7","(128, 1, 1)","(1, 64, 4)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","41,120"
+    "4","41872","python3.12","127.0.0.1","{QUICK}","1","7","(128, 1, 1)","(1, 64, 4)","0","9.0","Command line profiler metrics","l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum","","0"
+    "4","41872","python3.12","127.0.0.1","{QUICK}","1","7","(128, 1, 1)","(1, 64, 4)","0","9.0","Command line profiler metrics","smsp__sass_inst_executed_op_shared_st.sum","inst","32,768"
+    "5","41872","python3.12","127.0.0.1","{QUICK}","1","7","(128, 1, 1)","(1, 64, 4)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","41,008"
+    "5","41872","python3.12","127.0.0.1","{QUICK}","1","7","(128, 1, 1)","(1, 64, 4)","0","9.0","Command line profiler metrics","l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum","","0"
+    "5","41872","python3.12","127.0.0.1","{QUICK}","1","7","(128, 1, 1)","(1, 64, 4)","0","9.0","Command line profiler metrics","smsp__sass_inst_executed_op_shared_st.sum","inst","32,768"
+    ''')
+
+
+def sample_calls(M=16, N=8192, K=8192, group_size=128):
+    """The child's manifest entries matching SAMPLE: per kernel one warm-up, then one call."""
+    return [{"kernel": k, "layout": k, "M": M, "N": N, "K": K, "group_size": group_size,
+             "repeat": rep, "warmup": rep < 0} for k in ("awq", "quick") for rep in (-1, 0)]
+
+
+def csv_for(launches, pid=41872):
+    """ncu --csv text for [(kernel name, {metric: value})], every metric of ncu.METRICS present."""
+    lines = [f"==PROF== Connected to process {pid} (/usr/bin/python3)", HEADER]
+    for i, (name, values) in enumerate(launches):
+        for metric in ncu.METRIC_NAMES:
+            unit = "nsecond" if metric.startswith("gpu__time") else ("inst" if "inst" in metric else "")
+            lines.append(f'"{i}","{pid}","python3","host","{name}","1","7","(64, 1, 1)","(1, 64, 8)",'
+                         f'"0","9.0","Command line profiler metrics","{metric}","{unit}",'
+                         f'"{values.get(metric, 0):,}"')
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------- parsing
+def test_parse_sample():
+    launches = ncu.parse_ncu_csv(SAMPLE)
+    assert [l.id for l in launches] == [0, 1, 2, 3, 4, 5]
+    assert [l.name for l in launches] == [AWQ, REDUCE, AWQ, REDUCE, QUICK, QUICK]
+    first = launches[0]
+    assert first.process_id == "41872"
+    assert first.block_size == "(64, 1, 1)" and first.grid_size == "(1, 64, 8)"
+    assert first.metrics["smsp__sass_inst_executed_op_shared_st.sum"] == 294_912
+    assert first.metrics["l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"] == 131_072
+    assert first.metrics["gpu__time_duration.sum"] == 72_416
+    assert first.units["gpu__time_duration.sum"] == "nsecond"
+    # 70.21 usecond becomes nanoseconds.
+    assert launches[2].metrics["gpu__time_duration.sum"] == pytest.approx(70_210)
+    assert launches[2].units["gpu__time_duration.sum"] == "nsecond"
+
+
+def test_parse_orders_by_id_and_ignores_other_lines():
+    lines = SAMPLE.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    rows = lines[header + 1:]
+    shuffled = lines[:header + 1] + ["child output line", "==WARNING== something"] + rows[::-1]
+    launches = ncu.parse_ncu_csv("\n".join(shuffled))
+    assert [l.id for l in launches] == [0, 1, 2, 3, 4, 5]
+
+
+def test_parse_errors():
+    with pytest.raises(ValueError, match="no ncu CSV header"):
+        ncu.parse_ncu_csv("==PROF== Connected to process 1\n==WARNING== No kernels were profiled.\n")
+    with pytest.raises(ValueError, match="fields"):
+        ncu.parse_ncu_csv(HEADER + '\n"0","1","python"\n')
+    with pytest.raises(ValueError, match="lacks column"):
+        ncu.parse_ncu_csv('"ID","Process ID","Kernel Name"\n')
+
+
+@pytest.mark.parametrize("text, unit, expected", [
+    ("1,234,567", "inst", (1_234_567.0, "inst")),
+    ("0", "", (0.0, "")),
+    ("70.21", "usecond", (70_210.0, "nsecond")),
+    ("1.5", "msecond", (1_500_000.0, "nsecond")),
+    ("2.5", "Kinst", (2_500.0, "inst")),
+    ("3", "Mbyte", (3_000_000.0, "byte")),
+    ("12", "%", (12.0, "%")),
+])
+def test_parse_value(text, unit, expected):
+    value, base = ncu.parse_value(text, unit)
+    assert (pytest.approx(value), base) == expected
+
+
+def test_parse_value_not_available_and_garbage():
+    assert math.isnan(ncu.parse_value("n/a", "")[0])
+    with pytest.raises(ValueError, match="not a number"):
+        ncu.parse_value("lots", "inst")
+
+
+# ---------------------------------------------------------------------------------- attribution
+def test_group_calls_adds_the_reduce_to_its_gemm():
+    grouped = ncu.group_calls(ncu.parse_ncu_csv(SAMPLE), sample_calls())
+    assert [len(g) for _, g in grouped] == [2, 2, 1, 1]
+    assert [c["kernel"] for c, _ in grouped] == ["awq", "awq", "quick", "quick"]
+    assert grouped[1][1][1].name == REDUCE
+
+
+def test_group_calls_mismatches_are_one_line_errors():
+    launches = ncu.parse_ncu_csv(SAMPLE)
+    with pytest.raises(ncu.NcuError, match="reported 4 GEMM launch.*made 3 GEMM call"):
+        ncu.group_calls(launches, sample_calls()[:3])
+    calls = sample_calls()
+    calls[0]["layout"] = calls[0]["kernel"] = "quick"
+    with pytest.raises(ncu.NcuError, match="launch 0 is .*awq_gemm.*kernel=quick"):
+        ncu.group_calls(launches, calls)
+
+
+def test_summarize_sums_launches_and_leaves_out_warmup():
+    results = ncu.summarize(ncu.group_calls(ncu.parse_ncu_csv(SAMPLE), sample_calls()))
+    assert len(results) == 1
+    entry = results[0]
+    assert (entry["M"], entry["N"], entry["K"], entry["group_size"]) == (16, 8192, 8192, 128)
+    awq, quick = entry["kernels"]["awq"], entry["kernels"]["quick"]
+    assert awq["calls"] == quick["calls"] == 1
+    assert awq["metrics"]["gpu__time_duration.sum"] == pytest.approx(70_210 + 2_990)
+    assert awq["metrics"]["smsp__sass_inst_executed_op_shared_st.sum"] == 294_912
+    assert quick["metrics"]["gpu__time_duration.sum"] == 41_008
+    assert awq["launch_names"] == [AWQ, REDUCE]
+    assert quick["launch_names"] == [QUICK]
+    # Metrics ncu did not report are NaN, not zero.
+    assert math.isnan(awq["metrics"]["smsp__sass_inst_executed_op_ldsm.sum"])
+
+
+def test_summarize_takes_the_median_over_repeats():
+    calls = [{"kernel": "quick", "layout": "quick", "M": 1, "N": 64, "K": 64, "group_size": 32,
+              "repeat": r, "warmup": False} for r in range(3)]
+    times = [30, 10, 20]
+    launches = ncu.parse_ncu_csv(csv_for([(QUICK, {"gpu__time_duration.sum": t}) for t in times]))
+    entry = ncu.summarize(ncu.group_calls(launches, calls))[0]
+    assert entry["kernels"]["quick"]["metrics"]["gpu__time_duration.sum"] == 20
+    assert [c["gpu__time_duration.sum"] for c in entry["kernels"]["quick"]["per_call"]] == times
+
+
+# ----------------------------------------------------------------------------------- ncu itself
+def test_ncu_command_line():
+    cmd = ncu.ncu_command("/x/ncu", ["python", "-m", "quickcupy.ncu", "--child"])
+    assert cmd[0] == "/x/ncu"
+    assert cmd[cmd.index("--clock-control") + 1] == "none"
+    assert cmd[cmd.index("--target-processes") + 1] == "all"
+    assert cmd[cmd.index("--kernel-name") + 1] == "regex:awq_gemm|quick_gemm|splitk_reduce"
+    assert cmd[cmd.index("--metrics") + 1].split(",") == list(ncu.METRIC_NAMES)
+    assert "--csv" in cmd
+    assert cmd[-4:] == ["python", "-m", "quickcupy.ncu", "--child"]
+
+
+def test_metric_list_is_one_constant():
+    assert len(set(ncu.METRIC_NAMES)) == len(ncu.METRICS) == 9
+    assert all(name.endswith(".sum") for name in ncu.METRIC_NAMES)
+
+
+def _no_ncu_anywhere(monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(ncu, "NCU_FALLBACKS", (str(tmp_path / "cuda/bin/ncu"),
+                                               str(tmp_path / "nsight-compute/*/ncu")))
+
+
+def _executable(path, text="#!/bin/sh\nexit 0\n"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_find_ncu_missing(monkeypatch, tmp_path):
+    _no_ncu_anywhere(monkeypatch, tmp_path)
+    with pytest.raises(ncu.NcuError, match="not found on PATH, in /usr/local/cuda/bin"):
+        ncu.find_ncu()
+
+
+def test_find_ncu_looks_in_nsight_compute_folders(monkeypatch, tmp_path):
+    _no_ncu_anywhere(monkeypatch, tmp_path)
+    _executable(tmp_path / "nsight-compute/2024.3.2/ncu")
+    newest = _executable(tmp_path / "nsight-compute/2025.1.0/ncu")
+    assert ncu.find_ncu() == str(newest)
+    cuda = _executable(tmp_path / "cuda/bin/ncu")
+    assert ncu.find_ncu() == str(cuda)
+
+
+def test_find_ncu_explicit(tmp_path):
+    exe = _executable(tmp_path / "ncu")
+    assert ncu.find_ncu(str(exe)) == str(exe)
+    with pytest.raises(ncu.NcuError, match="not an executable"):
+        ncu.find_ncu(str(tmp_path / "nothing"))
+
+
+# ------------------------------------------------------------------------------- command line
+def test_cli_missing_ncu(monkeypatch, tmp_path, capsys):
+    _no_ncu_anywhere(monkeypatch, tmp_path)
+    assert main(["ncu", "--M", "16"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("python -m quickcupy ncu: error: ncu (Nsight Compute) not found")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--M", "0"], "--M 0 must be positive"),
+    (["--K", "1000"], "in_features=1000 is not a multiple of group_size=128"),
+    (["--K", "-8"], "--K -8 must be positive"),
+    (["--N", "0"], "--N 0 must be positive"),
+    (["--group-size", "100"], "group_size=100 is not supported"),
+    (["--repeats", "0"], "--repeats 0 must be at least 1"),
+    (["--warmup", "-1"], "--warmup -1 must not be negative"),
+    (["--kernel-regex", "("], "is not a regular expression"),
+    (["--timeout", "0"], "--timeout 0.0 must be positive"),
+    (["--ncu", "/no/such/ncu"], "--ncu /no/such/ncu does not exist"),
+])
+def test_cli_bad_arguments(argv, message, capsys):
+    assert main(["ncu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_argument_defaults():
+    from quickcupy.__main__ import build_parser
+    args = build_parser().parse_args(["ncu"])
+    ncu.check_args(args)
+    assert (args.kernels, args.M, args.K, args.N, args.group_size) == (["awq", "quick"], [16, 128],
+                                                                      8192, 8192, 128)
+    assert args.kernel_regex == ncu.KERNEL_REGEX and args.func is ncu.run
+    args = build_parser().parse_args(["ncu", "--M", "1", "1", "32", "--K", "4096", "--N", "11008",
+                                      "--kernels", "quick", "quick"])
+    ncu.check_args(args)
+    assert (args.M, args.N, args.kernels) == ([1, 32], 11008, ["quick"])
+
+
+def test_cli_no_gpu(monkeypatch, tmp_path, capsys):
+    fake = _executable(tmp_path / "ncu")
+    monkeypatch.setattr(ncu, "no_gpu_reason", lambda: "no CUDA device found")
+    assert main(["ncu", "--ncu", str(fake)]) == 1
+    assert "error: no GPU: no CUDA device found" in capsys.readouterr().err
+
+
+FAKE_NCU = """\
+#!{python}
+# Stands in for ncu: prints what a real run would, and writes the child's manifest.
+import os, shutil, sys
+args = sys.argv[1:]
+if args == ["--version"]:
+    print("NVIDIA (R) Nsight Compute Command Line Profiler\\nVersion 2025.3.1.0 (build 36398880)")
+    sys.exit(0)
+mode, data = os.environ["FAKE_NCU_MODE"], os.environ["FAKE_NCU_DATA"]
+if mode == "perm":
+    print("==PROF== Connected to process 7 (/usr/bin/python3)")
+    print("==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU "
+          "Performance Counters on the target device 0.")
+    sys.exit(1)
+if mode == "metric":
+    print("==ERROR== Failed to find metric l1tex__bogus.sum")
+    sys.exit(1)
+if mode == "child-fails":
+    print("Traceback (most recent call last):\\nValueError: out_features=100 is not a multiple of 32",
+          file=sys.stderr)
+    sys.exit(1)
+shutil.copy(os.path.join(data, "manifest.json"), args[args.index("--manifest") + 1])
+sys.stdout.write(open(os.path.join(data, "ncu.csv")).read())
+"""
+
+
+@pytest.fixture
+def fake_ncu(monkeypatch, tmp_path):
+    """A fake ncu executable; FAKE_NCU_MODE picks its behaviour. Returns (path, data folder)."""
+    exe = _executable(tmp_path / "bin/ncu", FAKE_NCU.format(python=sys.executable))
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setenv("FAKE_NCU_DATA", str(data))
+    monkeypatch.setenv("FAKE_NCU_MODE", "ok")
+    monkeypatch.setattr(ncu, "no_gpu_reason", lambda: None)
+    return exe, data
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("perm", "ERR_NVGPUCTRPERM"),
+    ("metric", "ncu: Failed to find metric l1tex__bogus.sum"),
+    ("child-fails", "ValueError: out_features=100 is not a multiple of 32"),
+])
+def test_cli_ncu_failures(fake_ncu, monkeypatch, capsys, mode, message):
+    exe, _ = fake_ncu
+    monkeypatch.setenv("FAKE_NCU_MODE", mode)
+    assert main(["ncu", "--ncu", str(exe), "--M", "16"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def _write_fake_run(data, M=16, N=8192, K=8192):
+    st, conf = "smsp__sass_inst_executed_op_shared_st.sum", \
+        "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"
+    awq = {st: 294_912, conf: 131_072, "gpu__time_duration.sum": 70_000}
+    red = {"gpu__time_duration.sum": 3_000}
+    quick = {st: 32_768, "gpu__time_duration.sum": 41_000}
+    launches = [(AWQ, awq), (REDUCE, red)] * 3 + [(QUICK, quick)] * 3
+    calls = [{"kernel": k, "layout": k, "M": M, "N": N, "K": K, "group_size": 128,
+              "repeat": r, "warmup": r < 0} for k in ("awq", "quick") for r in (-1, 0, 1)]
+    (data / "ncu.csv").write_text(csv_for(launches))
+    (data / "manifest.json").write_text(json.dumps(
+        {"calls": calls, "device": {"available": True, "name": "NVIDIA H100 80GB HBM3",
+                                    "compute_capability": "9.0"}, "versions": {}}))
+
+
+def test_cli_end_to_end_with_fake_ncu(fake_ncu, tmp_path, capsys):
+    exe, data = fake_ncu
+    _write_fake_run(data)
+    out = tmp_path / "results" / "ncu_m16.json"
+    assert main(["ncu", "--ncu", str(exe), "--M", "16", "--repeats", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Version 2025.3.1.0" in text and "NVIDIA H100 80GB HBM3 (sm_90)" in text
+    assert "M=16 N=8192 K=8192 group_size=128" in text
+    assert "awq: 2 call(s), each summed over awq_gemm<16, 128> + splitk_reduce" in text
+    assert "quick: 2 call(s), each summed over quick_gemm<16, 4, 4, 3>\n" in text
+    row = next(line for line in text.splitlines() if line.startswith("  smsp__sass_inst_executed_op_shared_st"))
+    assert row.split()[-3:] == ["294,912", "32,768", "9.00"]
+    time_row = next(line for line in text.splitlines() if line.startswith("  gpu__time"))
+    assert "[nsecond]" in time_row and "73,000" in time_row and "41,000" in time_row
+    saved = json.loads(out.read_text())
+    entry = saved["results"][0]
+    assert entry["kernels"]["awq"]["metrics"]["gpu__time_duration.sum"] == 73_000
+    assert entry["ratio"]["smsp__sass_inst_executed_op_shared_st.sum"] == 9
+    assert entry["ratio"]["l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"] is None  # x/0
+    assert saved["kernel_regex"] == ncu.KERNEL_REGEX and "predicted" not in entry
+    assert len(saved["launches"]) == 9
+    rows = (tmp_path / "results" / "ncu_m16.csv").read_text().splitlines()
+    assert rows[0] == "M,N,K,group_size,metric,label,unit,awq,quick,awq/quick"
+    assert len(rows) == 1 + len(ncu.METRICS)
+
+
+def test_cli_json_output(fake_ncu, capsys):
+    exe, data = fake_ncu
+    _write_fake_run(data)
+    assert main(["ncu", "--ncu", str(exe), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["results"][0]["kernels"]) == {"awq", "quick"}
+
+
+def test_predictions_hook_adds_columns(fake_ncu, monkeypatch, capsys):
+    exe, data = fake_ncu
+    _write_fake_run(data)
+    assert ncu.predicted_metrics("awq", 16, 8192, 8192, 128) is None
+
+    def predictor(kernel, M, N, K, group_size):
+        return {"smsp__sass_inst_executed_op_shared_st.sum": 294_912} if kernel == "awq" else None
+
+    monkeypatch.setattr(ncu, "predicted_metrics", predictor)
+    assert main(["ncu", "--ncu", str(exe)]) == 0
+    text = capsys.readouterr().out
+    assert "awq predicted" in text
+    report = {"results": [{"M": 16, "N": 8192, "K": 8192, "group_size": 128,
+                           "kernels": {"awq": {}, "quick": {}}}]}
+    assert ncu.add_predictions(report, predictor)
+    assert report["results"][0]["predicted"] == {"awq": {"smsp__sass_inst_executed_op_shared_st.sum": 294_912}}
+
+
+def test_output_paths():
+    assert ncu.output_paths("out/ncu") == ("out/ncu.csv", "out/ncu.json")
+    assert ncu.output_paths("out/ncu.json") == ("out/ncu.csv", "out/ncu.json")
+    assert ncu.output_paths("out/ncu.CSV") == ("out/ncu.csv", "out/ncu.json")
+    assert ncu.output_paths("out/h100.m16") == ("out/h100.m16.csv", "out/h100.m16.json")
+
+
+# -------------------------------------------------------------------------------- on the GPU
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_ncu_tool_on_the_gpu(tmp_path, capsys):
+    try:
+        ncu.find_ncu()
+    except ncu.NcuError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "ncu"
+    rc = main(["ncu", "--M", "16", "--K", "1024", "--N", "1024", "--repeats", "2", "--warmup", "1",
+               "--timeout", "400", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads((tmp_path / "ncu.json").read_text())
+    entry = report["results"][0]
+    assert (entry["M"], entry["N"], entry["K"]) == (16, 1024, 1024)
+    for kernel in ("awq", "quick"):
+        info = entry["kernels"][kernel]
+        assert info["calls"] == 2
+        assert any(kernel in name for name in info["launch_names"])
+        assert info["metrics"]["gpu__time_duration.sum"] > 0
+        # Every counter was reported (none NaN) and wavefronts cover the instructions.
+        assert all(v is not None for v in info["metrics"].values())
+    awq = entry["kernels"]["awq"]["metrics"]
+    assert awq["smsp__sass_inst_executed_op_shared_st.sum"] > 0      # the write-back
+    assert awq["l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum"] >= \
+        awq["smsp__sass_inst_executed_op_shared_st.sum"]
+    assert (tmp_path / "ncu.csv").exists()
