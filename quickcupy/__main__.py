@@ -1,7 +1,9 @@
 """Command line: ``python -m quickcupy {info,bench,ncu,llama} ...``.
 
 Each tool lives in its own module exposing ``add_parser(subparsers)``, which registers a
-subcommand whose ``func(args) -> int`` runs it. Bad arguments give one line, not a traceback.
+subcommand whose ``func(args) -> int`` runs it. Bad values raise ``quickcupy.errors.UsageError``
+and give one line, not a traceback (it lives in its own module: under ``python -m`` this file runs
+as ``__main__``, and a class defined here would exist twice).
 """
 from __future__ import annotations
 
@@ -10,11 +12,9 @@ import importlib
 import json
 import sys
 
+from .errors import UsageError
+
 TOOLS = ("info", "bench", "ncu", "llama")
-
-
-class UsageError(Exception):
-    """A bad argument value found after parsing; printed as one line, exit status 2."""
 
 
 def _add_info(sub):

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from . import device as _device
+from .errors import UsageError
 
 BASELINE = "fp16"          # cupy.matmul with a float16 weight
 REFERENCE_INT4 = "awq"     # every kernel's speedup is also reported against this one
@@ -757,27 +758,11 @@ def _write_outputs(opts, result):
 
 
 # -------------------------------------------------------------------------------------- entry
-def _usage_error(message: str) -> Exception:
-    """``quickcupy.__main__.UsageError(message)``, printed by the command line as one line.
-
-    Under ``python -m quickcupy`` the running module is ``__main__``, a second copy of
-    quickcupy/__main__.py whose UsageError is a different class; the error is then an instance of
-    both, so that whichever ``main()`` runs catches it.
-    """
-    from . import __main__ as cli
-    classes = [cli.UsageError]
-    running = sys.modules.get("__main__")
-    if (getattr(getattr(running, "__spec__", None), "name", None) == "quickcupy.__main__"
-            and getattr(running, "UsageError", cli.UsageError) is not cli.UsageError):
-        classes.append(running.UsageError)
-    return (classes[0] if len(classes) == 1 else type("UsageError", tuple(classes), {}))(message)
-
-
 def run(args) -> int:
     try:
         opts = validate(args)
     except ValueError as exc:
-        raise _usage_error(str(exc)) from None
+        raise UsageError(str(exc)) from None
     reason = _device.no_gpu_reason()
     result = {
         "schema": SCHEMA,

@@ -31,6 +31,7 @@ from typing import NamedTuple, Union
 
 import numpy as np
 
+from .errors import UsageError
 from .layouts import pack_awq, unpack_awq
 from .quantize import SUPPORTED_GROUP_SIZES, QuantizedWeight, check_group_size, quantize
 
@@ -727,7 +728,7 @@ def add_parser(subparsers):
     p.set_defaults(func=run)
 
 
-def _parse_int(name: str, text, lo: int, UsageError) -> int:
+def _parse_int(name: str, text, lo: int) -> int:
     try:
         value = int(str(text).strip())
     except ValueError:
@@ -737,17 +738,17 @@ def _parse_int(name: str, text, lo: int, UsageError) -> int:
     return value
 
 
-def _options(args, UsageError) -> dict:
+def _options(args) -> dict:
     """Validated options from the parsed arguments; UsageError (one line) on a bad value."""
     o = {"checkpoint": args.checkpoint, "json": args.json, "preset": args.preset}
     if args.checkpoint is None and args.preset not in PRESETS:
         raise UsageError(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
-    o["layers"] = _parse_int("--layers", args.layers, 1, UsageError)
-    o["batches"] = [_parse_int("--batch", b, 1, UsageError) for b in str(args.batch).split(",")]
-    o["prompt"] = _parse_int("--prompt", args.prompt, 1, UsageError)
-    o["gen"] = _parse_int("--gen", args.gen, 0, UsageError)
-    o["seed"] = _parse_int("--seed", args.seed, 0, UsageError)
-    o["check_tokens"] = _parse_int("--check-tokens", args.check_tokens, 0, UsageError)
+    o["layers"] = _parse_int("--layers", args.layers, 1)
+    o["batches"] = [_parse_int("--batch", b, 1) for b in str(args.batch).split(",")]
+    o["prompt"] = _parse_int("--prompt", args.prompt, 1)
+    o["gen"] = _parse_int("--gen", args.gen, 0)
+    o["seed"] = _parse_int("--seed", args.seed, 0)
+    o["check_tokens"] = _parse_int("--check-tokens", args.check_tokens, 0)
     o["backends"] = [b.strip() for b in str(args.backends).split(",") if b.strip()]
     bad = [b for b in o["backends"] if b not in BACKENDS]
     if bad or not o["backends"]:
@@ -836,24 +837,10 @@ def _random_hidden(xp, seed: int, shape, dtype):
     return xp.random.RandomState(seed).standard_normal(shape, dtype=np.float32).astype(dtype)
 
 
-def _usage_error_class():
-    """The UsageError class that ``quickcupy.__main__.main`` catches.
-
-    Under ``python -m quickcupy`` that module runs as ``__main__``; ``from .__main__ import
-    UsageError`` would then import a second copy of it, whose UsageError the running main() does
-    not catch (a traceback instead of one line)."""
-    main = sys.modules.get("__main__")
-    if getattr(getattr(main, "__spec__", None), "name", None) == "quickcupy.__main__":
-        return main.UsageError
-    from .__main__ import UsageError
-    return UsageError
-
-
 def run(args) -> int:
     from .device import device_info, no_gpu_reason, versions
 
-    UsageError = _usage_error_class()
-    o = _options(args, UsageError)
+    o = _options(args)
     progress = _Progress()
     reason = no_gpu_reason()
     gpu = reason is None
@@ -885,7 +872,7 @@ def run(args) -> int:
 
     if gpu:
         backends = o["backends"]
-        _check_gpu_memory(config, backends, o, group_size, UsageError)
+        _check_gpu_memory(config, backends, o, group_size)
     else:
         backends = ["numpy"]
         what = "the NumPy float32 path" + ("" if o["checkpoint"] or o["preset"] == "tiny"
@@ -957,7 +944,7 @@ def _describe(config: LlamaConfig) -> str:
             f"{config.num_key_value_heads} KV heads, intermediate {config.intermediate_size}")
 
 
-def _check_gpu_memory(config, backends, o, group_size, UsageError):
+def _check_gpu_memory(config, backends, o, group_size):
     """Fails early, in one line, when the largest batch cannot fit in the free GPU memory."""
     import cupy
     free, _ = cupy.cuda.runtime.memGetInfo()
