@@ -14,6 +14,14 @@ the wavefronts (passes through the 32 banks) the way Nsight Compute counts them
   ``max over banks of (distinct words in that bank)`` wavefronts;
 * ``conflicts = wavefronts - ideal``.
 
+Loads (``load=True``) follow one more rule, measured on an H100 with Nsight Compute (655 single-
+instruction probes, tests/test_banks.py): for an 8- or 16-byte ``ld.shared`` in which every pair of
+lanes (2k, 2k + 1) reads one address (inactive lanes aside), the pair counts as one requester, so
+the 16 requesters fill one phase (8 bytes) or two (16 bytes), e.g. a 16-byte broadcast takes 2
+wavefronts, not 4. Stores never merge. With that rule the model matched every probe exactly (stores,
+loads of 1-16 bytes, active masks, ``ldmatrix``); for ``ldmatrix`` rows repeated in lane pairs were not
+probed.
+
 ``ldmatrix.x1/.x2/.x4`` reads 1/2/4 matrices of 8 rows x 16 bytes; lanes 8i..8i+7 give the row
 addresses of matrix i, and each matrix is one phase of 8 rows x 16 bytes (``.x4``: ideally 4
 wavefronts). ``.trans`` and ``stmatrix`` touch the same bytes and count the same.
@@ -161,6 +169,20 @@ def _check_addresses(addr: np.ndarray, active: np.ndarray, width: int, what: str
 
 
 # ----------------------------------------------------------------------------------------- model
+def _merge_load_pairs(addr: np.ndarray, active: np.ndarray, width: int):
+    """Loads of 8/16 bytes whose lane pairs (2k, 2k + 1) share an address: one requester per pair,
+    placed in lanes 0-15 (lanes 16-31 inactive), so that the usual phases apply to the pairs."""
+    if width < 8:
+        return addr, active
+    n = addr.shape[0]
+    a, m = addr.reshape(n, WARP // 2, 2), active.reshape(n, WARP // 2, 2)
+    merge = ~(m[..., 0] & m[..., 1] & (a[..., 0] != a[..., 1])).any(axis=1)
+    pairs = np.concatenate([np.where(m[..., 0], a[..., 0], a[..., 1]),
+                            np.zeros((n, WARP // 2), np.int64)], axis=1)
+    pairs_active = np.concatenate([m.any(axis=2), np.zeros((n, WARP // 2), bool)], axis=1)
+    return (np.where(merge[:, None], pairs, addr), np.where(merge[:, None], pairs_active, active))
+
+
 def _count(addr: np.ndarray, active: np.ndarray, width: int) -> Wavefronts:
     """Core of the model on validated (n, 32) int64 addresses and (n, 32) bool mask."""
     n = addr.shape[0]
@@ -181,13 +203,15 @@ def _count(addr: np.ndarray, active: np.ndarray, width: int) -> Wavefronts:
     return Wavefronts(wavefronts, ideal)
 
 
-def count_wavefronts_many(addresses, width: int, active=None) -> Wavefronts:
+def count_wavefronts_many(addresses, width: int, active=None, *, load: bool = False) -> Wavefronts:
     """Wavefronts of n warp-wide shared-memory instructions at once.
 
     addresses: (n, 32) integer byte addresses (a (32,) array counts as n = 1), lane i in column i.
     width: bytes per lane, one of 1, 2, 4, 8, 16 (all n instructions share it).
     active: optional bool mask, (32,) for all instructions or (n, 32); inactive lanes are ignored
         (their addresses need not be valid).
+    load: True for ``ld.shared`` (8/16-byte lane pairs on one address merge, see the module
+        docstring), False for ``st.shared``.
     Returns Wavefronts whose fields are (n,) int64 arrays; ``.sum()`` totals them.
     Raises ValueError for a bad width, shape, dtype, or a negative or misaligned active address.
     """
@@ -195,15 +219,18 @@ def count_wavefronts_many(addresses, width: int, active=None) -> Wavefronts:
     addr = _as_lane_array("addresses", addresses, WARP)
     active = _as_active(active, addr.shape)
     _check_addresses(addr, active, width)
+    if load:
+        addr, active = _merge_load_pairs(addr, active, width)
     return _count(addr, active, width)
 
 
-def count_wavefronts(addresses, width: int, active=None) -> Wavefronts:
+def count_wavefronts(addresses, width: int, active=None, *, load: bool = False) -> Wavefronts:
     """Wavefronts, ideal wavefronts and bank conflicts of ONE warp-wide shared-memory instruction.
 
     addresses: (32,) integer byte addresses in shared memory, one per lane (lane i at index i).
     width: bytes each lane loads or stores: 1, 2, 4, 8 (``.v2.b32``/``.b64``) or 16 (``.v4.b32``).
     active: optional (32,) bool mask of the lanes that execute the instruction.
+    load: True for a load (``ld.shared``), False (default) for a store.
     Returns Wavefronts with int fields.
     """
     addr = np.asarray(addresses)
@@ -212,7 +239,7 @@ def count_wavefronts(addresses, width: int, active=None) -> Wavefronts:
                          "use count_wavefronts_many for (n, 32)")
     if active is not None and np.ndim(active) != 1:
         raise ValueError(f"active must have shape (32,), got {np.shape(active)}")
-    many = count_wavefronts_many(addr, width, active)
+    many = count_wavefronts_many(addr, width, active, load=load)
     return Wavefronts(int(many.wavefronts[0]), int(many.ideal[0]))
 
 

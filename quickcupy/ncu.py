@@ -36,15 +36,20 @@ KERNELS = ("awq", "quick")                       # default; any of quickcupy.gem
 KERNEL_REGEX = "awq_gemm|quick_gemm|splitk_reduce"
 REDUCE_PATTERN = re.compile("reduce", re.IGNORECASE)
 
-# (short label, ncu metric). All are sums over the whole launch.
+# (short label, ncu metric). All are sums over the whole launch. On H100 (ncu 2025.3) the op_ld
+# wavefronts and conflicts include ldmatrix's; cp.async (LDGSTS, QUICK's activation copies) writes
+# shared memory outside op_st and has its own counters.
 METRICS = (
     ("shared st inst", "smsp__sass_inst_executed_op_shared_st.sum"),
     ("shared ld inst", "smsp__sass_inst_executed_op_shared_ld.sum"),
     ("ldmatrix inst", "smsp__sass_inst_executed_op_ldsm.sum"),
+    ("cp.async inst", "smsp__sass_inst_executed_op_ldgsts.sum"),
     ("st wavefronts", "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum"),
     ("ld wavefronts", "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum"),
+    ("cp.async wavefronts", "smsp__sass_l1tex_data_pipe_lsu_wavefronts_mem_shared_op_ldgsts.sum"),
     ("st conflicts", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"),
     ("ld conflicts", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum"),
+    ("cp.async conflicts", "smsp__sass_l1tex_data_bank_conflicts_pipe_lsu_mem_shared_op_ldgsts.sum"),
     ("all wavefronts", "l1tex__data_pipe_lsu_wavefronts_mem_shared.sum"),
     ("time", "gpu__time_duration.sum"),
 )

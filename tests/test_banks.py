@@ -68,6 +68,25 @@ def test_8_byte_patterns():
     assert tuple(count_wavefronts(8 * (LANE % 8) + 128 * (LANE // 8), 8)) == (4, 2, 2)
 
 
+def test_loads_merge_lane_pairs_on_one_address():
+    # Measured on H100: 8/16-byte loads whose lanes 2k, 2k + 1 share an address count per pair.
+    assert tuple(count_wavefronts(np.full(32, 64), 16, load=True)) == (2, 2, 0)
+    assert tuple(count_wavefronts(np.full(32, 64), 16)) == (4, 4, 0)          # the store
+    assert tuple(count_wavefronts(np.full(32, 64), 8, load=True)) == (1, 1, 0)
+    assert tuple(count_wavefronts(8 * (LANE // 2), 8, load=True)) == (1, 1, 0)
+    assert tuple(count_wavefronts(16 * (LANE // 4), 16, load=True)) == (2, 2, 0)
+    # Merged into one phase, two distinct words of bank 0 now conflict.
+    assert tuple(count_wavefronts(128 * (LANE // 16), 8, load=True)) == (2, 1, 1)
+    # An inactive lane does not break its pair; one differing pair stops the merge.
+    addr, active = np.full(32, 64), LANE != 5
+    assert tuple(count_wavefronts(addr, 16, active, load=True)) == (2, 2, 0)
+    addr[5] = 80
+    assert tuple(count_wavefronts(addr, 16, load=True)) == (4, 4, 0)
+    # Repeats that are not in adjacent pairs (lane l and l + 8) do not merge; narrow loads never do.
+    assert tuple(count_wavefronts(8 * (LANE % 8), 8, load=True)) == (2, 2, 0)
+    assert count_wavefronts(4 * (LANE // 2), 4, load=True) == count_wavefronts(4 * (LANE // 2), 4)
+
+
 def test_phases_without_active_lanes_are_not_counted():
     active = LANE < 8
     assert tuple(count_wavefronts(16 * LANE, 16, active)) == (1, 1, 0)
@@ -273,6 +292,9 @@ def test_properties(inst, rnd):
     if width <= 4:
         words = addr // 4 * 4
         assert count_wavefronts(words, 4, active) == count
+    # A load never takes more wavefronts than the same store (merging only joins phases).
+    load = count_wavefronts(addr, width, active, load=True)
+    assert count.ideal >= load.ideal and count.wavefronts >= load.wavefronts >= load.ideal
 
 
 # ------------------------------------------------------------------------ against the hardware
@@ -326,18 +348,21 @@ def probe_patterns(seed=0, random_per_kind=12):
     out = []
     for width in WIDTHS:
         fixed = [4 * LANE, np.full(32, 64), 128 * LANE, 2 * width * LANE, width * LANE,
-                 awq_activation_store(0), awq_weight_store(1, 2)]
+                 awq_activation_store(0), awq_weight_store(1, 2), width * (LANE // 2),
+                 width * (LANE // 8), width * (LANE % 8), 128 * (LANE // 16)]
         fixed = [f // width * width % 8192 for f in fixed]
+        pair_with_hole = fixed[7].copy()
+        pair_with_hole[5] = -1
         randoms = []
-        for _ in range(random_per_kind):
-            slots = int(rng.choice([2, 8, 32, 256, 8192 // width]))
+        for i in range(random_per_kind):
+            slots = int(rng.choice([1, 2, 8, 32, 256, 8192 // width]))
             offs = width * rng.integers(0, slots, size=32)
-            offs[rng.random(32) < 0.2] = -1
+            offs[rng.random(32) < 0.2 * (i % 2)] = -1
             randoms.append(offs)
-        for offs in fixed + randoms:
+        for offs in fixed + [pair_with_hole] + randoms:
             active = offs >= 0
-            model = count_wavefronts(np.where(active, offs, 0), width, active)
             for op in ("st", "ld"):
+                model = count_wavefronts(np.where(active, offs, 0), width, active, load=op == "ld")
                 out.append((f"bank_probe_{op}{width}", offs, model))
     for num in (1, 2, 4):
         rows = [80 * LANE, 64 * LANE, 32 * LANE, 128 * LANE, 16 * LANE]
@@ -349,24 +374,26 @@ def probe_patterns(seed=0, random_per_kind=12):
 
 
 def run_probes(patterns, tmp_path):
-    """Runs every pattern under ncu; returns [(name, offsets, model, measured Wavefronts)]."""
+    """Runs every pattern under ncu; returns [(name, offsets, model, measured Wavefronts)].
+
+    Stores are read from the op_st counters, loads and ldmatrix from op_ld."""
     from quickcupy.ncu import run_ncu
     data = tmp_path / "probes.npz"
     np.savez(data, names=np.array([p[0] for p in patterns]),
              offsets=np.stack([p[1] for p in patterns]).astype(np.int32))
     (tmp_path / "probe.cu").write_text(PROBE_SOURCE)
     (tmp_path / "probe.py").write_text(textwrap.dedent(PROBE_SCRIPT))
-    wf, bc = ("l1tex__data_pipe_lsu_wavefronts_mem_shared.sum",
-              "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum")
+    metrics = {op: (f"l1tex__data_pipe_lsu_wavefronts_mem_shared_op_{op}.sum",
+                    f"l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_{op}.sum") for op in ("st", "ld")}
     launches, _ = run_ncu([sys.executable, str(tmp_path / "probe.py"), str(data),
                            str(tmp_path / "probe.cu")], kernel_regex="bank_probe",
-                          metrics=(wf, bc), timeout=540)
+                          metrics=metrics["st"] + metrics["ld"], timeout=540)
     assert len(launches) == len(patterns)
     out = []
     for (name, offs, model), launch in zip(patterns, launches):
         assert launch.name == name
-        measured = Wavefronts(int(launch.metrics[wf]), int(launch.metrics[wf] - launch.metrics[bc]))
-        out.append((name, offs, model, measured))
+        wf, bc = (launch.metrics[m] for m in metrics["st" if "_st" in name else "ld"])
+        out.append((name, offs, model, Wavefronts(int(wf), int(wf - bc))))
     return out
 
 
