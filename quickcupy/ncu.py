@@ -515,23 +515,10 @@ def _add_shape_arguments(p):
     p.add_argument("--warmup", type=int, default=1, help="calls before those, left out (default 1)")
 
 
-def _usage_error_class():
-    """The UsageError that the running ``main()`` catches.
-
-    Under ``python -m quickcupy`` the running module is ``__main__``, a second copy of
-    quickcupy/__main__.py with its own UsageError class; elsewhere it is quickcupy.__main__'s.
-    """
-    running = sys.modules.get("__main__")
-    if getattr(getattr(running, "__spec__", None), "name", None) == "quickcupy.__main__":
-        return running.UsageError
-    from .__main__ import UsageError
-    return UsageError
-
-
 def check_args(args):
     """Validates parsed arguments in place (N defaults to K); raises UsageError with the rule."""
+    from .errors import UsageError
     from .quantize import check_group_size
-    UsageError = _usage_error_class()
     if args.N is None:
         args.N = args.K
     for name in ("K", "N"):
