@@ -351,14 +351,34 @@ def _ratio(a: float, b: float) -> float:
 
 
 # ------------------------------------------------------------------------- predictions (hook)
-def predicted_metrics(kernel: str, M: int, N: int, K: int, group_size: int):
-    """Metric values the bank-conflict model (quickcupy.banks) predicts for one GEMM call.
+# ncu label -> the smem_predict quantities that add up to it (our kernels issue no plain ld.shared;
+# ldmatrix wavefronts are counted among the ld ones).
+PREDICTED_FROM = {
+    "shared st inst": ("st_inst",),
+    "shared ld inst": (),
+    "ldmatrix inst": ("ldsm_inst",),
+    "cp.async inst": ("ldgsts_inst",),
+    "st wavefronts": ("st_wavefronts",),
+    "ld wavefronts": ("ldsm_wavefronts",),
+    "cp.async wavefronts": ("ldgsts_wavefronts",),
+    "st conflicts": ("st_conflicts",),
+    "ld conflicts": ("ldsm_conflicts",),
+    "cp.async conflicts": ("ldgsts_conflicts",),
+    "all wavefronts": ("st_wavefronts", "ldsm_wavefronts", "ldgsts_wavefronts"),
+}
 
-    Returns {ncu metric name: value} or None where there is no prediction; None for every kernel
-    until the kernels' shared-memory access maps exist. A returned dict adds a "<kernel> predicted"
-    column to the table and "predicted" entries to the saved results.
-    """
-    return None
+
+def predicted_metrics(kernel: str, M: int, N: int, K: int, group_size: int):
+    """Metric values the bank-conflict model predicts for one GEMM call (quickcupy.smem_predict,
+    from the index maps the kernels are compiled with): {ncu metric name: value}, None for a
+    kernel the model does not know. A dict adds a "<kernel> predicted" column."""
+    from .smem_predict import predict
+    try:
+        p = predict(kernel, M, N, K, group_size)
+    except ValueError:
+        return None
+    names = dict(METRICS)
+    return {names[label]: sum(p[q] for q in parts) for label, parts in PREDICTED_FROM.items()}
 
 
 def add_predictions(report: dict, predictor=None) -> bool:

@@ -107,14 +107,3 @@ def predict(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int 
         out[f"{op}_conflicts"] = int(totals[op].conflicts)
     return out
 
-
-# ncu metric names of the predicted quantities (see quickcupy.ncu).
-NCU_METRICS = {
-    "st_inst": "smsp__sass_inst_executed_op_shared_st.sum",
-    "st_wavefronts": "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",
-    "st_conflicts": "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum",
-    "ldsm_inst": "smsp__sass_inst_executed_op_ldsm.sum",
-    "ldsm_wavefronts": "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ldsm.sum",
-    "ldsm_conflicts": "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ldsm.sum",
-    "ldgsts_inst": "smsp__sass_inst_executed_op_ldgsts.sum",
-}

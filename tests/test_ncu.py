@@ -347,7 +347,8 @@ def test_cli_end_to_end_with_fake_ncu(fake_ncu, tmp_path, capsys):
     assert "awq: 2 call(s), each summed over awq_gemm<16, 128> + splitk_reduce" in text
     assert "quick: 2 call(s), each summed over quick_gemm<16, 4, 4, 3>\n" in text
     row = next(line for line in text.splitlines() if line.startswith("  smsp__sass_inst_executed_op_shared_st"))
-    assert row.split()[-3:] == ["294,912", "32,768", "9.00"]
+    # awq, quick, awq/quick, then the model's predictions for awq and quick
+    assert row.split()[-5:] == ["294,912", "32,768", "9.00", "294,912", "0"]
     time_row = next(line for line in text.splitlines() if line.startswith("  gpu__time"))
     assert "[nsecond]" in time_row and "73,000" in time_row and "41,000" in time_row
     saved = json.loads(out.read_text())
@@ -355,7 +356,8 @@ def test_cli_end_to_end_with_fake_ncu(fake_ncu, tmp_path, capsys):
     assert entry["kernels"]["awq"]["metrics"]["gpu__time_duration.sum"] == 73_000
     assert entry["ratio"]["smsp__sass_inst_executed_op_shared_st.sum"] == 9
     assert entry["ratio"]["l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"] is None  # x/0
-    assert saved["kernel_regex"] == ncu.KERNEL_REGEX and "predicted" not in entry
+    assert saved["kernel_regex"] == ncu.KERNEL_REGEX
+    assert entry["predicted"]["awq"]["smsp__sass_inst_executed_op_shared_st.sum"] == 294_912
     assert len(saved["launches"]) == 9
     rows = (tmp_path / "results" / "ncu_m16.csv").read_text().splitlines()
     assert rows[0] == "M,N,K,group_size,metric,label,unit,awq,quick,awq/quick"
@@ -373,7 +375,8 @@ def test_cli_json_output(fake_ncu, capsys):
 def test_predictions_hook_adds_columns(fake_ncu, monkeypatch, capsys):
     exe, data = fake_ncu
     _write_fake_run(data)
-    assert ncu.predicted_metrics("awq", 16, 8192, 8192, 128) is None
+    assert ncu.predicted_metrics("awq", 16, 8192, 8192, 128)["smsp__sass_inst_executed_op_shared_st.sum"] == 294_912
+    assert ncu.predicted_metrics("int8", 16, 8192, 8192, 128) is None
 
     def predictor(kernel, M, N, K, group_size):
         return {"smsp__sass_inst_executed_op_shared_st.sum": 294_912} if kernel == "awq" else None
