@@ -360,7 +360,7 @@ def test_cli_end_to_end_with_fake_ncu(fake_ncu, tmp_path, capsys):
     assert entry["predicted"]["awq"]["smsp__sass_inst_executed_op_shared_st.sum"] == 294_912
     assert len(saved["launches"]) == 9
     rows = (tmp_path / "results" / "ncu_m16.csv").read_text().splitlines()
-    assert rows[0] == "M,N,K,group_size,metric,label,unit,awq,quick,awq/quick"
+    assert rows[0] == "M,N,K,group_size,metric,label,unit,awq,quick,awq/quick,awq predicted,quick predicted"
     assert len(rows) == 1 + len(ncu.METRICS)
 
 
