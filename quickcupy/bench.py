@@ -577,61 +577,16 @@ def _run_on_gpu(opts, result) -> int:
 
 
 # ------------------------------------------------------------------------- without a GPU
-_PREDICT_ARGS = {"M": "M", "m": "M", "K": "K", "k": "K", "N": "N", "n": "N",
-                 "group_size": "G", "G": "G", "kernel": "kernel", "name": "kernel"}
-
-
-def _bank_predictor():
-    """(kernels, predict(kernel, M, K, N, G)) from quickcupy.banks: its ``predict`` (taking the kernel
-    name) or its ``predict_<kernel>`` functions, called with the arguments their signatures name.
-    None while the module or its prediction functions do not exist yet."""
-    import inspect
-    try:
-        from . import banks
-    except ImportError:
-        return None
-    kernels = list(getattr(banks, "KERNELS", None) or (REFERENCE_INT4, "quick"))
-    generic = getattr(banks, "predict", None)
-    per_kernel = {k: getattr(banks, f"predict_{k}", None) for k in kernels}
-    if not callable(generic) and not any(callable(f) for f in per_kernel.values()):
-        return None
-
-    def predict(kernel, M, K, N, G):
-        fn = per_kernel.get(kernel) if callable(per_kernel.get(kernel)) else generic
-        if not callable(fn):
-            raise AttributeError(f"quickcupy.banks has no prediction for kernel {kernel!r}")
-        values = {"M": M, "K": K, "N": N, "G": G, "kernel": kernel}
-        params = inspect.signature(fn).parameters
-        kwargs = {name: values[_PREDICT_ARGS[name]] for name in params if name in _PREDICT_ARGS}
-        if fn is generic and "kernel" not in {_PREDICT_ARGS.get(p) for p in params}:
-            return fn(kernel, **kwargs)
-        return fn(**kwargs)
-    return kernels, predict
-
-
-def bank_predictions(shapes, ms, group_size):
-    """Rows of the bank-conflict model for every shape, M and kernel, or (None, why)."""
-    found = _bank_predictor()
-    if found is None:
-        return None, "bank-conflict model not available yet"
-    kernels, predict = found
+def bank_predictions(shapes, ms, group_size, kernels=(REFERENCE_INT4, "quick")):
+    """Rows of the bank-conflict model (quickcupy.smem_predict) for every shape, M and kernel:
+    per-launch shared-memory instructions, wavefronts and conflicts."""
+    from .smem_predict import predict
     rows = []
-    try:
-        for K, N in shapes:
-            for M in ms:
-                for kernel in kernels:
-                    value = predict(kernel, M, K, N, group_size)
-                    if hasattr(value, "_asdict"):
-                        value = value._asdict()
-                    elif hasattr(value, "__dataclass_fields__"):
-                        import dataclasses
-                        value = dataclasses.asdict(value)
-                    row = {"K": K, "N": N, "M": M, "kernel": kernel}
-                    row.update(value if isinstance(value, dict) else {"prediction": value})
-                    rows.append(row)
-    except (TypeError, ValueError, AttributeError, NotImplementedError) as exc:
-        return None, f"bank-conflict model could not be run ({type(exc).__name__}: {exc})"
-    return rows, None
+    for K, N in shapes:
+        for M in ms:
+            for kernel in kernels:
+                rows.append({"K": K, "N": N, "M": M, "kernel": kernel, **predict(kernel, M, N, K, group_size)})
+    return rows
 
 
 def format_rows(rows) -> str:
@@ -654,15 +609,12 @@ def format_rows(rows) -> str:
 def _run_without_gpu(opts, result, reason) -> int:
     print(f"bench: no GPU ({reason}); nothing timed, showing the bank-conflict model's predictions instead",
           file=sys.stderr)
-    rows, why = bank_predictions(opts["shapes"], opts["ms"], opts["group_size"])
+    rows = bank_predictions(opts["shapes"], opts["ms"], opts["group_size"])
     result["predictions"] = rows
     result["finished"] = _now()
     if opts["json"]:
         _write_json(opts["json"], result)
-    if rows is None:
-        print(why, file=sys.stderr)
-    else:
-        print(format_rows(_jsonable(rows)))
+    print(format_rows(_jsonable(rows)))
     return 0
 
 

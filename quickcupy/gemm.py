@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from .layouts import AWQ_PACK, QUICK_TILE_N, check_quick_shape, pack_awq, pack_quick, unpack_awq
+from .layouts import AWQ_PACK, QUICK_TILE_N, pack_awq, pack_quick, unpack_awq
 from .quantize import QuantizedWeight, check_group_size, quantize
 
 LAYOUTS = ("quick", "awq")

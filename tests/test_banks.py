@@ -1,6 +1,5 @@
 """The shared-memory bank-conflict model (quickcupy.banks): textbook patterns, AutoAWQ's stores,
 properties, and (GPU + ncu) agreement with the hardware counters."""
-import os
 import sys
 import textwrap
 
