@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 
 from .errors import UsageError
@@ -58,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    # What the tools record as "the command that produced these results".
+    args.command_line = shlex.join(["python", "-m", "quickcupy", *argv])
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

@@ -718,7 +718,7 @@ def run(args) -> int:
     reason = _device.no_gpu_reason()
     result = {
         "schema": SCHEMA,
-        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        "command": getattr(args, "command_line", None) or shlex.join(sys.argv),
         "started": _now(),
         "settings": {k: opts[k] for k in ("shapes", "ms", "kernels", "group_size", "warmup", "repeats", "seed")},
         "timing": "CUDA events per call, queued behind a spin kernel; median of repeats; weights rotated "

@@ -584,8 +584,8 @@ def run(args) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     add_predictions(report)
-    if sys.argv[1:2] == ["ncu"]:                    # started as python -m quickcupy ncu ...
-        report["command"] = shlex.join(["python", "-m", "quickcupy", *sys.argv[1:]])
+    if getattr(args, "command_line", None):         # started through python -m quickcupy ncu ...
+        report["command"] = args.command_line
     print(json.dumps(_jsonable(report), indent=2) if args.json else format_report(report))
     if args.out:
         for path in save_report(report, args.out):
