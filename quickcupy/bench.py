@@ -30,6 +30,7 @@ import numpy as np
 
 from . import device as _device
 from .errors import UsageError
+from .timing import time_gpu, time_gpu_samples  # noqa: F401 (re-exported for the tools)
 
 BASELINE = "fp16"          # cupy.matmul with a float16 weight
 REFERENCE_INT4 = "awq"     # every kernel's speedup is also reported against this one
@@ -40,7 +41,6 @@ DEFAULT_GROUP_SIZE = 128
 DEFAULT_WARMUP = 10
 DEFAULT_REPEATS = 50
 FALLBACK_L2_BYTES = 50 * 2 ** 20
-MAX_SPIN_S = 0.2           # longest wait queued ahead of the timed calls
 WARN_REL_ERR = 0.05        # a kernel whose output differs more from fp16 than this gets a warning
 SCHEMA = "quickcupy.bench/1"
 CLOCK_FIELDS = ("sm_clock_mhz", "mem_clock_mhz", "temperature_c")   # sampled after each shape
@@ -331,71 +331,6 @@ def format_header(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------- timing
-_SPIN_SOURCE = r"""
-extern "C" __global__ void quickcupy_spin(unsigned long long ns) {
-    unsigned long long t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
-}
-"""
-_spin_kernel = None
-
-
-def _spin(seconds: float):
-    """Keeps the current stream busy for ``seconds`` so that the calls queued after it run back to back."""
-    global _spin_kernel
-    import cupy
-    if _spin_kernel is None:
-        _spin_kernel = cupy.RawKernel(_SPIN_SOURCE, "quickcupy_spin")
-    _spin_kernel((1,), (1,), (np.uint64(int(seconds * 1e9)),))
-
-
-def time_gpu_samples(fn, warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS,
-                     queue_ahead: bool = True) -> np.ndarray:
-    """Seconds of GPU time of each of ``repeats`` calls of ``fn()`` (work on the current stream).
-
-    CUDA events bracket each call. With ``queue_ahead`` the timed calls are queued behind a spin
-    kernel long enough for the host to enqueue them all, so host launch overhead is not measured;
-    if the spin ended before the host was done (the host fell behind), the pass runs again once
-    with a spin sized from the measured enqueue time.
-    """
-    import cupy
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats} must be >= 1")
-    stream = cupy.cuda.get_current_stream()
-    fn()                                   # first call: compiles, allocates
-    stream.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(max(1, warmup - 1)):
-        fn()
-    host_s = (time.perf_counter() - t0) / max(1, warmup - 1) * repeats
-    stream.synchronize()
-    starts = [cupy.cuda.Event() for _ in range(repeats)]
-    ends = [cupy.cuda.Event() for _ in range(repeats)]
-    for attempt in range(2 if queue_ahead else 1):
-        spin_end = None
-        if queue_ahead:
-            _spin(min(MAX_SPIN_S, 2.0 * host_s + 50e-6))
-            spin_end = cupy.cuda.Event()
-            spin_end.record(stream)
-        t0 = time.perf_counter()
-        for start, end in zip(starts, ends):
-            start.record(stream)
-            fn()
-            end.record(stream)
-        host_s = time.perf_counter() - t0
-        ahead = spin_end is None or not spin_end.done
-        ends[-1].synchronize()
-        if ahead:
-            break
-    return np.array([cupy.cuda.get_elapsed_time(s, e) * 1e-3 for s, e in zip(starts, ends)])
-
-
-def time_gpu(fn, warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS, queue_ahead: bool = True) -> float:
-    """Median GPU seconds of one call of ``fn()``; see :func:`time_gpu_samples`."""
-    return float(np.median(time_gpu_samples(fn, warmup, repeats, queue_ahead)))
-
-
 def rotating(call, items):
     """A no-argument function that calls ``call(item)`` with the next of ``items`` each time."""
     state = {"i": 0}

@@ -1,0 +1,98 @@
+"""GPU timing without the host's launch overhead.
+
+CUDA events bracket the work; the work is queued behind a spin kernel that keeps the stream busy
+while Python launches it, so the events measure the GPU's time, not the interpreter's. This is the
+time a runtime without per-launch overhead (C++, CUDA graphs) would see.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+MAX_SPIN_S = 0.2           # longest wait queued ahead of a batch of timed calls
+
+
+_SPIN_SOURCE = r"""
+extern "C" __global__ void quickcupy_spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}
+"""
+_spin_kernel = None
+
+
+def spin(seconds: float):
+    """Keeps the current stream busy for ``seconds`` so that the calls queued after it run back to back."""
+    global _spin_kernel
+    import cupy
+    if _spin_kernel is None:
+        _spin_kernel = cupy.RawKernel(_SPIN_SOURCE, "quickcupy_spin")
+    _spin_kernel((1,), (1,), (np.uint64(int(seconds * 1e9)),))
+
+
+def time_gpu_samples(fn, warmup: int = 10, repeats: int = 50,
+                     queue_ahead: bool = True) -> np.ndarray:
+    """Seconds of GPU time of each of ``repeats`` calls of ``fn()`` (work on the current stream).
+
+    CUDA events bracket each call. With ``queue_ahead`` the timed calls are queued behind a spin
+    kernel long enough for the host to enqueue them all, so host launch overhead is not measured;
+    if the spin ended before the host was done (the host fell behind), the pass runs again once
+    with a spin sized from the measured enqueue time.
+    """
+    import cupy
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    stream = cupy.cuda.get_current_stream()
+    fn()                                   # first call: compiles, allocates
+    stream.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(max(1, warmup - 1)):
+        fn()
+    host_s = (time.perf_counter() - t0) / max(1, warmup - 1) * repeats
+    stream.synchronize()
+    starts = [cupy.cuda.Event() for _ in range(repeats)]
+    ends = [cupy.cuda.Event() for _ in range(repeats)]
+    for attempt in range(2 if queue_ahead else 1):
+        spin_end = None
+        if queue_ahead:
+            spin(min(MAX_SPIN_S, 2.0 * host_s + 50e-6))
+            spin_end = cupy.cuda.Event()
+            spin_end.record(stream)
+        t0 = time.perf_counter()
+        for start, end in zip(starts, ends):
+            start.record(stream)
+            fn()
+            end.record(stream)
+        host_s = time.perf_counter() - t0
+        ahead = spin_end is None or not spin_end.done
+        ends[-1].synchronize()
+        if ahead:
+            break
+    return np.array([cupy.cuda.get_elapsed_time(s, e) * 1e-3 for s, e in zip(starts, ends)])
+
+
+def time_gpu(fn, warmup: int = 10, repeats: int = 50, queue_ahead: bool = True) -> float:
+    """Median GPU seconds of one call of ``fn()``; see :func:`time_gpu_samples`."""
+    return float(np.median(time_gpu_samples(fn, warmup, repeats, queue_ahead)))
+
+
+def gpu_seconds_behind_spin(fn, host_s_estimate: float):
+    """GPU seconds of ONE call of ``fn()`` queued behind a spin of about twice ``host_s_estimate``.
+
+    Returns (gpu seconds, host seconds it took to launch, whether the spin outlasted the launch:
+    False means the GPU may have waited for the host and the time is an upper bound)."""
+    import cupy
+    stream = cupy.cuda.get_current_stream()
+    spin(2.0 * host_s_estimate + 50e-6)
+    spin_end, start, end = cupy.cuda.Event(), cupy.cuda.Event(), cupy.cuda.Event()
+    spin_end.record(stream)
+    t0 = time.perf_counter()
+    start.record(stream)
+    fn()
+    end.record(stream)
+    host_s = time.perf_counter() - t0
+    ahead = not spin_end.done
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end) * 1e-3, host_s, ahead
