@@ -402,6 +402,24 @@ def _dequantized_fp16(q):
     return cupy.ascontiguousarray(codes.reshape(N, K).astype(cupy.float16).T)
 
 
+def host_quantize_pack(K: int, N: int, group_size: int, seed: int = 0):
+    """Quantizes a random float16 (N, K) weight on the host and packs it both ways, timed.
+
+    Returns (QuantizedWeight, {"K", "N", "quantize_s", "pack_awq_s", "pack_quick_s"})."""
+    from .layouts import pack_awq, pack_quick
+    from .quantize import quantize
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((N, K), dtype=np.float32) * 0.02).astype(np.float16)
+    t0 = time.perf_counter()
+    q = quantize(w, group_size)
+    t1 = time.perf_counter()
+    pack_awq(q)
+    t2 = time.perf_counter()
+    pack_quick(q)
+    t3 = time.perf_counter()
+    return q, {"K": K, "N": N, "quantize_s": t1 - t0, "pack_awq_s": t2 - t1, "pack_quick_s": t3 - t2}
+
+
 def _weights(K, N, opts, l2_bytes, progress):
     """The weights of one shape: (w_fp16, fp16 copies or None, {layout: [QuantLinear copies] or the
     error that refused the shape}). With int4 kernels, ONE random weight is quantized on the host and
@@ -411,11 +429,11 @@ def _weights(K, N, opts, l2_bytes, progress):
     quantized = [k for k in kernels if k != BASELINE]
     layers = {}
     if quantized:
-        from . import QuantLinear, quantize
+        from . import QuantLinear
         from .gemm import kernel_layout
         progress.note(f"bench: K={K} N={N} group_size={G}: quantizing a random weight")
-        rng = np.random.default_rng(opts["seed"])
-        q = quantize((rng.standard_normal((N, K), dtype=np.float32) * 0.02).astype(np.float16), G)
+        q, host = host_quantize_pack(K, N, G, opts["seed"])
+        opts.setdefault("host_timings", []).append(host)
         w_fp16 = _dequantized_fp16(q)
         n_int4 = rotation_copies(weight_bytes("int4", K, N, G), l2_bytes)
         for layout in _ordered_unique(kernel_layout(k) for k in quantized):
@@ -503,6 +521,7 @@ def _run_on_gpu(opts, result) -> int:
     result["points"] = derive_points(raw, bandwidth["bytes_per_s"])
     result["skipped"] = skipped
     result["clocks"] = clocks
+    result["host"] = opts.pop("host_timings", [])
     result["finished"] = _now()
     _write_outputs(opts, result)
     print(format_header(result))
@@ -546,10 +565,13 @@ def _run_without_gpu(opts, result, reason) -> int:
           file=sys.stderr)
     rows = bank_predictions(opts["shapes"], opts["ms"], opts["group_size"])
     result["predictions"] = rows
+    result["host"] = [host_quantize_pack(K, N, opts["group_size"], opts["seed"])[1] for K, N in opts["shapes"]]
     result["finished"] = _now()
     if opts["json"]:
         _write_json(opts["json"], result)
     print(format_rows(_jsonable(rows)))
+    print("\nhost (this CPU): quantize a float16 weight and pack it, seconds")
+    print(format_rows(_jsonable(result["host"])))
     return 0
 
 

@@ -102,18 +102,24 @@ def _group_size(K: int, n_groups: int, group_size) -> int:
 
 
 # -------------------------------------------------------------------------------------------- AWQ
-def _awq_pack_columns(values: np.ndarray) -> np.ndarray:
-    """(R, N) codes -> (R, N/8) int32 in AWQ nibble order."""
-    R, N = values.shape
-    return _nibbles_to_int32(values.reshape(R, N // AWQ_PACK, AWQ_PACK)[:, :, AWQ_ORDER])
+def _awq_pack(values: np.ndarray) -> np.ndarray:
+    """(N, R) codes in weight orientation -> (R, N/8) int32: word [r, j] nibble i = values[8j + AWQ_ORDER[i], r]."""
+    N, R = values.shape
+    v = values.reshape(N // AWQ_PACK, AWQ_PACK, R)
+    words = np.zeros((N // AWQ_PACK, R), np.uint32)
+    for i, column in enumerate(AWQ_ORDER):
+        words |= v[:, column, :].astype(np.uint32) << np.uint32(4 * i)
+    return np.ascontiguousarray(words.T).view(np.int32)
 
 
-def _awq_unpack_columns(words: np.ndarray) -> np.ndarray:
-    """(R, N/8) int32 -> (R, N) uint8 codes; inverse of :func:`_awq_pack_columns`."""
+def _awq_unpack(words: np.ndarray) -> np.ndarray:
+    """(R, N/8) int32 -> (N, R) uint8 codes; inverse of :func:`_awq_pack`."""
     R, J = words.shape
-    out = np.empty((R, J, AWQ_PACK), np.uint8)
-    out[:, :, AWQ_ORDER] = _int32_to_nibbles(words)
-    return out.reshape(R, J * AWQ_PACK)
+    w = np.ascontiguousarray(words.T).view(np.uint32)           # (N/8, R)
+    out = np.empty((J, AWQ_PACK, R), np.uint8)
+    for i, column in enumerate(AWQ_ORDER):
+        out[:, column, :] = (w >> np.uint32(4 * i)) & np.uint32(0xF)
+    return out.reshape(J * AWQ_PACK, R)
 
 
 def pack_awq(q: QuantizedWeight) -> PackedWeight:
@@ -121,8 +127,7 @@ def pack_awq(q: QuantizedWeight) -> PackedWeight:
     N = q.out_features
     if N % AWQ_PACK:
         raise ValueError(f"out_features={N} is not a multiple of {AWQ_PACK} (the AWQ layout packs 8 columns per int32)")
-    return PackedWeight(qweight=_awq_pack_columns(q.codes.T),
-                        qzeros=_awq_pack_columns(q.zeros.T),
+    return PackedWeight(qweight=_awq_pack(q.codes), qzeros=_awq_pack(q.zeros),
                         scales=np.ascontiguousarray(q.scales.T))
 
 
@@ -136,8 +141,7 @@ def unpack_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, grou
         raise ValueError(f"qzeros has {qzeros.shape[1]} packed columns but qweight has {J}")
     _check_scales(scales, (n_groups, J * AWQ_PACK))
     G = _group_size(K, n_groups, group_size)
-    return QuantizedWeight(codes=np.ascontiguousarray(_awq_unpack_columns(qweight).T),
-                           zeros=np.ascontiguousarray(_awq_unpack_columns(qzeros).T),
+    return QuantizedWeight(codes=_awq_unpack(qweight), zeros=_awq_unpack(qzeros),
                            scales=np.ascontiguousarray(scales.T), group_size=G)
 
 

@@ -218,14 +218,17 @@ def test_no_gpu_path_one_line_then_the_model(capsys, monkeypatch, tmp_path):
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench: no GPU (test machine without GPU)")
-    rows = out.strip().splitlines()
+    model, host = out.strip().split("\n\n")
+    rows = model.splitlines()
     assert rows[0].split()[:6] == ["K", "N", "M", "kernel", "tile_m", "split_k"]
     assert len(rows) == 1 + 2 * 2                      # (awq, quick) x (M = 1, 16)
+    assert host.splitlines()[1].split() == ["K", "N", "quantize_s", "pack_awq_s", "pack_quick_s"]
     data = json.loads(path.read_text())
     assert data["device"]["available"] is False and len(data["predictions"]) == 4
     awq16 = next(r for r in data["predictions"] if r["kernel"] == "awq" and r["M"] == 16)
     assert awq16["st_inst"] == 294_912                 # AutoAWQ's measured count (gpu.md)
     assert data["schema"] == bench.SCHEMA and data["command"]
+    assert data["host"][0]["K"] == 8192 and data["host"][0]["quantize_s"] > 0
 
 
 # ------------------------------------------------------------------------------------------ GPU
