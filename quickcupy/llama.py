@@ -32,6 +32,7 @@ from typing import NamedTuple, Union
 import numpy as np
 
 from .errors import UsageError
+from .kernels import DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK, DECODE_THREADS, get_function
 from .layouts import pack_awq, unpack_awq
 from .quantize import SUPPORTED_GROUP_SIZES, QuantizedWeight, check_group_size, quantize
 
@@ -356,7 +357,7 @@ def causal_bias(xp, start: int, S: int, T: int):
     return xp.where(after, -np.inf, 0.0).astype(np.float32)
 
 
-def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto"):
+def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool = True):
     """Causal grouped-query attention.
 
     q: (B, S, n_heads, d); k, v: (B, S, n_kv_heads, d), rotated, for positions start .. start+S-1.
@@ -365,6 +366,9 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto"):
     Query head h reads KV head h // (n_heads / n_kv_heads), as Hugging Face's ``repeat_kv``.
     bias: :func:`causal_bias` for these positions ("auto": computed here; a model computes it once
     for all its layers).
+    fused: a decode step on CuPy (S == 1, a float16 cache, head_dim a multiple of 32 in 64..256) runs
+    :func:`decode_attention` (one kernel; bias unused); False, or any other case, runs the batched
+    matmuls below, the reference it is tested against.
     """
     xp = _xp(q)
     B, S, nh, d = q.shape
@@ -376,6 +380,9 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto"):
         cache_k, cache_v = kv_cache
         cache_k[..., start:start + S] = k_t
         cache_v[:, :, start:start + S] = v_t
+        if (fused and S == 1 and xp is not np and q.dtype == cache_k.dtype == cache_v.dtype == np.float16
+                and _decode_head_dim_error(d) is None):
+            return decode_attention(q.reshape(B, nh, d), cache_k, cache_v, start + 1)
     if kv_cache is None or start == 0:               # as attended_length() says
         keys, values = xp.ascontiguousarray(k_t), xp.ascontiguousarray(v_t)
     else:
@@ -397,6 +404,53 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto"):
     out = xp.matmul(scores.astype(q.dtype).reshape(B, nkv, group * S, T), values)  # (B, nkv, group*S, d)
     out = out.reshape(B, nh, S, d).transpose(0, 2, 1, 3).reshape(B, S, nh * d)
     return xp.ascontiguousarray(out)
+
+
+def _decode_head_dim_error(d: int):
+    """Why :func:`decode_attention` cannot take head_dim ``d`` (None when it can): a warp of the
+    kernel spans head_dim, and CI compiles the instances from kernels.DECODE_HEAD_DIMS."""
+    lo, hi = min(DECODE_HEAD_DIMS), max(DECODE_HEAD_DIMS)
+    if d % 32 or not lo <= d <= hi:
+        return f"head_dim={d} is not a multiple of 32 between {lo} and {hi}"
+    return None
+
+
+def decode_attention(q, keys, values, length: int):
+    """Attention of one new token per sequence over its first ``length`` cached positions, in one
+    kernel (cuda/decode_attention.cu; float32 softmax). CuPy float16 arrays:
+
+    q: (B, n_heads, d); keys (B, n_kv, d, max_len), values (B, n_kv, max_len, d): a layer's
+    :class:`KVCache` tensors, C-contiguous, positions >= length not read. d: a multiple of 32 in
+    64..256. Returns (B, 1, n_heads * d), as :func:`attention` for S = 1.
+    """
+    if q.ndim != 3 or keys.ndim != 4 or values.ndim != 4:
+        raise ValueError(f"q, keys, values must be 3-D, 4-D, 4-D, got shapes {q.shape}, {keys.shape}, "
+                         f"{values.shape}")
+    B, nh, d = q.shape
+    nkv, max_len = keys.shape[1], keys.shape[3]
+    error = _decode_head_dim_error(d)
+    if error:
+        raise ValueError(f"decode_attention: {error}")
+    if keys.shape != (B, nkv, d, max_len) or values.shape != (B, nkv, max_len, d):
+        raise ValueError(f"keys {keys.shape} and values {values.shape} must be (B, n_kv, d, max_len) and "
+                         f"(B, n_kv, max_len, d) with B={B}, d={d} of q {q.shape}")
+    if nh % nkv:
+        raise ValueError(f"n_heads={nh} is not a multiple of n_kv={nkv}")
+    if not 1 <= length <= max_len:
+        raise ValueError(f"length={length} must lie in 1..max_len={max_len}")
+    for name, a in (("q", q), ("keys", keys), ("values", values)):
+        if a.dtype != np.float16:
+            raise ValueError(f"{name} must be float16, got {a.dtype}")
+    if not (keys.flags.c_contiguous and values.flags.c_contiguous):
+        raise ValueError("keys and values must be C-contiguous (as KVCache allocates them)")
+    import cupy
+    q = cupy.ascontiguousarray(q)
+    heads = next(g for g in DECODE_HEADS_PER_BLOCK if (nh // nkv) % g == 0)   # heads of one KV head per block
+    fn = get_function(q.device.id, "decode_attention.cu", f"decode_attention<{d}, {heads}>")
+    out = cupy.empty((B, 1, nh * d), np.float16)
+    fn((B * nh // heads,), (DECODE_THREADS,),
+       (q, keys, values, out, np.int32(nh), np.int32(nkv), np.int32(max_len), np.int32(length)))
+    return out
 
 
 def silu_mul(gate, up):

@@ -9,9 +9,10 @@ import pytest
 from conftest import rel_error
 from quickcupy import pack_awq, quantize
 from quickcupy.device import no_gpu_reason
-from quickcupy.llama import (NORMS, PROJECTIONS, LayerWeights, LlamaConfig, LlamaModel, apply_rope,
-                             estimate_gpu_bytes, fuse, load_awq_checkpoint, make_linear, random_layers,
-                             rms_norm, rope_tables, save_awq_checkpoint)
+from quickcupy import llama
+from quickcupy.llama import (NORMS, PROJECTIONS, LayerWeights, LlamaConfig, LlamaModel, apply_rope, attention,
+                             decode_attention, estimate_gpu_bytes, fuse, load_awq_checkpoint, make_linear,
+                             random_layers, rms_norm, rope_tables, save_awq_checkpoint)
 
 TINY = LlamaConfig.preset("tiny")
 # Several 32/64-column tiles per projection, MHA, 2 layers: still quick on the host.
@@ -139,6 +140,24 @@ def test_gqa_equals_mha_with_repeated_kv_heads(rng):
     model = LlamaModel(gqa, layers)
     steps = [model(x[:, :5], cache)] + [model(x[:, t:t + 1], cache) for t in range(5, 9)]
     np.testing.assert_allclose(np.concatenate(steps, axis=1), y_gqa, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shapes,length,match", [
+    (((2, 4, 80), (2, 2, 80, 16), (2, 2, 16, 80)), 3, "head_dim=80 is not a multiple of 32 between 64 and 256"),
+    (((2, 4, 320), (2, 2, 320, 16), (2, 2, 16, 320)), 3, "head_dim=320 is not a multiple of 32"),
+    (((2, 4, 64), (2, 2, 64, 16), (2, 2, 16, 64)), 0, r"length=0 must lie in 1..max_len=16"),
+    (((2, 4, 64), (2, 2, 64, 16), (2, 2, 16, 64)), 17, r"length=17 must lie in 1..max_len=16"),
+    (((2, 6, 64), (2, 4, 64, 16), (2, 4, 16, 64)), 3, "n_heads=6 is not a multiple of n_kv=4"),
+    (((2, 4, 64), (2, 2, 64, 16), (2, 2, 64, 16)), 3, r"must be \(B, n_kv, d, max_len\)"),
+    (((2, 1, 4, 64), (2, 2, 64, 16), (2, 2, 16, 64)), 3, "must be 3-D, 4-D, 4-D"),
+])
+def test_decode_attention_checks_its_inputs(shapes, length, match):
+    q, keys, values = (np.zeros(shape, np.float16) for shape in shapes)
+    with pytest.raises(ValueError, match=match):
+        decode_attention(q, keys, values, length)
+    with pytest.raises(ValueError, match="keys must be float16, got float32"):
+        decode_attention(np.zeros((2, 4, 64), np.float16), np.zeros((2, 2, 64, 16), np.float32),
+                         np.zeros((2, 2, 16, 64), np.float16), 3)
 
 
 def test_fused_quantized_equals_quantized_fusion(rng):
@@ -382,12 +401,69 @@ def test_gpu_fp16_stack_matches_numpy(rng):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("backend", ["fp16", "awq", "quick"])
-def test_gpu_decode_with_cache_equals_full_forward(rng, backend):
+@pytest.mark.parametrize("backend,config", [("fp16", TINY), ("awq", TINY), ("quick", TINY), ("fp16", MEDIUM)],
+                         ids=["fp16", "awq", "quick", "fp16-medium"])   # tiny: GQA, d 64; medium: MHA, d 128
+def test_gpu_decode_with_cache_equals_full_forward(rng, backend, config, monkeypatch):
     import cupy
-    model = LlamaModel(TINY, [w.quantized(64) for w in random_layers(TINY, seed=_seed(rng))], backend)
-    x = cupy.asarray(_hidden(rng, 3, 12)).astype(np.float16)
+    fused_calls = []
+
+    def counted(*args):       # every decode step of every layer runs the fused kernel
+        fused_calls.append(args[3])
+        return decode_attention(*args)
+    monkeypatch.setattr(llama, "decode_attention", counted)
+    model = LlamaModel(config, [w.quantized(64) for w in random_layers(config, seed=_seed(rng))], backend)
+    x = cupy.asarray(_hidden(rng, 3, 12, config)).astype(np.float16)
     full = model(x)
     cache = model.new_cache(3, 16)
     steps = [model(x[:, :5], cache)] + [model(x[:, t:t + 1], cache) for t in range(5, 12)]
     assert rel_error(cupy.concatenate(steps, axis=1), full.get()) < 3e-3
+    assert fused_calls == [t + 1 for t in range(5, 12) for _ in range(config.num_hidden_layers)]
+
+
+def _attention_f64(q, keys, values, length):
+    """float64 attention of one query per head over the first ``length`` positions (NumPy):
+    q (B, nh, d), keys (B, nkv, d, T), values (B, nkv, T, d) -> (B, 1, nh * d)."""
+    B, nh, d = q.shape
+    group = nh // keys.shape[1]
+    k = np.repeat(np.asarray(keys[..., :length], np.float64), group, axis=1)        # (B, nh, d, length)
+    v = np.repeat(np.asarray(values[:, :, :length], np.float64), group, axis=1)     # (B, nh, length, d)
+    s = np.einsum("bhd,bhdt->bht", np.asarray(q, np.float64), k) / np.sqrt(d)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("bht,bhtd->bhd", p, v).reshape(B, 1, nh * d)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("nh,nkv", [(4, 4), (8, 2), (8, 1)], ids=["mha", "gqa4", "mqa8"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_gpu_fused_decode_attention_equals_matmul_path(rng, nh, nkv, d, batch):
+    """One decode step on a random cache, fused kernel vs batched matmuls, at lengths around the
+    128-position tiles; max_len odd, so rows of K^T start at odd addresses."""
+    import cupy
+    max_len = 301
+    for length in (1, 2, 31, 127, 128, 129, 256, 257, max_len):
+        start = length - 1
+        qk = cupy.asarray(rng.standard_normal((batch, 1, nh + nkv, d), dtype=np.float32)).astype(np.float16)
+        q, k = qk[:, :, :nh], qk[:, :, nh:]          # views, as LlamaBlock passes them
+        v = cupy.asarray(rng.standard_normal((batch, 1, nkv, d), dtype=np.float32)).astype(np.float16)
+        keys = cupy.asarray(rng.standard_normal((batch, nkv, d, max_len), dtype=np.float32)).astype(np.float16)
+        values = cupy.asarray(rng.standard_normal((batch, nkv, max_len, d), dtype=np.float32)).astype(np.float16)
+        keys2, values2 = keys.copy(), values.copy()
+
+        fused = attention(q, k, v, start, (keys, values))
+        matmul = attention(q, k, v, start, (keys2, values2), fused=False)
+        assert fused.shape == matmul.shape == (batch, 1, nh * d) and fused.dtype == np.float16
+        cupy.testing.assert_array_equal(keys, keys2)             # both wrote k, v into the cache
+        cupy.testing.assert_array_equal(values, values2)
+        where = f"length={length}"
+        assert rel_error(fused, matmul.get()) < 2e-3, where
+        ref = _attention_f64(q.reshape(batch, nh, d).get(), keys.get(), values.get(), length)
+        assert rel_error(fused, ref) < 1e-3, where
+
+        # Positions >= length are not read: NaN there changes nothing.
+        keys[..., length:] = np.nan
+        values[:, :, length:] = np.nan
+        again = decode_attention(q.reshape(batch, nh, d), keys, values, length)
+        cupy.testing.assert_array_equal(again, fused)
