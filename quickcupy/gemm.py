@@ -198,7 +198,7 @@ def launch(p: kernels.LaunchPlan, x, layer: QuantLinear, out):
                          np.int32(p.chunks_per_split)), shared_mem=p.shared_bytes)
     if splits > 1:
         reduce_fn = kernels.get_function(layer.device, "splitk_reduce.cu", "splitk_reduce")
-        threads = 256
+        threads = 128
         blocks = -(-(M * N // 4) // threads)
         reduce_fn((blocks,), (threads,), (partial, null if layer.bias is None else layer.bias, out,
                                           np.int32(splits), np.int32(M), np.int32(N)))
