@@ -5,6 +5,8 @@ or layout raises a ``TypeError``/``ValueError`` that names the argument.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import kernels
@@ -179,6 +181,9 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
         out = cupy.empty(shape, np.float16)
     else:
         _check_out(out, shape, x, layer)
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, (int, np.integer))
+                                or split_k < 1):
+        raise ValueError(f"split_k={split_k!r} must be a positive int (or None to choose by shape)")
     if tile_m is None:
         tile_m = KERNELS[kernel][1]
     p = _plan(kernel_layout(kernel), M, N, K, layer.group_size, layer.device, tile_m, split_k)
@@ -186,8 +191,12 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
 
 
 def launch(p: kernels.LaunchPlan, x, layer: QuantLinear, out):
-    """Runs plan ``p`` on checked arrays (no checks here: :func:`gemm` does them)."""
+    """Runs plan ``p`` on checked arrays (no checks here: :func:`gemm` does them), on the layer's
+    device and the current stream."""
     import cupy
+    if cupy.cuda.runtime.getDevice() != layer.device:
+        with cupy.cuda.Device(layer.device):
+            return launch(p, x, layer, out)
     fn = kernels.get_function(layer.device, p.source, p.name, p.shared_bytes)
     M, N, K, splits = p.M, p.N, p.K, p.split_k
     null = np.uint64(0)
@@ -205,16 +214,9 @@ def launch(p: kernels.LaunchPlan, x, layer: QuantLinear, out):
     return out
 
 
-_PLANS = {}
-
-
+@functools.lru_cache(maxsize=4096)
 def _plan(kernel, M, N, K, group_size, device, tile_m, split_k):
-    key = (kernel, M, N, K, group_size, device, tile_m, split_k)
-    p = _PLANS.get(key)
-    if p is None:
-        p = kernels.plan(kernel, M, N, K, group_size, kernels.sm_count(device), tile_m=tile_m, split_k=split_k)
-        _PLANS[key] = p
-    return p
+    return kernels.plan(kernel, M, N, K, group_size, kernels.sm_count(device), tile_m=tile_m, split_k=split_k)
 
 
 __all__ = ["QuantLinear", "gemm", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape",

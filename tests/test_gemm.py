@@ -175,6 +175,10 @@ def test_bad_inputs_raise_before_launch(rng):
         gemm(flat[1:1 + 4 * K].reshape(4, K), layer)
     with pytest.raises(ValueError, match="M must be at least 1"):
         gemm(x[:0], layer)
+    with pytest.raises(ValueError, match="split_k=0 must be a positive int"):
+        gemm(x, layer, split_k=0)
+    with pytest.raises(ValueError, match="tile_m=48 is not available"):
+        gemm(x, layer, tile_m=48)
     with pytest.raises(ValueError, match="reads the awq layout"):
         gemm(x, layer, kernel="awq")
     with pytest.raises(ValueError, match=r"out must have shape \(4, 128\)"):
