@@ -20,7 +20,7 @@ struct WeightRegs {
   u32 z[U / GCH];             // zero points of the 4 sub-tiles (nibbles 0..3)
 };
 
-template <int BM, int U, int GCH, int STAGES, int WSTAGES>
+template <int BM, int U>
 struct QuickTile {
   static constexpr int BK = 32 * U, BN = 128, MT = BM / 16, PITCH = BK + SMEM_PAD;
   static constexpr int A_PASSES = BM * BK / 8 / 128;
@@ -32,7 +32,7 @@ quick_gemm(const half* __restrict__ A, const uint4* __restrict__ qweight,
            const unsigned short* __restrict__ qzeros, const uint2* __restrict__ scales,
            const half* __restrict__ bias, half* __restrict__ C, float* __restrict__ partial,
            int M, int N, int K, int group_size, int chunks_per_split) {
-  using T = QuickTile<BM, U, GCH, STAGES, WSTAGES>;
+  using T = QuickTile<BM, U>;
   constexpr int BK = T::BK, MT = T::MT, PITCH = T::PITCH;
   extern __shared__ __align__(16) half A_s[];  // [STAGES][BM][PITCH]
 
