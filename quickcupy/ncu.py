@@ -459,11 +459,12 @@ def format_report(report: dict) -> str:
                 (entry["M"], entry["N"], entry["K"], entry["group_size"])]
         columns = [c for c in mine[0] if c not in ("M", "N", "K", "group_size", "metric", "label", "unit")]
         width = max(len(f"{r['metric']} [{r['unit']}]") if r["unit"] else len(r["metric"]) for r in mine)
-        out.append("  " + "metric".ljust(width) + "".join(c.rjust(16) for c in columns))
+        col = max(16, *(len(c) + 2 for c in columns))
+        out.append("  " + "metric".ljust(width) + "".join(c.rjust(col) for c in columns))
         for r in mine:
             name = f"{r['metric']} [{r['unit']}]" if r["unit"] else r["metric"]
             out.append("  " + name.ljust(width) + "".join(
-                (_fmt_ratio(r[c]) if c == "awq/quick" else _fmt(r[c])).rjust(16) for c in columns))
+                (_fmt_ratio(r[c]) if c == "awq/quick" else _fmt(r[c])).rjust(col) for c in columns))
     return "\n".join(out)
 
 
