@@ -19,7 +19,6 @@ Without a GPU it says so in one line and prints what a CPU can: the bank-conflic
 from __future__ import annotations
 
 import csv
-import json
 import math
 import shlex
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 
 from . import device as _device
 from .errors import UsageError
+from .report import jsonable, write_json
 from .timing import time_gpu, time_gpu_samples  # noqa: F401 (re-exported for the tools)
 
 BASELINE = "fp16"          # cupy.matmul with a float16 weight
@@ -568,36 +568,16 @@ def _run_without_gpu(opts, result, reason) -> int:
     result["host"] = [host_quantize_pack(K, N, opts["group_size"], opts["seed"])[1] for K, N in opts["shapes"]]
     result["finished"] = _now()
     if opts["json"]:
-        _write_json(opts["json"], result)
-    print(format_rows(_jsonable(rows)))
+        write_json(opts["json"], result)
+    print(format_rows(jsonable(rows)))
     print("\nhost (this CPU): quantize a float16 weight and pack it, seconds")
-    print(format_rows(_jsonable(result["host"])))
+    print(format_rows(jsonable(result["host"])))
     return 0
 
 
 # -------------------------------------------------------------------------------------- outputs
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _write_json(path, result):
-    with open(path, "w") as f:
-        json.dump(_jsonable(result), f, indent=1)
-        f.write("\n")
 
 
 def write_csv(path, points, device_name=None):
@@ -656,7 +636,7 @@ def write_plot(path, result):
 
 def _write_outputs(opts, result):
     if opts["json"]:
-        _write_json(opts["json"], result)
+        write_json(opts["json"], result)
     if opts["csv"]:
         write_csv(opts["csv"], result["points"], result["device"].get("name"))
     if opts["plot"]:

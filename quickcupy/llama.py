@@ -32,6 +32,7 @@ from typing import NamedTuple, Union
 import numpy as np
 
 from .errors import UsageError
+from .report import write_json
 from .kernels import DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK, DECODE_THREADS, get_function
 from .layouts import pack_awq, unpack_awq
 from .quantize import SUPPORTED_GROUP_SIZES, QuantizedWeight, check_group_size, quantize
@@ -989,7 +990,7 @@ def run(args) -> int:
     }
     print(_format_report(report, backends))
     if o["json"]:
-        Path(o["json"]).write_text(json.dumps(report, indent=2))
+        write_json(o["json"], report, indent=2)
     return 0
 
 

@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from .device import no_gpu_reason
+from .report import jsonable, write_json
 
 KERNELS = ("awq", "quick")                       # default; any of quickcupy.gemm.KERNELS
 # The GEMM kernels and the split-K reduction (cuda/splitk_reduce.cu), which is part of a call's cost.
@@ -487,20 +488,8 @@ def save_report(report: dict, out: str):
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    with open(json_path, "w") as f:
-        json.dump(_jsonable(report), f, indent=2)
-        f.write("\n")
+    write_json(json_path, report, indent=2)
     return csv_path, json_path
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 # --------------------------------------------------------------------------------------- CLI
@@ -587,7 +576,7 @@ def run(args) -> int:
     add_predictions(report)
     if getattr(args, "command_line", None):         # started through python -m quickcupy ncu ...
         report["command"] = args.command_line
-    print(json.dumps(_jsonable(report), indent=2) if args.json else format_report(report))
+    print(json.dumps(jsonable(report), indent=2) if args.json else format_report(report))
     if args.out:
         for path in save_report(report, args.out):
             print(f"saved {path}")
