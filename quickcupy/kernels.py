@@ -26,7 +26,7 @@ def cuda_dir() -> Path:
     raise FileNotFoundError(f"CUDA sources not found next to {here} (looked in cuda/ and ../cuda/)")
 
 
-SOURCES = ("awq_gemm.cu", "quick_gemm.cu", "splitk_reduce.cu", "decode_attention.cu")
+SOURCES = ("awq_gemm.cu", "quick_gemm.cu", "splitk_reduce.cu", "decode_attention.cu", "spin.cu")
 
 # decode_attention<head_dim, heads per block> (used by quickcupy.llama): a block takes the largest of
 # DECODE_HEADS_PER_BLOCK that divides the GQA group. head_dim: a multiple of 32 (a warp spans it)
@@ -154,6 +154,7 @@ def all_instances():
         out += [("quick_gemm.cu", f"quick_gemm<{bm}, {u}, {gch}, {stages}, {wstages}>")
                 for gch in (1, 2, 4) if gch <= u]
     out.append(("splitk_reduce.cu", "splitk_reduce"))
+    out.append(("spin.cu", "quickcupy_spin"))
     out += [("decode_attention.cu", f"decode_attention<{d}, {g}>")
             for d in DECODE_HEAD_DIMS for g in DECODE_HEADS_PER_BLOCK]
     return out

@@ -13,23 +13,13 @@ import numpy as np
 MAX_SPIN_S = 0.2           # longest wait queued ahead of a batch of timed calls
 
 
-_SPIN_SOURCE = r"""
-extern "C" __global__ void quickcupy_spin(unsigned long long ns) {
-    unsigned long long t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
-}
-"""
-_spin_kernel = None
-
-
 def spin(seconds: float):
-    """Keeps the current stream busy for ``seconds`` so that the calls queued after it run back to back."""
-    global _spin_kernel
+    """Keeps the current stream busy for ``seconds`` (cuda/spin.cu) so that the calls queued after
+    it run back to back."""
     import cupy
-    if _spin_kernel is None:
-        _spin_kernel = cupy.RawKernel(_SPIN_SOURCE, "quickcupy_spin")
-    _spin_kernel((1,), (1,), (np.uint64(int(seconds * 1e9)),))
+    from .kernels import get_function
+    fn = get_function(cupy.cuda.Device().id, "spin.cu", "quickcupy_spin")
+    fn((1,), (1,), (np.uint64(int(seconds * 1e9)),))
 
 
 def time_gpu_samples(fn, warmup: int = 10, repeats: int = 50,
