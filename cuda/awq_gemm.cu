@@ -1,7 +1,7 @@
 // Baseline: AutoAWQ's GEMM design (gemm_forward_4bit_cuda_m16nXk32), with the shared-memory
 // write-back the QUICK paper studies. Weights in the AutoAWQ checkpoint layout (pack_awq).
 //
-// Block: 64 threads (2 warps), tile BM x BN of C, K in steps of BK = 32.
+// Block: AWQ_THREADS = 64 threads (2 warps), tile BM x BN of C, K in steps of BK = 32.
 // Per K step every thread loads packed int32 words (8 columns of one k row), dequantizes them in
 // registers, WRITES the fp16 values back to B_s, and after a barrier each warp reads its BN/2
 // columns again with ldmatrix.trans for mma. Activations: plain 16-byte loads + st.shared, ldmatrix.
@@ -10,13 +10,14 @@
 
 using namespace qc;
 
-template <int BM, int BN>
-__global__ void __launch_bounds__(64, 1)
+template <int BM,   // rows of C per block: 16 (AutoAWQ's), 32 or 64
+          int BN>   // columns of C per block: 128, or 64 when N is not a multiple of 128
+__global__ void __launch_bounds__(AWQ_THREADS, 1)
 awq_gemm(const half* __restrict__ A, const int* __restrict__ qweight, const int* __restrict__ qzeros,
          const half* __restrict__ scales, const half* __restrict__ bias, half* __restrict__ C,
          float* __restrict__ partial, int M, int N, int K, int group_size, int chunks_per_split) {
   constexpr int BK = 32, MT = BM / 16, NT = BN / 2 / 8;
-  constexpr int B_PASSES = BK / (64 / (BN / 8));  // rows of B_s written per thread per K step
+  constexpr int B_PASSES = BK / (AWQ_THREADS / (BN / 8));  // rows of B_s written per thread per K step
   __shared__ __align__(16) half A_s[BM][BK + SMEM_PAD];
   __shared__ __align__(16) half B_s[BK][BN + SMEM_PAD];
 

@@ -1,6 +1,6 @@
 // Fused attention of one decode step (one new token per sequence): for sequence b and query head h,
 // out = softmax(q . K[:, :length] / sqrt(D)) @ V[:length], fp32 math, fp16 in and out. Positions
-// >= length are never read. Caches as quickcupy/llama.py's KVCache: keys (B, n_kv, D, max_len)
+// >= length are never read. Caches as quickcupy/llama/model.py's KVCache: keys (B, n_kv, D, max_len)
 // (K^T: position is the contiguous axis), values (B, n_kv, max_len, D); q (B, n_heads, D);
 // out (B, n_heads * D). Query head h reads KV head h / (n_heads / n_kv) (Hugging Face repeat_kv).
 //
@@ -12,9 +12,11 @@
 //                 [l * D/32, (l + 1) * D/32) (a warp reads one whole row of V); warps add up at the end.
 #include <cuda_fp16.h>
 
+#include "smem_maps.cuh"
+
 namespace decode {
 
-constexpr int THREADS = 128;  // quickcupy.kernels.DECODE_THREADS launches this many
+constexpr int THREADS = DECODE_ATTENTION_THREADS;  // from quickcupy/registry.py, which launches this many
 constexpr int WARPS = THREADS / 32;
 constexpr float LOG2E = 1.4426950408889634f;  // scores are kept in log2 units: exp2f instead of expf
 

@@ -1,11 +1,13 @@
 // Device helpers shared by both GEMM designs: int4 -> fp16 dequantization, the mma / ldmatrix /
 // cp.async wrappers, and the epilogue. Every piece of inline PTX of the project lives here.
 //
-// Index maps of shared memory (which lane touches which row/column) are NOT written here: they are
-// generated from quickcupy/smem_maps.py and prepended to each source by the loader, so the
-// bank-conflict model in Python reads the very same expressions.
+// Index maps of shared memory (which lane touches which row/column) and the thread counts are NOT
+// written here: they live in smem_maps.cuh, generated from quickcupy/smem_maps.py and
+// quickcupy/registry.py, so the bank-conflict model and the launcher read the very same values.
 #pragma once
 #include <cuda_fp16.h>
+
+#include "smem_maps.cuh"
 
 namespace qc {
 

@@ -2,13 +2,12 @@
 // registers that mma consumes; shared memory holds activations only, so the dequantized-weight
 // write-back of awq_gemm.cu (and its bank conflicts and barriers) disappears.
 //
-// Block: 128 threads (4 warps), tile BM x 128 of C, K in steps of BK = 32 * U.
+// Block: QUICK_THREADS = 128 threads (4 warps), tile BM x 128 of C, K in steps of BK = 32 * U.
 // Warp w owns columns [32 w, 32 w + 32) = one QUICK tile column and all BM rows. Per 32-deep chunk
 // each lane issues ONE 16-byte load of its 4 words; word j dequantizes to the lane's B fragments of
 // n8 sub-tile j for the chunk's two k16 steps (see quickcupy/layouts.py for the drawing).
 // Pipelines: activations through a STAGES-deep cp.async ring; weights through a ring of WSTAGES
 // register sets, loaded WSTAGES - 1 K steps ahead of their use.
-// GCH = chunks per scale/zero reload = min(group_size / 32, U).
 #include "quant_common.cuh"
 
 using namespace qc;
@@ -23,11 +22,15 @@ struct WeightRegs {
 template <int BM, int U>
 struct QuickTile {
   static constexpr int BK = 32 * U, BN = 128, MT = BM / 16, PITCH = BK + SMEM_PAD;
-  static constexpr int A_PASSES = BM * BK / 8 / 128;
+  static constexpr int A_PASSES = BM * BK / 8 / QUICK_THREADS;
 };
 
-template <int BM, int U, int GCH, int STAGES, int WSTAGES>
-__global__ void __launch_bounds__(128)
+template <int BM,       // rows of C per block: 16, 32, 64 or 128 (MT = BM / 16 mma row tiles per warp)
+          int U,        // 32-deep K chunks per main-loop step (BK = 32 U); one 16-byte weight load each
+          int GCH,      // chunks per scale/zero reload = gcd(group_size / 32, U): divides U
+          int STAGES,   // depth of the cp.async ring of activation tiles in shared memory
+          int WSTAGES>  // register sets of weights: loads run WSTAGES - 1 steps ahead of their use
+__global__ void __launch_bounds__(QUICK_THREADS)
 quick_gemm(const half* __restrict__ A, const uint4* __restrict__ qweight,
            const unsigned short* __restrict__ qzeros, const uint2* __restrict__ scales,
            const half* __restrict__ bias, half* __restrict__ C, float* __restrict__ partial,

@@ -49,10 +49,10 @@ def gpu_available() -> bool:
 
 
 def ncu_available() -> bool:
-    """A usable GPU and Nsight Compute's ``ncu`` (on PATH or where quickcupy.ncu looks)."""
+    """A usable GPU and Nsight Compute's ``ncu`` (on PATH or where quickcupy.tools.ncu looks)."""
     if not gpu_available():
         return False
-    from quickcupy.ncu import NcuError, find_ncu
+    from quickcupy.tools.ncu import NcuError, find_ncu
     try:
         find_ncu()
     except NcuError:
@@ -95,7 +95,7 @@ def lanes_banks(ax, addresses, width, title):
     byte ``addresses`` of lanes 0-31), coloured by the phase that serves the lane; an x marks a bank
     that two different words of one phase hit (a bank conflict: one more wavefront)."""
     from matplotlib.patches import Patch
-    from quickcupy import banks
+    from quickcupy.analysis import banks
     addr = np.asarray(addresses, np.int64)
     lanes = np.arange(banks.WARP)
     phase = lanes // banks.lanes_per_phase(width)

@@ -1,7 +1,13 @@
-"""quickcupy: CuPy kernels for 4-bit weight-only quantized GEMM (QUICK interleaved layout vs AWQ)."""
-__version__ = "0.1.0"
+"""quickcupy: CuPy kernels for 4-bit weight-only quantized GEMM (QUICK interleaved layout vs AWQ).
 
-from .quantize import QuantizedWeight, quantize
+The library: :mod:`.quantize` (AutoAWQ's rule), :mod:`.layouts` (AWQ and QUICK packing),
+:mod:`.registry` (every kernel design), :mod:`.kernels` (loader, plans, launch), :mod:`.gemm`
+(:class:`QuantLinear`, :func:`gemm`), :mod:`.attention`, :mod:`.reference`; the Llama model in
+:mod:`.llama`; the bank-conflict model in :mod:`.analysis`; the command-line tools in :mod:`.tools`.
+"""
+__version__ = "0.2.0"
+
+from .quantize import QuantizedWeight, effective_group_size, quantize
 from .layouts import PackedWeight, pack_awq, pack_quick, unpack_awq, unpack_quick
-from .reference import reference_gemm
+from .reference import reference_gemm, rel_error
 from .gemm import KERNELS, QuantLinear, gemm

@@ -9,11 +9,6 @@ import numpy as np
 from . import __version__
 
 
-def cuda_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device it can use."""
-    return no_gpu_reason() is None
-
-
 def no_gpu_reason():
     """None when a CUDA device is usable, else a one-line reason."""
     try:
@@ -23,10 +18,29 @@ def no_gpu_reason():
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
-        return f"no CUDA device found ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        text = str(exc)
+        if "InsufficientDriver" in text or "NoDevice" in text or "100" in text.split(":")[0]:
+            return _driver_reason(cupy) or f"no CUDA device found ({text.splitlines()[0]})"
+        return f"no CUDA device found ({type(exc).__name__}: {text.splitlines()[0]})"
     if n == 0:
-        return "no CUDA device found"
+        return "no CUDA device found (the NVIDIA driver sees no GPU)"
     return None
+
+
+def _driver_reason(cupy):
+    """Says which of "no driver" / "driver too old" holds, from the driver's own version (0 = none)."""
+    try:
+        driver = cupy.cuda.runtime.driverGetVersion()
+    except Exception:
+        driver = 0
+    if driver == 0:
+        return "no NVIDIA driver is installed (no libcuda), so no CUDA device can be used"
+    runtime = cupy.cuda.runtime.runtimeGetVersion()
+    if driver < runtime:
+        return (f"the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10} but CuPy was built "
+                f"for CUDA {runtime // 1000}.{runtime % 1000 // 10}: update the driver or install the CuPy "
+                f"wheel of your CUDA version")
+    return "the NVIDIA driver sees no CUDA device"
 
 
 def versions() -> dict:

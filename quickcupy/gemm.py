@@ -9,44 +9,28 @@ import functools
 
 import numpy as np
 
-from . import kernels
-from .layouts import AWQ_PACK, QUICK_TILE_N, pack_awq, pack_quick, unpack_awq
-from .quantize import QuantizedWeight, check_group_size, quantize
+from . import kernels, registry
+from .layouts import pack_awq, pack_quick, unpack_awq
+from .quantize import QuantizedWeight, quantize
 
-LAYOUTS = ("quick", "awq")
-
-# Kernel name -> (layout it reads, fixed rows per block or None for "chosen by M", description).
-KERNELS = {
-    "awq": ("awq", None, "AutoAWQ design: dequantized weights written back to shared memory, 16-row tiles"),
-    "quick": ("quick", None, "QUICK interleaved weights loaded straight into mma registers; tile rows by M"),
-    "quick_m16": ("quick", 16, "QUICK with AutoAWQ's 16-row tile (like-for-like with awq)"),
-}
-
-# What each layout needs of out_features (N); in_features must also be a multiple of 32 for both.
-LAYOUT_N_MULTIPLE = {"quick": QUICK_TILE_N, "awq": 64}
+LAYOUTS = registry.LAYOUTS
+# Kernel name -> description, for users and the tools (records in quickcupy.registry).
+KERNELS = {name: v.description for name, v in registry.VARIANTS.items()}
 
 
 def kernel_layout(kernel: str) -> str:
     """The weight layout a kernel reads ("quick" or "awq")."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r} is unknown; available: {', '.join(KERNELS)}")
-    return KERNELS[kernel][0]
-
-
-def _check_layout(layout):
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is unknown; use one of {LAYOUTS}")
+    return registry.DESIGNS[registry.variant(kernel).design].layout
 
 
 def check_layer_shape(layout: str, in_features: int, out_features: int):
     """Raises ValueError when a (K, N) layer cannot run in ``layout``."""
-    _check_layout(layout)
-    mult = LAYOUT_N_MULTIPLE[layout]
-    if out_features % mult:
-        raise ValueError(f"out_features={out_features} is not a multiple of {mult}, "
+    k_mult, n_mult = registry.layout_rules(layout)
+    if out_features % n_mult:
+        raise ValueError(f"out_features={out_features} is not a multiple of {n_mult}, "
                          f"which the {layout} kernel needs")
-    if in_features % 32:
-        raise ValueError(f"in_features={in_features} is not a multiple of 32, which both kernels need")
+    if in_features % k_mult:
+        raise ValueError(f"in_features={in_features} is not a multiple of {k_mult}, which both kernels need")
 
 
 class QuantLinear:
@@ -62,7 +46,6 @@ class QuantLinear:
         import cupy
         if not isinstance(q, QuantizedWeight):
             raise TypeError(f"q must be a QuantizedWeight, got {type(q).__name__}")
-        _check_layout(layout)
         check_layer_shape(layout, q.in_features, q.out_features)
         kernels.require_gpu()
         packed = pack_quick(q) if layout == "quick" else pack_awq(q)
@@ -160,9 +143,11 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
     """y = x @ W.T (+ bias) with the 4-bit weights of ``layer``.
 
     x: CuPy float16 (..., K), C-contiguous, on the layer's device; any number of rows M >= 1.
-    kernel: "quick", "quick_m16" or "awq" (default: the one for the layer's layout); must read the
-    layer's layout. out: optional CuPy float16 (..., N) to write into. ``tile_m``/``split_k``
-    override the launch plan (tuning, tests). Returns (..., N) float16, on the current stream.
+    kernel: a name of :data:`KERNELS` ("quick", "quick_m16", "awq"; default: the one named like the
+    layer's layout); must read the layer's layout.
+    out: optional CuPy float16 (..., N) to write into.
+    ``tile_m``/``split_k`` override the launch plan (tuning, tests).
+    Returns (..., N) float16, computed on the current stream.
     """
     import cupy
     if not isinstance(layer, QuantLinear):
@@ -184,34 +169,12 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
     if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, (int, np.integer))
                                 or split_k < 1):
         raise ValueError(f"split_k={split_k!r} must be a positive int (or None to choose by shape)")
-    if tile_m is None:
-        tile_m = KERNELS[kernel][1]
-    p = _plan(kernel_layout(kernel), M, N, K, layer.group_size, layer.device, tile_m, split_k)
-    return launch(p, x, layer, out)
-
-
-def launch(p: kernels.LaunchPlan, x, layer: QuantLinear, out):
-    """Runs plan ``p`` on checked arrays (no checks here: :func:`gemm` does them), on the layer's
-    device and the current stream."""
-    import cupy
-    if cupy.cuda.runtime.getDevice() != layer.device:
-        with cupy.cuda.Device(layer.device):
-            return launch(p, x, layer, out)
-    fn = kernels.get_function(layer.device, p.source, p.name, p.shared_bytes)
-    M, N, K, splits = p.M, p.N, p.K, p.split_k
-    null = np.uint64(0)
-    partial = cupy.empty((splits, M, N), np.float32) if splits > 1 else null
-    bias = layer.bias if splits == 1 and layer.bias is not None else null
-    fn(p.grid, p.block, (x, layer.qweight, layer.qzeros, layer.scales, bias, out, partial,
-                         np.int32(M), np.int32(N), np.int32(K), np.int32(layer.group_size),
-                         np.int32(p.chunks_per_split)), shared_mem=p.shared_bytes)
-    if splits > 1:
-        reduce_fn = kernels.get_function(layer.device, "splitk_reduce.cu", "splitk_reduce")
-        threads = 128
-        blocks = -(-(M * N // 4) // threads)
-        reduce_fn((blocks,), (threads,), (partial, null if layer.bias is None else layer.bias, out,
-                                          np.int32(splits), np.int32(M), np.int32(N)))
-    return out
+    p = _plan(kernel, M, N, K, layer.group_size, layer.device, tile_m, split_k)
+    args = (p, x, layer.qweight, layer.qzeros, layer.scales, layer.bias, out, layer.device)
+    if cupy.cuda.runtime.getDevice() == layer.device:
+        return kernels.launch(*args)
+    with cupy.cuda.Device(layer.device):
+        return kernels.launch(*args)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -219,5 +182,4 @@ def _plan(kernel, M, N, K, group_size, device, tile_m, split_k):
     return kernels.plan(kernel, M, N, K, group_size, kernels.sm_count(device), tile_m=tile_m, split_k=split_k)
 
 
-__all__ = ["QuantLinear", "gemm", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape",
-           "check_group_size", "AWQ_PACK"]
+__all__ = ["QuantLinear", "gemm", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape"]

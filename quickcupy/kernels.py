@@ -1,24 +1,35 @@
-"""Kernel sources, launch plans and the lazy CuPy loader.
+"""Kernel loader, launch plans and the launcher of the GEMM designs.
 
-A *plan* (pure Python, no GPU) says which template instance of which source runs with which grid
+A *plan* (pure Python, no GPU) says which template instance of which design runs with which grid
 and split-K for a GEMM shape; the bank-conflict model and the tests use it too. The loader compiles
-each instance once per device with NVRTC through ``cupy.RawModule`` (CuPy's on-disk kernel cache
-keeps the binary between processes).
+each instance once per device with NVRTC through ``cupy.RawModule``; CuPy's on-disk cache keeps the
+binary between processes. That cache keys on the text handed to NVRTC, not on the headers it
+includes, so :func:`source_code` starts every source with a digest of all files in ``cuda/``: an
+edit of any header changes the text and recompiles.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import smem_maps
+import numpy as np
+
+from . import registry
+from .registry import Design, Tile
 
 MIN_COMPUTE_CAPABILITY = (8, 0)   # mma.sync m16n8k16, ldmatrix, cp.async
+CUDA_DIR_ENV = "QUICKCUPY_CUDA_DIR"   # development: compile the kernels from another cuda/ folder
 
 
 def cuda_dir() -> Path:
-    """Folder of the CUDA sources: quickcupy/cuda when installed, ../cuda in a checkout."""
+    """Folder of the CUDA sources: $QUICKCUPY_CUDA_DIR if set, else quickcupy/cuda when installed,
+    ../cuda in a checkout."""
+    if os.environ.get(CUDA_DIR_ENV):
+        return Path(os.environ[CUDA_DIR_ENV])
     here = Path(__file__).resolve().parent
     for cand in (here / "cuda", here.parent / "cuda"):
         if (cand / "quant_common.cuh").is_file():
@@ -26,19 +37,19 @@ def cuda_dir() -> Path:
     raise FileNotFoundError(f"CUDA sources not found next to {here} (looked in cuda/ and ../cuda/)")
 
 
-SOURCES = ("awq_gemm.cu", "quick_gemm.cu", "splitk_reduce.cu", "decode_attention.cu", "spin.cu")
-
-# decode_attention<head_dim, heads per block> (used by quickcupy.llama): a block takes the largest of
-# DECODE_HEADS_PER_BLOCK that divides the GQA group. head_dim: a multiple of 32 (a warp spans it)
-# between the least and the greatest of DECODE_HEAD_DIMS, the ones CI compiles and spill-checks.
-DECODE_HEAD_DIMS = (64, 96, 128, 256)
-DECODE_HEADS_PER_BLOCK = (8, 4, 2, 1)
-DECODE_THREADS = 128            # THREADS of cuda/decode_attention.cu
+def sources_digest(folder: Path | None = None) -> str:
+    """sha256 over the names and contents of every .cu/.cuh file in ``folder`` (default cuda_dir())."""
+    folder = cuda_dir() if folder is None else Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.cu*")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def source_code(filename: str) -> str:
-    """A kernel source as compiled: the generated index-map macros, then the file."""
-    return smem_maps.cuda_macros() + (cuda_dir() / filename).read_text()
+    """A kernel source as compiled: a digest line of every file it may include, then the file."""
+    folder = cuda_dir()
+    return f"// quickcupy cuda/ sha256 {sources_digest(folder)}\n" + (folder / filename).read_text()
 
 
 def compile_options(arch: str) -> tuple:
@@ -48,43 +59,31 @@ def compile_options(arch: str) -> tuple:
 
 # --------------------------------------------------------------------------------------- plans
 @dataclass(frozen=True)
-class TileConfig:
-    """Compile-time shape of one kernel instance."""
-    bm: int          # rows of C per block
-    bn: int          # columns of C per block
-    chunks: int      # 32-deep K chunks per main-loop step (U)
-    stages: int      # cp.async ring depth for activations (QUICK)
-    threads: int
-    wstages: int = 1  # register sets of weights in flight (QUICK): loads run wstages - 1 steps ahead
-
-
-AWQ_TILE_N = (128, 64)          # AutoAWQ picks 128 when N allows, else 64
-# Rows per block -> (chunks per step, cp.async stages, weight stages, resident blocks per SM).
-# Chosen from a sweep on the H100 at K = N = 8192 (BENCHMARKS.md, "Tuning"); the last number is
-# what the register count allows and sets the split-K target of one full wave.
-QUICK_TILES = {
-    16: (4, 2, 2, 4),
-    32: (4, 3, 2, 3),
-    64: (4, 3, 2, 2),
-    128: (2, 3, 3, 2),
-}
-AWQ_BLOCKS_PER_SM = 8           # 64-thread blocks: as many threads in flight as 2 QUICK blocks
-
-
-@dataclass(frozen=True)
 class LaunchPlan:
-    kernel: str                  # "awq" or "quick"
-    source: str                  # file in cuda/
-    name: str                    # template instance, e.g. "quick_gemm<16, 4, 4, 3>"
-    tile: TileConfig
+    design: Design
+    name: str                    # template instance, e.g. "quick_gemm<16, 4, 4, 2, 2>"
+    bm: int                      # rows of C per block
+    bn: int                      # columns of C per block
+    tile: Tile
     grid: tuple                  # (M tiles, N tiles, K splits)
-    block: tuple
     shared_bytes: int            # dynamic shared memory
     chunks_per_split: int        # 32-deep K chunks per split
     M: int
     N: int
     K: int
     group_size: int
+
+    @property
+    def kernel(self) -> str:
+        return self.design.name
+
+    @property
+    def source(self) -> str:
+        return self.design.source
+
+    @property
+    def block(self) -> tuple:
+        return (self.design.threads, 1, 1)
 
     @property
     def split_k(self) -> int:
@@ -102,68 +101,44 @@ def _split_k(tiles: int, chunks: int, step_chunks: int, target_blocks: int, spli
     return math.ceil(chunks / per), per
 
 
-def quick_tile_m(M: int) -> int:
-    """Rows per block for QUICK: the smallest tile that covers M, 128 beyond 64 rows."""
-    for bm in (16, 32, 64):
-        if M <= bm:
-            return bm
-    return 128
-
-
 def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 132,
-         tile_m=None, split_k=None, quick_tile=None) -> LaunchPlan:
-    """Launch plan of ``kernel`` ("awq" or "quick") for x (M, K) times weight (K, N).
+         tile_m=None, split_k=None, tile: Tile | None = None) -> LaunchPlan:
+    """Launch plan of ``kernel`` (a design or variant name of :mod:`quickcupy.registry`) for
+    x (M, K) times weight (K, N) with ``group_size`` (the effective size: K for one group per row).
 
-    ``tile_m``/``split_k`` override the choice by M; ``quick_tile`` = (chunks, stages, weight
-    stages, blocks per SM) overrides QUICK_TILES (tuning)."""
+    ``tile_m``/``split_k`` override the choice by M; ``tile`` overrides the design's Tile (tuning).
+    Scales and zeros are reloaded every gcd(group_size / 32, chunks) chunks, so every group size
+    that is a multiple of 32 works with every tile."""
+    design = registry.design_of(kernel)
+    if tile_m is None and kernel in registry.VARIANTS:
+        tile_m = registry.VARIANTS[kernel].tile_m
+    bm = design.tile_m(M) if tile_m is None else tile_m
+    if bm not in design.tiles:
+        raise ValueError(f"tile_m={bm} is not available for {design.name} {tuple(design.tiles)}")
+    if group_size % 32 or K % group_size:
+        raise ValueError(f"group_size={group_size} must be a multiple of 32 dividing K={K}")
+    t = design.tiles[bm] if tile is None else tile
+    bn = next((b for b in design.tile_n if N % b == 0), design.tile_n[-1])
+    gch = math.gcd(group_size // 32, t.chunks)
     chunks = K // 32
-    if kernel == "awq":
-        bm = 16 if tile_m is None else tile_m
-        if bm not in (16, 32, 64):
-            raise ValueError(f"tile_m={bm} is not available for awq (16, 32, 64)")
-        bn = next(b for b in AWQ_TILE_N if N % b == 0)
-        tile = TileConfig(bm=bm, bn=bn, chunks=1, stages=1, threads=smem_maps.AWQ_THREADS)
-        name = f"awq_gemm<{bm}, {bn}>"
-        shared = 0
-        target = AWQ_BLOCKS_PER_SM * sm_count
-    elif kernel == "quick":
-        bm = quick_tile_m(M) if tile_m is None else tile_m
-        if bm not in QUICK_TILES:
-            raise ValueError(f"tile_m={bm} is not available for quick {tuple(QUICK_TILES)}")
-        u, stages, wstages, per_sm = QUICK_TILES[bm] if quick_tile is None else quick_tile
-        gch = min(group_size // 32, u)
-        tile = TileConfig(bm=bm, bn=128, chunks=u, stages=stages, threads=smem_maps.QUICK_THREADS,
-                          wstages=wstages)
-        name = f"quick_gemm<{bm}, {u}, {gch}, {stages}, {wstages}>"
-        shared = stages * bm * (32 * u + smem_maps.PAD) * 2
-        target = per_sm * sm_count
-    else:
-        raise ValueError(f"unknown kernel {kernel!r}")
-    tiles = math.ceil(M / tile.bm) * math.ceil(N / tile.bn)
-    splits, per = _split_k(tiles, chunks, tile.chunks, target, split_k)
-    return LaunchPlan(kernel=kernel, source=f"{kernel}_gemm.cu", name=name, tile=tile,
-                      grid=(math.ceil(M / tile.bm), math.ceil(N / tile.bn), splits),
-                      block=(tile.threads, 1, 1), shared_bytes=shared, chunks_per_split=per,
+    tiles = math.ceil(M / bm) * math.ceil(N / bn)
+    splits, per = _split_k(tiles, chunks, t.chunks, t.blocks_per_sm * sm_count, split_k)
+    return LaunchPlan(design=design, name=design.instance(bm, bn, gch) if tile is None else
+                      design.template.format(bm=bm, bn=bn, chunks=t.chunks, gch=gch, stages=t.stages,
+                                             wstages=t.wstages),
+                      bm=bm, bn=bn, tile=t, grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
+                      shared_bytes=design.smem_bytes(bm, t), chunks_per_split=per,
                       M=M, N=N, K=K, group_size=group_size)
 
 
 def all_instances():
-    """Every (source, template instance) the planner can ask for: what the CPU compile test builds."""
-    out = [("awq_gemm.cu", f"awq_gemm<{bm}, {bn}>") for bm in (16, 32, 64) for bn in AWQ_TILE_N]
-    for bm, (u, stages, wstages, _) in QUICK_TILES.items():
-        out += [("quick_gemm.cu", f"quick_gemm<{bm}, {u}, {gch}, {stages}, {wstages}>")
-                for gch in (1, 2, 4) if gch <= u]
-    out.append(("splitk_reduce.cu", "splitk_reduce"))
-    out.append(("spin.cu", "quickcupy_spin"))
-    out += [("decode_attention.cu", f"decode_attention<{d}, {g}>")
-            for d in DECODE_HEAD_DIMS for g in DECODE_HEADS_PER_BLOCK]
-    return out
+    """Every (source, template instance) the loader may compile: what the CPU compile test builds."""
+    return [(s.filename, name) for s in registry.SOURCES.values() for name in s.instances]
 
 
 def toolkit_include_dir():
     """A CUDA toolkit include folder holding cuda_fp16.h (for compiling without CuPy's runtime
     set-up), from $CUDA_PATH or /usr/local/cuda; None when there is none."""
-    import os
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
         if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
             return Path(root) / "include"
@@ -209,27 +184,60 @@ def require_gpu():
 
 
 @functools.lru_cache(maxsize=None)
-def _module(device_id: int, arch: str, source: str, name: str):
+def _module(device_id: int, arch: str, source: str, name: str, code_digest: str):
     import cupy
     with cupy.cuda.Device(device_id):
-        module = cupy.RawModule(code=source_code(source), options=compile_options(arch),
-                                name_expressions=[name] if "<" in name else None)
-    return module
+        return cupy.RawModule(code=source_code(source), options=compile_options(arch),
+                              name_expressions=[name] if "<" in name else None)
+
+
+def get_function(device_id: int, source: str, name: str, shared_bytes: int = 0):
+    """The compiled kernel ``name`` of ``source`` for device ``device_id`` (compiled on first use)."""
+    return _get_function(device_id, source, name, shared_bytes, _digest_once())
 
 
 @functools.lru_cache(maxsize=None)
-def get_function(device_id: int, source: str, name: str, shared_bytes: int = 0):
-    """The compiled kernel ``name`` of ``source`` for device ``device_id`` (compiled on first use)."""
+def _get_function(device_id: int, source: str, name: str, shared_bytes: int, code_digest: str):
     import cupy
     with cupy.cuda.Device(device_id) as dev:
         arch = "sm_" + "".join(str(c) for c in dev.compute_capability)
-        fn = _module(device_id, arch, source, name).get_function(name)
+        fn = _module(device_id, arch, source, name, code_digest).get_function(name)
         if shared_bytes > 48 * 1024:
             fn.max_dynamic_shared_size_bytes = shared_bytes
     return fn
+
+
+@functools.lru_cache(maxsize=1)
+def _digest_once() -> str:
+    """The sources' digest, read once per process (the in-process cache of compiled modules)."""
+    return sources_digest()
 
 
 @functools.lru_cache(maxsize=None)
 def sm_count(device_id: int) -> int:
     import cupy
     return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
+
+
+# ------------------------------------------------------------------------------------ launcher
+def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int):
+    """Runs plan ``p`` on checked CuPy arrays (no checks here: quickcupy.gemm does them) on the
+    current stream: the GEMM kernel, then with split-K the reduction of its fp32 partials.
+
+    Argument order of every GEMM design: (A, qweight, qzeros, scales, bias, C, partial, M, N, K,
+    group_size, chunks_per_split); bias and partial may be null."""
+    import cupy
+    fn = get_function(device_id, p.source, p.name, p.shared_bytes)
+    M, N, K, splits = p.M, p.N, p.K, p.split_k
+    null = np.uint64(0)
+    partial = cupy.empty((splits, M, N), np.float32) if splits > 1 else null
+    fn(p.grid, p.block, (x, qweight, qzeros, scales, bias if splits == 1 and bias is not None else null,
+                         out, partial, np.int32(M), np.int32(N), np.int32(K), np.int32(p.group_size),
+                         np.int32(p.chunks_per_split)), shared_mem=p.shared_bytes)
+    if splits > 1:
+        reduce_fn = get_function(device_id, "splitk_reduce.cu", "splitk_reduce")
+        threads = registry.SPLITK_REDUCE_THREADS
+        blocks = -(-(M * N // 4) // threads)
+        reduce_fn((blocks,), (threads,), (partial, null if bias is None else bias, out,
+                                          np.int32(splits), np.int32(M), np.int32(N)))
+    return out

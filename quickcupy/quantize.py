@@ -17,22 +17,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+GROUP_MULTIPLE = 32      # the kernels walk K in 32-deep chunks: a group holds whole chunks
 BITS = 4
 MAX_CODE = (1 << BITS) - 1
 
 
-def check_group_size(group_size, in_features: int) -> int:
-    """Validates ``group_size`` for ``in_features`` columns; returns the effective size (K for -1)."""
+def effective_group_size(group_size, in_features: int) -> int:
+    """The one rule for group sizes: ``group_size`` is -1 (one group per row) or a positive
+    multiple of 32 that divides ``in_features``. Returns the effective size G (``in_features`` for
+    -1, the only place -1 becomes K); ValueError/TypeError naming the rule otherwise.
+
+    A group equal to the whole row (G = K) is accepted as given, whatever K is (the layouts then
+    check K)."""
     if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    group_size = int(group_size)
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size={group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}")
-    if group_size == -1:
-        return int(in_features)
-    if in_features % group_size:
-        raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+    group_size, K = int(group_size), int(in_features)
+    if group_size == -1 or group_size == K:
+        return K
+    if group_size <= 0 or group_size % GROUP_MULTIPLE:
+        raise ValueError(f"group_size={group_size} is not supported: use -1 (one group per row) or a "
+                         f"positive multiple of {GROUP_MULTIPLE} (32, 64, 96, 128, ...) that divides "
+                         f"in_features")
+    if K % group_size:
+        raise ValueError(f"in_features={K} is not a multiple of group_size={group_size}")
     return group_size
 
 
@@ -61,15 +68,19 @@ class QuantizedWeight:
                 raise TypeError(f"{name} must be a 2-D {np.dtype(dtype).name} array, "
                                 f"got {arr.ndim}-D {arr.dtype}")
         N, K = codes.shape
-        G = self.group_size
-        if G <= 0 or K % G:
-            raise ValueError(f"in_features={K} is not a multiple of group_size={G}")
+        G = effective_group_size(self.group_size, K)
+        object.__setattr__(self, "group_size", G)
         if zeros.shape != (N, K // G) or scales.shape != (N, K // G):
             raise ValueError(f"zeros {zeros.shape} and scales {scales.shape} must both be "
                              f"(out_features, in_features // group_size) = {(N, K // G)}")
         for name, arr in (("codes", codes), ("zeros", zeros)):
             if arr.size and arr.max() > MAX_CODE:
                 raise ValueError(f"{name} must lie in 0..{MAX_CODE}, found {int(arr.max())}")
+        bad = ~(np.isfinite(scales) & (scales > 0))
+        if bad.any():
+            n, g = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"scales must be finite and positive (AWQ's rule gives at least 1e-5 / 15); "
+                             f"found {scales[n, g]} at out_feature {n}, group {g}")
         for arr in (codes, zeros, scales):
             arr.setflags(write=False)
 
@@ -106,7 +117,8 @@ def _round_float32_to_float16_precision(a: np.ndarray):
 def quantize(weight: np.ndarray, group_size: int = 128) -> QuantizedWeight:
     """Quantizes a float weight of shape (out_features N, in_features K) with AutoAWQ's rule.
 
-    weight: float16 or float32 NumPy array, finite. group_size: 32, 64, 128 or -1 (one group per row).
+    weight: float16 or float32 NumPy array, finite. group_size: -1 (one group per row) or a
+    multiple of 32 dividing in_features (see :func:`effective_group_size`).
     """
     if not isinstance(weight, np.ndarray):
         raise TypeError(f"weight must be a numpy.ndarray (float16 or float32), got {type(weight).__name__}"
@@ -118,7 +130,7 @@ def quantize(weight: np.ndarray, group_size: int = 128) -> QuantizedWeight:
     N, K = weight.shape
     if N == 0 or K == 0:
         raise ValueError(f"weight must not be empty, got shape {weight.shape}")
-    G = check_group_size(group_size, K)
+    G = effective_group_size(group_size, K)
     if not np.isfinite(weight).all():
         bad = np.argwhere(~np.isfinite(weight))[0]
         raise ValueError(f"weight has NaN or inf values (first at row {bad[0]}, column {bad[1]})")

@@ -19,5 +19,15 @@ def reference_gemm(x, q: QuantizedWeight, bias=None) -> np.ndarray:
     w = q.dequantize(np.float64)                     # (N, K)
     y = x.astype(np.float64) @ w.T
     if bias is not None:
-        y = y + np.asarray(bias.get() if hasattr(bias, "get") else bias, np.float64)
+        bias = np.asarray(bias.get() if hasattr(bias, "get") else bias, np.float64)
+        if bias.shape != (q.out_features,):
+            raise ValueError(f"bias must have shape (out_features,) = ({q.out_features},), got {bias.shape}")
+        y = y + bias
     return y
+
+
+def rel_error(y, ref) -> float:
+    """||y - ref|| / ||ref|| in float64 (NaN anywhere gives NaN); ``y`` may be a CuPy array."""
+    y = np.asarray(y.get() if hasattr(y, "get") else y, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))

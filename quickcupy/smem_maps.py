@@ -1,10 +1,13 @@
-"""Shared-memory index maps of both kernels, written once.
+"""Shared-memory index maps of the kernels, written once, and the header generated from them.
 
-Each map says which (row, column) of a shared fp16 array a lane touches in one instruction. The
-kernel loader turns every map into a C macro prepended to the CUDA sources (``AWQ_B_ST_ROW(lane,
-warp, i)`` ...), and the bank-conflict model evaluates the same expressions with NumPy, so the
-prediction and the kernel cannot drift apart. Expressions use only + * / % on non-negative ints
-(C's ``/`` is Python's ``//`` here) and the kernels' compile-time constants BM, BN, BK.
+Each map says which (row, column) of a shared fp16 array a lane touches in one instruction.
+:func:`header_text` turns every map into a C macro (``AWQ_B_ST_ROW(lane, warp, i)`` ...) and the
+thread counts of :mod:`quickcupy.registry` into constants, written to ``cuda/smem_maps.cuh`` (committed,
+so nvcc, an editor or Nsight's source view find them; ``python -m quickcupy.smem_maps`` rewrites it
+and a test checks it is current). The bank-conflict model evaluates the same expressions with
+NumPy, so the prediction and the kernel cannot drift apart. Expressions use only + * / % on
+non-negative ints (C's ``/`` is Python's ``//`` here), the kernels' compile-time constants BM, BN,
+BK and the thread constants of the header.
 
 Shared arrays (fp16, row pitch = columns + PAD, so 8-row ldmatrix reads hit distinct banks)::
 
@@ -13,13 +16,16 @@ Shared arrays (fp16, row pitch = columns + PAD, so 8-row ldmatrix reads hit dist
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-PAD = 8           # halfs of padding per shared row (16 bytes)
-AWQ_THREADS = 64  # AutoAWQ's block: 2 warps
-QUICK_THREADS = 128
+from . import registry
+
+PAD = registry.SMEM_PAD          # halfs of padding per shared row (16 bytes)
+HEADER = "smem_maps.cuh"         # in cuda/
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,10 @@ MAPS = {
     # AutoAWQ's activation store: 4 lanes per 32-half row, 8 rows per warp, 16 rows per pass i.
     "AWQ_A_ST": IndexMap(("lane", "warp", "i"), "i * 16 + warp * 8 + lane / 4", "(lane % 4) * 8",
                          "st.shared.v4 of activations (AWQ)"),
-    # AutoAWQ's dequantized-weight write-back: BN/8 lanes per row (8 halfs each), 64/(BN/8) rows per
-    # pass i over the block's two warps.
+    # AutoAWQ's dequantized-weight write-back: BN/8 lanes per row (8 halfs each), AWQ_THREADS/(BN/8)
+    # rows per pass i over the block's two warps.
     "AWQ_B_ST": IndexMap(("lane", "warp", "i"),
-                         "i * (64 / (BN / 8)) + warp * (32 / (BN / 8)) + lane / (BN / 8)",
+                         "i * (AWQ_THREADS / (BN / 8)) + warp * (32 / (BN / 8)) + lane / (BN / 8)",
                          "(lane % (BN / 8)) * 8",
                          "st.shared.v4 of dequantized weights (AWQ write-back)"),
     # ldmatrix.x4.trans of two n8 B tiles: lanes 0-15 rows k 0-15 at n 0, lanes 16-31 at n 8.
@@ -49,25 +55,44 @@ MAPS = {
     "AWQ_B_LDSM": IndexMap(("lane", "warp", "p", "kk"), "kk * 16 + lane % 16",
                            "warp * (BN / 2) + p * 16 + (lane / 16) * 8",
                            "B fragment rows for ldmatrix.x4.trans (AWQ)"),
-    # QUICK's cp.async of activations: BK/8 lanes per row, 128 threads per pass i.
-    "QUICK_A_CP": IndexMap(("lane", "warp", "i"), "(i * 128 + warp * 32 + lane) / (BK / 8)",
-                           "((i * 128 + warp * 32 + lane) % (BK / 8)) * 8",
+    # QUICK's cp.async of activations: BK/8 lanes per row, QUICK_THREADS threads per pass i.
+    "QUICK_A_CP": IndexMap(("lane", "warp", "i"), "(i * QUICK_THREADS + warp * 32 + lane) / (BK / 8)",
+                           "((i * QUICK_THREADS + warp * 32 + lane) % (BK / 8)) * 8",
                            "cp.async (16 B) of activations (QUICK)"),
 }
 
 
-def cuda_macros() -> str:
-    """The maps as C macros ``NAME_ROW(args)`` / ``NAME_COL(args)``, prepended to the CUDA sources."""
-    lines = ["// Generated from quickcupy/smem_maps.py: shared-memory index maps."]
+def constants() -> dict:
+    """Named integer constants of the header: SMEM_PAD and every <NAME>_THREADS of the registry."""
+    out = {"SMEM_PAD": PAD}
+    for source in registry.SOURCES.values():
+        out.update(source.threads)
+    return out
+
+
+def header_text() -> str:
+    """The text of cuda/smem_maps.cuh: constants, then one ROW and one COL macro per map."""
+    lines = ["// GENERATED from quickcupy/smem_maps.py and quickcupy/registry.py by",
+             "// `python -m quickcupy.smem_maps`: do not edit (a test checks it is current).",
+             "// Shared-memory index maps (which row/column of a shared fp16 array a lane touches) and",
+             "// launch constants, shared by the kernels and the bank-conflict model.",
+             "#pragma once", ""]
+    lines += [f"constexpr int {name} = {value};" for name, value in constants().items()]
+    lines.append("")
     for name, m in MAPS.items():
+        lines.append(f"// {m.doc}")
         args = ", ".join(m.args)
         for part, expr in (("ROW", m.row), ("COL", m.col)):
             body = expr
             for a in m.args:
                 body = _replace_word(body, a, f"({a})")
             lines.append(f"#define {name}_{part}({args}) ({body})")
-    lines.append(f"#define SMEM_PAD {PAD}")
     return "\n".join(lines) + "\n"
+
+
+def header_path() -> Path:
+    from .kernels import cuda_dir
+    return cuda_dir() / HEADER
 
 
 def evaluate(name: str, consts: dict, **args):
@@ -77,6 +102,7 @@ def evaluate(name: str, consts: dict, **args):
     if missing:
         raise ValueError(f"map {name} needs arguments {sorted(missing)}")
     env = {k: np.asarray(v, dtype=np.int64) for k, v in args.items()}
+    env.update(constants())
     env.update({k: int(v) for k, v in consts.items()})
     return tuple(eval(expr.replace("/", "//"), {"__builtins__": {}}, env) for expr in (m.row, m.col))
 
@@ -84,3 +110,20 @@ def evaluate(name: str, consts: dict, **args):
 def _replace_word(text: str, word: str, repl: str) -> str:
     import re
     return re.sub(rf"\b{word}\b", repl, text)
+
+
+def main(argv=None) -> int:
+    """Writes cuda/smem_maps.cuh (``--check``: exit 1 if it is not current instead)."""
+    argv = sys.argv[1:] if argv is None else argv
+    path, text = header_path(), header_text()
+    if "--check" in argv:
+        current = path.is_file() and path.read_text() == text
+        print(f"{path}: {'current' if current else 'STALE, run python -m quickcupy.smem_maps'}")
+        return 0 if current else 1
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

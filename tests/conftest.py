@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from quickcupy.device import no_gpu_reason
+from quickcupy.reference import rel_error  # noqa: F401 (tests import it from here)
 
 _NO_GPU = no_gpu_reason()
 
@@ -22,10 +23,3 @@ def rng(request):
     """A fresh generator per test, seeded from the test's name so failures reproduce."""
     import zlib
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
-
-
-def rel_error(y, ref) -> float:
-    """||y - ref|| / ||ref|| in float64 (NaN anywhere gives NaN)."""
-    y = np.asarray(y.get() if hasattr(y, "get") else y, np.float64)
-    ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))

@@ -1,4 +1,4 @@
-"""The shared-memory bank-conflict model (quickcupy.banks): textbook patterns, AutoAWQ's stores,
+"""The shared-memory bank-conflict model (quickcupy.analysis.banks): textbook patterns, AutoAWQ's stores,
 properties, and (GPU + ncu) agreement with the hardware counters."""
 import sys
 import textwrap
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from quickcupy.banks import (WIDTHS, Wavefronts, bank_of, count_ldmatrix, count_ldmatrix_many,
+from quickcupy.analysis.banks import (WIDTHS, Wavefronts, bank_of, count_ldmatrix, count_ldmatrix_many,
                              count_wavefronts, count_wavefronts_many, lanes_per_phase, total)
 
 LANE = np.arange(32)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from quickcupy import bench
+from quickcupy.tools import bench, bench_report, timing
+from quickcupy.tools.common import Progress, UsageError
 from quickcupy.__main__ import main
 
 TINY = ["--shapes", "1024x1024", "--m", "1,16", "--warmup", "2", "--repeats", "5", "--quiet"]
@@ -36,28 +37,22 @@ def test_parse_ms_and_kernels():
     for bad in ("0", "-4", "a", "1,,2"):
         with pytest.raises(ValueError, match="--m"):
             bench.parse_ms(bad)
-    assert bench.parse_kernels(None, ["fp16", "awq"]) == ["fp16", "awq"]
-    assert bench.parse_kernels("awq", ["fp16", "awq"]) == ["awq"]
-    with pytest.raises(ValueError, match="unknown kernel 'nope'"):
-        bench.parse_kernels("fp16,nope", ["fp16", "awq"])
 
 
-def test_available_kernels_start_with_fp16():
-    names, note = bench.available_kernels()
-    assert names[0] == "fp16"
-    if note is None:
-        from quickcupy.gemm import KERNELS
-        assert names[1:] == [k for k in KERNELS]
+def test_available_kernels_are_fp16_then_the_registry():
+    from quickcupy.gemm import KERNELS
+    assert bench.AVAILABLE == ("fp16", *KERNELS)
 
 
 @pytest.mark.parametrize("argv, words", [
     (["--shapes", "8192by8192"], "--shapes"),
-    (["--shapes", "100x128"], "not a multiple of --group-size=128"),
-    (["--group-size", "48"], "--group-size=48 is not supported"),
+    (["--shapes", "100x128"], "in_features=100 is not a multiple of group_size=128"),
+    (["--group-size", "48"], "group_size=48 is not supported"),
+    (["--group-size", "16"], "group_size=16 is not supported"),
     (["--group-size", "abc"], "--group-size"),
-    (["--m", "0"], "M=0 must be >= 1"),
+    (["--m", "0"], "--m=0 must be >= 1"),
     (["--m", "1,x"], "--m"),
-    (["--kernels", "fp16,bogus"], "unknown kernel 'bogus'"),
+    (["--kernels", "fp16,bogus"], "unknown 'bogus'"),
     (["--repeats", "0"], "--repeats=0"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, words):
@@ -80,25 +75,25 @@ def test_plot_without_matplotlib_is_a_usage_error(capsys, monkeypatch):
 def test_moved_bytes_int4_and_fp16():
     K = N = 8192
     int4 = K * N // 2 + (K // 128) * N * 2 + (K // 128) * N // 2
-    assert bench.weight_bytes("quick", K, N, 128) == int4
-    assert bench.moved_bytes("quick", 16, K, N, 128) == int4 + 16 * K * 2 + 16 * N * 2
-    assert bench.moved_bytes("awq", 16, K, N, 128) == bench.moved_bytes("quick", 16, K, N, 128)
-    assert bench.moved_bytes("fp16", 16, K, N, 128) == K * N * 2 + 16 * K * 2 + 16 * N * 2
+    assert bench_report.weight_bytes("quick", K, N, 128) == int4
+    assert bench_report.moved_bytes("quick", 16, K, N, 128) == int4 + 16 * K * 2 + 16 * N * 2
+    assert bench_report.moved_bytes("awq", 16, K, N, 128) == bench_report.moved_bytes("quick", 16, K, N, 128)
+    assert bench_report.moved_bytes("fp16", 16, K, N, 128) == K * N * 2 + 16 * K * 2 + 16 * N * 2
     # group_size -1: one group per row of the weight (K // G = 1)
-    assert bench.weight_bytes("quick", 4096, 64, -1) == 4096 * 64 // 2 + 64 * 2 + 64 // 2
+    assert bench_report.weight_bytes("quick", 4096, 64, -1) == 4096 * 64 // 2 + 64 * 2 + 64 // 2
 
 
 def test_floor_matches_reference_table():
     # docs/gpu.md: K = N = 8192, group 128, 3.0 TB/s copy bandwidth -> 11.6 us at M=1, 22.7 at M=1024
-    assert bench.floor_seconds("quick", 1, 8192, 8192, 128, 3.0e12) * 1e6 == pytest.approx(11.6, rel=0.01)
-    assert bench.floor_seconds("quick", 1024, 8192, 8192, 128, 3.0e12) * 1e6 == pytest.approx(22.7, rel=0.01)
-    assert bench.flops(2, 3, 5) == 60
+    assert bench_report.floor_seconds("quick", 1, 8192, 8192, 128, 3.0e12) * 1e6 == pytest.approx(11.6, rel=0.01)
+    assert bench_report.floor_seconds("quick", 1024, 8192, 8192, 128, 3.0e12) * 1e6 == pytest.approx(22.7, rel=0.01)
+    assert bench_report.flops(2, 3, 5) == 60
 
 
 def test_rotation_copies_exceed_twice_l2():
     l2 = 50 * 2 ** 20
     for layer in (2 ** 10, 5 * 2 ** 20, 34 * 2 ** 20, 49 * 2 ** 20, 50 * 2 ** 20, 128 * 2 ** 20):
-        n = bench.rotation_copies(layer, l2)
+        n = bench_report.rotation_copies(layer, l2)
         assert n >= 2 and n * layer > 2 * l2
         assert n == 2 or (n - 1) * layer <= 2 * l2          # no more copies than needed
 
@@ -111,8 +106,8 @@ def _raw(kernel, M, t_us, K=1024, N=2048, G=128):
 def test_derive_points():
     raw = [_raw("fp16", 1, 20.0), _raw("awq", 1, 40.0), _raw("quick", 1, 10.0), _raw("quick", 4, 12.0)]
     bw = 2.0e12
-    points = bench.derive_points(raw, bw)
-    assert [set(p) for p in points] == [set(bench.POINT_FIELDS)] * 4
+    points = bench_report.derive_points(raw, bw)
+    assert [set(p) for p in points] == [set(bench_report.POINT_FIELDS)] * 4
     quick = points[2]
     K, N, M = 1024, 2048, 1
     assert quick["time_us"] == pytest.approx(10.0)
@@ -121,11 +116,11 @@ def test_derive_points():
     assert quick["speedup_vs_fp16"] == pytest.approx(2.0)
     assert points[1]["speedup_vs_awq"] == pytest.approx(1.0)
     assert points[0]["speedup_vs_awq"] == pytest.approx(2.0)
-    floor = bench.moved_bytes("quick", M, K, N, 128) / bw
+    floor = bench_report.moved_bytes("quick", M, K, N, 128) / bw
     assert quick["floor_us"] == pytest.approx(floor * 1e6)
     assert quick["time_over_floor"] == pytest.approx(10e-6 / floor)
     assert quick["bound_tflops"] == pytest.approx(2 * M * N * K / floor / 1e12)
-    assert points[0]["bytes"] == bench.moved_bytes("fp16", M, K, N, 128)
+    assert points[0]["bytes"] == bench_report.moved_bytes("fp16", M, K, N, 128)
     assert points[3]["speedup_vs_awq"] is None and points[3]["speedup_vs_fp16"] is None
 
 
@@ -133,7 +128,7 @@ def test_derive_points():
 def test_format_table():
     raw = [_raw(k, m, t) for m in (1, 16) for k, t in (("fp16", 20.0), ("awq", 40.0), ("quick", 10.0))]
     raw.append(_raw("quick", 1, 300.0, K=4096, N=4096))
-    text = bench.format_table(bench.derive_points(raw, 3e12))
+    text = bench_report.format_table(bench_report.derive_points(raw, 3e12))
     lines = text.splitlines()
     assert lines[0] == "K=1024 N=2048 group_size=128"
     for title in ("time us", "TFLOP/s", "x fp16", "x awq", "time/floor"):
@@ -147,9 +142,9 @@ def test_format_table():
 
 
 def test_format_table_without_baselines():
-    text = bench.format_table(bench.derive_points([_raw("quick", 1, 10.0)], 3e12))
+    text = bench_report.format_table(bench_report.derive_points([_raw("quick", 1, 10.0)], 3e12))
     assert "x fp16" not in text and "x awq" not in text and "time/floor" in text
-    assert bench.format_table([]) == "(no points)"
+    assert bench_report.format_table([]) == "(no points)"
 
 
 def test_format_header():
@@ -157,16 +152,16 @@ def test_format_header():
               "device": {"available": True, "name": "GPU X", "driver": "1.2", "sm_clock_mhz": 1980},
               "bandwidth": {"bytes": 2 ** 29, "time_us": 180.0, "bytes_per_s": 3e12, "gb_per_s": 3000.0},
               "clocks": [{"K": 8, "N": 16, "sm_clock_mhz": 1755, "mem_clock_mhz": None, "temperature_c": 60}]}
-    text = bench.format_header(result)
+    text = bench_report.format_header(result)
     assert "python -m quickcupy bench --m 1" in text and "name=GPU X" in text
     assert "sm_clock_mhz=1980" in text and "3000 GB/s" in text and "cupy=14.2.0" in text
     assert "8x16: sm_clock_mhz=1755, temperature_c=60" in text
 
 
 def test_write_csv(tmp_path):
-    points = bench.derive_points([_raw("fp16", 1, 20.0), _raw("quick", 1, 10.0)], 3e12)
+    points = bench_report.derive_points([_raw("fp16", 1, 20.0), _raw("quick", 1, 10.0)], 3e12)
     path = tmp_path / "bench.csv"
-    bench.write_csv(path, points, "GPU X")
+    bench_report.write_csv(path, points, "GPU X")
     rows = list(csv.DictReader(open(path)))
     assert len(rows) == 2 and rows[1]["kernel"] == "quick" and rows[1]["device"] == "GPU X"
     assert rows[1]["speedup_vs_awq"] == ""
@@ -177,23 +172,23 @@ def test_write_plot(tmp_path):
     pytest.importorskip("matplotlib")
     raw = [_raw(k, m, t * m ** 0.5) for m in (1, 16, 256) for k, t in (("fp16", 20.0), ("awq", 40.0), ("quick", 10.0))]
     raw += [_raw("quick", m, 30.0, K=4096, N=4096) for m in (1, 16)]
-    result = {"points": bench.derive_points(raw, 3e12), "bandwidth": {"bytes_per_s": 3e12},
+    result = {"points": bench_report.derive_points(raw, 3e12), "bandwidth": {"bytes_per_s": 3e12},
               "device": {"name": "GPU X"}}
     path = tmp_path / "bench.png"
-    bench.write_plot(path, result)
+    bench_report.write_plot(path, result)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_progress_without_terminal_prints_notes_only():
     stream = io.StringIO()
-    progress = bench.Progress(3, stream=stream)
-    progress.note("bench: K=1 N=2")
+    progress = Progress("bench", 3, stream=stream)
+    progress.note("K=1 N=2")
     progress.step("a")
-    progress.close()
+    progress.close("1 points")
     lines = stream.getvalue().splitlines()
-    assert lines[0] == "bench: K=1 N=2" and lines[1].startswith("bench: 1 points in")
+    assert lines == ["bench: K=1 N=2", "bench: 1 points"]
     quiet = io.StringIO()
-    bench.Progress(1, enabled=False, stream=quiet).note("hidden")
+    Progress("bench", 1, enabled=False, stream=quiet).note("hidden")
     assert quiet.getvalue() == ""
 
 
@@ -202,10 +197,10 @@ def test_progress_on_terminal_rewrites_one_line():
         def isatty(self):
             return True
     stream = Tty()
-    progress = bench.Progress(2, stream=stream)
+    progress = Progress("bench", 2, stream=stream)
     progress.step("K=1 N=2 M=1 quick")
     progress.step("K=1 N=2 M=2 quick")
-    progress.close()
+    progress.close("2 points")
     text = stream.getvalue()
     assert "\r[1/2 " in text and "\r[2/2 " in text and text.count("\n") == 1
 
@@ -221,14 +216,35 @@ def test_no_gpu_path_one_line_then_the_model(capsys, monkeypatch, tmp_path):
     model, host = out.strip().split("\n\n")
     rows = model.splitlines()
     assert rows[0].split()[:6] == ["K", "N", "M", "kernel", "tile_m", "split_k"]
-    assert len(rows) == 1 + 2 * 2                      # (awq, quick) x (M = 1, 16)
+    assert len(rows) == 1 + 3 * 2                      # (awq, quick, quick_m16) x (M = 1, 16)
     assert host.splitlines()[1].split() == ["K", "N", "quantize_s", "pack_awq_s", "pack_quick_s"]
     data = json.loads(path.read_text())
-    assert data["device"]["available"] is False and len(data["predictions"]) == 4
+    assert data["device"]["available"] is False and len(data["predictions"]) == 6
     awq16 = next(r for r in data["predictions"] if r["kernel"] == "awq" and r["M"] == 16)
     assert awq16["st_inst"] == 294_912                 # AutoAWQ's measured count (gpu.md)
-    assert data["schema"] == bench.SCHEMA and data["command"]
+    assert data["schema"] == bench_report.SCHEMA and data["command"]
     assert data["host"][0]["K"] == 8192 and data["host"][0]["quantize_s"] > 0
+
+
+def test_no_gpu_path_honours_kernels_skips_shapes_and_writes_csv(capsys, monkeypatch, tmp_path):
+    _no_gpu(monkeypatch)
+    table = tmp_path / "pred.csv"
+    argv = ["bench", "--shapes", "4096x96,4096x4000", "--m", "1", "--kernels", "awq,quick",
+            "--csv", str(table), "--plot", str(tmp_path / "p.png")]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "skipping awq at K=4096 N=96: ValueError: out_features=96 is not a multiple of 64" in err
+    assert "skipping awq at K=4096 N=4000" in err and "no plot written" in err
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["N"], r["kernel"]) for r in rows] == [("96", "quick"), ("4000", "quick")]
+
+
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--plot"])
+def test_output_paths_are_checked_before_any_work(flag, capsys, tmp_path):
+    assert main(["bench", *TINY, flag, str(tmp_path / "missing" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} " in err and "does not exist" in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -236,23 +252,23 @@ def test_no_gpu_path_one_line_then_the_model(capsys, monkeypatch, tmp_path):
 def test_time_gpu_positive():
     import cupy
     a = cupy.ones((1024, 1024), cupy.float16)
-    t = bench.time_gpu(lambda: a @ a, warmup=2, repeats=5)
+    t = timing.time_gpu(lambda: a @ a, warmup=2, repeats=5)
     assert math.isfinite(t) and 0 < t < 1
-    samples = bench.time_gpu_samples(bench.rotating(lambda b: b * 2, [a, a.copy()]), 1, 4, queue_ahead=False)
+    samples = timing.time_gpu_samples(timing.rotating(lambda b: b * 2, [a, a.copy()]), 1, 4, queue_ahead=False)
     assert samples.shape == (4,) and (samples > 0).all()
 
 
 def _check_json(path, kernels):
     data = json.loads(path.read_text())
-    assert data["schema"] == bench.SCHEMA and data["device"]["available"] is True
+    assert data["schema"] == bench_report.SCHEMA and data["device"]["available"] is True
     assert data["versions"]["cupy"] and "bench" in data["command"]
     assert data["bandwidth"]["gb_per_s"] > 0
     assert [(c["K"], c["N"]) for c in data["clocks"]] == [(1024, 1024)]
     points = data["points"]
     assert sorted((p["kernel"], p["M"]) for p in points) == sorted((k, m) for k in kernels for m in (1, 16))
     for p in points:
-        assert set(p) == set(bench.POINT_FIELDS), p
-        for field in bench.POINT_FIELDS:
+        assert set(p) == set(bench_report.POINT_FIELDS), p
+        for field in bench_report.POINT_FIELDS:
             value = p[field]
             if field in ("kernel",):
                 continue
@@ -282,7 +298,8 @@ def test_bench_tiny_sweep(tmp_path, capsys):
     assert main(["bench", *TINY, "--kernels", ",".join(kernels), "--json", str(path), "--csv", str(table)]) == 0
     data = _check_json(path, kernels)
     assert data["skipped"] == []
-    assert len(list(csv.DictReader(open(table)))) == 6
+    with open(table) as f:
+        assert len(list(csv.DictReader(f))) == 6
     out = capsys.readouterr().out
     assert "x awq" in out and "time/floor" in out
 

@@ -1,10 +1,14 @@
-"""quickcupy.kernels (CPU): every CUDA source compiles with NVRTC as at run time, without spills;
-launch plans cover K exactly; the shared-memory index maps are the ones the sources use."""
+"""quickcupy.kernels and quickcupy.registry (CPU): every CUDA source compiles with NVRTC as at run
+time, without spills; launch plans cover K exactly for every group size; the generated header is
+current; an edit of any header changes what NVRTC is handed (so CuPy's cache cannot serve stale code)."""
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
-from quickcupy import kernels, smem_maps
+from quickcupy import kernels, registry, smem_maps
 
 
 def _nvrtc_reason():
@@ -23,47 +27,72 @@ needs_nvrtc = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_
 
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ("sm_80", "sm_90"))
-@pytest.mark.parametrize("source", kernels.SOURCES)
+@pytest.mark.parametrize("source", registry.SOURCES)
 def test_sources_compile_without_spills(source, arch):
-    names = [name for src, name in kernels.all_instances() if src == source]
+    names = registry.SOURCES[source].instances
     assert names
-    for name in names:
-        cubin, lowered, log = kernels.nvrtc_compile(source, arch, [name], ["--ptxas-options=-v"])
-        assert len(cubin) > 1000 and lowered[name]
-        usage = [line for line in log.splitlines() if "spill" in line or "stack frame" in line]
-        assert usage, f"no ptxas report for {name}:\n{log}"
-        for line in usage:
-            nums = [int(n) for n in re.findall(r"(\d+) bytes", line)]
-            assert not any(nums), f"{name} ({arch}) uses local memory: {line.strip()}"
+    cubin, lowered, log = kernels.nvrtc_compile(source, arch, names, ["--ptxas-options=-v"])
+    assert len(cubin) > 1000 and all(lowered[n] for n in names)
+    usage = [line for line in log.splitlines() if "spill" in line or "stack frame" in line]
+    assert len(usage) >= len(names), f"no ptxas report for every instance:\n{log}"
+    for line in usage:
+        nums = [int(n) for n in re.findall(r"(\d+) bytes", line)]
+        assert not any(nums), f"{source} ({arch}) uses local memory: {line.strip()}"
 
 
-def test_sources_use_only_generated_index_maps():
-    """Every *_ROW/*_COL macro the sources call is defined by smem_maps (one source of truth)."""
-    defined = set(re.findall(r"#define (\w+)\(", smem_maps.cuda_macros()))
-    for source in kernels.SOURCES:
-        used = set(re.findall(r"\b([A-Z][A-Z0-9_]*_(?:ROW|COL))\(", (kernels.cuda_dir() / source).read_text()))
+def test_generated_header_is_current():
+    """cuda/smem_maps.cuh is what quickcupy/smem_maps.py generates (python -m quickcupy.smem_maps)."""
+    assert smem_maps.header_path().read_text() == smem_maps.header_text()
+
+
+def test_sources_use_only_generated_index_maps_and_constants():
+    """Every *_ROW/*_COL macro and *_THREADS constant the sources use is defined in the generated
+    header (one source of truth), and no source types a thread count by hand in __launch_bounds__."""
+    header = smem_maps.header_text()
+    defined = set(re.findall(r"#define (\w+)\(", header)) | set(re.findall(r"constexpr int (\w+) =", header))
+    for source in registry.SOURCES:
+        text = (kernels.cuda_dir() / source).read_text()
+        used = set(re.findall(r"\b([A-Z][A-Z0-9_]*_(?:ROW|COL))\(", text))
+        used |= set(re.findall(r"\b([A-Z][A-Z0-9_]*_THREADS)\b", text))
         assert used <= defined, used - defined
+        assert not re.search(r"__launch_bounds__\(\s*\d", text), f"{source} types a thread count by hand"
+
+
+def test_registry_is_the_one_list():
+    """The ncu filter names every design; every design's source is a loader source; variants name
+    designs; every thread constant of the header comes from the registry."""
+    for d in registry.DESIGNS.values():
+        assert d.function in registry.NCU_KERNEL_REGEX
+        assert d.source in registry.SOURCES and (kernels.cuda_dir() / d.source).is_file()
+        assert smem_maps.constants()[f"{d.name.upper()}_THREADS"] == d.threads
+    for v in registry.VARIANTS.values():
+        assert v.design in registry.DESIGNS
 
 
 @pytest.mark.parametrize("kernel", ("awq", "quick"))
 @pytest.mark.parametrize("M", (1, 7, 16, 33, 64, 100, 257, 1024, 4096))
 @pytest.mark.parametrize("K,N,G", [(8192, 8192, 128), (4096, 11008, 32), (11008, 4096, 64), (96, 64, 32),
-                                   (640, 256, 640)])
+                                   (640, 256, 640), (4608, 1024, 96), (4608, 1024, 192), (4096, 512, 256),
+                                   (4096, 512, 512), (2304, 256, 2304)])
 def test_plans_cover_k_exactly(kernel, M, K, N, G):
     p = kernels.plan(kernel, M, N, K, G)
     chunks = K // 32
-    assert p.grid[0] * p.tile.bm >= M and p.grid[1] * p.tile.bn >= N
-    assert p.chunks_per_split % p.tile.chunks == 0          # steps never straddle a scale group
+    assert p.grid[0] * p.bm >= M and p.grid[1] * p.bn >= N
+    assert p.chunks_per_split % p.tile.chunks == 0          # steps never straddle a split
     assert (p.split_k - 1) * p.chunks_per_split < chunks <= p.split_k * p.chunks_per_split  # no empty split
-    if G < K:
-        assert (G // 32) % min(G // 32, p.tile.chunks) == 0
+    gch = int(re.findall(r"\d+", p.name)[2]) if kernel == "quick" else 1
+    # Scales are reloaded every gch chunks from a step's start: group edges must fall on reloads.
+    assert p.tile.chunks % gch == 0 and (G // 32) % gch == 0
+    assert p.name in registry.SOURCES[p.source].instances     # an instance CI compiles
 
 
-def test_plan_rejects_unknown():
-    with pytest.raises(ValueError, match="unknown kernel"):
+def test_plan_rejects_unknown_and_bad_groups():
+    with pytest.raises(ValueError, match="kernel='int8' is unknown"):
         kernels.plan("int8", 1, 64, 64, 32)
     with pytest.raises(ValueError, match="tile_m=48"):
         kernels.plan("quick", 1, 64, 64, 32, tile_m=48)
+    with pytest.raises(ValueError, match="group_size=48 must be a multiple of 32"):
+        kernels.plan("quick", 1, 64, 4608, 48)
 
 
 def test_require_gpu_message(monkeypatch):
@@ -71,3 +100,39 @@ def test_require_gpu_message(monkeypatch):
     monkeypatch.setattr(device, "no_gpu_reason", lambda: "no CUDA device found")
     with pytest.raises(RuntimeError, match="quickcupy kernels need a CUDA GPU: no CUDA device found"):
         kernels.require_gpu()
+
+
+def test_a_header_edit_changes_the_compiled_text(tmp_path):
+    """CuPy's disk cache keys on the text handed to NVRTC: editing only a header must change it, in
+    a fresh process (what a user upgrading quickcupy, or a developer, runs next)."""
+    folder = tmp_path / "cuda"
+    shutil.copytree(kernels.cuda_dir(), folder)
+    probe = ("import os, sys; from quickcupy import kernels; "
+             "print(kernels.source_code('spin.cu').splitlines()[0])")
+    env = {"QUICKCUPY_CUDA_DIR": str(folder), "PATH": "", "PYTHONPATH": str(kernels.cuda_dir().parent)}
+
+    def first_line():
+        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    before = first_line()
+    assert before == f"// quickcupy cuda/ sha256 {kernels.sources_digest(folder)}"
+    header = folder / "quant_common.cuh"
+    header.write_text(header.read_text() + "\n#define QUICKCUPY_PROBE 2\n")
+    after = first_line()
+    assert after != before and after.endswith(kernels.sources_digest(folder))
+
+
+@needs_nvrtc
+def test_a_header_edit_reaches_the_binary(tmp_path, monkeypatch):
+    """The compiled code follows the header: a constant defined only in a header shows in the PTX."""
+    folder = tmp_path / "cuda"
+    shutil.copytree(kernels.cuda_dir(), folder)
+    (folder / "probe.cu").write_text('#include "probe.cuh"\nextern "C" __global__ void probe(int* o) { *o = PROBE; }\n')
+    monkeypatch.setenv("QUICKCUPY_CUDA_DIR", str(folder))
+    cubins = []
+    for value in (1234567, 7654321):
+        (folder / "probe.cuh").write_text(f"#define PROBE {value}\n")
+        cubin, _, _ = kernels.nvrtc_compile("probe.cu", "sm_80", ["probe"])
+        cubins.append(cubin)
+        assert value.to_bytes(4, "little") in cubin
+    assert cubins[0] != cubins[1]

@@ -11,7 +11,7 @@ def _random_q(r, N, K, G):
     g = K if G == -1 else G
     return QuantizedWeight(codes=r.integers(0, 16, (N, K), dtype=np.uint8),
                            zeros=r.integers(0, 16, (N, K // g), dtype=np.uint8),
-                           scales=r.standard_normal((N, K // g)).astype(np.float16), group_size=g)
+                           scales=r.uniform(1e-4, 1.0, (N, K // g)).astype(np.float16), group_size=g)
 
 
 def _same(a, b):
@@ -54,19 +54,43 @@ def test_awq_shapes_and_dtypes(rng):
     assert (int(p.qweight[k, n // 8].view(np.uint32)) >> 4 * nib) & 0xF == q.codes[n, k]
 
 
+# The PTX ISA's statement of the mma.m16n8k16 B fragment for .f16 ("Matrix Fragments for
+# mma.m16n8k16", figure "MMA .m16n8k16 fragment layout for matrix B"): each lane holds two .f16x2
+# registers b0, b1 = elements b0..b3 (b0, b1 in register 0, low half first), with
+#     groupID = laneid >> 2, threadID_in_group = laneid % 4
+#     row = threadID_in_group * 2 + (i & 0x1)        for b_i, i < 2
+#         = threadID_in_group * 2 + (i & 0x1) + 8    for b_i, i >= 2
+#     col = groupID
+PTX_B_ROW = lambda lane, i: (lane % 4) * 2 + (i & 1) + (8 if i >= 2 else 0)  # noqa: E731
+PTX_B_COL = lambda lane, i: lane >> 2                                        # noqa: E731
+
+
+def _dequant_pairs(word: int):
+    """What cuda/quant_common.cuh's int4x8_biased makes of a word: half2 h = (nibble h, nibble h+4)
+    for h = 0..3 (low half, high half)."""
+    nib = [(word >> 4 * i) & 0xF for i in range(8)]
+    return [(nib[h], nib[h + 4]) for h in range(4)]
+
+
 def test_quick_fragment_map(rng):
-    """Lane L's word j, nibble p = 4e + 2s + r holds (k, n) with n = 8j + L // 4 and
-    k = 16s + 8r + 2(L % 4) + e: the mma.m16n8k16 B fragment (b_r of k-step s, element e)."""
+    """After one 16-byte load and the int4 conversion, lane L's half2 h = 2s + r of word j must be
+    register b_r of k-step s of n8 sub-tile j, element for element as the PTX ISA states the B
+    fragment (an independent statement, not the packer's formula)."""
     q = _random_q(rng, 64, 128, 32)
     p = pack_quick(q)
     assert p.qweight.shape == (2, 4, 32, 4)
-    for tn, tk, lane, j, nib in rng.integers(0, [2, 4, 32, 4, 8], size=(200, 5)):
-        e, s, r = nib // 4, (nib // 2) % 2, nib % 2
-        g, t = lane // 4, lane % 4
-        k = 32 * tk + 16 * s + 8 * r + 2 * t + e
-        n = 32 * tn + 8 * j + g
-        word = int(p.qweight[tn, tk, lane, j].view(np.uint32))
-        assert (word >> 4 * nib) & 0xF == q.codes[n, k]
+    for tn in range(2):
+        for tk in range(4):
+            for lane in range(32):
+                for j in range(4):
+                    pairs = _dequant_pairs(int(p.qweight[tn, tk, lane, j].view(np.uint32)))
+                    for s in range(2):             # k16 step of the 32-deep tile
+                        for r in range(2):         # B register of the step
+                            low, high = pairs[2 * s + r]
+                            for e, value in ((2 * r, low), (2 * r + 1, high)):   # element b_e
+                                k = 32 * tk + 16 * s + PTX_B_ROW(lane, e)
+                                n = 32 * tn + 8 * j + PTX_B_COL(lane, e)
+                                assert value == q.codes[n, k], (tn, tk, lane, j, s, r, e)
     # scales: [tile_n, group, g, j] = scale of column 32 tile_n + 8 j + g; zeros: nibble j of halfword g
     halfwords = p.qzeros.view(np.uint16)
     for tn, grp, g, j in rng.integers(0, [2, 4, 8, 4], size=(100, 4)):

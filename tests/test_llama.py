@@ -9,10 +9,12 @@ import pytest
 from conftest import rel_error
 from quickcupy import pack_awq, quantize
 from quickcupy.device import no_gpu_reason
-from quickcupy import llama
+from quickcupy.attention import decode_attention
 from quickcupy.llama import (NORMS, PROJECTIONS, LayerWeights, LlamaConfig, LlamaModel, apply_rope, attention,
-                             decode_attention, estimate_gpu_bytes, fuse, load_awq_checkpoint, make_linear,
-                             random_layers, rms_norm, rope_tables, save_awq_checkpoint)
+                             load_awq_checkpoint, make_linear, random_layers, rms_norm, rope_tables,
+                             save_awq_checkpoint)
+from quickcupy.llama.model import fuse
+from quickcupy.tools.llama_bench import estimate_gpu_bytes
 
 TINY = LlamaConfig.preset("tiny")
 # Several 32/64-column tiles per projection, MHA, 2 layers: still quick on the host.
@@ -328,7 +330,7 @@ def test_cli_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     if no_gpu_reason() is not None:
-        assert out.splitlines()[0].startswith("no CUDA device found")
+        assert out.splitlines()[0].startswith(no_gpu_reason())
     assert "tokens/s" in out and "relative error" in out
     report = json.loads(out_json.read_text())
     assert {r["batch"] for r in report["throughput"]} == {1, 3}
@@ -350,12 +352,14 @@ def test_cli_runs_a_checkpoint(rng, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--batch", "1,0"], "--batch must be at least 1, got 0"),
-    (["--batch", "x"], "--batch must be an integer, got 'x'"),
-    (["--prompt", "0"], "--prompt must be at least 1"),
+    (["--batch", "1,0"], "--batch=0 must be >= 1"),
+    (["--batch", "x"], "--batch: 'x' is not an integer"),
+    (["--prompt", "0"], "--prompt=0 must be >= 1"),
     (["--preset", "8b"], "--preset '8b' is not one of"),
-    (["--backends", "fp16,int8"], "--backends 'fp16,int8'"),
-    (["--group-size", "100"], "--group-size must be one of"),
+    (["--backends", "fp16,int8"], "--backends: unknown 'int8'"),
+    (["--group-size", "100"], "--group-size: group_size=100 is not supported"),
+    (["--group-size", "48"], "--group-size: group_size=48 is not supported"),
+    (["--json", "/nonexistent/dir/out.json"], "--json .* does not exist"),
     (["--checkpoint", "/nonexistent/dir"], "--checkpoint: .* has no config.json"),
 ])
 def test_cli_bad_argument(argv, match, capsys):

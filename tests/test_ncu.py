@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from quickcupy import ncu
+from quickcupy.tools import ncu
 from quickcupy.__main__ import main
 
 HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
@@ -226,6 +226,7 @@ def test_find_ncu_explicit(tmp_path):
 # ------------------------------------------------------------------------------- command line
 def test_cli_missing_ncu(monkeypatch, tmp_path, capsys):
     _no_ncu_anywhere(monkeypatch, tmp_path)
+    monkeypatch.setattr(ncu, "no_gpu_reason", lambda: None)
     assert main(["ncu", "--M", "16"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
@@ -238,6 +239,7 @@ def test_cli_missing_ncu(monkeypatch, tmp_path, capsys):
     (["--K", "-8"], "--K -8 must be positive"),
     (["--N", "0"], "--N 0 must be positive"),
     (["--group-size", "100"], "group_size=100 is not supported"),
+    (["--group-size", "16"], "group_size=16 is not supported"),
     (["--repeats", "0"], "--repeats 0 must be at least 1"),
     (["--warmup", "-1"], "--warmup -1 must not be negative"),
     (["--kernel-regex", "("], "is not a regular expression"),
@@ -253,14 +255,13 @@ def test_cli_bad_arguments(argv, message, capsys):
 def test_cli_argument_defaults():
     from quickcupy.__main__ import build_parser
     args = build_parser().parse_args(["ncu"])
-    ncu.check_args(args)
-    assert (args.kernels, args.M, args.K, args.N, args.group_size) == (["awq", "quick"], [16, 128],
-                                                                      8192, 8192, 128)
-    assert args.kernel_regex == ncu.KERNEL_REGEX and args.func is ncu.run
+    s = ncu.settings(args)
+    assert (s.kernels, s.M, s.K, s.N, s.group_size) == (("awq", "quick"), (16, 128), 8192, 8192, 128)
+    assert s.kernel_regex == ncu.KERNEL_REGEX and args.func is ncu.run
     args = build_parser().parse_args(["ncu", "--M", "1", "1", "32", "--K", "4096", "--N", "11008",
                                       "--kernels", "quick", "quick"])
-    ncu.check_args(args)
-    assert (args.M, args.N, args.kernels) == ([1, 32], 11008, ["quick"])
+    s = ncu.settings(args)
+    assert (s.M, s.N, s.kernels) == ((1, 32), 11008, ("quick",))
 
 
 def test_cli_no_gpu(monkeypatch, tmp_path, capsys):

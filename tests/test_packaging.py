@@ -33,6 +33,6 @@ def test_wheel_ships_cuda_sources(tmp_path):
         pytest.skip(f"could not build a wheel here: {res.stderr.strip().splitlines()[-1:]}")
     wheel = next(tmp_path.glob("quickcupy-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    from quickcupy.kernels import SOURCES
-    for src in ("quant_common.cuh", *SOURCES):
+    from quickcupy.registry import SOURCES
+    for src in ("quant_common.cuh", "smem_maps.cuh", *SOURCES):
         assert f"quickcupy/cuda/{src}" in names, sorted(names)

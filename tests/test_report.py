@@ -1,10 +1,10 @@
-"""quickcupy.report: strict JSON from NumPy values."""
+"""quickcupy.tools.common: strict JSON from NumPy values."""
 import json
 import math
 
 import numpy as np
 
-from quickcupy.report import jsonable, write_json
+from quickcupy.tools.common import jsonable, write_json
 
 
 def test_numpy_and_non_finite_values(tmp_path):

@@ -1,7 +1,7 @@
 """quickcupy.smem_predict: per-launch shared-memory counts from the kernels' own index maps."""
 import pytest
 
-from quickcupy.smem_predict import OPS, predict
+from quickcupy.analysis.smem_predict import OPS, predict
 
 
 def test_awq_matches_autoawq_measured_on_h100():

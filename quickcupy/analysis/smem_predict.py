@@ -18,7 +18,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from . import banks, kernels, smem_maps
+from .. import kernels, smem_maps
+from ..quantize import effective_group_size
+from . import banks
 
 OPS = ("st", "ldsm", "ldgsts")
 LANES = np.arange(banks.WARP)
@@ -35,7 +37,7 @@ def _block_steps(p: kernels.LaunchPlan) -> int:
 
 
 def _consts(p: kernels.LaunchPlan) -> dict:
-    return {"BM": p.tile.bm, "BN": p.tile.bn, "BK": 32 * p.tile.chunks}
+    return {"BM": p.bm, "BN": p.bn, "BK": 32 * p.tile.chunks}
 
 
 def _addresses(name: str, consts: dict, pitch: int, **args) -> np.ndarray:
@@ -50,7 +52,7 @@ def _awq_instructions(p):
     bm, bn, bk = c["BM"], c["BN"], c["BK"]
     a_pitch, b_pitch = bk + smem_maps.PAD, bn + smem_maps.PAD
     b_passes = bk // (64 // (bn // 8))
-    for warp in range(smem_maps.AWQ_THREADS // banks.WARP):
+    for warp in range(p.design.threads // banks.WARP):
         for i in range(bm // 16):
             yield warp, "st", banks.count_wavefronts(_addresses("AWQ_A_ST", c, a_pitch, warp=warp, i=i), 16)
         for i in range(b_passes):
@@ -67,40 +69,41 @@ def _quick_instructions(p):
     c = _consts(p)
     bm, bk = c["BM"], c["BK"]
     pitch = bk + smem_maps.PAD
-    for warp in range(smem_maps.QUICK_THREADS // banks.WARP):
-        for i in range(bm * bk // 8 // smem_maps.QUICK_THREADS):
+    for warp in range(p.design.threads // banks.WARP):
+        for i in range(bm * bk // 8 // p.design.threads):
             yield warp, "ldgsts", banks.count_wavefronts(_addresses("QUICK_A_CP", c, pitch, warp=warp, i=i), 16)
         for kk in range(bk // 16):
             for mt in range(bm // 16):
                 yield warp, "ldsm", banks.count_ldmatrix(_addresses("A_LDSM", c, pitch, mt=mt, kk=kk), 4)
 
 
+# Design name -> its walk of shared-memory instructions (a new design adds its walk here).
+WALKS = {"awq": _awq_instructions, "quick": _quick_instructions}
+
+
 def predict(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 132, **plan_args) -> dict:
-    """Predicted per-launch shared-memory counts of ``kernel`` ("awq", "quick" or a variant name).
+    """Predicted per-launch shared-memory counts of ``kernel`` (a gemm kernel name, see
+    :mod:`quickcupy.registry`), for x (M, K) @ W (K, N) with ``group_size`` (-1: one group per row).
 
     Returns {"<op>_inst", "<op>_wavefronts", "<op>_conflicts" for op in OPS} as ints, plus
-    "tile_m" and "split_k" of the plan.
+    "tile_m" and "split_k" of the plan. ValueError for a design the model has no walk for.
     """
-    from .gemm import KERNELS, kernel_layout
-    layout = kernel_layout(kernel)
-    if KERNELS[kernel][1] is not None:
-        plan_args.setdefault("tile_m", KERNELS[kernel][1])
-    group_size = K if group_size == -1 else group_size
-    p = kernels.plan(layout, M, N, K, group_size, sm_count, **plan_args)
+    p = kernels.plan(kernel, M, N, K, effective_group_size(group_size, K), sm_count, **plan_args)
+    if p.design.name not in WALKS:
+        raise ValueError(f"the bank model has no walk of the {p.design.name} design")
     tiles = p.grid[0] * p.grid[1]
     steps = tiles * _block_steps(p)
     # QUICK: warps whose 32 columns lie past N skip the ldmatrix/mma part (but copy activations).
-    n_tiles_full, n_rest = divmod(N, p.tile.bn)
+    n_tiles_full, n_rest = divmod(N, p.bn)
     active_warps = {w: (n_tiles_full + (w * 32 < n_rest)) / p.grid[1] for w in range(4)}
     totals = defaultdict(lambda: banks.Wavefronts(0, 0))
     inst = defaultdict(int)
-    instructions = _awq_instructions(p) if layout == "awq" else _quick_instructions(p)
-    for warp, op, count in instructions:
-        share = active_warps[warp] if (layout == "quick" and op == "ldsm") else 1.0
+    for warp, op, count in WALKS[p.design.name](p):
+        share = active_warps[warp] if (p.design.name == "quick" and op == "ldsm") else 1.0
         n = int(round(steps * share))
         totals[op] = totals[op] + count * n
         inst[op] += n
-    out = {"tile_m": p.tile.bm, "split_k": p.split_k}
+    out = {"tile_m": p.bm, "split_k": p.split_k}
     for op in OPS:
         out[f"{op}_inst"] = inst[op]
         out[f"{op}_wavefronts"] = int(totals[op].wavefronts)

@@ -17,9 +17,21 @@ def spin(seconds: float):
     """Keeps the current stream busy for ``seconds`` (cuda/spin.cu) so that the calls queued after
     it run back to back."""
     import cupy
-    from .kernels import get_function
+    from ..kernels import get_function
     fn = get_function(cupy.cuda.Device().id, "spin.cu", "quickcupy_spin")
     fn((1,), (1,), (np.uint64(int(seconds * 1e9)),))
+
+
+def rotating(call, items):
+    """A no-argument function that calls ``call(item)`` with the next of ``items`` each time
+    (benchmarks rotate weights this way so each call reads its own from DRAM)."""
+    state = {"i": 0}
+
+    def fn():
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return call(item)
+    return fn
 
 
 def time_gpu_samples(fn, warmup: int = 10, repeats: int = 50,

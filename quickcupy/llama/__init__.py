@@ -1,0 +1,6 @@
+"""A Llama decoder stack on quickcupy's 4-bit linears (:mod:`.model`) and AutoAWQ checkpoints of it
+(:mod:`.checkpoint`)."""
+from .checkpoint import Checkpoint, load_awq_checkpoint, save_awq_checkpoint, tensor_names
+from .model import (BACKENDS, NORMS, PRESETS, PROJECTIONS, KVCache, LayerWeights, LlamaBlock, LlamaConfig,
+                    LlamaModel, apply_rope, attention, make_linear, projection_shapes, random_layers, rms_norm,
+                    rope_tables, silu_mul)

@@ -1,0 +1,241 @@
+"""AutoAWQ "GEMM" checkpoints of Llama models: a directory of config.json and safetensors files
+(see the format notes in quickcupy.layouts), read into and written from :class:`LayerWeights`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..layouts import pack_awq, unpack_awq
+from ..quantize import effective_group_size
+from .model import NORMS, PROJECTIONS, LayerWeights, LlamaConfig
+
+
+class Checkpoint(NamedTuple):
+    config: LlamaConfig
+    layers: list        # of LayerWeights with QuantizedWeight projections and float16 norms
+    group_size: int     # as config.json says (-1: one group per row)
+
+
+def _safetensors():
+    try:
+        from safetensors import safe_open
+        from safetensors.numpy import save_file
+    except ImportError as exc:
+        raise ImportError("AutoAWQ checkpoints need the 'safetensors' package: "
+                          "pip install 'quickcupy[llama]'") from exc
+    return safe_open, save_file
+
+
+def _layer_prefix(i: int, name: str) -> str:
+    return f"model.layers.{i}.{PROJECTIONS[name]}.{name}" if name in PROJECTIONS else f"model.layers.{i}.{name}"
+
+
+def tensor_names(i: int) -> list:
+    """The checkpoint tensor names of layer ``i`` that the block reads."""
+    return ([f"{_layer_prefix(i, p)}.{part}" for p in PROJECTIONS for part in ("qweight", "qzeros", "scales")]
+            + [f"{_layer_prefix(i, n)}.weight" for n in NORMS])
+
+
+def save_awq_checkpoint(path, config: LlamaConfig, layers: list, group_size: int | None = None,
+                        shards: int = 1) -> Path:
+    """Writes ``layers`` as an AutoAWQ "GEMM" checkpoint: config.json + ``shards`` safetensors files
+    (and model.safetensors.index.json when sharded). Float projections are quantized with
+    ``group_size``. Returns the directory."""
+    _, save_file = _safetensors()
+    path = Path(path)
+    if len(layers) != config.num_hidden_layers:
+        raise ValueError(f"got {len(layers)} layers but num_hidden_layers={config.num_hidden_layers}")
+    if group_size is not None:
+        effective_group_size(group_size, config.hidden_size)
+    layers = [w.quantized(128 if group_size is None else group_size) for w in layers]
+    qs = [q for w in layers for q in w.projections().values()]
+    sizes = {q.group_size for q in qs}
+    if len(sizes) == 1:
+        written_group_size = sizes.pop()
+    elif all(q.n_groups == 1 for q in qs):
+        written_group_size = -1
+    else:
+        raise ValueError(f"all projections must share one group size, got {sorted(sizes)}")
+    for i, w in enumerate(layers):
+        w.check(config, where=f"layer {i}")
+
+    path.mkdir(parents=True, exist_ok=True)
+    shards = max(1, min(int(shards), len(layers)))
+    files = (["model.safetensors"] if shards == 1 else
+             [f"model-{s + 1:05d}-of-{shards:05d}.safetensors" for s in range(shards)])
+    weight_map = {}
+    for s, indices in enumerate(np.array_split(np.arange(len(layers)), shards)):
+        tensors = {}
+        for i in indices.tolist():
+            for name, q in layers[i].projections().items():
+                packed = pack_awq(q)
+                for part in ("qweight", "qzeros", "scales"):
+                    tensors[f"{_layer_prefix(i, name)}.{part}"] = np.ascontiguousarray(getattr(packed, part))
+            for name in NORMS:
+                tensors[f"{_layer_prefix(i, name)}.weight"] = np.asarray(getattr(layers[i], name), np.float16)
+        save_file(tensors, str(path / files[s]), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, files[s]))
+    if shards > 1:
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
+                 **config.to_dict(),
+                 "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": written_group_size,
+                                         "zero_point": True, "version": "gemm"}}
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return path
+
+
+def _check_quantization_config(qc):
+    """Validates config.json's quantization_config; returns its group size (checked by the caller
+    against the layers' in_features)."""
+    if not isinstance(qc, dict):
+        raise ValueError("config.json has no quantization_config: not an AutoAWQ checkpoint")
+    if str(qc.get("quant_method", "")).lower() != "awq":
+        raise ValueError(f"quantization_config.quant_method={qc.get('quant_method')!r} is not supported; "
+                         f"only 'awq' checkpoints load")
+    bits = qc.get("bits", qc.get("w_bit"))
+    if bits != 4:
+        raise ValueError(f"quantization_config.bits={bits!r} is not supported; only 4-bit checkpoints load")
+    version = str(qc.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"quantization_config.version={qc.get('version')!r} is not supported; "
+                         f"only the 'gemm' packing loads")
+    if qc.get("zero_point", True) is not True:
+        raise ValueError("quantization_config.zero_point=false is not supported; AWQ's zero points are assumed")
+    return qc.get("group_size", qc.get("q_group_size"))
+
+
+def _tensor_files(path: Path) -> dict:
+    """Tensor name -> safetensors file, from the index if there is one, else from every file's header."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index} has no \"weight_map\" object of tensor name -> file name")
+        return {name: path / f for name, f in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors files")
+    names = {}
+    for f in files:
+        with _open_tensors(f) as fh:
+            names.update(dict.fromkeys(fh.keys(), f))
+    return names
+
+
+def _read_json(f: Path) -> dict:
+    """A JSON object from ``f``; ValueError naming the file when it is not one."""
+    try:
+        value = json.loads(f.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{f} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{f} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _read_bf16(f: Path, name: str) -> np.ndarray:
+    """A BF16 tensor of safetensors file ``f`` as float32 (NumPy has no bfloat16; the format is an
+    8-byte little-endian header length, a JSON header with dtype/shape/data_offsets, the data)."""
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        info = json.loads(fh.read(n))[name]
+        start, end = info["data_offsets"]
+        fh.seek(8 + n + start)
+        raw = np.frombuffer(fh.read(end - start), np.uint16)
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+
+
+def _to_float16(name: str, a: np.ndarray) -> np.ndarray:
+    """A float tensor as float16, refusing values float16 cannot hold (named in the error)."""
+    if a.dtype.kind != "f":
+        raise ValueError(f"{name} must be floating point, got {a.dtype}")
+    if a.dtype != np.float16:
+        big = np.abs(a[np.isfinite(a)])
+        if big.size and big.max() > np.finfo(np.float16).max:
+            raise ValueError(f"{name} has values up to {big.max():.3g}, beyond float16's range")
+        a = a.astype(np.float16)
+    return a
+
+
+def _open_tensors(f: Path):
+    """safe_open(f) for NumPy, with an unreadable file reported as a ValueError naming it."""
+    safe_open, _ = _safetensors()
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist")
+    try:
+        return safe_open(str(f), framework="np")
+    except Exception as exc:      # safetensors raises its own SafetensorError
+        raise ValueError(f"{f} is not a readable safetensors file ({exc})") from exc
+
+
+def load_awq_checkpoint(path, num_layers: int | None = None) -> Checkpoint:
+    """Reads the first ``num_layers`` (default: all) decoder layers of an AutoAWQ GEMM checkpoint.
+
+    The returned config has ``num_hidden_layers`` = the number of layers read.
+    Raises FileNotFoundError / ValueError naming what is missing or unsupported.
+    """
+    _safetensors()                   # a clear ImportError before anything else
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory: it has no config.json")
+    raw = _read_json(path / "config.json")
+    group_size = _check_quantization_config(raw.get("quantization_config"))
+    try:
+        config = LlamaConfig.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path / 'config.json'}: {exc}") from None
+    for K in (config.hidden_size, config.intermediate_size):
+        try:
+            effective_group_size(group_size, K)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"quantization_config.group_size={group_size!r}: {exc}") from None
+    n = config.num_hidden_layers if num_layers is None else num_layers
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= config.num_hidden_layers:
+        raise ValueError(f"num_layers={num_layers!r} must lie in 1..{config.num_hidden_layers} "
+                         f"(the checkpoint's num_hidden_layers)")
+    config = config.replace(num_hidden_layers=n)
+
+    files = _tensor_files(path)
+    wanted = [name for i in range(n) for name in tensor_names(i)]
+    missing = [name for name in wanted if name not in files]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} tensor(s) the model needs, first: {', '.join(missing[:3])}")
+    tensors = {}
+    for f in sorted(set(files[name] for name in wanted)):
+        with _open_tensors(f) as fh:
+            for name in wanted:
+                if files[name] == f:
+                    try:
+                        tensors[name] = fh.get_tensor(name)
+                    except Exception as exc:     # bfloat16, which NumPy cannot hold, or a bad file
+                        try:
+                            tensors[name] = _read_bf16(f, name)
+                        except Exception:
+                            raise ValueError(f"{name} in {f} cannot be read as NumPy ({exc})") from exc
+
+    layers = []
+    for i in range(n):
+        weights = {}
+        for name in PROJECTIONS:
+            prefix = _layer_prefix(i, name)
+            try:
+                scales = _to_float16("scales", tensors[f"{prefix}.scales"])
+                weights[name] = unpack_awq(tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"],
+                                           scales, group_size=group_size)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{prefix}: {exc}") from exc
+        for name in NORMS:
+            where = f"{_layer_prefix(i, name)}.weight"
+            norm = _to_float16(where, tensors[where])
+            if not np.isfinite(norm).all():
+                raise ValueError(f"{where} has NaN or inf values")
+            weights[name] = norm
+        layer = LayerWeights(**weights)
+        layer.check(config, where=f"model.layers.{i}")
+        layers.append(layer)
+    return Checkpoint(config, layers, group_size)

@@ -1,0 +1,524 @@
+"""A Llama decoder stack on 4-bit weights: the end-to-end check and benchmark of the GEMM kernels.
+
+One decoder block, written once against an array module ``xp`` (NumPy float32 on the CPU, CuPy
+float16 on the GPU)::
+
+    x ──┬─ RMSNorm ─ qkv (one fused linear) ─ rope(q, k) ─ causal GQA attention (+KV cache) ─ o ─(+)─┐
+        └──────────────────────────────────────────────────────────────────────────────────────────┘
+    x ──┬─ RMSNorm ─ gate|up (one fused linear) ─ silu(gate) * up ─ down ─(+)─┐
+        └─────────────────────────────────────────────────────────────────────┘
+
+The linear layers come from :func:`make_linear` by backend name: ``"numpy"`` (float32 reference,
+``y = x @ W.T``), ``"fp16"`` (cuBLAS through ``cupy.matmul``), ``"awq"`` and ``"quick"``
+(:class:`quickcupy.gemm.QuantLinear` with that layout). The input of the stack is hidden states
+(batch, seq, hidden); there is no embedding and no LM head. Decode attention on the GPU is the
+library kernel :func:`quickcupy.attention.decode_attention`.
+
+Weights are random (:func:`random_layers`) or read from an AutoAWQ checkpoint directory
+(:mod:`quickcupy.llama.checkpoint`). The tool ``python -m quickcupy llama``
+(:mod:`quickcupy.tools.llama_bench`) times prefill and decode for fp16, AWQ and QUICK side by side.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from ..attention import decode_attention, decode_head_dim_error
+from ..quantize import QuantizedWeight, quantize
+
+BACKENDS = ("numpy", "fp16", "awq", "quick")
+
+Weight = Union[np.ndarray, QuantizedWeight]   # (out_features N, in_features K) float, or 4-bit
+
+
+# ------------------------------------------------------------------------------------ configuration
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Model dimensions, with the Hugging Face ``config.json`` names."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                     "num_hidden_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer))
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        H, nh, nkv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        if H % nh:
+            raise ValueError(f"hidden_size={H} is not a multiple of num_attention_heads={nh}")
+        if nh % nkv:
+            raise ValueError(f"num_attention_heads={nh} is not a multiple of num_key_value_heads={nkv}")
+        if (H // nh) % 2:
+            raise ValueError(f"head_dim = hidden_size / num_attention_heads = {H // nh} must be even "
+                             f"(rotary embeddings rotate pairs)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def preset(cls, name: str) -> "LlamaConfig":
+        """``"7b"``, ``"13b"``, ``"70b"`` (Llama-2 dimensions) or ``"tiny"`` (for CPU tests)."""
+        try:
+            return cls(**PRESETS[name])
+        except KeyError:
+            raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}") from None
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        """From a Hugging Face ``config.json`` dict (extra keys are ignored; HF defaults apply)."""
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"model_type={d['model_type']!r} is not supported; only 'llama' models load")
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                               "num_hidden_layers") if k not in d]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
+        config = cls(hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+                     num_attention_heads=d["num_attention_heads"],
+                     num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                     num_hidden_layers=d["num_hidden_layers"],
+                     rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=d.get("rope_theta", 10000.0))
+        if d.get("head_dim") not in (None, config.head_dim):
+            raise ValueError(f"head_dim={d['head_dim']} differs from hidden_size / num_attention_heads = "
+                             f"{config.head_dim}; such models are not supported")
+        if d.get("rope_scaling"):
+            warnings.warn(f"rope_scaling={d['rope_scaling']} is not implemented: plain rotary embeddings "
+                          f"are used, so outputs differ from the original model (speed does not)")
+        return config
+
+
+PRESETS = {
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                 num_hidden_layers=2, rms_norm_eps=1e-5, rope_theta=10000.0),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+               num_hidden_layers=32, rms_norm_eps=1e-5, rope_theta=10000.0),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
+                num_hidden_layers=40, rms_norm_eps=1e-5, rope_theta=10000.0),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                num_hidden_layers=80, rms_norm_eps=1e-5, rope_theta=10000.0),
+}
+
+
+# ------------------------------------------------------------------------------------------ weights
+PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}   # name -> HF sub-module
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def projection_shapes(config: LlamaConfig) -> dict:
+    """(out_features, in_features) of each projection of one layer."""
+    H, I, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    return {"q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q),
+            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+
+
+def _shape(w: Weight) -> tuple:
+    return (w.out_features, w.in_features) if isinstance(w, QuantizedWeight) else tuple(w.shape)
+
+
+@dataclass
+class LayerWeights:
+    """The tensors of one decoder layer.
+
+    Projections: (out_features, in_features) float NumPy arrays or :class:`QuantizedWeight`.
+    Norms: (hidden_size,) float16, as in checkpoints.
+    """
+
+    q_proj: Weight
+    k_proj: Weight
+    v_proj: Weight
+    o_proj: Weight
+    gate_proj: Weight
+    up_proj: Weight
+    down_proj: Weight
+    input_layernorm: np.ndarray
+    post_attention_layernorm: np.ndarray
+
+    def projections(self) -> dict:
+        return {name: getattr(self, name) for name in PROJECTIONS}
+
+    def map_projections(self, fn) -> "LayerWeights":
+        return dataclasses.replace(self, **{name: fn(w) for name, w in self.projections().items()})
+
+    def quantized(self, group_size: int = 128) -> "LayerWeights":
+        """Float projections quantized with AutoAWQ's rule (already-quantized ones are kept)."""
+        return self.map_projections(
+            lambda w: w if isinstance(w, QuantizedWeight) else quantize(np.asarray(w, np.float32), group_size))
+
+    def dequantized(self) -> "LayerWeights":
+        """float32 projections (``(code - zero) * scale`` for quantized ones)."""
+        return self.map_projections(
+            lambda w: w.dequantize(np.float32) if isinstance(w, QuantizedWeight) else np.asarray(w, np.float32))
+
+    def check(self, config: LlamaConfig, where: str = "layer"):
+        """Raises ValueError naming the first tensor whose shape disagrees with ``config``."""
+        for name, shape in projection_shapes(config).items():
+            if _shape(getattr(self, name)) != shape:
+                raise ValueError(f"{where} {name} has shape {_shape(getattr(self, name))}, "
+                                 f"the config needs (out_features, in_features) = {shape}")
+        for name in NORMS:
+            if np.shape(getattr(self, name)) != (config.hidden_size,):
+                raise ValueError(f"{where} {name} has shape {np.shape(getattr(self, name))}, "
+                                 f"the config needs ({config.hidden_size},)")
+
+
+def random_layers(config: LlamaConfig, seed: int = 0, std: float = 0.02) -> list:
+    """``config.num_hidden_layers`` layers of random float32 weights at the usual init scale
+    (normal, std 0.02) and norm weights near 1 (float16)."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for _ in range(config.num_hidden_layers):
+        tensors = {}
+        for name, shape in projection_shapes(config).items():
+            w = rng.standard_normal(shape, dtype=np.float32)
+            w *= np.float32(std)
+            tensors[name] = w
+        for name in NORMS:
+            tensors[name] = (1 + 0.05 * rng.standard_normal(config.hidden_size)).astype(np.float16)
+        layers.append(LayerWeights(**tensors))
+    return layers
+
+
+def fuse(weights: list) -> Weight:
+    """Concatenates projections sharing their input along out_features (q|k|v, gate|up).
+
+    Float weights concatenate as arrays; quantized ones concatenate codes, zeros and scales by row,
+    which is the quantization of the concatenated weight since AWQ quantizes each row on its own.
+    """
+    if all(isinstance(w, QuantizedWeight) for w in weights):
+        if len({(w.in_features, w.group_size) for w in weights}) != 1:
+            raise ValueError("fused projections must share in_features and group_size, got "
+                             f"{[(w.in_features, w.group_size) for w in weights]}")
+        return QuantizedWeight(codes=np.concatenate([w.codes for w in weights]),
+                               zeros=np.concatenate([w.zeros for w in weights]),
+                               scales=np.concatenate([w.scales for w in weights]),
+                               group_size=weights[0].group_size)
+    if any(isinstance(w, QuantizedWeight) for w in weights):
+        raise TypeError("cannot fuse float and quantized projections")
+    return np.concatenate(weights, axis=0)
+
+
+# ------------------------------------------------------------------------------------ linear layers
+class NumpyLinear:
+    """Float32 reference on the CPU: x (..., K) float32 -> x @ W.T (..., N) float32."""
+
+    def __init__(self, weight: np.ndarray):
+        self.weight = np.ascontiguousarray(weight, np.float32)      # (N, K)
+        self.out_features, self.in_features = self.weight.shape
+
+    def __call__(self, x):
+        # A 2-D product is one BLAS call; a 3-D one may loop over the batch.
+        return (x.reshape(-1, self.in_features) @ self.weight.T).reshape(*x.shape[:-1], self.out_features)
+
+
+class Fp16Linear:
+    """cuBLAS float16 GEMM (float32 accumulation): x (..., K) cupy float16 -> (..., N) float16."""
+
+    def __init__(self, weight: np.ndarray):
+        import cupy
+        # W.T stored (K, N) row-major so the product is x @ W_t with both operands contiguous.
+        self.weight_t = cupy.ascontiguousarray(cupy.asarray(np.asarray(weight, np.float16)).T)
+        self.in_features, self.out_features = self.weight_t.shape
+
+    def __call__(self, x):
+        # 2-D: one GEMM; cupy.matmul of (B, S, K) @ (K, N) would run B broadcast GEMMs instead.
+        return (x.reshape(-1, self.in_features) @ self.weight_t).reshape(*x.shape[:-1], self.out_features)
+
+
+class QuantizedLinear:
+    """4-bit GEMM of :mod:`quickcupy.gemm`: x (..., K) cupy float16 -> (..., N) float16."""
+
+    def __init__(self, q: QuantizedWeight, layout: str):
+        from ..gemm import QuantLinear
+        self.layer = QuantLinear.from_quantized(q, layout=layout)
+        self.out_features, self.in_features = q.out_features, q.in_features
+
+    def __call__(self, x):
+        import cupy
+        x2 = cupy.ascontiguousarray(x.reshape(-1, self.in_features))
+        if x2.data.ptr % 16:                 # the kernels load 16-byte vectors; a view may be offset
+            x2 = x2.copy()
+        y = self.layer(x2)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def make_linear(backend: str, weight: Weight, group_size: int = 128):
+    """A linear layer ``y = x @ W.T`` of ``weight`` (N, K) on ``backend``.
+
+    Float weights are quantized (with ``group_size``) for "awq"/"quick"; quantized weights are
+    dequantized for "numpy"/"fp16".
+    """
+    check_backend(backend)
+    if backend in ("numpy", "fp16"):
+        if isinstance(weight, QuantizedWeight):
+            weight = weight.dequantize(np.float32)
+        return NumpyLinear(weight) if backend == "numpy" else Fp16Linear(weight)
+    if not isinstance(weight, QuantizedWeight):
+        weight = quantize(np.asarray(weight, np.float32), group_size)
+    return QuantizedLinear(weight, layout=backend)
+
+
+def check_backend(backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+def array_module(backend: str):
+    """(xp, activation dtype) of a backend: NumPy float32 for "numpy", CuPy float16 otherwise."""
+    check_backend(backend)
+    if backend == "numpy":
+        return np, np.dtype(np.float32)
+    import cupy
+    return cupy, np.dtype(np.float16)
+
+
+# ----------------------------------------------------------------------------------- block pieces
+def rms_norm(x, weight, eps: float):
+    """x (..., H) -> x / rms(x) * weight, the mean square taken in float32 (as Hugging Face does)."""
+    xp = _xp(x)
+    x32 = x.astype(np.float32, copy=False)
+    inv_rms = 1 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + np.float32(eps))
+    return (x32 * inv_rms).astype(x.dtype, copy=False) * weight
+
+
+def rope_tables(config: LlamaConfig, positions: np.ndarray):
+    """cos, sin (len(positions), head_dim / 2) float32 of rotary angles pos * theta^(-2i / head_dim).
+
+    Computed in float64 on the host, so the NumPy and CuPy blocks rotate by identical angles.
+    """
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Rotates x (B, S, heads, head_dim) at positions given by cos, sin (S, head_dim / 2).
+
+    Hugging Face's "rotate_half" pairing (element i with i + head_dim/2), which AutoAWQ checkpoints
+    of Llama expect: their q/k weights are permuted for exactly this convention.
+    """
+    xp = _xp(x)
+    half = x.shape[-1] // 2
+    x32 = x.astype(np.float32, copy=False)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return xp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype, copy=False)
+
+
+def attended_length(S: int, start: int, cache_max_len: int | None) -> int:
+    """How many key positions :func:`attention` scores: the S new ones when nothing precedes them,
+    else the whole cache (unwritten slots included, masked): a prefix slice of the cache would be
+    strided, and cupy.matmul copies strided operands, which costs more than the masked slots."""
+    return S if cache_max_len is None or start == 0 else cache_max_len
+
+
+def causal_bias(xp, start: int, S: int, T: int):
+    """(S, T) float32: 0 where key j may be seen by query start + i (j <= start + i), else -inf.
+    None when no key lies after any query. Also hides the cache's unwritten slots (j >= start + S)."""
+    if T - 1 <= start:
+        return None
+    after = xp.arange(T)[None, :] > (start + xp.arange(S))[:, None]
+    return xp.where(after, -np.inf, 0.0).astype(np.float32)
+
+
+def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool = True):
+    """Causal grouped-query attention.
+
+    q: (B, S, n_heads, d); k, v: (B, S, n_kv_heads, d), rotated, for positions start .. start+S-1.
+    kv_cache: None, or (keys (B, n_kv, d, max_len), values (B, n_kv, max_len, d)) of one layer;
+    this call writes its k, v at [start, start + S). Returns (B, S, n_heads * d), q's dtype.
+    Query head h reads KV head h // (n_heads / n_kv_heads), as Hugging Face's ``repeat_kv``.
+    bias: :func:`causal_bias` for these positions ("auto": computed here; a model computes it once
+    for all its layers).
+    fused: a decode step on CuPy (S == 1, a float16 cache, head_dim a multiple of 32 in 64..256) runs
+    :func:`decode_attention` (one kernel; bias unused); False, or any other case, runs the batched
+    matmuls below, the reference it is tested against.
+    """
+    xp = _xp(q)
+    B, S, nh, d = q.shape
+    nkv = k.shape[2]
+    group = nh // nkv
+    k_t = k.transpose(0, 2, 3, 1)                    # (B, nkv, d, S)
+    v_t = v.transpose(0, 2, 1, 3)                    # (B, nkv, S, d)
+    if kv_cache is not None:
+        cache_k, cache_v = kv_cache
+        cache_k[..., start:start + S] = k_t
+        cache_v[:, :, start:start + S] = v_t
+        if (fused and S == 1 and xp is not np and q.dtype == cache_k.dtype == cache_v.dtype == np.float16
+                and decode_head_dim_error(d) is None):
+            return decode_attention(q.reshape(B, nh, d), cache_k, cache_v, start + 1)
+    if kv_cache is None or start == 0:               # as attended_length() says
+        keys, values = xp.ascontiguousarray(k_t), xp.ascontiguousarray(v_t)
+    else:
+        keys, values = cache_k, cache_v
+    T = keys.shape[-1]
+    if isinstance(bias, str):
+        bias = causal_bias(xp, start, S, T)
+
+    # The `group` query heads sharing one KV head become rows of one matrix: a batched GEMM per KV head.
+    qg = xp.ascontiguousarray(q.transpose(0, 2, 1, 3)).reshape(B, nkv, group * S, d)
+    scores = xp.matmul(qg, keys).astype(np.float32, copy=False)          # (B, nkv, group*S, T)
+    scores *= np.float32(1 / math.sqrt(d))
+    scores = scores.reshape(B, nkv, group, S, T)
+    if bias is not None:
+        scores += bias
+    scores -= scores.max(axis=-1, keepdims=True)                          # softmax in float32
+    xp.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = xp.matmul(scores.astype(q.dtype).reshape(B, nkv, group * S, T), values)  # (B, nkv, group*S, d)
+    out = out.reshape(B, nh, S, d).transpose(0, 2, 1, 3).reshape(B, S, nh * d)
+    return xp.ascontiguousarray(out)
+
+
+def silu_mul(gate, up):
+    """silu(gate) * up in float32, returned in gate's dtype. Shapes (..., I)."""
+    xp = _xp(gate)
+    g = gate.astype(np.float32, copy=False)
+    return (g / (1 + xp.exp(-g)) * up).astype(gate.dtype, copy=False)
+
+
+def _xp(a):
+    return np if isinstance(a, np.ndarray) else sys.modules["cupy"]
+
+
+# ----------------------------------------------------------------------------------------- the stack
+class KVCache:
+    """Keys and values of every layer for ``batch`` sequences of up to ``max_len`` positions.
+
+    keys[i]: (batch, n_kv_heads, head_dim, max_len), stored transposed so q @ keys is a GEMM on a
+    contiguous operand; values[i]: (batch, n_kv_heads, max_len, head_dim). Zero-filled: unwritten
+    slots get probability 0, and 0 * garbage could be NaN. ``length``: positions written so far.
+    """
+
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, xp=np, dtype=np.float32,
+                 num_layers: int | None = None):
+        n = config.num_hidden_layers if num_layers is None else num_layers
+        nkv, d = config.num_key_value_heads, config.head_dim
+        self.batch, self.max_len, self.length = batch, max_len, 0
+        self.keys = [xp.zeros((batch, nkv, d, max_len), dtype) for _ in range(n)]
+        self.values = [xp.zeros((batch, nkv, max_len, d), dtype) for _ in range(n)]
+
+    @staticmethod
+    def nbytes(config: LlamaConfig, batch: int, max_len: int, itemsize: int = 2, num_layers=None) -> int:
+        n = config.num_hidden_layers if num_layers is None else num_layers
+        return 2 * n * batch * config.num_key_value_heads * config.head_dim * max_len * itemsize
+
+    def reset(self):
+        """Forgets the sequences (old entries stay, finite, and are masked until overwritten)."""
+        self.length = 0
+
+
+class LlamaBlock:
+    """One decoder layer on one backend. Call with x (B, S, hidden) in the backend's dtype."""
+
+    def __init__(self, config: LlamaConfig, weights: LayerWeights, backend: str = "numpy",
+                 group_size: int = 128):
+        weights.check(config)
+        self.config = config
+        self.xp, self.dtype = array_module(backend)
+        # q|k|v and gate|up each become one GEMM: one launch and one pass over x instead of three/two.
+        self.qkv_proj = make_linear(backend, fuse([weights.q_proj, weights.k_proj, weights.v_proj]), group_size)
+        self.o_proj = make_linear(backend, weights.o_proj, group_size)
+        self.gate_up_proj = make_linear(backend, fuse([weights.gate_proj, weights.up_proj]), group_size)
+        self.down_proj = make_linear(backend, weights.down_proj, group_size)
+        self.input_norm = self.xp.asarray(np.asarray(weights.input_layernorm, self.dtype))
+        self.post_norm = self.xp.asarray(np.asarray(weights.post_attention_layernorm, self.dtype))
+
+    def __call__(self, x, cos, sin, start: int = 0, kv_cache=None, bias="auto"):
+        """x (B, S, hidden) at positions start.. -> (B, S, hidden); cos, sin (S, head_dim/2) float32;
+        bias: see :func:`attention`."""
+        c = self.config
+        B, S, _ = x.shape
+        nh, nkv, I = c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
+        qkv = self.qkv_proj(rms_norm(x, self.input_norm, c.rms_norm_eps)).reshape(B, S, nh + 2 * nkv, c.head_dim)
+        qk = apply_rope(qkv[:, :, :nh + nkv], cos, sin)        # q and k heads rotated in one pass
+        attn = attention(qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:], start, kv_cache, bias)
+        x = x + self.o_proj(attn)
+        gate_up = self.gate_up_proj(rms_norm(x, self.post_norm, c.rms_norm_eps))
+        return x + self.down_proj(silu_mul(gate_up[..., :I], gate_up[..., I:]))
+
+
+class LlamaModel:
+    """A stack of decoder blocks on one backend ("numpy", "fp16", "awq", "quick").
+
+    layers: list of :class:`LayerWeights`, float or quantized (converted as :func:`make_linear`
+    says); its length must equal ``config.num_hidden_layers``.
+    """
+
+    def __init__(self, config: LlamaConfig, layers: list, backend: str = "numpy", group_size: int = 128):
+        if len(layers) != config.num_hidden_layers:
+            raise ValueError(f"got {len(layers)} layers of weights but num_hidden_layers="
+                             f"{config.num_hidden_layers}")
+        for i, w in enumerate(layers):
+            w.check(config, where=f"layer {i}")
+        self.config, self.backend = config, backend
+        self.xp, self.dtype = array_module(backend)
+        self.blocks = [LlamaBlock(config, w, backend, group_size) for w in layers]
+        self._cos = self._sin = None
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        self._rope(0, max_len)      # the rope table covers every position: no upload during decode
+        return KVCache(self.config, batch, max_len, self.xp, self.dtype, len(self.blocks))
+
+    def _rope(self, start: int, length: int):
+        """cos, sin rows for positions [start, start + length), from a device table grown on demand
+        (so a decode step uploads nothing)."""
+        if self._cos is None or self._cos.shape[0] < start + length:
+            n = max(256, 1 << (start + length - 1).bit_length())
+            cos, sin = rope_tables(self.config, np.arange(n))
+            self._cos, self._sin = self.xp.asarray(cos), self.xp.asarray(sin)
+        return self._cos[start:start + length], self._sin[start:start + length]
+
+    def __call__(self, x, cache: KVCache | None = None):
+        """x (B, S, hidden) -> (B, S, hidden), in the backend's array module and dtype
+        (NumPy input is moved to the GPU). Without a cache: one causal pass over the S positions.
+        With a cache: positions continue at ``cache.length`` (prefill, then one token at a time)."""
+        x = self.xp.asarray(x, dtype=self.dtype)
+        if x.ndim != 3 or x.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"x must be (batch, seq, {self.config.hidden_size}), got shape {x.shape}")
+        B, S, _ = x.shape
+        start = 0
+        if cache is not None:
+            start = cache.length
+            if cache.batch != B:
+                raise ValueError(f"the cache holds batch={cache.batch} sequences, x has batch={B}")
+            if start + S > cache.max_len:
+                raise ValueError(f"{start} cached + {S} new positions exceed the cache's max_len={cache.max_len}")
+        cos, sin = self._rope(start, S)
+        bias = causal_bias(self.xp, start, S, attended_length(S, start, None if cache is None else cache.max_len))
+        for i, block in enumerate(self.blocks):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x = block(x, cos, sin, start, kv, bias)
+        if cache is not None:
+            cache.length += S
+        return x
+
+

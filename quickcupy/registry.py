@@ -1,0 +1,178 @@
+"""Every CUDA kernel of quickcupy, described once.
+
+A :class:`Design` is one GEMM kernel source, ``cuda/<source>``: the weight layout it reads, its
+threads per block, its tiles (template instances) and how much dynamic shared memory a tile needs.
+A :class:`Variant` is a name users pass as ``quickcupy.gemm(..., kernel=NAME)``: a design plus
+fixed choices (``quick_m16`` = the quick design held at 16-row tiles). A :class:`Source` lists the
+instances of one ``.cu`` file that the loader may compile, for the helper kernels too
+(split-K reduction, decode attention, spin).
+
+Everything else is derived from these records: the loader's list of sources, the template
+instances CI compiles and spill-checks, ``gemm``'s kernel names and shape rules, the ``ncu``
+kernel-name filter, the bank model's per-design walk, and the thread-count constants of the
+generated ``cuda/smem_maps.cuh`` (which ``__launch_bounds__`` uses).
+
+Adding a design: write ``cuda/<name>.cu`` (same argument list as the others, see
+:func:`quickcupy.kernels.launch`), add one :class:`Design` to :data:`DESIGNS` and one
+:class:`Variant` to :data:`VARIANTS`; run ``python -m quickcupy.smem_maps`` to regenerate the header
+if it names a new thread count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+# Shared-memory row padding in halfs (16 bytes): 8-row ldmatrix reads of a padded tile hit 8
+# distinct 16-byte bank groups. Used by the kernels' shared arrays and the bank model.
+SMEM_PAD = 8
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Compile-time shape of one GEMM instance, for ``bm`` rows of C per block."""
+    chunks: int = 1          # 32-deep K chunks per main-loop step (BK = 32 * chunks)
+    stages: int = 1          # cp.async ring depth for activations
+    wstages: int = 1         # register sets of weights in flight (loaded wstages - 1 steps ahead)
+    blocks_per_sm: int = 1   # resident blocks per SM (registers allow): sets the split-K target
+
+
+@dataclass(frozen=True)
+class Design:
+    """One GEMM kernel design (one ``.cu`` file)."""
+    name: str                # "awq", "quick"
+    source: str              # file in cuda/
+    function: str            # kernel template name in the source (also the ncu filter)
+    layout: str              # packed weight layout it reads (quickcupy.layouts): "awq" or "quick"
+    threads: int             # threads per block; generated into cuda/smem_maps.cuh as <NAME>_THREADS
+    n_multiple: int          # out_features must be a multiple of this
+    tile_n: tuple            # columns per block, first that divides N wins (the last if none does)
+    tiles: dict              # rows per block (bm) -> Tile
+    template: str            # instance name, formatted with bm, bn, chunks, gch, stages, wstages
+    smem_bytes: Callable     # (bm, Tile) -> dynamic shared memory bytes of a block
+    description: str
+    k_multiple: int = 32     # in_features must be a multiple of this
+
+    def tile_m(self, M: int) -> int:
+        """Rows per block chosen for M: the smallest tile that covers M, else the largest."""
+        for bm in sorted(self.tiles):
+            if M <= bm:
+                return bm
+        return max(self.tiles)
+
+    def instance(self, bm: int, bn: int, gch: int) -> str:
+        t = self.tiles[bm]
+        return self.template.format(bm=bm, bn=bn, chunks=t.chunks, gch=gch, stages=t.stages,
+                                    wstages=t.wstages)
+
+    def instances(self) -> list:
+        """Every template instance the planner can ask for (what CI compiles)."""
+        out = []
+        for bm, t in self.tiles.items():
+            for bn in self.tile_n:
+                for gch in divisors(t.chunks):
+                    name = self.instance(bm, bn, gch)
+                    if name not in out:
+                        out.append(name)
+        return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A kernel name of ``quickcupy.gemm``: a design with fixed plan choices."""
+    name: str
+    design: str              # key of DESIGNS
+    description: str
+    tile_m: int | None = None   # rows per block, None = chosen by M
+
+
+@dataclass(frozen=True)
+class Source:
+    """A ``.cu`` file and the instances of it the loader may compile."""
+    filename: str
+    instances: tuple
+    threads: dict = field(default_factory=dict)   # constant name -> threads, for the generated header
+
+
+def divisors(n: int) -> list:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ----------------------------------------------------------------------------------------- designs
+DESIGNS = {
+    "awq": Design(
+        name="awq", source="awq_gemm.cu", function="awq_gemm", layout="awq", threads=64,
+        n_multiple=64, tile_n=(128, 64),
+        # One 32-deep K step per iteration, AutoAWQ's tiles; 64-thread blocks, 8 per SM (as many
+        # threads in flight as 2 quick blocks).
+        tiles={bm: Tile(blocks_per_sm=8) for bm in (16, 32, 64)},
+        template="awq_gemm<{bm}, {bn}>",
+        smem_bytes=lambda bm, t: 0,       # static __shared__ arrays
+        description="AutoAWQ design: dequantized weights written back to shared memory"),
+    "quick": Design(
+        name="quick", source="quick_gemm.cu", function="quick_gemm", layout="quick", threads=128,
+        n_multiple=32, tile_n=(128,),
+        # Chosen from a sweep on the H100 at K = N = 8192 (BENCHMARKS.md, "Tuning"); blocks_per_sm
+        # is what the register count allows.
+        tiles={16: Tile(chunks=4, stages=2, wstages=2, blocks_per_sm=4),
+               32: Tile(chunks=4, stages=3, wstages=2, blocks_per_sm=3),
+               64: Tile(chunks=4, stages=3, wstages=2, blocks_per_sm=2),
+               128: Tile(chunks=2, stages=3, wstages=3, blocks_per_sm=2)},
+        template="quick_gemm<{bm}, {chunks}, {gch}, {stages}, {wstages}>",
+        smem_bytes=lambda bm, t: t.stages * bm * (32 * t.chunks + SMEM_PAD) * 2,   # activation ring
+        description="QUICK interleaved weights loaded straight into mma registers"),
+}
+
+VARIANTS = {v.name: v for v in (
+    Variant("awq", "awq", "AutoAWQ design: dequantized weights written back to shared memory, 16-row tiles",
+            tile_m=16),
+    Variant("quick", "quick", "QUICK interleaved weights loaded straight into mma registers; tile rows by M"),
+    Variant("quick_m16", "quick", "QUICK with AutoAWQ's 16-row tile (like-for-like with awq)", tile_m=16),
+)}
+
+# Layout name -> what it needs of (in_features, out_features): the loosest design reading it.
+LAYOUTS = tuple(dict.fromkeys(d.layout for d in DESIGNS.values()))
+
+# ---------------------------------------------------------------------------------- helper kernels
+SPLITK_REDUCE_THREADS = 128
+DECODE_ATTENTION_THREADS = 128
+# decode_attention<head_dim, heads per block>: a block takes the largest of these that divides the
+# GQA group; head_dim a multiple of 32 (a warp spans it) between the least and greatest of these.
+DECODE_HEAD_DIMS = (64, 96, 128, 256)
+DECODE_HEADS_PER_BLOCK = (8, 4, 2, 1)
+
+SOURCES = {s.filename: s for s in (
+    *(Source(d.source, tuple(d.instances()), {f"{d.name.upper()}_THREADS": d.threads})
+      for d in DESIGNS.values()),
+    Source("splitk_reduce.cu", ("splitk_reduce",), {"SPLITK_REDUCE_THREADS": SPLITK_REDUCE_THREADS}),
+    Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}>" for d in DECODE_HEAD_DIMS
+                                        for g in DECODE_HEADS_PER_BLOCK),
+           {"DECODE_ATTENTION_THREADS": DECODE_ATTENTION_THREADS}),
+    Source("spin.cu", ("quickcupy_spin",)),
+)}
+
+# ncu --kernel-name filter: every GEMM design and the split-K reduction (part of a call's cost).
+NCU_KERNEL_REGEX = "|".join([d.function for d in DESIGNS.values()] + ["splitk_reduce"])
+
+
+def variant(name: str) -> Variant:
+    """The record of gemm kernel ``name``; ValueError listing the names otherwise."""
+    try:
+        return VARIANTS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"kernel={name!r} is unknown; available: {', '.join(VARIANTS)}") from None
+
+
+def design_of(kernel: str) -> Design:
+    """The design that runs gemm kernel ``kernel`` (a variant name or a design name)."""
+    if kernel in DESIGNS:
+        return DESIGNS[kernel]
+    return DESIGNS[variant(kernel).design]
+
+
+def layout_rules(layout: str) -> tuple:
+    """(in_features multiple, out_features multiple) of ``layout``: what every design reading it
+    can run."""
+    designs = [d for d in DESIGNS.values() if d.layout == layout]
+    if not designs:
+        raise ValueError(f"layout={layout!r} is unknown; use one of {LAYOUTS}")
+    return max(d.k_multiple for d in designs), max(d.n_multiple for d in designs)

@@ -1,0 +1,373 @@
+"""``python -m quickcupy llama``: prefill and decode tokens/s of a Llama decoder stack on fp16, AWQ
+and QUICK linears, with the accuracy of each against the float32 NumPy stack.
+
+Two clocks. Wall: each forward launched from Python, one CuPy call per operation, as the runner
+really runs. GPU: each forward queued behind a spin kernel (quickcupy.tools.timing), so the events
+measure the GPU's work alone, what a runtime without per-launch overhead would see.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..llama.checkpoint import load_awq_checkpoint
+from ..llama.model import (BACKENDS, PRESETS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
+                           random_layers)
+from ..quantize import effective_group_size
+from .common import (Progress, UsageError, check_output_path, parse_group_size, parse_int, parse_int_list,
+                     parse_names, table, write_json)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one ``llama`` run does, parsed and checked once."""
+    checkpoint: str | None
+    preset: str
+    layers: int | None         # None: all of the checkpoint's (or 4 for a preset)
+    batches: tuple
+    prompt: int
+    gen: int
+    backends: tuple
+    group_size: int | None     # None: the checkpoint's, or 128 for random weights
+    seed: int
+    check_tokens: int
+    json: str | None
+    command: str
+
+
+DEFAULT_PRESET_LAYERS = 4
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "llama", help="Llama decoder blocks: prefill/decode tokens/s of fp16, AWQ and QUICK",
+        description="Times a stack of Llama decoder blocks (prefill of batch x prompt tokens, then gen "
+                    "tokens one at a time with a KV cache) per backend, and checks the output against "
+                    "the float32 NumPy reference.")
+    p.add_argument("--preset", default="7b", help=f"model dimensions: {', '.join(PRESETS)} (default 7b)")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="AutoAWQ checkpoint directory (config.json + *.safetensors) instead of random weights")
+    p.add_argument("--layers", default=None,
+                   help=f"decoder blocks to run (default {DEFAULT_PRESET_LAYERS}; all of a checkpoint's)")
+    p.add_argument("--batch", default="1,16,64,256", help="comma-separated batch sizes (default 1,16,64,256)")
+    p.add_argument("--prompt", default="128", help="prompt tokens per sequence (default 128)")
+    p.add_argument("--gen", default="128", help="tokens decoded one at a time after the prompt (default 128)")
+    p.add_argument("--backends", default="fp16,awq,quick",
+                   help=f"comma-separated, from {', '.join(BACKENDS)} (default fp16,awq,quick)")
+    p.add_argument("--group-size", default=None,
+                   help="-1 or a multiple of 32 for random weights (default 128; a checkpoint brings its own)")
+    p.add_argument("--seed", default="0", help="seed of the random weights and inputs (default 0)")
+    p.add_argument("--check-tokens", default="8",
+                   help="tokens of the batch-1 prefill compared with the NumPy reference (default 8; 0 skips)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.set_defaults(func=run)
+
+
+def settings(args) -> Settings:
+    """Checked settings from the parsed arguments; UsageError (one line) on a bad value."""
+    if args.checkpoint is None and args.preset not in PRESETS:
+        raise UsageError(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
+    check_output_path("--json", args.json)
+    group_size = None
+    if args.group_size is not None:
+        config = LlamaConfig.preset(args.preset) if args.checkpoint is None else None
+        ks = (config.hidden_size, config.intermediate_size) if config else ()
+        group_size = parse_group_size("--group-size", args.group_size, ks)
+    return Settings(
+        checkpoint=args.checkpoint, preset=args.preset,
+        layers=None if args.layers is None else parse_int("--layers", args.layers, 1),
+        batches=tuple(parse_int_list("--batch", args.batch, 1)),
+        prompt=parse_int("--prompt", args.prompt, 1), gen=parse_int("--gen", args.gen, 0),
+        backends=tuple(parse_names("--backends", args.backends, BACKENDS)), group_size=group_size,
+        seed=parse_int("--seed", args.seed, 0), check_tokens=parse_int("--check-tokens", args.check_tokens, 0),
+        json=args.json, command=getattr(args, "command_line", None) or "python -m quickcupy llama")
+
+
+class Timer:
+    """Seconds of a with-block: CUDA events around the GPU work, or perf_counter on the CPU."""
+
+    def __init__(self, xp):
+        self.gpu = xp is not np
+
+    def __enter__(self):
+        if self.gpu:
+            import cupy
+            self._events = (cupy.cuda.Event(), cupy.cuda.Event())
+            self._events[0].record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.gpu:
+            import cupy
+            self._events[1].record()
+            self._events[1].synchronize()
+            self.seconds = cupy.cuda.get_elapsed_time(*self._events) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self._t0
+
+
+def estimate_gpu_bytes(config: LlamaConfig, backend: str, batch: int, prompt: int, gen: int,
+                       group_size: int = 128) -> dict:
+    """Rough GPU memory of one benchmark run: weights, KV cache, inputs and prefill temporaries."""
+    H, I, d = config.hidden_size, config.intermediate_size, config.head_dim
+    nh, nkv, L = config.num_attention_heads, config.num_key_value_heads, config.num_hidden_layers
+    shapes = projection_shapes(config).values()
+    if backend in ("awq", "quick"):          # 4-bit codes + an fp16 scale and a 4-bit zero per group
+        weights = L * sum(n * k // 2 + n * (k // effective_group_size(group_size, k)) * 5 // 2
+                          for n, k in shapes)
+    else:
+        weights = L * sum(n * k for n, k in shapes) * 2
+    tokens = batch * prompt
+    activations = (tokens * ((nh + 2 * nkv) * d * 2 * 3 + H * 4 * 6 + 2 * I * 2 + I * 4 * 3)
+                   + batch * nh * prompt * prompt * (2 + 4 + 4))   # scores: fp16, fp32, mask sum
+    return {"weights": weights, "kv_cache": KVCache.nbytes(config, batch, prompt + gen, 2, L),
+            "inputs": batch * (prompt + gen) * H * 2, "activations": activations}
+
+
+def _relative_error(y, ref) -> float:
+    y = np.asarray(y.get() if hasattr(y, "get") else y, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def _random_hidden(xp, seed: int, shape, dtype):
+    """Hidden states ~ N(0, 1), generated where they are used."""
+    if xp is np:
+        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+    return xp.random.RandomState(seed).standard_normal(shape, dtype=np.float32).astype(dtype)
+
+
+def run(args) -> int:
+    from ..device import device_info, no_gpu_reason, versions
+
+    s = settings(args)
+    progress = Progress("llama", log_steps=False)
+    reason = no_gpu_reason()
+    gpu = reason is None
+
+    # --------------------------------------------------------------- model dimensions and weights
+    if s.checkpoint:
+        try:
+            if (Path(s.checkpoint) / "config.json").is_file():
+                progress.note(f"reading {s.checkpoint}")
+            ckpt = load_awq_checkpoint(s.checkpoint, num_layers=s.layers)
+        except (OSError, ValueError, ImportError) as exc:
+            raise UsageError(f"--checkpoint: {exc}") from None
+        if s.group_size not in (None, ckpt.group_size):
+            raise UsageError(f"--group-size {s.group_size} disagrees with the checkpoint's "
+                             f"group_size={ckpt.group_size}")
+        config, group_size, float_layers, quant_layers = ckpt.config, ckpt.group_size, None, ckpt.layers
+        source = f"AutoAWQ checkpoint {s.checkpoint}"
+    else:
+        preset = s.preset if gpu else "tiny"
+        config = LlamaConfig.preset(preset).replace(num_hidden_layers=s.layers or DEFAULT_PRESET_LAYERS)
+        group_size = 128 if s.group_size is None else s.group_size
+        try:
+            for name, (n, k) in projection_shapes(config).items():
+                effective_group_size(group_size, k)
+        except ValueError as exc:
+            raise UsageError(f"--group-size: {exc}") from None
+        float_layers, quant_layers = None, None
+        source = f"random weights (seed {s.seed})"
+
+    if gpu:
+        backends = s.backends
+        _check_gpu_memory(config, backends, s, group_size)
+    else:
+        backends = ["numpy"]
+        what = "the NumPy float32 path" + ("" if s.checkpoint or s.preset == "tiny"
+                                           else f" with the tiny preset instead of {s.preset}")
+        print(f"{reason}: running {what} on the CPU")
+
+    if quant_layers is None:
+        progress.note(f"random weights: {config.num_hidden_layers} layers of {_describe(config)}")
+        float_layers = random_layers(config, seed=s.seed)
+    if quant_layers is None and (not gpu or {"awq", "quick"} & set(backends)):
+        progress.note(f"quantizing (group size {group_size})")
+        quant_layers = [w.quantized(group_size) for w in float_layers]
+
+    # ----------------------------------------------------------------- NumPy float32 references
+    accuracy = []
+    refs = {}
+    if s.check_tokens:
+        x_check = _random_hidden(np, s.seed + 1, (1, s.check_tokens, config.hidden_size), np.float32)
+        progress.note("NumPy float32 reference")
+        refs["fp32"] = LlamaModel(config, float_layers or quant_layers, "numpy")(x_check)
+        if float_layers is not None and quant_layers is not None:
+            progress.note("NumPy reference with the dequantized 4-bit weights")
+            refs["deq"] = LlamaModel(config, quant_layers, "numpy")(x_check)
+        else:
+            refs["deq"] = refs["fp32"]
+        if quant_layers is not None:
+            # The 4-bit weights' own error, in exact float32 arithmetic: what the kernels should match.
+            accuracy.append({"backend": "numpy", "weights": f"int4 g{group_size}, dequantized",
+                             "vs_fp32": _relative_error(refs["deq"], refs["fp32"]) if float_layers else None,
+                             "vs_same_weights": 0.0})
+
+    # ------------------------------------------------------------------------ timing per backend
+    results = []
+    for backend in backends:
+        progress.note(f"[{backend}] building {config.num_hidden_layers} blocks")
+        layers = quant_layers if backend in ("awq", "quick") else (float_layers or quant_layers)
+        model = LlamaModel(config, layers, backend, group_size)
+        if gpu and s.check_tokens:
+            y = model(x_check)
+            same = refs["deq"] if backend in ("awq", "quick") else refs["fp32"]
+            accuracy.append({"backend": backend,
+                             "weights": f"int4 g{group_size}" if backend in ("awq", "quick") else
+                             ("fp16" if float_layers else "fp16, dequantized int4"),
+                             "vs_fp32": _relative_error(y, refs["fp32"]),
+                             "vs_same_weights": _relative_error(y, same)})
+        for batch in s.batches:
+            results.append(_time_one(model, backend, batch, s, progress))
+        del model
+        if gpu:
+            import cupy
+            cupy.get_default_memory_pool().free_all_blocks()
+    progress.close()
+
+    # ---------------------------------------------------------------------------------- report
+    report = {
+        "command": s.command, "versions": versions(), "device": device_info() if gpu else
+        {"available": False, "reason": reason}, "config": config.to_dict(), "source": source,
+        "group_size": group_size, "prompt": s.prompt, "gen": s.gen,
+        "throughput": results, "accuracy": accuracy,
+    }
+    print(_format_report(report, backends))
+    if s.json:
+        write_json(s.json, report, indent=2)
+    return 0
+
+
+def _describe(config: LlamaConfig) -> str:
+    return (f"hidden {config.hidden_size}, {config.num_attention_heads} heads / "
+            f"{config.num_key_value_heads} KV heads, intermediate {config.intermediate_size}")
+
+
+def _check_gpu_memory(config, backends, s, group_size):
+    """Fails early, in one line, when the largest batch cannot fit in the free GPU memory."""
+    import cupy
+    free, _ = cupy.cuda.runtime.memGetInfo()
+    free += cupy.get_default_memory_pool().free_bytes()
+    batch = max(s.batches)
+    for backend in backends:
+        if backend == "numpy":
+            continue
+        need = estimate_gpu_bytes(config, backend, batch, s.prompt, s.gen, group_size)
+        total = sum(need.values()) * 1.1 + (256 << 20)     # margin: cuBLAS workspace, fragmentation
+        if total > free:
+            parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in need.items())
+            raise UsageError(f"{backend} at batch={batch}, prompt={s.prompt}, gen={s.gen} needs about "
+                             f"{total / 2**30:.1f} GiB ({parts} GiB) but {free / 2**30:.1f} GiB of GPU memory "
+                             f"is free; lower --batch, --prompt, --gen or --layers")
+
+
+def _time_one(model: LlamaModel, backend: str, batch: int, s: Settings, progress) -> dict:
+    """Prefill of batch x prompt tokens, then ``gen`` single-token decode steps, on a fresh cache.
+
+    Two clocks. Wall: each forward launched from Python, one CuPy call per operation, as this runner
+    really runs (at small batch a decode step costs more in launch overhead than on the GPU; CuPy
+    refuses to capture cuBLAS calls in a CUDA graph). GPU: each forward queued behind a spin kernel
+    (quickcupy.timing), so the events measure the GPU's work alone, what a runtime without
+    per-launch overhead (C++, CUDA graphs) would see; ``gpu_time_exact`` is False if the host ever
+    fell behind the spin (the GPU time is then an upper bound).
+    """
+    from .timing import gpu_seconds_behind_spin
+    xp, H = model.xp, model.config.hidden_size
+    prompt, gen = s.prompt, s.gen
+    cache = model.new_cache(batch, prompt + gen)
+    x = _random_hidden(xp, s.seed + 2, (batch, prompt, H), model.dtype)
+    # (gen, batch, 1, H): each step's input x_dec[t] is contiguous.
+    x_dec = _random_hidden(xp, s.seed + 3, (gen, batch, 1, H), model.dtype)
+
+    progress.note(f"[{backend}] batch {batch}: warm-up")
+    model(x, cache)                      # compiles kernels, picks cuBLAS algorithms for these shapes
+    for t in range(min(gen, 2)):
+        model(x_dec[t], cache)
+    cache.reset()
+
+    progress.note(f"[{backend}] batch {batch}: prefill {batch} x {prompt} tokens")
+    with Timer(xp) as prefill:
+        model(x, cache)
+    with Timer(xp) as decode:
+        for t in range(gen):
+            if t % 16 == 0:
+                progress.step(f"[{backend}] batch {batch}: decode step {t + 1}/{gen}")
+            model(x_dec[t], cache)
+    out = {"backend": backend, "batch": batch,
+           "prefill_s": prefill.seconds, "prefill_tokens_per_s": batch * prompt / prefill.seconds,
+           "decode_s": decode.seconds,
+           "decode_tokens_per_s": batch * gen / decode.seconds if gen else None}
+    if xp is np:
+        return out
+
+    progress.note(f"[{backend}] batch {batch}: GPU time of prefill and decode")
+    cache.reset()
+    host = 2 * prefill.seconds           # generous first guess of the host's launch time
+    exact = True
+    prefill_gpu, host, ahead = gpu_seconds_behind_spin(lambda: model(x, cache), host)
+    exact &= ahead
+    decode_gpu = 0.0
+    for t in range(gen):
+        seconds, host, ahead = gpu_seconds_behind_spin(lambda: model(x_dec[t], cache), host)
+        decode_gpu += seconds
+        exact &= ahead
+    out.update({"prefill_gpu_s": prefill_gpu, "prefill_gpu_tokens_per_s": batch * prompt / prefill_gpu,
+                "decode_gpu_s": decode_gpu,
+                "decode_gpu_tokens_per_s": batch * gen / decode_gpu if gen else None,
+                "gpu_time_exact": bool(exact)})
+    return out
+
+
+def _format_report(r: dict, backends: list) -> str:
+    c = LlamaConfig(**r["config"])
+    dev = r["device"]
+    lines = [
+        f"command: {r['command']}",
+        f"device:  {dev['name'] if dev.get('available') else 'CPU (' + dev['reason'] + ')'}; "
+        f"quickcupy {r['versions']['quickcupy']}, cupy {r['versions'].get('cupy')}, numpy {r['versions']['numpy']}",
+        f"model:   {c.num_hidden_layers} Llama blocks ({_describe(c)}), {r['source']}, group size {r['group_size']}",
+        f"run:     prefill batch x {r['prompt']} tokens, then {r['gen']} decode steps with the KV cache",
+    ]
+    by = {(t["backend"], t["batch"]): t for t in r["throughput"]}
+    batches = sorted({t["batch"] for t in r["throughput"]})
+    ratio = "awq" in backends and "quick" in backends
+    metrics = [("prefill_tokens_per_s", "prefill tokens/s, wall clock"),
+               ("decode_tokens_per_s", "decode tokens/s, wall clock (each step launched from Python: small "
+                                       "batches measure CuPy's launch overhead more than the GEMMs)"),
+               ("prefill_gpu_tokens_per_s", "prefill tokens/s, GPU time (launch overhead hidden behind a spin kernel)"),
+               ("decode_gpu_tokens_per_s", "decode tokens/s, GPU time (launch overhead hidden behind a spin kernel)")]
+    if any(t.get("gpu_time_exact") is False for t in r["throughput"]):
+        lines.append("note: the host fell behind the spin kernel at least once; GPU times are upper bounds")
+    for key, title in metrics:
+        if all(t.get(key) is None for t in r["throughput"]):
+            continue
+        rows = []
+        for batch in batches:
+            values = [by[b, batch].get(key) for b in backends]
+            row = [batch] + [_fmt_rate(v) for v in values]
+            if ratio:
+                q, a = by["quick", batch].get(key), by["awq", batch].get(key)
+                row.append(f"{q / a:.2f}x" if q and a else "-")
+            rows.append(row)
+        lines += ["", title, table(["batch"] + backends + (["quick/awq"] if ratio else []), rows)]
+    if r["accuracy"]:
+        rows = [[a["backend"], a["weights"], _fmt_err(a["vs_fp32"]), _fmt_err(a["vs_same_weights"])]
+                for a in r["accuracy"]]
+        lines += ["", f"relative error ||y - ref|| / ||ref|| of the stack output, batch 1 prefill; refs are the "
+                      f"float32 NumPy stack with float weights, and with this row's weights",
+                  table(["backend", "weights", "vs float32 reference", "vs same weights in NumPy"], rows)]
+    return "\n".join(lines)
+
+
+def _fmt_rate(v) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def _fmt_err(v) -> str:
+    return "-" if v is None else f"{v:.2e}"
