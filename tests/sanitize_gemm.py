@@ -4,7 +4,7 @@
     compute-sanitizer --tool racecheck python tests/sanitize_gemm.py
 
 Shapes cover split-K, row tails (M not a multiple of the tile), every tile size, group sizes
-32/64/128/-1, bias and the warps of a block past N (N % 128 != 0).
+32/64/96/128/192/256/512/-1, bias and the warps of a block past N (N % 128 != 0).
 """
 import sys
 
@@ -15,6 +15,10 @@ from quickcupy import QuantLinear, gemm, quantize, reference_gemm
 
 CASES = [  # (M, K, N, group_size, tile_m, split_k)
     (1, 512, 320, 128, None, None),
+    (8, 4608, 1024, 96, None, 5),
+    (3, 4608, 1024, 192, None, None),
+    (40, 4096, 512, 256, None, 3),
+    (16, 4096, 512, 512, None, None),
     (7, 256, 192, 32, None, 3),
     (33, 384, 256, 64, 32, None),
     (100, 640, 448, -1, 64, 2),

@@ -136,3 +136,23 @@ def test_a_header_edit_reaches_the_binary(tmp_path, monkeypatch):
         cubins.append(cubin)
         assert value.to_bytes(4, "little") in cubin
     assert cubins[0] != cubins[1]
+
+
+@pytest.mark.gpu
+def test_a_header_edit_runs_the_new_code_in_a_fresh_process(tmp_path):
+    """The case measured on an H100 before the fix: a kernel including a header with VAL 1, the
+    header changed to VAL 2, and a fresh process sharing CuPy's cache still printed 1."""
+    import os
+    folder = tmp_path / "cuda"
+    shutil.copytree(kernels.cuda_dir(), folder)
+    (folder / "probe.cu").write_text('#include "probe.cuh"\nextern "C" __global__ void probe(int* o) { *o = PROBE; }\n')
+    script = ("import cupy; from quickcupy import kernels; o = cupy.zeros(1, cupy.int32); "
+              "kernels.get_function(cupy.cuda.Device().id, 'probe.cu', 'probe')((1,), (1,), (o,)); print(int(o[0]))")
+    env = dict(os.environ, QUICKCUPY_CUDA_DIR=str(folder), CUPY_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join(filter(None, (str(kernels.cuda_dir().parent), os.environ.get("PYTHONPATH")))))
+    seen = []
+    for value in (1, 2):
+        (folder / "probe.cuh").write_text(f"#define PROBE {value}\n")
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        seen.append(int(out.stdout.strip()))
+    assert seen == [1, 2]
