@@ -376,7 +376,7 @@ def run_probes(patterns, tmp_path):
     """Runs every pattern under ncu; returns [(name, offsets, model, measured Wavefronts)].
 
     Stores are read from the op_st counters, loads and ldmatrix from op_ld."""
-    from quickcupy.ncu import run_ncu
+    from quickcupy.tools.ncu import run_ncu
     data = tmp_path / "probes.npz"
     np.savez(data, names=np.array([p[0] for p in patterns]),
              offsets=np.stack([p[1] for p in patterns]).astype(np.int32))
@@ -398,7 +398,7 @@ def run_probes(patterns, tmp_path):
 
 def _skip_without_ncu():
     from quickcupy.device import no_gpu_reason
-    from quickcupy.ncu import NcuError, find_ncu
+    from quickcupy.tools.ncu import NcuError, find_ncu
     reason = no_gpu_reason()
     if reason:
         pytest.skip(f"no GPU: {reason}")

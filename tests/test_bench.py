@@ -1,4 +1,4 @@
-"""Tests of quickcupy.bench: parsing, floor arithmetic, table formatting, the no-GPU path (CPU);
+"""Tests of quickcupy.tools.bench (and bench_report): parsing, floor arithmetic, table formatting, the no-GPU path (CPU);
 a tiny real sweep (GPU)."""
 import csv
 import io

@@ -13,6 +13,7 @@ from quickcupy.attention import decode_attention
 from quickcupy.llama import (NORMS, PROJECTIONS, LayerWeights, LlamaConfig, LlamaModel, apply_rope, attention,
                              load_awq_checkpoint, make_linear, random_layers, rms_norm, rope_tables,
                              save_awq_checkpoint)
+from quickcupy.llama import model as llama_model
 from quickcupy.llama.model import fuse
 from quickcupy.tools.llama_bench import estimate_gpu_bytes
 
@@ -414,7 +415,7 @@ def test_gpu_decode_with_cache_equals_full_forward(rng, backend, config, monkeyp
     def counted(*args):       # every decode step of every layer runs the fused kernel
         fused_calls.append(args[3])
         return decode_attention(*args)
-    monkeypatch.setattr(llama, "decode_attention", counted)
+    monkeypatch.setattr(llama_model, "decode_attention", counted)
     model = LlamaModel(config, [w.quantized(64) for w in random_layers(config, seed=_seed(rng))], backend)
     x = cupy.asarray(_hidden(rng, 3, 12, config)).astype(np.float16)
     full = model(x)

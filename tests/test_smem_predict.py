@@ -1,4 +1,4 @@
-"""quickcupy.smem_predict: per-launch shared-memory counts from the kernels' own index maps."""
+"""quickcupy.analysis.smem_predict: per-launch shared-memory counts from the kernels' own index maps."""
 import pytest
 
 from quickcupy.analysis.smem_predict import OPS, predict

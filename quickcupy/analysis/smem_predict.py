@@ -3,7 +3,7 @@
 Walks each kernel's shared-memory instructions as the CUDA sources issue them, with the lane
 addresses taken from the index maps the sources are compiled with (:mod:`quickcupy.smem_maps`) and
 the grid from the launch planner (:func:`quickcupy.kernels.plan`), and counts wavefronts and bank
-conflicts with :mod:`quickcupy.banks`. The result uses Nsight Compute's categories:
+conflicts with :mod:`quickcupy.analysis.banks`. The result uses Nsight Compute's categories:
 
     st      st.shared (STS): AWQ's activation stores and its dequantized-weight write-back
     ldsm    ldmatrix (LDSM): A fragments (both kernels) and B fragments (AWQ)

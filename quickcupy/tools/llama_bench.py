@@ -273,7 +273,7 @@ def _time_one(model: LlamaModel, backend: str, batch: int, s: Settings, progress
     Two clocks. Wall: each forward launched from Python, one CuPy call per operation, as this runner
     really runs (at small batch a decode step costs more in launch overhead than on the GPU; CuPy
     refuses to capture cuBLAS calls in a CUDA graph). GPU: each forward queued behind a spin kernel
-    (quickcupy.timing), so the events measure the GPU's work alone, what a runtime without
+    (quickcupy.tools.timing), so the events measure the GPU's work alone, what a runtime without
     per-launch overhead (C++, CUDA graphs) would see; ``gpu_time_exact`` is False if the host ever
     fell behind the spin (the GPU time is then an upper bound).
     """
