@@ -122,8 +122,15 @@ def _awq_unpack(words: np.ndarray) -> np.ndarray:
     return out.reshape(J * AWQ_PACK, R)
 
 
+def _check_quantized(q):
+    if not isinstance(q, QuantizedWeight):
+        raise TypeError(f"q must be a QuantizedWeight (from quickcupy.quantize or unpack_*), got "
+                        f"{type(q).__name__}")
+
+
 def pack_awq(q: QuantizedWeight) -> PackedWeight:
     """AutoAWQ GEMM checkpoint tensors: qweight (K, N/8) int32, qzeros (K/G, N/8) int32, scales (K/G, N) fp16."""
+    _check_quantized(q)
     N = q.out_features
     if N % AWQ_PACK:
         raise ValueError(f"out_features={N} is not a multiple of {AWQ_PACK} (the AWQ layout packs 8 columns per int32)")
@@ -178,6 +185,7 @@ def check_quick_shape(K: int, N: int):
 def pack_quick(q: QuantizedWeight) -> PackedWeight:
     """QUICK interleaved tensors (see module docstring): qweight (N/32, K/32, 32, 4) int32,
     qzeros (N/32, K/G, 4) int32, scales (N/32, K/G, 8, 4) float16."""
+    _check_quantized(q)
     N, K = q.out_features, q.in_features
     check_quick_shape(K, N)
     k, n = _quick_weight_index(K, N)

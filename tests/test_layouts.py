@@ -125,3 +125,9 @@ def test_unpack_checks(rng):
         unpack_quick(pq.qweight[:, :, :16], pq.qzeros, pq.scales)
     with pytest.raises(ValueError, match="qzeros has shape"):
         unpack_quick(pq.qweight, pq.qzeros[:1], pq.scales)
+
+
+def test_pack_needs_a_quantized_weight():
+    for pack in (pack_awq, pack_quick):
+        with pytest.raises(TypeError, match="q must be a QuantizedWeight.*got ndarray"):
+            pack(np.zeros((64, 64), np.uint8))

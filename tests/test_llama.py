@@ -287,6 +287,13 @@ def _edit_config(path, **changes):
     ("no safetensors", FileNotFoundError, r"has no \*.safetensors files"),
     ("wrong dims", ValueError, r"model.layers.0 k_proj has shape \(128, 256\)"),
     ("too many layers", ValueError, "num_layers=3 must lie in 1..2"),
+    ("config is a list", ValueError, r"config.json holds a JSON list, not an object"),
+    ("config not json", ValueError, r"config.json is not valid JSON"),
+    ("index without weight_map", ValueError, r"model.safetensors.index.json has no \"weight_map\""),
+    ("group size 48", ValueError, "quantization_config.group_size=48: group_size=48 is not supported"),
+    ("NaN scale", ValueError, r"model.layers.0.self_attn.q_proj: scales must be finite and positive"),
+    ("negative scale", ValueError, r"model.layers.1.mlp.down_proj: scales must be finite and positive"),
+    ("NaN norm", ValueError, r"model.layers.0.input_layernorm.weight has NaN or inf"),
 ])
 def test_bad_checkpoint_rejected(rng, tmp_path, damage, error, match):
     pytest.importorskip("safetensors")
@@ -318,8 +325,61 @@ def test_bad_checkpoint_rejected(rng, tmp_path, damage, error, match):
         (tmp_path / "config.json").write_text(json.dumps(d))
     elif damage == "too many layers":
         num_layers = 3
+    elif damage == "config is a list":
+        (tmp_path / "config.json").write_text("[1, 2]")
+    elif damage == "config not json":
+        (tmp_path / "config.json").write_text("{hidden_size: 5")
+    elif damage == "index without weight_map":
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    elif damage == "group size 48":
+        _edit_config(tmp_path, group_size=48)
+    else:                                   # a corrupted value in one tensor
+        f = str(tmp_path / "model.safetensors")
+        tensors = load_file(f)
+        name, value = {"NaN scale": ("model.layers.0.self_attn.q_proj.scales", np.nan),
+                       "negative scale": ("model.layers.1.mlp.down_proj.scales", -1.0),
+                       "NaN norm": ("model.layers.0.input_layernorm.weight", np.nan)}[damage]
+        tensors[name][0, ...] = value
+        save_file(tensors, f)
     with pytest.raises(error, match=match):
         load_awq_checkpoint(tmp_path, num_layers=num_layers)
+
+
+def test_bf16_scales_are_read(rng, tmp_path):
+    """NumPy has no bfloat16: the loader reads BF16 tensors itself and converts them to float16."""
+    pytest.importorskip("safetensors")
+    from safetensors.numpy import load_file
+    save_awq_checkpoint(tmp_path, TINY, random_layers(TINY, seed=_seed(rng)))
+    before = load_awq_checkpoint(tmp_path)
+    f = tmp_path / "model.safetensors"
+    tensors = load_file(str(f))
+    # Rewrite the file by hand with every scales tensor as BF16 (the top 16 bits of float32).
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        if name.endswith(".scales"):
+            data = (t.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+            dtype = "BF16"
+        else:
+            data, dtype = t.tobytes(), {"int32": "I32", "float16": "F16"}[t.dtype.name]
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    f.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+    after = load_awq_checkpoint(tmp_path)
+    s0 = before.layers[0].q_proj.scales.astype(np.float32)
+    s1 = after.layers[0].q_proj.scales.astype(np.float32)
+    assert np.allclose(s0, s1, rtol=2 ** -7)        # bf16 keeps 8 bits of mantissa
+    np.testing.assert_array_equal(before.layers[1].down_proj.codes, after.layers[1].down_proj.codes)
+
+
+def test_cli_checkpoint_defaults_to_its_layer_count(rng, tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from quickcupy.__main__ import main
+    save_awq_checkpoint(tmp_path, TINY, random_layers(TINY, seed=_seed(rng)))
+    assert main(["llama", "--checkpoint", str(tmp_path), "--batch", "1", "--prompt", "4", "--gen", "1"]) == 0
+    assert "2 Llama blocks" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -472,3 +532,13 @@ def test_gpu_fused_decode_attention_equals_matmul_path(rng, nh, nkv, d, batch):
         values[:, :, length:] = np.nan
         again = decode_attention(q.reshape(batch, nh, d), keys, values, length)
         cupy.testing.assert_array_equal(again, fused)
+
+
+def test_gpu_memory_estimate_uses_the_real_group_size():
+    """-1 means one group per row (G = in_features), not 128: fewer scales than G = 128."""
+    cfg = LlamaConfig.preset("7b").replace(num_hidden_layers=1)
+    per_row = estimate_gpu_bytes(cfg, "quick", 1, 8, 8, -1)["weights"]
+    g128 = estimate_gpu_bytes(cfg, "quick", 1, 8, 8, 128)["weights"]
+    params = sum(n * k for n, k in llama_model.projection_shapes(cfg).values())
+    rows = sum(n for n, _ in llama_model.projection_shapes(cfg).values())
+    assert per_row == params // 2 + rows * 5 // 2 and g128 > per_row

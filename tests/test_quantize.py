@@ -93,3 +93,12 @@ def test_container_checks():
         QuantizedWeight(**{**ok, "codes": codes + 16})
     with pytest.raises(TypeError, match="scales must be a 2-D float16 array"):
         QuantizedWeight(**{**ok, "scales": np.ones((8, 2), np.float32)})
+
+
+def test_reference_refuses_a_wrong_bias_shape(rng):
+    from quickcupy import reference_gemm
+    q = quantize(rng.standard_normal((64, 128)).astype(np.float32), 32)
+    x = rng.standard_normal((3, 128))
+    assert reference_gemm(x, q, np.ones(64)).shape == (3, 64)
+    with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(64,\), got \(64, 1\)"):
+        reference_gemm(x, q, np.ones((64, 1)))
