@@ -9,6 +9,7 @@ constexpr int AWQ_THREADS = 64;
 constexpr int QUICK_THREADS = 128;
 constexpr int SPLITK_REDUCE_THREADS = 128;
 constexpr int DECODE_ATTENTION_THREADS = 128;
+constexpr int DEQUANT_THREADS = 128;
 
 // A fragment rows for ldmatrix.x4 (both kernels)
 #define A_LDSM_ROW(lane, mt, kk) ((mt) * 16 + (lane) % 16)

@@ -169,12 +169,20 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
     if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, (int, np.integer))
                                 or split_k < 1):
         raise ValueError(f"split_k={split_k!r} must be a positive int (or None to choose by shape)")
-    p = _plan(kernel, M, N, K, layer.group_size, layer.device, tile_m, split_k)
-    args = (p, x, layer.qweight, layer.qzeros, layer.scales, layer.bias, out, layer.device)
+    if registry.VARIANTS[kernel].path == "dequant":
+        if tile_m is not None or split_k is not None:
+            raise ValueError(f"tile_m/split_k choose a GEMM kernel's launch; kernel={kernel!r} runs cuBLAS")
+        launch = kernels.launch_dequant
+        args = (x, layer.qweight, layer.qzeros, layer.scales, layer.bias, out, N, K, layer.group_size,
+                layer.device)
+    else:
+        launch = kernels.launch
+        p = _plan(kernel, M, N, K, layer.group_size, layer.device, tile_m, split_k)
+        args = (p, x, layer.qweight, layer.qzeros, layer.scales, layer.bias, out, layer.device)
     if cupy.cuda.runtime.getDevice() == layer.device:
-        return kernels.launch(*args)
+        return launch(*args)
     with cupy.cuda.Device(layer.device):
-        return kernels.launch(*args)
+        return launch(*args)
 
 
 @functools.lru_cache(maxsize=4096)

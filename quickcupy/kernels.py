@@ -241,3 +241,27 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
         reduce_fn((blocks,), (threads,), (partial, null if bias is None else bias, out,
                                           np.int32(splits), np.int32(M), np.int32(N)))
     return out
+
+
+def dequantize(qweight, qzeros, scales, N: int, K: int, group_size: int, device_id: int, out=None):
+    """fp16 W (N, K) of a layer in the QUICK layout (cuda/dequant.cu), on the current stream."""
+    import cupy
+    if out is None:
+        out = cupy.empty((N, K), np.float16)
+    fn = get_function(device_id, "dequant.cu", "dequant_quick")
+    warps = registry.DEQUANT_THREADS // 32
+    fn((-(-(K // 32) // warps), N // 32), (registry.DEQUANT_THREADS,),
+       (qweight, qzeros, scales, out, np.int32(N), np.int32(K), np.int32(group_size)))
+    return out
+
+
+def launch_dequant(x, qweight, qzeros, scales, bias, out, N: int, K: int, group_size: int, device_id: int):
+    """The "dequant" path: W = dequantize(...) into a scratch buffer (CuPy's pool keeps it between
+    calls), then out = x @ W.T (+ bias) by cuBLAS."""
+    import cupy
+    w = dequantize(qweight, qzeros, scales, N, K, group_size, device_id)
+    x2, out2 = x.reshape(-1, K), out.reshape(-1, N)
+    cupy.matmul(x2, w.T, out=out2)
+    if bias is not None:
+        out2 += bias
+    return out

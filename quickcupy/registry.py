@@ -78,11 +78,13 @@ class Design:
 
 @dataclass(frozen=True)
 class Variant:
-    """A kernel name of ``quickcupy.gemm``: a design with fixed plan choices."""
+    """A kernel name of ``quickcupy.gemm``: a design with fixed plan choices, or (path "dequant")
+    the weight dequantized to fp16 by cuda/dequant.cu and multiplied by cuBLAS."""
     name: str
-    design: str              # key of DESIGNS
+    design: str              # key of DESIGNS: the kernel that runs, or whose layout is dequantized
     description: str
     tile_m: int | None = None   # rows per block, None = chosen by M
+    path: str = "gemm"       # "gemm" or "dequant"
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ VARIANTS = {v.name: v for v in (
             tile_m=16),
     Variant("quick", "quick", "QUICK interleaved weights loaded straight into mma registers; tile rows by M"),
     Variant("quick_m16", "quick", "QUICK with AutoAWQ's 16-row tile (like-for-like with awq)", tile_m=16),
+    Variant("dequant", "quick", "QUICK weights dequantized to an fp16 scratch buffer, then cuBLAS "
+            "(cupy.matmul): the large-M path", path="dequant"),
 )}
 
 # Layout name -> what it needs of (in_features, out_features): the loosest design reading it.
@@ -135,6 +139,7 @@ LAYOUTS = tuple(dict.fromkeys(d.layout for d in DESIGNS.values()))
 # ---------------------------------------------------------------------------------- helper kernels
 SPLITK_REDUCE_THREADS = 128
 DECODE_ATTENTION_THREADS = 128
+DEQUANT_THREADS = 128
 # decode_attention<head_dim, heads per block>: a block takes the largest of these that divides the
 # GQA group; head_dim a multiple of 32 (a warp spans it) between the least and greatest of these.
 DECODE_HEAD_DIMS = (64, 96, 128, 256)
@@ -147,6 +152,7 @@ SOURCES = {s.filename: s for s in (
     Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}>" for d in DECODE_HEAD_DIMS
                                         for g in DECODE_HEADS_PER_BLOCK),
            {"DECODE_ATTENTION_THREADS": DECODE_ATTENTION_THREADS}),
+    Source("dequant.cu", ("dequant_quick",), {"DEQUANT_THREADS": DEQUANT_THREADS}),
     Source("spin.cu", ("quickcupy_spin",)),
 )}
 

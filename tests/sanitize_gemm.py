@@ -12,6 +12,8 @@ import cupy
 import numpy as np
 
 from quickcupy import QuantLinear, gemm, quantize, reference_gemm
+from quickcupy.gemm import kernel_layout
+from quickcupy.registry import VARIANTS
 
 CASES = [  # (M, K, N, group_size, tile_m, split_k)
     (1, 512, 320, 128, None, None),
@@ -35,15 +37,17 @@ def main() -> int:
         q = quantize(w, G)
         x = rng.standard_normal((M, K)).astype(np.float16)
         ref = reference_gemm(x, q, bias)
-        for layout in ("awq", "quick"):
+        for kernel in ("awq", "quick", "dequant"):
+            layout = kernel_layout(kernel)
             if layout == "awq" and (N % 64 or tile_m == 128):
                 continue
             layer = QuantLinear.from_quantized(q, layout=layout, bias=bias)
             out = cupy.full((M, N), np.nan, np.float16)
-            gemm(cupy.asarray(x), layer, out=out, tile_m=tile_m, split_k=split_k)
+            plan = dict(tile_m=tile_m, split_k=split_k) if VARIANTS[kernel].path == "gemm" else {}
+            gemm(cupy.asarray(x), layer, kernel, out=out, **plan)
             err = float(np.linalg.norm(out.get() - ref) / np.linalg.norm(ref))
             worst = max(worst, err if np.isfinite(err) else np.inf)
-            print(f"{layout:5s} M={M:4d} K={K:4d} N={N:4d} G={G:4d} tile_m={tile_m} split_k={split_k}: rel err {err:.2e}")
+            print(f"{kernel:7s} M={M:4d} K={K:4d} N={N:4d} G={G:4d} tile_m={tile_m} split_k={split_k}: rel err {err:.2e}")
     cupy.cuda.Device().synchronize()
     print(f"worst relative error {worst:.2e}")
     return 0 if worst < 1e-2 else 1

@@ -77,7 +77,7 @@ def test_every_supported_group_size_matches_float64(G, kernel, rng):
     K, N = 4608, 1024
     q = random_quantized(rng, N, K, G)
     x = rng.standard_normal((8, K)).astype(np.float16)
-    for split_k in (None, 1, 5):
+    for split_k in (None, 1, 5) if registry.VARIANTS[kernel].path == "gemm" else (None,):
         y = _run(x, q, registry.design_of(kernel).layout, kernel, split_k=split_k)
         assert not np.isnan(y).any()
         assert rel_error(y, reference_gemm(x, q)) < TOL, (G, kernel, split_k)
@@ -96,8 +96,10 @@ def gemm_cases(draw):
     M = draw(st.one_of(st.integers(1, 64), st.integers(65, 2048)))
     lead = draw(st.sampled_from([(), (2,), (3, 1)]))
     M = max(1, M // int(np.prod(lead))) if lead else M
-    tile_m = draw(st.sampled_from([None, *design.tiles])) if registry.VARIANTS[kernel].tile_m is None else None
-    split_k = draw(st.one_of(st.none(), st.integers(1, 12)))
+    gemm_path = registry.VARIANTS[kernel].path == "gemm"
+    tile_m = (draw(st.sampled_from([None, *design.tiles]))
+              if gemm_path and registry.VARIANTS[kernel].tile_m is None else None)
+    split_k = draw(st.one_of(st.none(), st.integers(1, 12))) if gemm_path else None
     return dict(kernel=kernel, K=K, N=N, G=G, M=M, lead=lead, tile_m=tile_m, split_k=split_k,
                 bias=draw(st.booleans()), seed=draw(st.integers(0, 2**32 - 1)))
 

@@ -300,12 +300,12 @@ def _run_on_gpu(s: Settings, result: dict) -> int:
 # ------------------------------------------------------------------------- without a GPU
 def bank_predictions(s: Settings) -> tuple:
     """(rows, skipped) of the bank-conflict model (quickcupy.analysis.smem_predict) for every shape,
-    M and int4 kernel of the settings: per-launch shared-memory instructions, wavefronts and
+    M and int4 kernel of the settings (those that run one of our GEMM designs): per-launch shared-memory instructions, wavefronts and
     conflicts; shapes a kernel cannot hold are skipped with the message the GPU path gives."""
     from ..analysis.smem_predict import predict
     rows, skipped = [], []
     for K, N in s.shapes:
-        for kernel in (k for k in s.kernels if k != BASELINE):
+        for kernel in (k for k in s.kernels if k in VARIANTS and VARIANTS[k].path == "gemm"):
             reason = shape_refusal(kernel, K, N)
             if reason:
                 skipped.append({"K": K, "N": N, "kernel": kernel, "reason": reason})

@@ -269,7 +269,8 @@ def add_parser(subparsers):
 
 
 def _add_shape_arguments(p):
-    p.add_argument("--kernels", nargs="+", choices=tuple(registry.VARIANTS), default=list(KERNELS),
+    p.add_argument("--kernels", nargs="+", default=list(KERNELS),
+                   choices=tuple(k for k, v in registry.VARIANTS.items() if v.path == "gemm"),
                    help="kernels to profile (default: awq quick)")
     p.add_argument("--M", "-M", dest="M", nargs="+", type=int, default=[16, 128],
                    help="rows of x (default 16 128)")
