@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 
-from . import kernels, registry
+from . import dispatch, kernels, registry
 from .layouts import pack_awq, pack_quick, unpack_awq
 from .quantize import QuantizedWeight, quantize
 
@@ -143,8 +143,8 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
     """y = x @ W.T (+ bias) with the 4-bit weights of ``layer``.
 
     x: CuPy float16 (..., K), C-contiguous, on the layer's device; any number of rows M >= 1.
-    kernel: a name of :data:`KERNELS` ("quick", "quick_m16", "awq"; default: the one named like the
-    layer's layout); must read the layer's layout.
+    kernel: a name of :data:`KERNELS`; must read the layer's layout. Default: "auto" for the quick
+    layout (the fastest kernel for M on this GPU, see :mod:`quickcupy.dispatch`), "awq" for awq.
     out: optional CuPy float16 (..., N) to write into.
     ``tile_m``/``split_k`` override the launch plan (tuning, tests).
     Returns (..., N) float16, computed on the current stream.
@@ -153,7 +153,7 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
     if not isinstance(layer, QuantLinear):
         raise TypeError(f"layer must be a QuantLinear, got {type(layer).__name__}")
     if kernel is None:
-        kernel = layer.layout
+        kernel = "auto" if layer.layout == dispatch.LAYOUT else layer.layout
     if kernel_layout(kernel) != layer.layout:
         raise ValueError(f"kernel={kernel!r} reads the {kernel_layout(kernel)} layout but the layer is "
                          f"packed as {layer.layout!r}; build it with QuantLinear(..., layout="
@@ -169,6 +169,10 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
     if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, (int, np.integer))
                                 or split_k < 1):
         raise ValueError(f"split_k={split_k!r} must be a positive int (or None to choose by shape)")
+    if registry.VARIANTS[kernel].path == "auto":
+        if tile_m is not None or split_k is not None:
+            raise ValueError("tile_m/split_k choose one kernel's launch; name that kernel instead of 'auto'")
+        kernel = dispatch.kernel_for(M, layer.device)
     if registry.VARIANTS[kernel].path == "dequant":
         if tile_m is not None or split_k is not None:
             raise ValueError(f"tile_m/split_k choose a GEMM kernel's launch; kernel={kernel!r} runs cuBLAS")

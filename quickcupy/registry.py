@@ -84,7 +84,7 @@ class Variant:
     design: str              # key of DESIGNS: the kernel that runs, or whose layout is dequantized
     description: str
     tile_m: int | None = None   # rows per block, None = chosen by M
-    path: str = "gemm"       # "gemm" or "dequant"
+    path: str = "gemm"       # "gemm", "dequant", or "auto" (a table picks one of the others by M)
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,8 @@ VARIANTS = {v.name: v for v in (
     Variant("quick_m16", "quick", "QUICK with AutoAWQ's 16-row tile (like-for-like with awq)", tile_m=16),
     Variant("dequant", "quick", "QUICK weights dequantized to an fp16 scratch buffer, then cuBLAS "
             "(cupy.matmul): the large-M path", path="dequant"),
+    Variant("auto", "quick", "the fastest quick-layout kernel for M on this GPU, from a measured table "
+            "(quickcupy.dispatch)", path="auto"),
 )}
 
 # Layout name -> what it needs of (in_features, out_features): the loosest design reading it.

@@ -258,6 +258,7 @@ class QuantizedLinear:
     def __init__(self, q: QuantizedWeight, layout: str):
         from ..gemm import QuantLinear
         self.layer = QuantLinear.from_quantized(q, layout=layout)
+        self.kernel = layout            # the design itself, not "auto": the runner compares designs
         self.out_features, self.in_features = q.out_features, q.in_features
 
     def __call__(self, x):
@@ -265,7 +266,7 @@ class QuantizedLinear:
         x2 = cupy.ascontiguousarray(x.reshape(-1, self.in_features))
         if x2.data.ptr % 16:                 # the kernels load 16-byte vectors; a view may be offset
             x2 = x2.copy()
-        y = self.layer(x2)
+        y = self.layer(x2, kernel=self.kernel)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -267,7 +267,9 @@ def _bench_shape(K, N, s: Settings, l2_bytes, progress):
     return raw, skipped, host
 
 
-def _run_on_gpu(s: Settings, result: dict) -> int:
+def measure(s: Settings, result: dict) -> dict:
+    """Times every (shape, M, kernel) of the settings on the GPU; fills and returns ``result`` with
+    bandwidth, points (bench_report.POINT_FIELDS), skipped, clocks, host timings."""
     l2_bytes = result["device"].get("l2_bytes") or FALLBACK_L2_BYTES
     progress = Progress("bench", len(s.shapes) * len(s.ms) * len(s.kernels), not s.quiet)
     bandwidth = measure_copy_bandwidth(l2_bytes)
@@ -282,6 +284,11 @@ def _run_on_gpu(s: Settings, result: dict) -> int:
         progress.close(f"{progress.done} points in {time.perf_counter() - progress.t0:.1f} s")
     result.update(bandwidth=bandwidth, points=derive_points(raw, bandwidth["bytes_per_s"]), skipped=skipped,
                   clocks=clocks, host=host, finished=now())
+    return result
+
+
+def _run_on_gpu(s: Settings, result: dict) -> int:
+    measure(s, result)
     if s.json:
         write_json(s.json, result)
     if s.csv:
@@ -342,10 +349,9 @@ def _run_without_gpu(s: Settings, result: dict, reason: str) -> int:
 
 
 # -------------------------------------------------------------------------------------- entry
-def run(args) -> int:
-    s = settings(args)
-    reason = _device.no_gpu_reason()
-    result = {
+def new_result(s: Settings, reason) -> dict:
+    """The header of a bench result: schema, command, settings, device, versions."""
+    return {
         "schema": SCHEMA, "command": s.command, "started": now(),
         "settings": {k: v for k, v in asdict(s).items() if k in ("shapes", "ms", "kernels", "group_size",
                                                                   "warmup", "repeats", "seed")},
@@ -354,6 +360,12 @@ def run(args) -> int:
         "device": _device.device_info() if reason is None else {"available": False, "reason": reason},
         "versions": _device.versions(),
     }
+
+
+def run(args) -> int:
+    s = settings(args)
+    reason = _device.no_gpu_reason()
+    result = new_result(s, reason)
     if reason is not None:
         return _run_without_gpu(s, result, reason)
     return _run_on_gpu(s, result)

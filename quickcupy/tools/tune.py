@@ -1,0 +1,86 @@
+"""``python -m quickcupy tune``: measure the quick-layout kernels and write ``kernel="auto"``'s table.
+
+Times every candidate kernel (the quick-layout names of quickcupy.registry except "auto") over the
+bench's shapes and a sweep of M, exactly as ``bench`` does, then for each M picks the kernel with
+the smallest geometric-mean time over the shapes and merges equal neighbours into rules
+(quickcupy.dispatch). It prints, per M, each candidate's time relative to the best one at every
+shape and the worst loss of the chosen rule, and writes the table (default:
+quickcupy/tuning/<gpu>.json, which ships with the package).
+"""
+from __future__ import annotations
+
+import math
+from .. import device as _device
+from .. import dispatch, registry
+from . import bench
+from .common import UsageError, check_output_path, parse_names, table, write_json
+
+CANDIDATES = tuple(k for k, v in registry.VARIANTS.items()
+                   if v.path != "auto" and registry.design_of(k).layout == dispatch.LAYOUT and v.tile_m is None)
+DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096, 8192)
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("tune", help="measure the quick-layout kernels and write kernel='auto''s table",
+                              description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in bench.DEFAULT_SHAPES),
+                   help="comma-separated KxN shapes; default: the bench's")
+    p.add_argument("--m", default=",".join(map(str, DEFAULT_MS)), help="comma-separated M values")
+    p.add_argument("--kernels", default=None, help=f"candidates, from {', '.join(CANDIDATES)}; default: all")
+    p.add_argument("--repeats", default="30", help="timed calls per point (median); default: %(default)s")
+    p.add_argument("--out", metavar="PATH", default=None,
+                   help="where to write the table; default: quickcupy/tuning/<gpu>.json")
+    p.add_argument("--json", metavar="PATH", help="also write every measured point (bench's JSON)")
+    p.set_defaults(func=run)
+
+
+def rules_from(points, candidates) -> tuple:
+    """(rules, per-M rows): for each M the candidate with the least geometric-mean time over the
+    shapes; equal neighbours merged; rows carry each candidate's worst ratio to the per-shape best."""
+    by_m = {}
+    for p in points:
+        by_m.setdefault(p["M"], {}).setdefault((p["K"], p["N"]), {})[p["kernel"]] = p["time_us"]
+    rows, winners = [], []
+    for M in sorted(by_m):
+        shapes = {s: t for s, t in by_m[M].items() if all(k in t for k in candidates)}
+        if not shapes:
+            continue
+        gmean = {k: math.exp(sum(math.log(t[k]) for t in shapes.values()) / len(shapes)) for k in candidates}
+        best = min(candidates, key=gmean.get)
+        worst = {k: max(t[k] / min(t.values()) for t in shapes.values()) for k in candidates}
+        winners.append((M, best))
+        rows.append({"M": M, "choice": best, **{f"{k} worst/best": worst[k] for k in candidates}})
+    rules = []
+    for i, (M, kernel) in enumerate(winners):
+        last = i == len(winners) - 1
+        if rules and rules[-1]["kernel"] == kernel:
+            rules[-1]["max_m"] = None if last else M
+        else:
+            rules.append({"max_m": None if last else M, "kernel": kernel})
+    return dispatch.check_rules(rules), rows
+
+
+def run(args) -> int:
+    reason = _device.no_gpu_reason()
+    if reason is not None:
+        raise UsageError(f"tune measures kernels and needs a GPU: {reason}")
+    candidates = parse_names("--kernels", args.kernels, CANDIDATES)
+    name = _device.device_info()["name"]
+    out = args.out or str(dispatch.TUNING_DIR / f"{dispatch.device_slug(name)}.json")
+    check_output_path("--out", out)
+    s = bench.Settings(shapes=tuple(bench.parse_shapes(args.shapes)), ms=tuple(bench.parse_ms(args.m)),
+                       kernels=tuple(candidates), group_size=bench.DEFAULT_GROUP_SIZE, warmup=5,
+                       repeats=int(args.repeats), seed=0, json=args.json, csv=None, plot=None, quiet=True,
+                       command=getattr(args, "command_line", "python -m quickcupy tune"))
+    check_output_path("--json", s.json)
+    result = bench.measure(s, bench.new_result(s, None))
+    if s.json:
+        write_json(s.json, result)
+    rules, rows = rules_from(result["points"], candidates)
+    write_json(out, {"device": name, "command": s.command, "rules": list(rules),
+                     "group_size": s.group_size, "shapes": [list(x) for x in s.shapes], "per_m": rows},
+                     indent=1)
+    dispatch.table_for.cache_clear()
+    print(table(list(rows[0]), [[f"{v:.2f}" if isinstance(v, float) else v for v in r.values()] for r in rows]))
+    print(f"\nrules: {list(rules)}\nwrote {out}")
+    return 0
