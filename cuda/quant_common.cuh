@@ -148,3 +148,129 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[MT][NT][4], int r
 }
 
 }  // namespace qc
+
+// ===================================================================== streaming and split-K helpers
+// (added for cuda/quick_decode.cu; nothing above this line changed)
+namespace qc {
+
+// 16-byte global load of data read exactly once (a weight stream), zero when !pred, with no branch.
+// HINT: 0 = ld.global.nc (L1 allocating, like __ldg); 1 = .L1::no_allocate; 2 = .L1::no_allocate
+// plus .L2::256B (the L2 fetches a whole 256-byte sector group). Measured on the H100 (quick_decode):
+// 1 and 2 equal, 0 about 1 us slower at K = N = 8192. No L2 eviction hint: ptxas 13 takes
+// .L2::evict_first only on 32-byte loads, and the createpolicy route crashed Marlin on our H100.
+template <int HINT>
+__device__ __forceinline__ uint4 ld_stream16(const void* p, bool pred) {
+  uint4 r;
+  const int ok = pred;
+  if constexpr (HINT == 0) {
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
+                 " mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+                 " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok));
+  } else if constexpr (HINT == 1) {
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
+                 " mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+                 " @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok));
+  } else {
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
+                 " mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+                 " @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok));
+  }
+  return r;
+}
+
+// 8 nibbles -> 4 half2 of (code - zero), exact small integers, no scale: for kernels that scale the
+// fp32 sums of a group instead (pair i uses zero[i]; same nibble order as dequant_int4x8).
+__device__ __forceinline__ void dequant_int4x8_unscaled(u32 w, const Zero2 (&zero)[4], u32 (&out)[4]) {
+  u32 h[4];
+  int4x8_biased(w, h);
+  const half2 k1_16 = __float2half2_rn(1.f / 16.f);
+  out[0] = as_u32(__hsub2(as_half2(h[0]), zero[0].lo));
+  out[1] = as_u32(__hfma2(as_half2(h[1]), k1_16, zero[1].neg_hi));
+  out[2] = as_u32(__hsub2(as_half2(h[2]), zero[2].lo));
+  out[3] = as_u32(__hfma2(as_half2(h[3]), k1_16, zero[3].neg_hi));
+}
+
+// ldmatrix_x4 from a shared-state-space address (smem_addr of the row): keeps 32-bit addresses in
+// registers instead of 64-bit generic pointers.
+__device__ __forceinline__ void ldmatrix_x4_addr(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// Split-K arrival of one warp, "last one reduces": call it with the whole warp after the warp's
+// fp32 partials are stored. Returns true (to every lane) in the warp that arrives last among the
+// `splits` warps sharing `counter`; that warp may then read every split's partials (with __ldcg:
+// they are in L2, not in this SM's L1) and must write the result. The last warp resets the counter
+// to 0, so a counters buffer zeroed once by the host serves every later launch (CUDA-graph safe).
+// Fences are fence.acq_rel.gpu (MEMBAR.ALL.GPU), lighter than __threadfence's fence.sc.gpu.
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+
+__device__ __forceinline__ bool splitk_warp_arrive(unsigned int* counter, unsigned int splits) {
+  fence_acq_rel_gpu();  // release: this lane's partial stores are visible GPU-wide before the count
+  __syncwarp();
+  unsigned int prev = 0;
+  if ((threadIdx.x & 31) == 0) prev = atomicAdd(counter, 1u);
+  prev = __shfl_sync(0xffffffffu, prev, 0);
+  const bool last = prev == splits - 1;
+  if (last) {
+    fence_acq_rel_gpu();  // acquire: the partial reads below come after the observed count
+    if ((threadIdx.x & 31) == 0) atomicExch(counter, 0u);  // every split has arrived: reset
+  }
+  return last;
+}
+
+// The deterministic split-K sum of a 32-column strip, by one warp: for rows 0..M-1 and columns
+// col0..col0+31, C = sum over s = 0..splits-1 IN THAT ORDER of partial[s][row][col] (+ bias[col]),
+// as fp16. partial is [splits][M][N] fp32; N % 4 == 0, col0 % 4 == 0. Lane = (row % 4, 4 columns):
+// 4 rows per pass, BATCH splits of 2 passes loaded before any is added (their latencies overlap).
+template <int BATCH>
+__device__ __forceinline__ void splitk_reduce_strip32(const float* __restrict__ partial, int splits,
+                                                      int M, int N, int col0,
+                                                      const half* __restrict__ bias,
+                                                      half* __restrict__ C) {
+  const int lane = threadIdx.x & 31, rsub = lane / 8, col = col0 + (lane % 8) * 4;
+  const size_t MN = (size_t)M * N;
+  float4 b = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (bias != nullptr) {
+    const uint2 bb = *reinterpret_cast<const uint2*>(bias + col);
+    const float2 b01 = __half22float2(as_half2(bb.x)), b23 = __half22float2(as_half2(bb.y));
+    b = make_float4(b01.x, b01.y, b23.x, b23.y);
+  }
+  for (int m0 = 0; m0 < M; m0 += 8) {
+    float4 acc[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
+    for (int s0 = 0; s0 < splits; s0 += BATCH) {
+      float4 p[2][BATCH];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + 4 * h + rsub;
+#pragma unroll
+        for (int s = 0; s < BATCH; ++s) {
+          p[h][s] = (row < M && s0 + s < splits)
+                        ? __ldcg(reinterpret_cast<const float4*>(partial + (s0 + s) * MN + (size_t)row * N + col))
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int s = 0; s < BATCH; ++s) {
+          acc[h].x += p[h][s].x; acc[h].y += p[h][s].y; acc[h].z += p[h][s].z; acc[h].w += p[h][s].w;
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m0 + 4 * h + rsub;
+      if (row < M) {
+        uint2 o;
+        o.x = as_u32(__floats2half2_rn(acc[h].x + b.x, acc[h].y + b.y));
+        o.y = as_u32(__floats2half2_rn(acc[h].z + b.z, acc[h].w + b.w));
+        *reinterpret_cast<uint2*>(C + (size_t)row * N + col) = o;
+      }
+    }
+  }
+}
+
+}  // namespace qc

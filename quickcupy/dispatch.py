@@ -39,6 +39,9 @@ def check_rules(rules, where: str = "rules") -> tuple:
         v = registry.VARIANTS.get(kernel)
         if v is None or v.path == "auto" or registry.design_of(kernel).layout != LAYOUT:
             raise ValueError(f"{where}[{i}]: kernel={kernel!r} is not a {LAYOUT}-layout kernel")
+        design = registry.design_of(kernel)
+        if design.max_m is not None and (max_m is None or max_m > design.max_m):
+            raise ValueError(f"{where}[{i}]: kernel={kernel!r} serves M <= {design.max_m}, the rule max_m={max_m}")
         final = i == len(rules) - 1
         if final != (max_m is None) or (max_m is not None and (not isinstance(max_m, int) or max_m <= last)):
             raise ValueError(f"{where}[{i}]: max_m={max_m!r} must increase, and only the last rule is unbounded")

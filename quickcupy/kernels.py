@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
-from .registry import Design, Tile
+from .registry import DecodeShape, Design, Tile
 
 MIN_COMPUTE_CAPABILITY = (8, 0)   # mma.sync m16n8k16, ldmatrix, cp.async
 CUDA_DIR_ENV = "QUICKCUPY_CUDA_DIR"   # development: compile the kernels from another cuda/ folder
@@ -72,6 +72,8 @@ class LaunchPlan:
     N: int
     K: int
     group_size: int
+    threads: int = 0             # threads per block (0: the design's)
+    counters: bool = False       # the kernel reduces split-K itself and needs arrival counters
 
     @property
     def kernel(self) -> str:
@@ -83,7 +85,7 @@ class LaunchPlan:
 
     @property
     def block(self) -> tuple:
-        return (self.design.threads, 1, 1)
+        return (self.threads or self.design.threads, 1, 1)
 
     @property
     def split_k(self) -> int:
@@ -110,6 +112,11 @@ def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 1
     Scales and zeros are reloaded every gcd(group_size / 32, chunks) chunks, so every group size
     that is a multiple of 32 works with every tile."""
     design = registry.design_of(kernel)
+    design.check_m(M)
+    if design.planner == "decode":
+        if tile_m is not None or tile is not None:
+            raise ValueError(f"tile_m/tile do not apply to {design.name} (it picks its block shape by M)")
+        return _plan_decode(design, M, N, K, group_size, sm_count, split_k)
     if tile_m is None and kernel in registry.VARIANTS:
         tile_m = registry.VARIANTS[kernel].tile_m
     bm = design.tile_m(M) if tile_m is None else tile_m
@@ -129,6 +136,79 @@ def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 1
                       bm=bm, bn=bn, tile=t, grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
                       shared_bytes=design.smem_bytes(bm, t), chunks_per_split=per,
                       M=M, N=N, K=K, group_size=group_size)
+
+
+# Decode planner (cuda/quick_decode.cu), fitted on an H100 sweep of every block shape at the Llama
+# shapes (within 6 % of the best measured shape everywhere, 0.7 % on average).
+SMEM_PER_SM = 228 * 1024          # H100/A100 shared memory per SM (bytes)
+SMEM_PER_BLOCK = 227 * 1024       # the most one block may ask for
+SMEM_RESERVED = 1024              # reserved per block by the system
+SPLIT_PENALTY = 0.2               # score lost by a split-K across blocks (partials, arrival, reduction)
+A_PENALTY = 0.25                  # score lost per M / (8 tile columns per block): activation re-reads
+BLOCK_OVERHEAD_CHUNKS = 16        # a block's start (first DRAM latency, activations) in chunks
+
+
+def _decode_smem(sh: DecodeShape, M: int, cps: int) -> int:
+    """Activations of the K slice (M rows of 32 cps + 8 halfs, then 16 zero bytes) or, with KW > 1,
+    the fp32 sums of the upper warps of each tile column, whichever is larger."""
+    return max(2 * (M * (32 * cps + 8) + 8), (sh.kw - 1) * sh.columns * sh.mb * 1024)
+
+
+def _decode_fit(sh: DecodeShape, M: int, K: int, tiles_n: int, sm_count: int, splits: int):
+    """(splits, chunks per split, blocks per SM, waves) for a requested split count."""
+    step = sh.chunks * sh.kw                     # each warp of a column gets whole batches
+    chunks = K // 32
+    cps = -(-(-(-chunks // splits)) // step) * step
+    splits = -(-chunks // cps)
+    smem = _decode_smem(sh, M, cps)
+    regs = 65536 // (sh.minb * sh.nwarps * 32)   # what __launch_bounds__ allows
+    per_sm = 0 if smem > SMEM_PER_BLOCK else min(65536 // (regs * 32 * sh.nwarps), 64 // sh.nwarps,
+                                                  SMEM_PER_SM // (smem + SMEM_RESERVED))
+    blocks = -(-tiles_n // sh.columns) * splits
+    return splits, cps, per_sm, (-(-blocks // (per_sm * sm_count)) if per_sm else 10 ** 9)
+
+
+def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_count: int, split_k=None):
+    """The decode launch rule. M <= 8: of the shapes with 8-row tiles, each with the largest split
+    that keeps the grid to one wave, the best of
+        score = warps used / (16 SMs) - SPLIT_PENALTY [splits > 1] - A_PENALTY M / (8 tile columns)
+    M 9..16: the 16-row shape, its split capped at K / (32 M) (partials under ~1/4 of the weight)."""
+    tiles_n, chunks = N // 32, K // 32
+    mb = 1 if M <= 8 else 2
+    candidates = [sh for sh in design.shapes if sh.mb == mb]
+
+    def best_split(sh):
+        fits = [_decode_fit(sh, M, K, tiles_n, sm_count, s) for s in range(1, -(-chunks // sh.chunks) + 1)]
+        one_wave = [f for f in fits if f[3] <= 1]
+        if one_wave:
+            return max(one_wave, key=lambda f: f[0])
+        return min((f for f in fits if f[2]), key=lambda f: f[3] * (f[1] // sh.kw + BLOCK_OVERHEAD_CHUNKS))
+
+    if split_k is not None:
+        sh = candidates[0]
+        fit = _decode_fit(sh, M, K, tiles_n, sm_count, int(split_k))
+    elif mb > 1:
+        sh = candidates[0]
+        fit = best_split(sh)
+        fit = _decode_fit(sh, M, K, tiles_n, sm_count, min(fit[0], max(1, K // (32 * M))))
+    else:
+        scored = []
+        for sh in candidates:
+            f = best_split(sh)
+            if f[3] <= 1:
+                warps = -(-tiles_n // sh.columns) * f[0] * sh.nwarps
+                score = (warps / (16 * sm_count) - SPLIT_PENALTY * (f[0] > 1)
+                         - A_PENALTY * M / (8 * sh.columns))
+                scored.append((score, sh, f))
+        sh, fit = ((candidates[0], best_split(candidates[0])) if not scored else
+                   max(scored, key=lambda x: x[0])[1:])
+    splits, cps, _, _ = fit
+    while _decode_smem(sh, M, cps) > SMEM_PER_BLOCK:       # a long K slice of many rows
+        splits, cps, _, _ = _decode_fit(sh, M, K, tiles_n, sm_count, splits + 1)
+    return LaunchPlan(design=design, name=sh.instance(math.gcd(group_size // 32, sh.chunks)), bm=8 * sh.mb,
+                      bn=32 * sh.columns, tile=Tile(chunks=sh.chunks), grid=(-(-tiles_n // sh.columns), splits, 1),
+                      shared_bytes=_decode_smem(sh, M, cps), chunks_per_split=cps, M=M, N=N, K=K,
+                      group_size=group_size, threads=32 * sh.nwarps, counters=True)
 
 
 def all_instances():
@@ -192,19 +272,30 @@ def _module(device_id: int, arch: str, source: str, name: str, code_digest: str)
 
 
 def get_function(device_id: int, source: str, name: str, shared_bytes: int = 0):
-    """The compiled kernel ``name`` of ``source`` for device ``device_id`` (compiled on first use)."""
-    return _get_function(device_id, source, name, shared_bytes, _digest_once())
+    """The compiled kernel ``name`` of ``source`` for device ``device_id`` (compiled on first use),
+    allowed ``shared_bytes`` of dynamic shared memory. The limit is a property of the kernel, shared by
+    every launch, so it only ever rises: to the device's maximum the first time more than 48 KB is asked."""
+    fn = _get_function(device_id, source, name, _digest_once())
+    if shared_bytes > 48 * 1024 and (device_id, source, name) not in _RAISED:
+        import cupy
+        with cupy.cuda.Device(device_id):
+            optin = cupy.cuda.runtime.getDeviceProperties(device_id)["sharedMemPerBlockOptin"]
+            if shared_bytes > optin:
+                raise ValueError(f"{name} needs {shared_bytes} bytes of shared memory, the device allows {optin}")
+            fn.max_dynamic_shared_size_bytes = optin - fn.shared_size_bytes
+        _RAISED.add((device_id, source, name))
+    return fn
+
+
+_RAISED = set()
 
 
 @functools.lru_cache(maxsize=None)
-def _get_function(device_id: int, source: str, name: str, shared_bytes: int, code_digest: str):
+def _get_function(device_id: int, source: str, name: str, code_digest: str):
     import cupy
     with cupy.cuda.Device(device_id) as dev:
         arch = "sm_" + "".join(str(c) for c in dev.compute_capability)
-        fn = _module(device_id, arch, source, name, code_digest).get_function(name)
-        if shared_bytes > 48 * 1024:
-            fn.max_dynamic_shared_size_bytes = shared_bytes
-    return fn
+        return _module(device_id, arch, source, name, code_digest).get_function(name)
 
 
 @functools.lru_cache(maxsize=1)
@@ -228,8 +319,17 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
     group_size, chunks_per_split); bias and partial may be null."""
     import cupy
     fn = get_function(device_id, p.source, p.name, p.shared_bytes)
-    M, N, K, splits = p.M, p.N, p.K, p.split_k
+    M, N, K = p.M, p.N, p.K
     null = np.uint64(0)
+    if p.counters:             # split over grid.y, reduced by the kernel; bias added by it
+        splits = p.grid[1]
+        ws = workspace(device_id)
+        partial = ws.floats(splits * M * N) if splits > 1 else null
+        fn(p.grid, p.block, (x, qweight, qzeros, scales, null if bias is None else bias, out, partial,
+                             ws.counters(N // 32), np.int32(M), np.int32(N), np.int32(K),
+                             np.int32(p.group_size), np.int32(p.chunks_per_split)), shared_mem=p.shared_bytes)
+        return out
+    splits = p.split_k
     partial = cupy.empty((splits, M, N), np.float32) if splits > 1 else null
     fn(p.grid, p.block, (x, qweight, qzeros, scales, bias if splits == 1 and bias is not None else null,
                          out, partial, np.int32(M), np.int32(N), np.int32(K), np.int32(p.group_size),
@@ -241,6 +341,42 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
         reduce_fn((blocks,), (threads,), (partial, null if bias is None else bias, out,
                                           np.int32(splits), np.int32(M), np.int32(N)))
     return out
+
+
+class Workspace:
+    """Persistent buffers of kernels that reduce split-K themselves, one per (device, stream):
+    fp32 partials and uint32 arrival counters (zeroed once; the kernels leave them at 0). Buffers
+    only grow and old ones are kept alive, so a CUDA graph that captured a launch stays valid."""
+
+    def __init__(self):
+        self._floats, self._counters, self._old = None, None, []
+
+    def floats(self, n: int):
+        import cupy
+        if self._floats is None or self._floats.size < n:
+            self._old.append(self._floats)
+            self._floats = cupy.empty(max(n, 2 * (0 if self._floats is None else self._floats.size)), np.float32)
+        return self._floats
+
+    def counters(self, n: int):
+        import cupy
+        if self._counters is None or self._counters.size < n:
+            self._old.append(self._counters)
+            self._counters = cupy.zeros(max(n, 2 * (0 if self._counters is None else self._counters.size)),
+                                        np.uint32)
+        return self._counters
+
+
+_WORKSPACES = {}
+
+
+def workspace(device_id: int) -> Workspace:
+    """The workspace of the current stream on ``device_id``: two streams never share counters."""
+    import cupy
+    key = (device_id, cupy.cuda.get_current_stream().ptr)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = Workspace()
+    return _WORKSPACES[key]
 
 
 def dequantize(qweight, qzeros, scales, N: int, K: int, group_size: int, device_id: int, out=None):

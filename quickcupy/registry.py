@@ -51,6 +51,13 @@ class Design:
     smem_bytes: Callable     # (bm, Tile) -> dynamic shared memory bytes of a block
     description: str
     k_multiple: int = 32     # in_features must be a multiple of this
+    planner: str = "gemm"    # "gemm": grid (M tiles, N tiles, splits); "decode": see DecodeShape
+    max_m: int | None = None     # most rows of x the design serves (None: any)
+    shapes: tuple = ()       # planner "decode": the DecodeShapes (block shapes) it may launch
+
+    def check_m(self, M: int):
+        if self.max_m is not None and M > self.max_m:
+            raise ValueError(f"kernel {self.name} serves M <= {self.max_m} rows, got M={M}")
 
     def tile_m(self, M: int) -> int:
         """Rows per block chosen for M: the smallest tile that covers M, else the largest."""
@@ -66,6 +73,8 @@ class Design:
 
     def instances(self) -> list:
         """Every template instance the planner can ask for (what CI compiles)."""
+        if self.planner == "decode":
+            return [sh.instance(gch) for sh in self.shapes for gch in divisors(sh.chunks)]
         out = []
         for bm, t in self.tiles.items():
             for bn in self.tile_n:
@@ -74,6 +83,23 @@ class Design:
                     if name not in out:
                         out.append(name)
         return out
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """A block shape of cuda/quick_decode.cu (template <NWARPS, KW, MB, U, GCH, MINB>)."""
+    nwarps: int              # warps per block
+    kw: int                  # warps along K per 32-column tile (nwarps / kw tile columns per block)
+    mb: int                  # 8-row tiles of x: serves M <= 8 * mb
+    minb: int                # blocks per SM the registers must allow (__launch_bounds__)
+    chunks: int = 4          # U: 32-deep K chunks per batch of loads
+
+    @property
+    def columns(self) -> int:        # 32-column tiles per block
+        return self.nwarps // self.kw
+
+    def instance(self, gch: int) -> str:
+        return f"quick_decode<{self.nwarps}, {self.kw}, {self.mb}, {self.chunks}, {gch}, {self.minb}>"
 
 
 @dataclass(frozen=True)
@@ -124,11 +150,26 @@ DESIGNS = {
         description="QUICK interleaved weights loaded straight into mma registers"),
 }
 
+DESIGNS["quick_decode"] = Design(
+    name="quick_decode", source="quick_decode.cu", function="quick_decode", layout="quick",
+    threads=256,             # of the first shape; each DecodeShape launches nwarps * 32 threads
+    n_multiple=32, tile_n=(32,), tiles={}, template="", smem_bytes=lambda bm, t: 0,
+    description="QUICK for M <= 16: weights streamed global -> registers as the mma A operand "
+                "(C^T = W^T x^T), split-K reduced in the kernel by the last block",
+    planner="decode", max_m=16,
+    # M <= 8: the six shapes the launch rule chooses from (16 warps per SM at <= 128 registers);
+    # M 9..16: 16-row tiles need 168-199 registers, so one 8-warp block per SM (no spills).
+    shapes=(DecodeShape(8, 1, 1, 2), DecodeShape(8, 2, 1, 2), DecodeShape(8, 4, 1, 2),
+            DecodeShape(8, 8, 1, 2), DecodeShape(16, 8, 1, 1), DecodeShape(16, 16, 1, 1),
+            DecodeShape(8, 1, 2, 1)))
+
 VARIANTS = {v.name: v for v in (
     Variant("awq", "awq", "AutoAWQ design: dequantized weights written back to shared memory, 16-row tiles",
             tile_m=16),
     Variant("quick", "quick", "QUICK interleaved weights loaded straight into mma registers; tile rows by M"),
     Variant("quick_m16", "quick", "QUICK with AutoAWQ's 16-row tile (like-for-like with awq)", tile_m=16),
+    Variant("quick_decode", "quick_decode", "QUICK decode kernel for M <= 16 (weights as the mma A "
+            "operand, in-kernel split-K)"),
     Variant("dequant", "quick", "QUICK weights dequantized to an fp16 scratch buffer, then cuBLAS "
             "(cupy.matmul): the large-M path", path="dequant"),
     Variant("auto", "quick", "the fastest quick-layout kernel for M on this GPU, from a measured table "
@@ -148,7 +189,8 @@ DECODE_HEAD_DIMS = (64, 96, 128, 256)
 DECODE_HEADS_PER_BLOCK = (8, 4, 2, 1)
 
 SOURCES = {s.filename: s for s in (
-    *(Source(d.source, tuple(d.instances()), {f"{d.name.upper()}_THREADS": d.threads})
+    *(Source(d.source, tuple(d.instances()),
+             {f"{d.name.upper()}_THREADS": d.threads} if d.planner == "gemm" else {})
       for d in DESIGNS.values()),
     Source("splitk_reduce.cu", ("splitk_reduce",), {"SPLITK_REDUCE_THREADS": SPLITK_REDUCE_THREADS}),
     Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}>" for d in DECODE_HEAD_DIMS

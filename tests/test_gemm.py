@@ -4,6 +4,7 @@ import pytest
 
 from conftest import rel_error
 from quickcupy import quantize, reference_gemm
+from quickcupy import registry
 from quickcupy.gemm import KERNELS, check_layer_shape, kernel_layout
 
 M_VALUES = (1, 2, 7, 16, 31, 33, 64, 100, 128, 257, 1024)
@@ -80,6 +81,8 @@ def test_kernels_match_reference(K, N, G, rng):
         ref = x.astype(np.float64) @ W.T
         outs = {}
         for kernel in KERNELS:
+            if M > (registry.design_of(kernel).max_m or M):
+                continue
             layout = kernel_layout(kernel)
             if N % {"quick": 32, "awq": 64}[layout]:
                 continue
@@ -192,3 +195,33 @@ def test_bad_inputs_raise_before_launch(rng):
         QuantLinear.from_float(rng.standard_normal((100, K)).astype(np.float32), 128)
     with pytest.raises(ValueError, match="in_features=250 is not a multiple of group_size=128"):
         QuantLinear.from_float(rng.standard_normal((128, 250)).astype(np.float32), 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel,M,split_k", [("quick_decode", 1, None), ("quick_decode", 16, None),
+                                              ("quick_decode", 4, 7), ("quick", 64, 1), ("awq", 16, 1)])
+def test_cuda_graph_replay_is_bit_identical(kernel, M, split_k, rng):
+    """A captured gemm call replays into the same buffer with the same bits as the eager call
+    (kernels that reduce split-K themselves keep their workspace per stream, so it is graph safe)."""
+    import cupy
+    from quickcupy import QuantLinear, gemm
+    K, N = 4096, 1024
+    q = quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float32), 128)
+    layer = QuantLinear.from_quantized(q, layout=kernel_layout(kernel), bias=rng.standard_normal(N).astype(np.float16))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    plan = {} if split_k is None else {"split_k": split_k}
+    with stream:
+        x = cupy.asarray(rng.standard_normal((M, K)).astype(np.float16))
+        out = cupy.full((M, N), np.nan, np.float16)
+        gemm(x, layer, kernel, out, **plan)                 # compiles, allocates the workspace
+        eager = out.copy()
+        out.fill(np.nan)
+        stream.begin_capture()
+        gemm(x, layer, kernel, out, **plan)
+        graph = stream.end_capture()
+        for _ in range(3):
+            out.fill(np.nan)
+            graph.launch(stream)
+            stream.synchronize()
+            assert (out.view(np.uint16) == eager.view(np.uint16)).all()
+    _check(eager.get(), reference_gemm(x.get(), q, layer.bias.get()))

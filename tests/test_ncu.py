@@ -173,14 +173,14 @@ def test_summarize_takes_the_median_over_repeats():
 
 # ----------------------------------------------------------------------------------- ncu itself
 def test_ncu_command_line():
-    cmd = ncu.ncu_command("/x/ncu", ["python", "-m", "quickcupy.ncu", "--child"])
+    cmd = ncu.ncu_command("/x/ncu", ["python", "-m", "quickcupy.tools.ncu", "--child"])
     assert cmd[0] == "/x/ncu"
     assert cmd[cmd.index("--clock-control") + 1] == "none"
     assert cmd[cmd.index("--target-processes") + 1] == "all"
-    assert cmd[cmd.index("--kernel-name") + 1] == "regex:awq_gemm|quick_gemm|splitk_reduce"
+    assert cmd[cmd.index("--kernel-name") + 1] == "regex:awq_gemm|quick_gemm|quick_decode|splitk_reduce"
     assert cmd[cmd.index("--metrics") + 1].split(",") == list(ncu.METRIC_NAMES)
     assert "--csv" in cmd
-    assert cmd[-4:] == ["python", "-m", "quickcupy.ncu", "--child"]
+    assert cmd[-4:] == ["python", "-m", "quickcupy.tools.ncu", "--child"]
 
 
 def test_metric_list_is_one_constant():

@@ -124,13 +124,15 @@ def settings(args) -> Settings:
                     command=getattr(args, "command_line", None) or "python -m quickcupy bench")
 
 
-def shape_refusal(kernel: str, K: int, N: int):
-    """Why ``kernel`` cannot run a (K, N) layer (the library's own message), or None."""
+def shape_refusal(kernel: str, K: int, N: int, M: int | None = None):
+    """Why ``kernel`` cannot run a (K, N) layer (or M rows of it): the library's own message, or None."""
     if kernel == BASELINE:
         return None
     from ..gemm import check_layer_shape
     try:
         check_layer_shape(design_of(kernel).layout, K, N)
+        if M is not None and VARIANTS[kernel].path == "gemm":
+            design_of(kernel).check_m(M)
     except ValueError as exc:
         return f"ValueError: {exc}"
     return None
@@ -248,6 +250,10 @@ def _bench_shape(K, N, s: Settings, l2_bytes, progress):
         for kernel in s.kernels:
             if shape_refusal(kernel, K, N):
                 continue
+            reason = shape_refusal(kernel, K, N, M)
+            if reason:
+                skipped.append({"K": K, "N": N, "M": M, "kernel": kernel, "reason": reason})
+                continue
             progress.step(f"K={K} N={N} M={M} {kernel}")
             if kernel == BASELINE:
                 items, call = fp16_weights, (lambda w, x=x, y=y: cupy.matmul(x, w, out=y))
@@ -309,16 +315,17 @@ def bank_predictions(s: Settings) -> tuple:
     """(rows, skipped) of the bank-conflict model (quickcupy.analysis.smem_predict) for every shape,
     M and int4 kernel of the settings (those that run one of our GEMM designs): per-launch shared-memory instructions, wavefronts and
     conflicts; shapes a kernel cannot hold are skipped with the message the GPU path gives."""
-    from ..analysis.smem_predict import predict
+    from ..analysis.smem_predict import WALKS, predict
     rows, skipped = [], []
     for K, N in s.shapes:
-        for kernel in (k for k in s.kernels if k in VARIANTS and VARIANTS[k].path == "gemm"):
+        for kernel in (k for k in s.kernels if k in VARIANTS and design_of(k).name in WALKS
+                       and VARIANTS[k].path == "gemm"):
             reason = shape_refusal(kernel, K, N)
             if reason:
                 skipped.append({"K": K, "N": N, "kernel": kernel, "reason": reason})
                 continue
             rows += [{"K": K, "N": N, "M": M, "kernel": kernel, **predict(kernel, M, N, K, s.group_size)}
-                     for M in s.ms]
+                     for M in s.ms if shape_refusal(kernel, K, N, M) is None]
     return rows, skipped
 
 

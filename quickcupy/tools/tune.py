@@ -42,14 +42,15 @@ def rules_from(points, candidates) -> tuple:
         by_m.setdefault(p["M"], {}).setdefault((p["K"], p["N"]), {})[p["kernel"]] = p["time_us"]
     rows, winners = [], []
     for M in sorted(by_m):
-        shapes = {s: t for s, t in by_m[M].items() if all(k in t for k in candidates)}
-        if not shapes:
+        here = [k for k in candidates if all(k in t for t in by_m[M].values())]   # served at this M
+        shapes = by_m[M].values()
+        if not here:
             continue
-        gmean = {k: math.exp(sum(math.log(t[k]) for t in shapes.values()) / len(shapes)) for k in candidates}
-        best = min(candidates, key=gmean.get)
-        worst = {k: max(t[k] / min(t.values()) for t in shapes.values()) for k in candidates}
+        gmean = {k: math.exp(sum(math.log(t[k]) for t in shapes) / len(shapes)) for k in here}
+        best = min(here, key=gmean.get)
+        worst = {k: max(t[k] / min(t[c] for c in here) for t in shapes) for k in here}
         winners.append((M, best))
-        rows.append({"M": M, "choice": best, **{f"{k} worst/best": worst[k] for k in candidates}})
+        rows.append({"M": M, "choice": best, **{f"{k} worst/best": worst.get(k) for k in candidates}})
     rules = []
     for i, (M, kernel) in enumerate(winners):
         last = i == len(winners) - 1
@@ -81,6 +82,7 @@ def run(args) -> int:
                      "group_size": s.group_size, "shapes": [list(x) for x in s.shapes], "per_m": rows},
                      indent=1)
     dispatch.table_for.cache_clear()
-    print(table(list(rows[0]), [[f"{v:.2f}" if isinstance(v, float) else v for v in r.values()] for r in rows]))
+    print(table(list(rows[0]), [["-" if v is None else f"{v:.2f}" if isinstance(v, float) else v
+                                 for v in r.values()] for r in rows]))
     print(f"\nrules: {list(rules)}\nwrote {out}")
     return 0
