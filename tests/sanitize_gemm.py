@@ -13,7 +13,6 @@ import numpy as np
 
 from quickcupy import QuantLinear, gemm, quantize, reference_gemm
 from quickcupy.gemm import kernel_layout
-from quickcupy.registry import VARIANTS
 
 CASES = [  # (M, K, N, group_size, tile_m, split_k)
     (1, 512, 320, 128, None, None),
@@ -37,13 +36,15 @@ def main() -> int:
         q = quantize(w, G)
         x = rng.standard_normal((M, K)).astype(np.float16)
         ref = reference_gemm(x, q, bias)
-        for kernel in ("awq", "quick", "dequant"):
+        for kernel in ("awq", "quick", "quick_decode", "dequant"):
             layout = kernel_layout(kernel)
             if layout == "awq" and (N % 64 or tile_m == 128):
                 continue
+            if kernel == "quick_decode" and M > 16:
+                continue
             layer = QuantLinear.from_quantized(q, layout=layout, bias=bias)
             out = cupy.full((M, N), np.nan, np.float16)
-            plan = dict(tile_m=tile_m, split_k=split_k) if VARIANTS[kernel].path == "gemm" else {}
+            plan = dict(tile_m=tile_m, split_k=split_k) if kernel in ("awq", "quick") else {}
             gemm(cupy.asarray(x), layer, kernel, out=out, **plan)
             err = float(np.linalg.norm(out.get() - ref) / np.linalg.norm(ref))
             worst = max(worst, err if np.isfinite(err) else np.inf)
