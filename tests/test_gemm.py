@@ -151,7 +151,7 @@ def test_honours_current_stream(rng):
     with stream:
         x = cupy.asarray(x_host)
         y = gemm(x, layer)
-        y2 = gemm(x, layer, split_k=4)
+        y2 = gemm(x, layer, "quick", split_k=4)
     stream.synchronize()
     _check(y.get(), reference_gemm(x_host, q))
     _check(y2.get(), reference_gemm(x_host, q))
@@ -179,9 +179,15 @@ def test_bad_inputs_raise_before_launch(rng):
     with pytest.raises(ValueError, match="M must be at least 1"):
         gemm(x[:0], layer)
     with pytest.raises(ValueError, match="split_k=0 must be a positive int"):
-        gemm(x, layer, split_k=0)
+        gemm(x, layer, "quick", split_k=0)
     with pytest.raises(ValueError, match="tile_m=48 is not available"):
-        gemm(x, layer, tile_m=48)
+        gemm(x, layer, "quick", tile_m=48)
+    with pytest.raises(ValueError, match="name that kernel instead of 'auto'"):
+        gemm(x, layer, tile_m=16)
+    with pytest.raises(ValueError, match="quick_decode serves M <= 16 rows, got M=17"):
+        gemm(cupy.asarray(rng.standard_normal((17, K)).astype(np.float16)), layer, "quick_decode")
+    with pytest.raises(ValueError, match="runs cuBLAS"):
+        gemm(x, layer, "dequant", split_k=2)
     with pytest.raises(ValueError, match="reads the awq layout"):
         gemm(x, layer, kernel="awq")
     with pytest.raises(ValueError, match=r"out must have shape \(4, 128\)"):
