@@ -184,8 +184,8 @@ def test_ncu_command_line():
 
 
 def test_metric_list_is_one_constant():
-    assert len(set(ncu.METRIC_NAMES)) == len(ncu.METRICS) == 12
-    assert all(name.endswith(".sum") for name in ncu.METRIC_NAMES)
+    assert len(set(ncu.METRIC_NAMES)) == len(ncu.METRICS) == 15
+    assert all(name.endswith((".sum", ".pct_of_peak_sustained_elapsed")) for name in ncu.METRIC_NAMES)
 
 
 def _no_ncu_anywhere(monkeypatch, tmp_path):

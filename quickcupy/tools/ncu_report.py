@@ -29,6 +29,11 @@ METRICS = (
     ("cp.async conflicts", "smsp__sass_l1tex_data_bank_conflicts_pipe_lsu_mem_shared_op_ldgsts.sum"),
     ("all wavefronts", "l1tex__data_pipe_lsu_wavefronts_mem_shared.sum"),
     ("time", "gpu__time_duration.sum"),
+    # DRAM: bytes are sums over a call's launches; the % of peak is per launch (summed when a call
+    # has two launches, e.g. quick_gemm + splitk_reduce: read it for single-launch calls).
+    ("dram read", "dram__bytes_read.sum"),
+    ("dram write", "dram__bytes_write.sum"),
+    ("dram % of peak", "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
 )
 METRIC_NAMES = tuple(name for _, name in METRICS)
 
