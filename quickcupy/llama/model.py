@@ -32,7 +32,10 @@ import numpy as np
 from ..attention import decode_attention, decode_head_dim_error
 from ..quantize import QuantizedWeight, quantize
 
-BACKENDS = ("numpy", "fp16", "awq", "quick")
+BACKENDS = ("numpy", "fp16", "awq", "quick", "auto")
+# 4-bit backends -> (weight layout, gemm kernel): "awq"/"quick" run their design (the paper's
+# comparison); "auto" runs quickcupy.gemm's choice by M (the decode kernel for small batches).
+QUANTIZED_BACKENDS = {"awq": ("awq", "awq"), "quick": ("quick", "quick"), "auto": ("quick", "auto")}
 
 Weight = Union[np.ndarray, QuantizedWeight]   # (out_features N, in_features K) float, or 4-bit
 
@@ -255,10 +258,10 @@ class Fp16Linear:
 class QuantizedLinear:
     """4-bit GEMM of :mod:`quickcupy.gemm`: x (..., K) cupy float16 -> (..., N) float16."""
 
-    def __init__(self, q: QuantizedWeight, layout: str):
+    def __init__(self, q: QuantizedWeight, layout: str, kernel: str):
         from ..gemm import QuantLinear
         self.layer = QuantLinear.from_quantized(q, layout=layout)
-        self.kernel = layout            # the design itself, not "auto": the runner compares designs
+        self.kernel = kernel
         self.out_features, self.in_features = q.out_features, q.in_features
 
     def __call__(self, x):
@@ -273,7 +276,7 @@ class QuantizedLinear:
 def make_linear(backend: str, weight: Weight, group_size: int = 128):
     """A linear layer ``y = x @ W.T`` of ``weight`` (N, K) on ``backend``.
 
-    Float weights are quantized (with ``group_size``) for "awq"/"quick"; quantized weights are
+    Float weights are quantized (with ``group_size``) for the 4-bit backends; quantized weights are
     dequantized for "numpy"/"fp16".
     """
     check_backend(backend)
@@ -283,7 +286,7 @@ def make_linear(backend: str, weight: Weight, group_size: int = 128):
         return NumpyLinear(weight) if backend == "numpy" else Fp16Linear(weight)
     if not isinstance(weight, QuantizedWeight):
         weight = quantize(np.asarray(weight, np.float32), group_size)
-    return QuantizedLinear(weight, layout=backend)
+    return QuantizedLinear(weight, *QUANTIZED_BACKENDS[backend])
 
 
 def check_backend(backend: str):
@@ -468,7 +471,7 @@ class LlamaBlock:
 
 
 class LlamaModel:
-    """A stack of decoder blocks on one backend ("numpy", "fp16", "awq", "quick").
+    """A stack of decoder blocks on one backend (see BACKENDS).
 
     layers: list of :class:`LayerWeights`, float or quantized (converted as :func:`make_linear`
     says); its length must equal ``config.num_hidden_layers``.

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..llama.checkpoint import load_awq_checkpoint
-from ..llama.model import (BACKENDS, PRESETS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
+from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
                            random_layers)
 from ..quantize import effective_group_size
 from .common import (Progress, UsageError, check_output_path, parse_group_size, parse_int, parse_int_list,
@@ -117,7 +117,7 @@ def estimate_gpu_bytes(config: LlamaConfig, backend: str, batch: int, prompt: in
     H, I, d = config.hidden_size, config.intermediate_size, config.head_dim
     nh, nkv, L = config.num_attention_heads, config.num_key_value_heads, config.num_hidden_layers
     shapes = projection_shapes(config).values()
-    if backend in ("awq", "quick"):          # 4-bit codes + an fp16 scale and a 4-bit zero per group
+    if backend in QUANTIZED_BACKENDS:        # 4-bit codes + an fp16 scale and a 4-bit zero per group
         weights = L * sum(n * k // 2 + n * (k // effective_group_size(group_size, k)) * 5 // 2
                           for n, k in shapes)
     else:
@@ -187,7 +187,7 @@ def run(args) -> int:
     if quant_layers is None:
         progress.note(f"random weights: {config.num_hidden_layers} layers of {_describe(config)}")
         float_layers = random_layers(config, seed=s.seed)
-    if quant_layers is None and (not gpu or {"awq", "quick"} & set(backends)):
+    if quant_layers is None and (not gpu or set(QUANTIZED_BACKENDS) & set(backends)):
         progress.note(f"quantizing (group size {group_size})")
         quant_layers = [w.quantized(group_size) for w in float_layers]
 
@@ -213,13 +213,13 @@ def run(args) -> int:
     results = []
     for backend in backends:
         progress.note(f"[{backend}] building {config.num_hidden_layers} blocks")
-        layers = quant_layers if backend in ("awq", "quick") else (float_layers or quant_layers)
+        layers = quant_layers if backend in QUANTIZED_BACKENDS else (float_layers or quant_layers)
         model = LlamaModel(config, layers, backend, group_size)
         if gpu and s.check_tokens:
             y = model(x_check)
-            same = refs["deq"] if backend in ("awq", "quick") else refs["fp32"]
+            same = refs["deq"] if backend in QUANTIZED_BACKENDS else refs["fp32"]
             accuracy.append({"backend": backend,
-                             "weights": f"int4 g{group_size}" if backend in ("awq", "quick") else
+                             "weights": f"int4 g{group_size}" if backend in QUANTIZED_BACKENDS else
                              ("fp16" if float_layers else "fp16, dequantized int4"),
                              "vs_fp32": _relative_error(y, refs["fp32"]),
                              "vs_same_weights": _relative_error(y, same)})
