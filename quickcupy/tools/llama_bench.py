@@ -176,7 +176,7 @@ def run(args) -> int:
         source = f"random weights (seed {s.seed})"
 
     if gpu:
-        backends = s.backends
+        backends = list(s.backends)
         _check_gpu_memory(config, backends, s, group_size)
     else:
         backends = ["numpy"]
