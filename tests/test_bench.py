@@ -162,7 +162,8 @@ def test_write_csv(tmp_path):
     points = bench_report.derive_points([_raw("fp16", 1, 20.0), _raw("quick", 1, 10.0)], 3e12)
     path = tmp_path / "bench.csv"
     bench_report.write_csv(path, points, "GPU X")
-    rows = list(csv.DictReader(open(path)))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 2 and rows[1]["kernel"] == "quick" and rows[1]["device"] == "GPU X"
     assert rows[1]["speedup_vs_awq"] == ""
     assert float(rows[1]["time_us"]) == pytest.approx(10.0)
