@@ -86,16 +86,15 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
   {
     // 16-byte vectors per row: the slice's nch_b chunks, then zeros up to a whole step, so chunks
     // past the slice's end (zero weights) multiply zeros, never stale shared memory
-    const int vecs = (nch_b + U - 1) / U * U * 4;
-    for (int i = threadIdx.x; i < M * vecs; i += NWARPS * 32) {
-      const int r = i / vecs, c = i - r * vecs;
-      // SMEM MAP DEC_A_CP: row = i / vecs, col = (i % vecs) * 8   [i = threadIdx.x + pass * 32 * NWARPS, vecs = 4 * roundup(nch_b, U)]
+    const int VECS = (nch_b + U - 1) / U * U * 4;  // read by the DEC_A_CP map
+    for (int i = threadIdx.x; i < M * VECS; i += NWARPS * 32) {
+      const int r = DEC_A_CP_ROW(i), c = DEC_A_CP_COL(i) / 8;
       half* dst = A_s + r * pitch + c * 8;
       if (c < nch_b * 4) cp_async16(dst, A + (size_t)r * K + (size_t)kc0 * 32 + c * 8, true);
       else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
     }
     cp_async_commit();
-    // SMEM MAP DEC_ZERO: row = M, col = 0..7   (16 zero bytes that rows >= M of an ldmatrix point at)
+    // row M, columns 0..7: the 16 zero bytes that rows >= M of an ldmatrix point at
     if (threadIdx.x == 0) *reinterpret_cast<uint4*>(A_s + M * pitch) = make_uint4(0, 0, 0, 0);
   }
 
@@ -147,9 +146,8 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
     u32 a_step[MB];  // bytes to the next chunk: 64, or 0 for the zero vector
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
-      const int row = 8 * mb + lane % 8;
-      // SMEM MAP DEC_A_LDSM: row = 8 * mb + lane % 8, col = 32 * rc + 8 * (lane / 8)   [rc: chunk in the slice]
-      a_addr[mb] = smem_addr(row < M ? A_s + row * pitch + 8 * (lane / 8) : A_s + M * pitch);
+      const int row = DEC_A_LDSM_ROW(lane, mb, 0);  // chunk rc adds 32 rc halfs (64 bytes) to the column
+      a_addr[mb] = smem_addr(row < M ? A_s + row * pitch + DEC_A_LDSM_COL(lane, mb, 0) : A_s + M * pitch);
       a_step[mb] = row < M ? 64 : 0;
     }
     // The mma multiplies exact (code - zero) halves; the fp32 sums of each scale block (GCH chunks,
@@ -236,8 +234,8 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
         for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            // SMEM MAP DEC_RED: row = (wk - 1) * NWN + wn, col = ((i * MB + mb) * 4 + e) * 32 + lane   (fp32, row pitch 256 * MB)
-            red[((wk - 1) * NWN + wn) * 256 * MB + ((i * MB + mb) * 4 + e) * 32 + lane] = acc[i][mb][e];
+            red[DEC_RED_ROW(lane, (wk - 1) * NWN + wn, (i * MB + mb) * 4 + e) * 256 * MB +  // rows of 256 MB floats
+                DEC_RED_COL(lane, (wk - 1) * NWN + wn, (i * MB + mb) * 4 + e)] = acc[i][mb][e];
     }
     __syncthreads();
     if (wk > 0) return;
@@ -248,8 +246,8 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
         for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            // SMEM MAP DEC_RED: row = (k2 - 1) * NWN + wn, col = ((i * MB + mb) * 4 + e) * 32 + lane
-            acc[i][mb][e] += red[((k2 - 1) * NWN + wn) * 256 * MB + ((i * MB + mb) * 4 + e) * 32 + lane];
+            acc[i][mb][e] += red[DEC_RED_ROW(lane, (k2 - 1) * NWN + wn, (i * MB + mb) * 4 + e) * 256 * MB +
+                                 DEC_RED_COL(lane, (k2 - 1) * NWN + wn, (i * MB + mb) * 4 + e)];
     }
   }
   if (!active) return;

@@ -59,6 +59,17 @@ MAPS = {
     "QUICK_A_CP": IndexMap(("lane", "warp", "i"), "(i * QUICK_THREADS + warp * 32 + lane) / (BK / 8)",
                            "((i * QUICK_THREADS + warp * 32 + lane) % (BK / 8)) * 8",
                            "cp.async (16 B) of activations (QUICK)"),
+    # quick_decode's activations of a K slice, copied once: element i (of M * VECS 16-byte vectors,
+    # VECS per row, the run-time row length) to row i / VECS.
+    "DEC_A_CP": IndexMap(("i",), "i / VECS", "(i % VECS) * 8",
+                         "cp.async / st.shared (16 B) of activations (quick_decode)"),
+    # quick_decode's ldmatrix.x4 of 8 rows x 32 k of chunk rc: lane L gives row 8 mb + L % 8 at
+    # k 8 (L / 8) (rows >= M read a zero row instead).
+    "DEC_A_LDSM": IndexMap(("lane", "mb", "rc"), "8 * mb + lane % 8", "32 * rc + 8 * (lane / 8)",
+                           "A fragment rows for ldmatrix.x4 (quick_decode, activations as mma B)"),
+    # quick_decode's fp32 sums of the upper warps of a tile column (row w), word v of a lane.
+    "DEC_RED": IndexMap(("lane", "w", "v"), "w", "v * 32 + lane",
+                        "st/ld.shared (4 B) of fp32 split-K sums between the warps of a block (quick_decode)"),
 }
 
 

@@ -5,9 +5,11 @@ addresses taken from the index maps the sources are compiled with (:mod:`quickcu
 the grid from the launch planner (:func:`quickcupy.kernels.plan`), and counts wavefronts and bank
 conflicts with :mod:`quickcupy.analysis.banks`. The result uses Nsight Compute's categories:
 
-    st      st.shared (STS): AWQ's activation stores and its dequantized-weight write-back
-    ldsm    ldmatrix (LDSM): A fragments (both kernels) and B fragments (AWQ)
-    ldgsts  cp.async (LDGSTS): QUICK's activation copies
+    st      st.shared (STS): AWQ's activation stores and its dequantized-weight write-back;
+            quick_decode's zero fill and its fp32 sums between the warps of a block
+    ld      ld.shared (LDS): quick_decode's reads of those sums
+    ldsm    ldmatrix (LDSM): A fragments (awq, quick), B fragments (awq), activations (quick_decode)
+    ldgsts  cp.async (LDGSTS): the activation copies of quick and quick_decode
 
 Counts are per launch, summed over all warps of all blocks, as ncu reports them.
 """
@@ -22,7 +24,7 @@ from .. import kernels, smem_maps
 from ..quantize import effective_group_size
 from . import banks
 
-OPS = ("st", "ldsm", "ldgsts")
+OPS = ("st", "ld", "ldsm", "ldgsts")
 LANES = np.arange(banks.WARP)
 
 
@@ -77,6 +79,73 @@ def _quick_instructions(p):
                 yield warp, "ldsm", banks.count_ldmatrix(_addresses("A_LDSM", c, pitch, mt=mt, kk=kk), 4)
 
 
+def _predict_decode(p) -> dict:
+    """quick_decode, block by block (its K slices differ in length): the activation copy (cp.async,
+    zero-fill st.shared for chunks past the slice, one st of the zero row), one ldmatrix.x4 per chunk
+    and 8-row tile of each batch a warp computes, and with KW > 1 the fp32 sums of the upper warps
+    stored and read back once. Addresses from the DEC_* maps of smem_maps."""
+    from ..registry import DESIGNS
+    sh = next(x for x in DESIGNS[p.design.name].shapes if x.instance(int(p.name.split(",")[4])) == p.name)
+    M, U, KW, T = p.M, sh.chunks, sh.kw, 32 * sh.nwarps
+    chunks, cps, pitch = p.K // 32, p.chunks_per_split, p.chunks_per_split * 32 + 8
+    tiles_n = p.N // 32
+    totals = {op: banks.Wavefronts(0, 0) for op in OPS}
+    inst = dict.fromkeys(OPS, 0)
+
+    def add(op, count, n=1):
+        totals[op] = totals[op] + count * n
+        inst[op] += n
+
+    for split in range(p.grid[1]):
+        nch_b = min(chunks, (split + 1) * cps) - split * cps
+        vecs = -(-nch_b // U) * U * 4
+        consts = {"VECS": vecs}
+        blocks = p.grid[0]
+        for i0 in range(0, M * vecs, T):                       # the copy loop, one pass per i0
+            for w in range(sh.nwarps):
+                i = i0 + 32 * w + LANES
+                live = i < M * vecs
+                if not live.any():
+                    continue
+                row, col = smem_maps.evaluate("DEC_A_CP", consts, i=i)
+                addr = np.where(live, (row * pitch + col) * 2, 0)
+                cp = live & (col < nch_b * 32)
+                for op, mask in (("ldgsts", cp), ("st", live & ~cp)):
+                    if mask.any():
+                        add(op, banks.count_wavefronts(addr, 16, active=mask), blocks)
+        add("st", banks.count_wavefronts(np.zeros(32, np.int64), 16, active=LANES == 0), blocks)
+        nbat = -(-nch_b // U)
+        for w in range(sh.nwarps):                             # warps along N x along K
+            wn, wk = w % sh.columns, w // sh.columns
+            active_blocks = sum(1 for cb in range(blocks) if cb * sh.columns + wn < tiles_n)
+            nb = -(-(nbat - wk) // KW) if nbat > wk else 0
+            rcs = np.array([(b * KW + wk) * U + c for b in range(nb) for c in range(U)], np.int64)
+            for mb in range(sh.mb):
+                if not len(rcs):
+                    break
+                row, col = smem_maps.evaluate("DEC_A_LDSM", {}, lane=LANES[None, :], mb=mb, rc=rcs[:, None])
+                row = np.broadcast_to(row, col.shape)
+                addr = np.where(row < M, (row * pitch + col) * 2, M * pitch * 2)   # rows >= M: zero row
+                totals["ldsm"] = totals["ldsm"] + banks.count_ldmatrix_many(addr, 4).sum() * active_blocks
+                inst["ldsm"] += active_blocks * len(rcs)
+            if KW > 1:                                         # fp32 sums: stored by wk > 0, read by wk == 0
+                words = 2 * sh.mb * 4
+                for v in range(words):
+                    if wk > 0:
+                        r, c = smem_maps.evaluate("DEC_RED", {}, lane=LANES, w=(wk - 1) * sh.columns + wn, v=v)
+                        add("st", banks.count_wavefronts((r * 256 * sh.mb + c) * 4, 4), blocks)
+                    else:
+                        for k2 in range(1, KW):
+                            r, c = smem_maps.evaluate("DEC_RED", {}, lane=LANES, w=(k2 - 1) * sh.columns + wn, v=v)
+                            add("ld", banks.count_wavefronts((r * 256 * sh.mb + c) * 4, 4, load=True), blocks)
+    out = {"tile_m": p.bm, "split_k": p.grid[1]}
+    for op in OPS:
+        out[f"{op}_inst"] = inst[op]
+        out[f"{op}_wavefronts"] = int(totals[op].wavefronts)
+        out[f"{op}_conflicts"] = int(totals[op].conflicts)
+    return out
+
+
 # Design name -> its walk of shared-memory instructions (a new design adds its walk here).
 WALKS = {"awq": _awq_instructions, "quick": _quick_instructions}
 
@@ -89,6 +158,8 @@ def predict(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int 
     "tile_m" and "split_k" of the plan. ValueError for a design the model has no walk for.
     """
     p = kernels.plan(kernel, M, N, K, effective_group_size(group_size, K), sm_count, **plan_args)
+    if p.design.planner == "decode":
+        return _predict_decode(p)
     if p.design.name not in WALKS:
         raise ValueError(f"the bank model has no walk of the {p.design.name} design")
     tiles = p.grid[0] * p.grid[1]

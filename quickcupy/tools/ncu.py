@@ -186,20 +186,20 @@ def _ratio(a: float, b: float) -> float:
 
 
 # ------------------------------------------------------------------------- predictions (hook)
-# ncu label -> the smem_predict quantities that add up to it (our kernels issue no plain ld.shared;
-# ldmatrix wavefronts are counted among the ld ones).
+# ncu label -> the smem_predict quantities that add up to it (ldmatrix wavefronts are counted among
+# ncu's ld ones; plain ld.shared is quick_decode's split-K sums).
 PREDICTED_FROM = {
     "shared st inst": ("st_inst",),
-    "shared ld inst": (),
+    "shared ld inst": ("ld_inst",),
     "ldmatrix inst": ("ldsm_inst",),
     "cp.async inst": ("ldgsts_inst",),
     "st wavefronts": ("st_wavefronts",),
-    "ld wavefronts": ("ldsm_wavefronts",),
+    "ld wavefronts": ("ldsm_wavefronts", "ld_wavefronts"),
     "cp.async wavefronts": ("ldgsts_wavefronts",),
     "st conflicts": ("st_conflicts",),
-    "ld conflicts": ("ldsm_conflicts",),
+    "ld conflicts": ("ldsm_conflicts", "ld_conflicts"),
     "cp.async conflicts": ("ldgsts_conflicts",),
-    "all wavefronts": ("st_wavefronts", "ldsm_wavefronts", "ldgsts_wavefronts"),
+    "all wavefronts": ("st_wavefronts", "ld_wavefronts", "ldsm_wavefronts", "ldgsts_wavefronts"),
 }
 
 
