@@ -19,8 +19,9 @@ from . import registry
 
 TUNING_DIR = Path(__file__).resolve().parent / "tuning"
 # Without a measured table: QUICK's kernel while the GEMM is memory-bound, cuBLAS on dequantized
-# weights beyond (the crossover measured on an H100 lies between 128 and 256 rows).
-DEFAULT_RULES = ({"max_m": 128, "kernel": "quick"}, {"max_m": None, "kernel": "dequant"})
+# weights beyond (the crossover measured on an H100 lies between 256 and 384 rows). quick_decode is
+# left out: its launch rule assumes an H100/A100-sized shared memory.
+DEFAULT_RULES = ({"max_m": 256, "kernel": "quick"}, {"max_m": None, "kernel": "dequant"})
 LAYOUT = "quick"               # every kernel auto chooses from reads this layout
 
 

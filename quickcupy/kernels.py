@@ -130,10 +130,7 @@ def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 1
     chunks = K // 32
     tiles = math.ceil(M / bm) * math.ceil(N / bn)
     splits, per = _split_k(tiles, chunks, t.chunks, t.blocks_per_sm * sm_count, split_k)
-    return LaunchPlan(design=design, name=design.instance(bm, bn, gch) if tile is None else
-                      design.template.format(bm=bm, bn=bn, chunks=t.chunks, gch=gch, stages=t.stages,
-                                             wstages=t.wstages),
-                      bm=bm, bn=bn, tile=t, grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
+    return LaunchPlan(design=design, name=design.instance(bm, bn, gch, tile), bm=bm, bn=bn, tile=t, grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
                       shared_bytes=design.smem_bytes(bm, t), chunks_per_split=per,
                       M=M, N=N, K=K, group_size=group_size)
 

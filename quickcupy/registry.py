@@ -66,8 +66,9 @@ class Design:
                 return bm
         return max(self.tiles)
 
-    def instance(self, bm: int, bn: int, gch: int) -> str:
-        t = self.tiles[bm]
+    def instance(self, bm: int, bn: int, gch: int, tile: Tile | None = None) -> str:
+        """Template instance for ``bm`` rows (with ``tile`` instead of the design's own, for tuning)."""
+        t = self.tiles[bm] if tile is None else tile
         return self.template.format(bm=bm, bn=bn, chunks=t.chunks, gch=gch, stages=t.stages,
                                     wstages=t.wstages)
 
