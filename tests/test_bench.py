@@ -39,6 +39,24 @@ def test_parse_ms_and_kernels():
             bench.parse_ms(bad)
 
 
+def test_models_expand_to_their_fused_gemm_shapes():
+    from quickcupy.__main__ import build_parser
+    args = build_parser().parse_args(["bench", "--models", "llama3-8b,mistral-7b"])
+    s = bench.settings(args)
+    assert s.shapes == ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))   # mistral-7b adds none
+    args = build_parser().parse_args(["bench", "--shapes", "1024x1024", "--models", "qwen2.5-7b"])
+    assert bench.settings(args).shapes[:2] == ((1024, 1024), (3584, 4608))
+    with pytest.raises(UsageError, match="--models: unknown 'gpt2'"):
+        bench.settings(build_parser().parse_args(["bench", "--models", "gpt2"]))
+
+
+def test_points_carry_achieved_bandwidth():
+    raw = [{"K": 4096, "N": 4096, "M": 1, "group_size": 128, "kernel": "quick", "time_s": 10e-6}]
+    p = bench_report.derive_points(raw, 3e12)[0]
+    assert p["gb_per_s"] == pytest.approx(p["bytes"] / 10e-6 / 1e9)
+    assert p["pct_of_copy_bw"] == pytest.approx(100 / p["time_over_floor"])
+
+
 def test_available_kernels_are_fp16_then_the_registry():
     from quickcupy.gemm import KERNELS
     assert bench.AVAILABLE == ("fp16", *KERNELS)

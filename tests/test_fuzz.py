@@ -125,18 +125,12 @@ def test_fuzz_gemm_against_float64(case):
 
 
 def _model_shapes():
-    """(K, N) of qkv (fused), o, gate|up (fused) and down for published configs."""
-    configs = {  # hidden, intermediate, heads, kv heads (head_dim = hidden / heads)
-        "llama2-7b": (4096, 11008, 32, 32), "llama2-13b": (5120, 13824, 40, 40),
-        "llama2-70b / llama3-70b": (8192, 28672, 64, 8), "llama3-8b / mistral-7b": (4096, 14336, 32, 8),
-        "qwen2.5-7b": (3584, 18944, 28, 4), "qwen2.5-14b": (5120, 13824, 40, 8),
-    }
+    """(K, N) -> "model layer" for the fused GEMMs of every model in quickcupy.llama.model.MODELS."""
+    from quickcupy.llama.model import MODELS, LlamaConfig, gemm_shapes
     shapes = {}
-    for name, (H, I, nh, nkv) in configs.items():
-        d = H // nh
-        for layer, (K, N) in {"qkv": (H, (nh + 2 * nkv) * d), "o": (H, nh * d), "gate_up": (H, 2 * I),
-                              "down": (I, H)}.items():
-            shapes.setdefault((K, N), f"{name} {layer}")
+    for name, dims in MODELS.items():
+        for layer, shape in gemm_shapes(LlamaConfig(**dims)).items():
+            shapes.setdefault(shape, f"{name} {layer}")
     return shapes
 
 

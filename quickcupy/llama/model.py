@@ -126,6 +126,27 @@ PRESETS = {
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                 num_hidden_layers=80, rms_norm_eps=1e-5, rope_theta=10000.0),
 }
+# Published dimensions of other Llama-architecture models, for their GEMM shapes (bench --models,
+# the GPU shape tests); "7b", "13b", "70b" above are Llama-2's.
+MODELS = {
+    "llama2-7b": PRESETS["7b"], "llama2-13b": PRESETS["13b"], "llama2-70b": PRESETS["70b"],
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      num_hidden_layers=32, rms_norm_eps=1e-5, rope_theta=500000.0),
+    "llama3-70b": dict(PRESETS["70b"], rope_theta=500000.0),
+    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       num_hidden_layers=32, rms_norm_eps=1e-5, rope_theta=1000000.0),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                       num_hidden_layers=28, rms_norm_eps=1e-6, rope_theta=1000000.0),
+    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=8,
+                        num_hidden_layers=48, rms_norm_eps=1e-6, rope_theta=1000000.0),
+}
+
+
+def gemm_shapes(config) -> dict:
+    """(K, N) of the four GEMMs of one block as the runner fuses them: qkv, o, gate|up, down."""
+    H, I, d = config.hidden_size, config.intermediate_size, config.head_dim
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    return {"qkv": (H, (nh + 2 * nkv) * d), "o": (nh * d, H), "gate_up": (H, 2 * I), "down": (I, H)}
 
 
 # ------------------------------------------------------------------------------------------ weights

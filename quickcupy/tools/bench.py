@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import device as _device
+from ..llama.model import MODELS
 from ..registry import VARIANTS, design_of
 from .bench_report import (BASELINE, CLOCK_FIELDS, REFERENCE_INT4, SCHEMA, derive_points, format_header,
                            format_table, rotation_copies, weight_bytes, write_csv, write_plot)
@@ -64,8 +65,12 @@ def add_parser(subparsers):
         "bench", help="time the GEMM kernels against cuBLAS fp16 and the memory floor",
         description=__doc__.splitlines()[0].split(": ", 1)[1])
     # Values are strings parsed in settings(), so that a bad one gives one line (UsageError).
-    p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in DEFAULT_SHAPES),
-                   help="comma-separated KxN weight shapes (x is M x K, W is K x N); default: %(default)s")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated KxN weight shapes (x is M x K, W is K x N); default: "
+                        + ",".join(f"{k}x{n}" for k, n in DEFAULT_SHAPES) + " unless --models is given")
+    p.add_argument("--models", default=None,
+                   help="comma-separated model names whose fused GEMM shapes (qkv, o, gate|up, down) are "
+                        f"added: {', '.join(MODELS)}")
     p.add_argument("--m", default=",".join(map(str, DEFAULT_MS)),
                    help="comma-separated M values (rows of x); default: %(default)s")
     p.add_argument("--kernels", default=None,
@@ -98,6 +103,15 @@ def parse_shapes(text: str) -> list:
     return shapes
 
 
+def model_shapes(text: str) -> list:
+    """``"llama3-8b,qwen2.5-7b"`` -> the (K, N) of their fused GEMMs, first occurrence order."""
+    from ..llama.model import LlamaConfig, gemm_shapes
+    shapes = []
+    for name in parse_names("--models", text, MODELS):
+        shapes += gemm_shapes(LlamaConfig(**MODELS[name])).values()
+    return list(dict.fromkeys(shapes))
+
+
 def parse_ms(text: str) -> list:
     """``"1,16,128"`` -> [1, 16, 128]; every M >= 1."""
     return parse_int_list("--m", text, 1)
@@ -106,7 +120,10 @@ def parse_ms(text: str) -> list:
 def settings(args) -> Settings:
     """Parsed and checked settings from the argparse namespace; UsageError with a one-line message.
     Output paths are checked here, before any work."""
-    shapes = parse_shapes(args.shapes)
+    shapes = model_shapes(args.models) if args.models else []
+    if args.shapes is not None or not shapes:
+        shapes = list(dict.fromkeys(parse_shapes(args.shapes or ",".join(f"{k}x{n}" for k, n in DEFAULT_SHAPES))
+                                    + shapes))
     group_size = parse_group_size("--group-size", args.group_size, [K for K, _ in shapes])
     kernels = parse_names("--kernels", args.kernels, AVAILABLE)
     for flag in ("json", "csv", "plot"):

@@ -22,6 +22,8 @@ POINT_FIELDS = (
     "bytes",              # bytes that must move (see moved_bytes)
     "floor_us",           # bytes / measured copy bandwidth
     "time_over_floor",    # time_us / floor_us (1.0 = at the memory floor)
+    "gb_per_s",           # bytes / time: the bandwidth the call achieved
+    "pct_of_copy_bw",     # gb_per_s over the measured copy bandwidth, in % (100 / time_over_floor)
     "bound_tflops",       # 2*M*N*K / floor: the TFLOP/s a kernel at the memory floor would reach
     "speedup_vs_fp16",    # fp16 time / this time (null if fp16 was not run)
     "speedup_vs_awq",     # awq time / this time (null if awq was not run)
@@ -80,6 +82,8 @@ def derive_points(raw, bytes_per_s: float) -> list:
             "bytes": nbytes,
             "floor_us": floor * 1e6,
             "time_over_floor": t / floor,
+            "gb_per_s": nbytes / t / 1e9,
+            "pct_of_copy_bw": 100 * floor / t,
             "bound_tflops": flops(M, K, N) / floor / 1e12,
             "speedup_vs_fp16": None if t_fp16 is None else t_fp16 / t,
             "speedup_vs_awq": None if t_awq is None else t_awq / t,
@@ -99,7 +103,8 @@ def _column_widths(title: str, names) -> list:
 
 def format_table(points) -> str:
     """One block per (K, N, group_size): a row per M, columns grouped as time (us), TFLOP/s,
-    speedup over fp16, speedup over awq and time over the memory floor, one column per kernel."""
+    speedup over fp16, speedup over awq, time over the memory floor and achieved GB/s, one column
+    per kernel."""
     if not points:
         return "(no points)"
     kernels = ordered_unique(p["kernel"] for p in points)
@@ -109,6 +114,7 @@ def format_table(points) -> str:
     if REFERENCE_INT4 in kernels:
         sections.append((f"x {REFERENCE_INT4}", [k for k in kernels if k != REFERENCE_INT4], "speedup_vs_awq"))
     sections.append(("time/floor", kernels, "time_over_floor"))
+    sections.append(("GB/s", kernels, "gb_per_s"))
     sections = [(title, names, field, _column_widths(title, names)) for title, names, field in sections if names]
     blocks = []
     for K, N, G in ordered_unique((p["K"], p["N"], p["group_size"]) for p in points):
