@@ -96,6 +96,40 @@ class QuantizedWeight:
     def n_groups(self) -> int:
         return self.zeros.shape[1]
 
+    def shard(self, dim: int, rank: int, world: int) -> "QuantizedWeight":
+        """Tensor-parallel slice ``rank`` of ``world``: dim 0 splits out_features (column-parallel
+        layers: q/k/v, gate/up), dim 1 splits in_features (row-parallel: o, down; the partial outputs
+        are summed across ranks). Shards hold whole groups and whole 32-wide tiles, so each packs and
+        runs like any layer; a per-row group (G = K) becomes a per-row group of the shard."""
+        for name, value in (("dim", dim), ("rank", rank), ("world", world)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if dim not in (0, 1):
+            raise ValueError(f"dim={dim} must be 0 (out_features) or 1 (in_features)")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank={rank} must lie in 0..world-1 for world={world} >= 1")
+        N, K, G = self.out_features, self.in_features, self.group_size
+        size = (N, K)[dim]
+        part = size // world
+        what = ("out_features", "in_features")[dim]
+        if size % world or part % GROUP_MULTIPLE:
+            raise ValueError(f"{what}={size} does not split into {world} shards that are multiples of "
+                             f"{GROUP_MULTIPLE} (the kernels' tile)")
+        if dim == 0:
+            rows = slice(rank * part, (rank + 1) * part)
+            return QuantizedWeight(codes=self.codes[rows].copy(), zeros=self.zeros[rows].copy(),
+                                   scales=self.scales[rows].copy(), group_size=G)
+        if G == K:                                        # one group per row: the shard's own row
+            groups, new_g = slice(0, 1), part
+        elif part % G:
+            raise ValueError(f"in_features={K} split {world} ways gives {part} columns, not a whole number "
+                             f"of groups of group_size={G}")
+        else:
+            groups, new_g = slice(rank * part // G, (rank + 1) * part // G), G
+        cols = slice(rank * part, (rank + 1) * part)
+        return QuantizedWeight(codes=self.codes[:, cols].copy(), zeros=self.zeros[:, groups].copy(),
+                               scales=self.scales[:, groups].copy(), group_size=new_g)
+
     def dequantize(self, dtype=np.float32) -> np.ndarray:
         """(N, K) array of ``(code - zero) * scale`` in ``dtype``."""
         N, K = self.codes.shape

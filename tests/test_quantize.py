@@ -102,3 +102,36 @@ def test_reference_refuses_a_wrong_bias_shape(rng):
     assert reference_gemm(x, q, np.ones(64)).shape == (3, 64)
     with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(64,\), got \(64, 1\)"):
         reference_gemm(x, q, np.ones((64, 1)))
+
+
+@pytest.mark.parametrize("G", (32, 128, -1))
+def test_shards_reassemble_the_layer(G, rng):
+    """Column shards stack back to the weight; row shards' partial products sum to the full one."""
+    from quickcupy import reference_gemm
+    q = quantize(rng.standard_normal((256, 1024)).astype(np.float32), G)
+    w = q.dequantize(np.float64)
+    cols = [q.shard(0, r, 4) for r in range(4)]
+    np.testing.assert_array_equal(np.concatenate([c.dequantize(np.float64) for c in cols]), w)
+    rows = [q.shard(1, r, 2) for r in range(2)]
+    np.testing.assert_array_equal(np.concatenate([r.dequantize(np.float64) for r in rows], axis=1), w)
+    x = rng.standard_normal((3, 1024))
+    parts = sum(reference_gemm(x[:, r * 512:(r + 1) * 512], rows[r]) for r in range(2))
+    np.testing.assert_allclose(parts, reference_gemm(x, q), rtol=1e-12, atol=1e-9)
+    assert rows[0].group_size == (512 if G == -1 else G)
+    from quickcupy import pack_quick, unpack_quick
+    for shard in (cols[1], rows[1]):                        # each shard packs like any layer
+        assert unpack_quick(*pack_quick(shard)).codes.tobytes() == shard.codes.tobytes()
+
+
+def test_shard_rules(rng):
+    q = quantize(rng.standard_normal((96, 384)).astype(np.float32), 128)
+    with pytest.raises(ValueError, match="out_features=96 does not split into 2 shards that are multiples of 32"):
+        q.shard(0, 0, 2)
+    with pytest.raises(ValueError, match="192 columns, not a whole number of groups of group_size=128"):
+        q.shard(1, 1, 2)
+    with pytest.raises(ValueError, match="rank=2 must lie in 0..world-1"):
+        q.shard(0, 2, 2)
+    with pytest.raises(ValueError, match="dim=2 must be 0"):
+        q.shard(2, 0, 1)
+    with pytest.raises(TypeError, match="world must be an int"):
+        q.shard(0, 0, 2.0)
