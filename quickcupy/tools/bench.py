@@ -27,7 +27,7 @@ import numpy as np
 from .. import device as _device
 from ..llama.model import MODELS
 from ..registry import VARIANTS, design_of
-from .bench_report import (BASELINE, CLOCK_FIELDS, REFERENCE_INT4, SCHEMA, derive_points, format_header,
+from .bench_report import (BASELINE, CLOCK_FIELDS, SCHEMA, derive_points, format_header,
                            format_table, rotation_copies, weight_bytes, write_csv, write_plot)
 from .common import (Progress, UsageError, check_output_path, format_rows, jsonable, now, ordered_unique,
                      parse_group_size, parse_int, parse_int_list, parse_items, parse_names, write_json)
@@ -177,24 +177,6 @@ def _dequantized_fp16(q):
     codes -= cupy.asarray(q.zeros)[..., None]
     codes *= cupy.asarray(q.scales).astype(cupy.float32)[..., None]
     return cupy.ascontiguousarray(codes.reshape(N, K).astype(cupy.float16).T)
-
-
-def host_quantize_pack(K: int, N: int, group_size: int, seed: int = 0):
-    """Quantizes a random float16 (N, K) weight on the host and packs it both ways, timed.
-
-    Returns (QuantizedWeight, {"K", "N", "quantize_s", "pack_awq_s", "pack_quick_s"})."""
-    from .layouts import pack_awq, pack_quick
-    from .quantize import quantize
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((N, K), dtype=np.float32) * 0.02).astype(np.float16)
-    t0 = time.perf_counter()
-    q = quantize(w, group_size)
-    t1 = time.perf_counter()
-    pack_awq(q)
-    t2 = time.perf_counter()
-    pack_quick(q)
-    t3 = time.perf_counter()
-    return q, {"K": K, "N": N, "quantize_s": t1 - t0, "pack_awq_s": t2 - t1, "pack_quick_s": t3 - t2}
 
 
 def host_quantize_pack(K: int, N: int, group_size: int, seed: int = 0):

@@ -359,8 +359,8 @@ def _format_report(r: dict, backends: list) -> str:
     if r["accuracy"]:
         rows = [[a["backend"], a["weights"], _fmt_err(a["vs_fp32"]), _fmt_err(a["vs_same_weights"])]
                 for a in r["accuracy"]]
-        lines += ["", f"relative error ||y - ref|| / ||ref|| of the stack output, batch 1 prefill; refs are the "
-                      f"float32 NumPy stack with float weights, and with this row's weights",
+        lines += ["", "relative error ||y - ref|| / ||ref|| of the stack output, batch 1 prefill; refs are the "
+                      "float32 NumPy stack with float weights, and with this row's weights",
                   table(["backend", "weights", "vs float32 reference", "vs same weights in NumPy"], rows)]
     return "\n".join(lines)
 
