@@ -214,11 +214,19 @@ def all_instances():
 
 
 def toolkit_include_dir():
-    """A CUDA toolkit include folder holding cuda_fp16.h (for compiling without CuPy's runtime
-    set-up), from $CUDA_PATH or /usr/local/cuda; None when there is none."""
-    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
-            return Path(root) / "include"
+    """A CUDA include folder holding cuda_fp16.h, for compiling without CuPy's run-time set-up (the
+    CPU compile tests): found as CuPy finds it, through cuda.pathfinder (pip's nvidia-cuda-runtime
+    wheel, conda, $CUDA_PATH/$CUDA_HOME), else /usr/local/cuda; None when there is none."""
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+        found = find_nvidia_header_directory("cudart")
+    except Exception:                     # cuda-pathfinder missing (older CuPy) or nothing found
+        found = None
+    candidates = [found] + [os.path.join(r, "include") for r in (os.environ.get("CUDA_PATH"),
+                                                                 os.environ.get("CUDA_HOME"), "/usr/local/cuda") if r]
+    for folder in candidates:
+        if folder and (Path(folder) / "cuda_fp16.h").is_file():
+            return Path(folder)
     return None
 
 
