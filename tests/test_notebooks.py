@@ -46,3 +46,13 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()       # raises CellExecutionError, naming the cell, on any exception
     assert all(c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+
+
+MAX_NOTEBOOK_BYTES = 500_000
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_committed_notebook_is_small(name):
+    """Committed with outputs, each notebook stays under 500 KB (figures as palette PNGs)."""
+    size = (NOTEBOOKS / name).stat().st_size
+    assert size < MAX_NOTEBOOK_BYTES, f"{name} is {size} bytes; re-render its figures smaller"
