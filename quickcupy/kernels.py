@@ -74,6 +74,7 @@ class LaunchPlan:
     group_size: int
     threads: int = 0             # threads per block (0: the design's)
     counters: bool = False       # the kernel reduces split-K itself and needs arrival counters
+    shape: DecodeShape | None = None   # planner "decode": the block shape chosen
 
     @property
     def kernel(self) -> str:
@@ -205,7 +206,7 @@ def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_cou
     return LaunchPlan(design=design, name=sh.instance(math.gcd(group_size // 32, sh.chunks)), bm=8 * sh.mb,
                       bn=32 * sh.columns, tile=Tile(chunks=sh.chunks), grid=(-(-tiles_n // sh.columns), splits, 1),
                       shared_bytes=_decode_smem(sh, M, cps), chunks_per_split=cps, M=M, N=N, K=K,
-                      group_size=group_size, threads=32 * sh.nwarps, counters=True)
+                      group_size=group_size, threads=32 * sh.nwarps, counters=True, shape=sh)
 
 
 def all_instances():

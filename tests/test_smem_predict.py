@@ -45,3 +45,13 @@ def test_counts_are_ints_for_every_op():
     for op in OPS:
         for what in ("inst", "wavefronts", "conflicts"):
             assert isinstance(p[f"{op}_{what}"], int) and p[f"{op}_{what}"] >= 0
+
+
+@pytest.mark.parametrize("M,expected", [
+    (1, dict(st_inst=14_464, ld_inst=14_336, ldsm_inst=65_536, ldgsts_inst=4_096)),
+    (16, dict(st_inst=128, ld_inst=0, ldsm_inst=131_072, ldgsts_inst=16_384)),
+])
+def test_quick_decode_instructions_match_nsight_compute(M, expected):
+    """Counts measured by ncu on the H100 at K = N = 8192, group 128 (results/h100/ncu_decode_model.txt)."""
+    p = predict("quick_decode", M, 8192, 8192, 128)
+    assert {k: p[k] for k in expected} == expected

@@ -84,8 +84,7 @@ def _predict_decode(p) -> dict:
     zero-fill st.shared for chunks past the slice, one st of the zero row), one ldmatrix.x4 per chunk
     and 8-row tile of each batch a warp computes, and with KW > 1 the fp32 sums of the upper warps
     stored and read back once. Addresses from the DEC_* maps of smem_maps."""
-    from ..registry import DESIGNS
-    sh = next(x for x in DESIGNS[p.design.name].shapes if x.instance(int(p.name.split(",")[4])) == p.name)
+    sh = p.shape
     M, U, KW, T = p.M, sh.chunks, sh.kw, 32 * sh.nwarps
     chunks, cps, pitch = p.K // 32, p.chunks_per_split, p.chunks_per_split * 32 + 8
     tiles_n = p.N // 32

@@ -17,6 +17,7 @@ from ..llama.checkpoint import load_awq_checkpoint
 from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
                            random_layers)
 from ..quantize import effective_group_size
+from ..reference import rel_error
 from .common import (Progress, UsageError, check_output_path, parse_group_size, parse_int, parse_int_list,
                      parse_names, table, write_json)
 
@@ -129,12 +130,6 @@ def estimate_gpu_bytes(config: LlamaConfig, backend: str, batch: int, prompt: in
             "inputs": batch * (prompt + gen) * H * 2, "activations": activations}
 
 
-def _relative_error(y, ref) -> float:
-    y = np.asarray(y.get() if hasattr(y, "get") else y, np.float64)
-    ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-
-
 def _random_hidden(xp, seed: int, shape, dtype):
     """Hidden states ~ N(0, 1), generated where they are used."""
     if xp is np:
@@ -206,7 +201,7 @@ def run(args) -> int:
         if quant_layers is not None:
             # The 4-bit weights' own error, in exact float32 arithmetic: what the kernels should match.
             accuracy.append({"backend": "numpy", "weights": f"int4 g{group_size}, dequantized",
-                             "vs_fp32": _relative_error(refs["deq"], refs["fp32"]) if float_layers else None,
+                             "vs_fp32": rel_error(refs["deq"], refs["fp32"]) if float_layers else None,
                              "vs_same_weights": 0.0})
 
     # ------------------------------------------------------------------------ timing per backend
@@ -221,8 +216,8 @@ def run(args) -> int:
             accuracy.append({"backend": backend,
                              "weights": f"int4 g{group_size}" if backend in QUANTIZED_BACKENDS else
                              ("fp16" if float_layers else "fp16, dequantized int4"),
-                             "vs_fp32": _relative_error(y, refs["fp32"]),
-                             "vs_same_weights": _relative_error(y, same)})
+                             "vs_fp32": rel_error(y, refs["fp32"]),
+                             "vs_same_weights": rel_error(y, same)})
         for batch in s.batches:
             results.append(_time_one(model, backend, batch, s, progress))
         del model
