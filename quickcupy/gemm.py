@@ -173,6 +173,9 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
         if tile_m is not None or split_k is not None:
             raise ValueError("tile_m/split_k choose one kernel's launch; name that kernel instead of 'auto'")
         kernel = dispatch.kernel_for(M, layer.device)
+    reason = kernels.unsupported_reason(kernel, layer.device)
+    if reason is not None:
+        raise ValueError(reason)
     if registry.VARIANTS[kernel].path == "dequant":
         if tile_m is not None or split_k is not None:
             raise ValueError(f"tile_m/split_k choose a GEMM kernel's launch; kernel={kernel!r} runs cuBLAS")

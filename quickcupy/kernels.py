@@ -269,6 +269,24 @@ def require_gpu():
     return dev
 
 
+def device_arch(device_id: int) -> str:
+    """NVRTC target of a device, e.g. "sm_90"."""
+    import cupy
+    return "sm_" + "".join(str(c) for c in cupy.cuda.Device(device_id).compute_capability)
+
+
+def unsupported_reason(kernel: str, device_id: int):
+    """Why gemm kernel ``kernel`` cannot run on CUDA device ``device_id`` (a design built for one
+    architecture only, e.g. wgmma's sm_90a), or None when it can."""
+    arch = registry.design_of(kernel).arch
+    if arch is None:
+        return None
+    have = device_arch(device_id)
+    if have != arch.rstrip("a"):
+        return f"kernel={kernel!r} is built for {arch} only (Hopper wgmma); device {device_id} is {have}"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _module(device_id: int, arch: str, source: str, name: str, code_digest: str):
     import cupy
@@ -299,8 +317,8 @@ _RAISED = set()
 @functools.lru_cache(maxsize=None)
 def _get_function(device_id: int, source: str, name: str, code_digest: str):
     import cupy
-    with cupy.cuda.Device(device_id) as dev:
-        arch = "sm_" + "".join(str(c) for c in dev.compute_capability)
+    with cupy.cuda.Device(device_id):
+        arch = registry.SOURCES[source].arch or device_arch(device_id)
         return _module(device_id, arch, source, name, code_digest).get_function(name)
 
 

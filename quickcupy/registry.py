@@ -54,6 +54,7 @@ class Design:
     planner: str = "gemm"    # "gemm": grid (M tiles, N tiles, splits); "decode": see DecodeShape
     max_m: int | None = None     # most rows of x the design serves (None: any)
     shapes: tuple = ()       # planner "decode": the DecodeShapes (block shapes) it may launch
+    arch: str | None = None  # the one NVRTC target it builds for (e.g. "sm_90a": wgmma), else the device's
 
     def check_m(self, M: int):
         if self.max_m is not None and M > self.max_m:
@@ -120,6 +121,7 @@ class Source:
     filename: str
     instances: tuple
     threads: dict = field(default_factory=dict)   # constant name -> threads, for the generated header
+    arch: str | None = None  # the one NVRTC target it builds for, else the device's (see Design.arch)
 
 
 def divisors(n: int) -> list:
@@ -164,6 +166,18 @@ DESIGNS["quick_decode"] = Design(
             DecodeShape(8, 8, 1, 2), DecodeShape(16, 8, 1, 1), DecodeShape(16, 16, 1, 1),
             DecodeShape(8, 1, 2, 1)))
 
+DESIGNS["quick_sm90"] = Design(
+    name="quick_sm90", source="quick_sm90.cu", function="quick_sm90", layout="quick", threads=128,
+    n_multiple=32, tile_n=(128,),
+    # One warpgroup, 128 output features x bm tokens per block, K steps of 64 (chunks=2); two blocks
+    # per SM (128 fp32 accumulators per thread at bm = 128) fill each other's gaps.
+    tiles={64: Tile(chunks=2, stages=4, blocks_per_sm=3), 128: Tile(chunks=2, stages=4, blocks_per_sm=2)},
+    template="quick_sm90<{bm}, {stages}, {gch}>",
+    smem_bytes=lambda bm, t: t.stages * bm * 128 + 1024,   # 128B-swizzled activation ring, 1 KB alignment
+    description="QUICK for Hopper: weights dequantized in registers as the wgmma A operand, "
+                "activations in a swizzled shared-memory ring (sm_90a only)",
+    arch="sm_90a")
+
 VARIANTS = {v.name: v for v in (
     Variant("awq", "awq", "AutoAWQ design: dequantized weights written back to shared memory, 16-row tiles",
             tile_m=16),
@@ -171,6 +185,8 @@ VARIANTS = {v.name: v for v in (
     Variant("quick_m16", "quick", "QUICK with AutoAWQ's 16-row tile (like-for-like with awq)", tile_m=16),
     Variant("quick_decode", "quick_decode", "QUICK decode kernel for M <= 16 (weights as the mma A "
             "operand, in-kernel split-K)"),
+    Variant("quick_sm90", "quick_sm90", "QUICK for Hopper (sm_90a): wgmma with the weights as the "
+            "register A operand; tile rows by M"),
     Variant("dequant", "quick", "QUICK weights dequantized to an fp16 scratch buffer, then cuBLAS "
             "(cupy.matmul): the large-M path", path="dequant"),
     Variant("auto", "quick", "the fastest quick-layout kernel for M on this GPU, from a measured table "
@@ -191,7 +207,7 @@ DECODE_HEADS_PER_BLOCK = (8, 4, 2, 1)
 
 SOURCES = {s.filename: s for s in (
     *(Source(d.source, tuple(d.instances()),
-             {f"{d.name.upper()}_THREADS": d.threads} if d.planner == "gemm" else {})
+             {f"{d.name.upper()}_THREADS": d.threads} if d.planner == "gemm" else {}, d.arch)
       for d in DESIGNS.values()),
     Source("splitk_reduce.cu", ("splitk_reduce",), {"SPLITK_REDUCE_THREADS": SPLITK_REDUCE_THREADS}),
     Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}>" for d in DECODE_HEAD_DIMS

@@ -149,7 +149,7 @@ def test_real_model_shapes(K, N, rng):
     for M in (1, 16, 128):
         x = rng.standard_normal((M, K)).astype(np.float16)
         ref = reference_gemm(x, w_sub)
-        for kernel in ("awq", "quick", "quick_decode", "dequant"):
+        for kernel in ("awq", "quick", "quick_decode", "quick_sm90", "dequant"):
             if M > (registry.design_of(kernel).max_m or M):
                 continue
             y = _run(x, q, registry.design_of(kernel).layout, kernel)

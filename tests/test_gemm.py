@@ -96,12 +96,12 @@ def test_kernels_match_reference(K, N, G, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ("awq", "quick"))
+@pytest.mark.parametrize("kernel", ("awq", "quick", "quick_sm90"))
 @pytest.mark.parametrize("tile_m", (16, 32, 64, 128))
 @pytest.mark.parametrize("split_k", (1, 3, 8))
 def test_tile_and_split_variants(kernel, tile_m, split_k, rng):
-    if kernel == "awq" and tile_m == 128:
-        pytest.skip("awq has 16/32/64-row tiles")
+    if tile_m not in registry.design_of(kernel).tiles:
+        pytest.skip(f"{kernel} has {tuple(registry.design_of(kernel).tiles)}-row tiles")
     K, N, G = 2048, 1024, 128
     q, layer = _layer(K, N, G, kernel_layout(kernel))
     x = rng.standard_normal((77, K)).astype(np.float16)
@@ -205,7 +205,8 @@ def test_bad_inputs_raise_before_launch(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel,M,split_k", [("quick_decode", 1, None), ("quick_decode", 16, None),
-                                              ("quick_decode", 4, 7), ("quick", 64, 1), ("awq", 16, 1)])
+                                              ("quick_decode", 4, 7), ("quick", 64, 1), ("awq", 16, 1),
+                                              ("quick_sm90", 200, 1)])
 def test_cuda_graph_replay_is_bit_identical(kernel, M, split_k, rng):
     """A captured gemm call replays into the same buffer with the same bits as the eager call
     (kernels that reduce split-K themselves keep their workspace per stream, so it is graph safe)."""
