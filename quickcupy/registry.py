@@ -167,13 +167,15 @@ DESIGNS["quick_decode"] = Design(
             DecodeShape(8, 1, 2, 1)))
 
 DESIGNS["quick_sm90"] = Design(
-    name="quick_sm90", source="quick_sm90.cu", function="quick_sm90", layout="quick", threads=128,
+    name="quick_sm90", source="quick_sm90.cu", function="quick_sm90", layout="quick", threads=256,
     n_multiple=32, tile_n=(128,),
-    # One warpgroup, 128 output features x bm tokens per block, K steps of 64 (chunks=2); two blocks
-    # per SM (128 fp32 accumulators per thread at bm = 128) fill each other's gaps.
-    tiles={64: Tile(chunks=2, stages=4, blocks_per_sm=3), 128: Tile(chunks=2, stages=4, blocks_per_sm=2)},
+    # Two warpgroups of 64 output features each share the activation tile: 128 features x bm tokens
+    # per block, K steps of 64 (chunks=2), one block per SM (bm / 2 fp32 accumulators per thread).
+    tiles={64: Tile(chunks=2, stages=6, blocks_per_sm=1), 128: Tile(chunks=2, stages=5, blocks_per_sm=1),
+           256: Tile(chunks=2, stages=4, blocks_per_sm=1)},
     template="quick_sm90<{bm}, {stages}, {gch}>",
-    smem_bytes=lambda bm, t: t.stages * bm * 128 + 1024,   # 128B-swizzled activation ring, 1 KB alignment
+    # the swizzled activation ring on a 1024-byte boundary, after 2 mbarriers (8 bytes) per stage
+    smem_bytes=lambda bm, t: t.stages * (bm * 128 + 16) + 1024,
     description="QUICK for Hopper: weights dequantized in registers as the wgmma A operand, "
                 "activations in a swizzled shared-memory ring (sm_90a only)",
     arch="sm_90a")
