@@ -6,13 +6,16 @@
 // memory holds only the activations (the B operand, N = tokens), in the 128-byte swizzle that the
 // wgmma descriptor reads without bank conflicts.
 //
-// Block: QUICK_SM90_THREADS = 2 warpgroups; tile 128 output features x BT tokens, K in steps of 64.
-// Warp w of warpgroup b owns features 32 w + 16 b + 0..15 of the block: the rows 16 w .. +15 of the
-// group's wgmma A operand (64 features). They are half of the QUICK tile column at 32 w: words
-// (2b, 2b + 1) of each lane's 16 bytes, one 8-byte load per 32-deep chunk (the other group loads
-// the other half of the same sectors); half2 2s + r of a word is register r of k16 step s
-// (quickcupy/layouts.py draws it). Per 64-deep step a warpgroup issues 4 wgmma.m64nBTk16 (one per
-// k16 step), so the dequantization of 16 weights per lane feeds 64 x BT x 64 multiply-adds.
+// Block: QUICK_SM90_THREADS = 2 warpgroups; tile 256 output features x BT tokens, K in steps of 64.
+// Wide feature tiles and 4-bit weights keep the L2 -> SM traffic low: per step a block reads
+// BT x 128 bytes of activations and 256 x 32 bytes of weights (at 128 x 256 the other way round the
+// activation copies alone hit the L2 bandwidth, measured). Warpgroup wg owns features
+// [128 wg, +128); its warp w owns the QUICK tile column of 32 features at 32 w, and the 4 words of
+// a lane's 16-byte load (one per 32-deep chunk) are the A fragments of two wgmma row blocks:
+// words (0, 1) -> rows 16 w .. +15 of block 0 (features 32 w + 0..15), words (2, 3) -> the same
+// rows of block 1 (features 32 w + 16..31); half2 2s + r of a word is register r of k16 step s
+// (quickcupy/layouts.py draws it). Per 64-deep step a warpgroup issues 2 blocks x 4 k16 steps =
+// 8 wgmma.m64nBTk16.
 // Pipelines: activations through a STAGES-deep cp.async ring whose slots are handed over with
 // mbarriers ("full" when the copies landed, "empty" when both groups' wgmmas are done), so the two
 // warpgroups run out of step and one dequantizes while the other's wgmmas run; weights two K steps
@@ -28,12 +31,12 @@ constexpr int SM90_BK = 64;                      // K per main-loop step: one 12
 constexpr int SM90_U = SM90_BK / 32;             // 32-deep QUICK chunks per step
 
 struct Sm90Weights {
-  uint2 w[SM90_U];           // packed codes of the lane's 2 sub-tiles, one 8-byte load per chunk
-  u32 s[SM90_U];             // their scales (fp16 x 2), per chunk (reloaded every GCH chunks)
-  u32 z[SM90_U];             // their zero points (nibbles 2b, 2b + 1 of the tile's halfword)
+  uint4 w[SM90_U];           // packed codes, one 16-byte load per chunk
+  uint2 s[SM90_U];           // scales of the lane's 4 sub-tiles, per chunk (reloaded every GCH)
+  u32 z[SM90_U];             // zero points of the 4 sub-tiles (nibbles 0..3)
 };
 
-template <int BT,       // tokens per block = wgmma N: 64, 128 or 256
+template <int BT,       // tokens per block = wgmma N: 64 or 128
           int STAGES,   // depth of the cp.async ring of activation tiles (BT x 64 fp16 each)
           int GCH>      // chunks per scale/zero reload = gcd(group_size / 32, 2): 1 or 2
 __global__ void __launch_bounds__(QUICK_SM90_THREADS, 1)
@@ -44,28 +47,28 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
   constexpr int SLOT = BT * SM90_BK * 2;         // bytes of one activation tile
   constexpr int CP_PASSES = BT * 8 / QUICK_SM90_THREADS;   // 16-byte copies per thread per step
   constexpr int ROWS_PER_PASS = QUICK_SM90_THREADS / 8;
-  constexpr int BN = SM90_WG;                    // output features per block (2 groups x 64)
+  constexpr int BN = 2 * SM90_WG;                // output features per block (2 groups x 128)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const u32 base = smem_addr(smem_raw);
   const u32 ring = (base + 16 * STAGES + 1023) & ~1023u;   // swizzled tiles start on 1024 bytes
   const u32 full = base, empty = base + 8 * STAGES;        // STAGES mbarriers each
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
-  const int wb = warp / 4, wi = warp % 4;        // warpgroup (= wgmma row block b), warp in it
+
   // Raster: consecutive blocks take consecutive feature tiles of one token tile, so a wave shares
   // its activations and the whole weight stays in L2 across waves.
   const int tiles_n = (N + BN - 1) / BN, tile = blockIdx.x + gridDim.x * blockIdx.y;
   const int m0 = (tile / tiles_n) * BT;
-  const int col0 = (tile % tiles_n) * BN + 32 * wi;   // the warp's QUICK tile column
+  const int col0 = (tile % tiles_n) * BN + 32 * warp;   // the warp's QUICK tile column
   const bool warp_active = col0 < N;             // inactive warps still join their group's wgmmas
   const int chunks = K / 32, groups = K / group_size;
   const int kc0 = blockIdx.z * chunks_per_split;
   const int kc1 = min(chunks, kc0 + chunks_per_split);
   const int iters = (kc1 - kc0 + SM90_U - 1) / SM90_U;
 
-  // This warp's streams: half (words 2 wb, 2 wb + 1) of tile column col0 / 32 of each tensor.
-  const uint2* wq = reinterpret_cast<const uint2*>(qweight + (size_t)(col0 / 32) * chunks * 32 + lane) + wb;
-  const u32* sq = reinterpret_cast<const u32*>(scales + (size_t)(col0 / 32) * groups * 8 + g) + wb;
+  // This warp's streams: tile column col0 / 32 of each packed tensor.
+  const uint4* wq = qweight + (size_t)(col0 / 32) * chunks * 32 + lane;
+  const uint2* sq = scales + (size_t)(col0 / 32) * groups * 8 + g;
   const unsigned short* zq = qzeros + (size_t)(col0 / 32) * groups * 8 + g;
 
   // Activation copies: thread copies 16-byte chunk c of rows r0 + ROWS_PER_PASS i; its swizzled
@@ -102,46 +105,50 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
     for (int c = 0; c < SM90_U; ++c) {
       const int kc = kc0 + it * SM90_U + c;
       const bool ok = warp_active && kc < kc1;
-      regs.w[c] = ok ? __ldg(wq + (size_t)kc * 64) : make_uint2(0, 0);
+      regs.w[c] = ok ? __ldg(wq + (size_t)kc * 32) : make_uint4(0, 0, 0, 0);
       if (c % GCH == 0) {
         const int grp = kc * 32 / group_size;
-        regs.s[c] = ok ? __ldg(sq + (size_t)grp * 16) : 0u;
+        regs.s[c] = ok ? __ldg(sq + (size_t)grp * 8) : make_uint2(0, 0);
         regs.z[c] = ok ? __ldg(zq + (size_t)grp * 8) : 0u;
       }
     }
   };
-  // A fragments of one K step: a[s] = k16 step s (chunk s / 2).
-  auto dequant = [&](const Sm90Weights& regs, u32 (&a)[2 * SM90_U][4]) {
+  // A fragments of one K step: a[b][s] = wgmma row block b, k16 step s (chunk s / 2).
+  auto dequant = [&](const Sm90Weights& regs, u32 (&a)[2][2 * SM90_U][4]) {
 #pragma unroll
     for (int c = 0; c < SM90_U; ++c) {
       const int cs = c - c % GCH;                // chunk whose scales/zeros apply
       half2 z[4];
-      int4x8_to_half2x4(regs.z[cs] >> (8 * wb), z);   // half2 j = (zero of sub-tile 2 wb + j, 0)
-      const half2 sc = as_half2(regs.s[cs]);
-      const half2 ss[2] = {__low2half2(sc), __high2half2(sc)};
-      const u32 words[2] = {regs.w[c].x, regs.w[c].y};
-      u32 h[2][4];                               // h[j][2 s + r]: sub-tile 2 wb + j, k16 step s, register r
+      int4x8_to_half2x4(regs.z[cs], z);          // half2 j = (zero of sub-tile j, 0)
+      const half2 s01 = as_half2(regs.s[cs].x), s23 = as_half2(regs.s[cs].y);
+      const half2 sc[4] = {__low2half2(s01), __high2half2(s01), __low2half2(s23), __high2half2(s23)};
+      const u32 words[4] = {regs.w[c].x, regs.w[c].y, regs.w[c].z, regs.w[c].w};
+      u32 h[4][4];                               // h[j][2 s + r]: sub-tile j, k16 step s, register r
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < 4; ++j) {
         const Zero2 zj = make_zero2(__low2half2(z[j]));
         const Zero2 zz[4] = {zj, zj, zj, zj};
-        const half2 sj[4] = {ss[j], ss[j], ss[j], ss[j]};
+        const half2 sj[4] = {sc[j], sc[j], sc[j], sc[j]};
         dequant_int4x8(words[j], zz, sj, h[j]);
       }
 #pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        u32 (&f)[4] = a[2 * c + s];              // mma A: (row g, k lo), (g + 8, lo), (g, hi), (g + 8, hi)
-        f[0] = h[0][2 * s];
-        f[1] = h[1][2 * s];
-        f[2] = h[0][2 * s + 1];
-        f[3] = h[1][2 * s + 1];
-      }
+      for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          u32 (&f)[4] = a[b][2 * c + s];         // mma A: (row g, k lo), (g + 8, lo), (g, hi), (g + 8, hi)
+          f[0] = h[2 * b][2 * s];
+          f[1] = h[2 * b + 1][2 * s];
+          f[2] = h[2 * b][2 * s + 1];
+          f[3] = h[2 * b + 1][2 * s + 1];
+        }
     }
   };
 
-  float acc[BT / 2];
+  float acc[2][BT / 2];
 #pragma unroll
-  for (int i = 0; i < BT / 2; ++i) acc[i] = 0.f;
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int i = 0; i < BT / 2; ++i) acc[b][i] = 0.f;
 
 #pragma unroll
   for (int s = 0; s < STAGES - 2; ++s)
@@ -151,19 +158,21 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
   if (1 < iters) load_w(1, wr[1]);
 
   // Step `it` of one warpgroup: dequantize its weights; wait until its activations landed; issue
-  // 4 wgmmas; meanwhile load the weights of it + 2 and refill the slot of step it - 2 with step
+  // 8 wgmmas; meanwhile load the weights of it + 2 and refill the slot of step it - 2 with step
   // it + STAGES - 2 once both groups are done with it (the other group may be up to two steps
   // behind); wait for the wgmmas and mark the slot empty. The loads go after the proxy fence, which
   // would otherwise wait for them.
   auto step = [&](int it, Sm90Weights& w) {
-    u32 af[2 * SM90_U][4];
+    u32 af[2][2 * SM90_U][4];
     dequant(w, af);
     mbar_wait(full + 8 * (it % STAGES), (it / STAGES) & 1);
     fence_proxy_async_shared();                  // the cp.async writes, before wgmma reads them
     const u32 slot = ring + (it % STAGES) * SLOT;
     wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < 2 * SM90_U; ++s) wgmma_rs<BT>(acc, af[s], wgmma_desc_sw128(slot + 32 * s));
+    for (int s = 0; s < 2 * SM90_U; ++s)
+#pragma unroll
+      for (int b = 0; b < 2; ++b) wgmma_rs<BT>(acc[b], af[b][s], wgmma_desc_sw128(slot + 32 * s));
     wgmma_commit();
     if (it + 2 < iters) load_w(it + 2, w);
     if (it + STAGES - 2 < iters) {
@@ -178,23 +187,25 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
     if (it + 1 < iters) step(it + 1, wr[1]);
   }
 
-  // Epilogue: lane holds D rows (features) col0 + 16 wb + g (+ 8), columns (tokens) 8 i + 2 t (+ 1).
+  // Epilogue: lane holds D rows (features) col0 + 16 b + g (+ 8), columns (tokens) 8 i + 2 t (+ 1).
   if (!warp_active) return;
   const bool split = gridDim.z > 1;
   float* part = partial + (size_t)blockIdx.z * M * N;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int col = col0 + 16 * wb + 8 * h + g;
-    const float bv = (!split && bias != nullptr) ? __half2float(bias[col]) : 0.f;
+  for (int b = 0; b < 2; ++b)
 #pragma unroll
-    for (int i = 0; i < BT / 8; ++i)
+    for (int h = 0; h < 2; ++h) {
+      const int col = col0 + 16 * b + 8 * h + g;
+      const float bv = (!split && bias != nullptr) ? __half2float(bias[col]) : 0.f;
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int row = m0 + 8 * i + 2 * t + e;
-        if (row >= M) continue;
-        const float v = acc[4 * i + 2 * h + e];
-        if (split) part[(size_t)row * N + col] = v;
-        else C[(size_t)row * N + col] = __float2half_rn(v + bv);
-      }
-  }
+      for (int i = 0; i < BT / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int row = m0 + 8 * i + 2 * t + e;
+          if (row >= M) continue;
+          const float v = acc[b][4 * i + 2 * h + e];
+          if (split) part[(size_t)row * N + col] = v;
+          else C[(size_t)row * N + col] = __float2half_rn(v + bv);
+        }
+    }
 }

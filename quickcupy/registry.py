@@ -168,11 +168,10 @@ DESIGNS["quick_decode"] = Design(
 
 DESIGNS["quick_sm90"] = Design(
     name="quick_sm90", source="quick_sm90.cu", function="quick_sm90", layout="quick", threads=256,
-    n_multiple=32, tile_n=(128,),
-    # Two warpgroups of 64 output features each share the activation tile: 128 features x bm tokens
-    # per block, K steps of 64 (chunks=2), one block per SM (bm / 2 fp32 accumulators per thread).
-    tiles={64: Tile(chunks=2, stages=6, blocks_per_sm=1), 128: Tile(chunks=2, stages=5, blocks_per_sm=1),
-           256: Tile(chunks=2, stages=4, blocks_per_sm=1)},
+    n_multiple=32, tile_n=(256,),
+    # Two warpgroups of 128 output features share the activation tile: 256 features x bm tokens
+    # per block, K steps of 64 (chunks=2), one block per SM (bm fp32 accumulators per thread).
+    tiles={64: Tile(chunks=2, stages=6, blocks_per_sm=1), 128: Tile(chunks=2, stages=5, blocks_per_sm=1)},
     template="quick_sm90<{bm}, {stages}, {gch}>",
     # the swizzled activation ring on a 1024-byte boundary, after 2 mbarriers (8 bytes) per stage
     smem_bytes=lambda bm, t: t.stages * (bm * 128 + 16) + 1024,
