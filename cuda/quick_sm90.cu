@@ -71,10 +71,11 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
   const uint2* sq = scales + (size_t)(col0 / 32) * groups * 8 + g;
   const unsigned short* zq = qzeros + (size_t)(col0 / 32) * groups * 8 + g;
 
-  // Activation copies: thread copies 16-byte chunk c of rows r0 + ROWS_PER_PASS i; its swizzled
-  // offsets and row bounds are fixed, only the K step moves.
-  const int r0 = tid / 8, c8 = tid % 8;
-  const u32 dst0 = sw128_offset(r0, c8);        // + ROWS_PER_PASS * 128 i: the swizzle repeats every 8 rows
+  // Activation copies (map SM90_X_CP): thread copies 16-byte chunk c8 of rows r0 + ROWS_PER_PASS i
+  // to its swizzled place; offsets and row bounds are fixed, only the K step moves.
+  const int r0 = SM90_X_CP_ROW(lane, warp, 0), c8 = lane % 8;
+  const u32 dst0 = (r0 * SM90_BK + SM90_X_CP_COL(lane, warp, 0)) * 2;   // + 128 bytes per row: the
+                                                                         // swizzle repeats every 8 rows
   const half* src0 = A + (size_t)(m0 + r0) * K + (size_t)kc0 * 32 + 8 * c8;
   u32 rows_ok = 0;
 #pragma unroll

@@ -11,16 +11,12 @@ namespace qc {
 // 1024-byte boundary. Bits 0-13 start address >> 4, 16-29 leading byte offset >> 4 (unused by
 // swizzled K-major layouts: 1), 32-45 stride byte offset >> 4 (1024: next 8-row atom), 62-63 the
 // swizzle mode (1 = 128B). A k16 step inside the 64-wide row starts 32 bytes further: the hardware
-// applies the swizzle to the address bits, as the cp.async writer did.
+// applies the swizzle to the address bits, as the cp.async writer did (map SM90_X_CP of
+// smem_maps.cuh: chunk c of row r at chunk c ^ (r % 8)).
 __device__ __forceinline__ unsigned long long wgmma_desc_sw128(u32 smem_byte_addr) {
   return (unsigned long long)((smem_byte_addr & 0x3FFFF) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) |
          (1ull << 62);
 }
-
-// Byte offset of 16-byte chunk `c` (0..7) of row `r` in a 128B-swizzled tile of 128-byte rows: the
-// chunk index is XOR-ed with the row's position in its 8-row atom, so the 8 rows of an atom put any
-// one chunk in 8 different bank groups (what wgmma expects, and conflict-free for the writer).
-__device__ __forceinline__ u32 sw128_offset(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
 // Order this thread's earlier shared-memory writes (cp.async included) before reads of the async
 // proxy (wgmma operands); each writing thread fences, then the block synchronizes.

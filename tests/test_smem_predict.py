@@ -55,3 +55,14 @@ def test_quick_decode_instructions_match_nsight_compute(M, expected):
     """Counts measured by ncu on the H100 at K = N = 8192, group 128 (results/h100/ncu_decode_model.txt)."""
     p = predict("quick_decode", M, 8192, 8192, 128)
     assert {k: p[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("M", (16, 200, 4096))
+def test_quick_sm90_copies_only_into_the_swizzle(M):
+    """quick_sm90: per 64-deep step each of the 8 warps copies bm / 32 rows of 128 bytes; the 128B
+    swizzle keeps every copy at 4 wavefronts (512 bytes), no conflicts, no other LSU traffic."""
+    p = predict("quick_sm90", M, 8192, 8192, 128)
+    blocks = -(-M // p["tile_m"]) * (8192 // 256)
+    assert p["ldgsts_inst"] == blocks * (8192 // 64) * 8 * (p["tile_m"] // 32)
+    assert p["ldgsts_wavefronts"] == 4 * p["ldgsts_inst"] and p["ldgsts_conflicts"] == 0
+    assert p["st_inst"] == p["ld_inst"] == p["ldsm_inst"] == 0

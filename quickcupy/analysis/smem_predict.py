@@ -79,6 +79,16 @@ def _quick_instructions(p):
                 yield warp, "ldsm", banks.count_ldmatrix(_addresses("A_LDSM", c, pitch, mt=mt, kk=kk), 4)
 
 
+def _sm90_instructions(p):
+    """quick_sm90: only the activation copies touch shared memory through the LSU (wgmma reads its
+    B operand through the async proxy, outside ncu's shared-memory pipe counters)."""
+    c = _consts(p)
+    c["BK"] = 64
+    for warp in range(p.design.threads // banks.WARP):
+        for i in range(p.bm * 8 // p.design.threads):
+            yield warp, "ldgsts", banks.count_wavefronts(_addresses("SM90_X_CP", c, 64, warp=warp, i=i), 16)
+
+
 def _predict_decode(p) -> dict:
     """quick_decode, block by block (its K slices differ in length): the activation copy (cp.async,
     zero-fill st.shared for chunks past the slice, one st of the zero row), one ldmatrix.x4 per chunk
@@ -146,7 +156,7 @@ def _predict_decode(p) -> dict:
 
 
 # Design name -> its walk of shared-memory instructions (a new design adds its walk here).
-WALKS = {"awq": _awq_instructions, "quick": _quick_instructions}
+WALKS = {"awq": _awq_instructions, "quick": _quick_instructions, "quick_sm90": _sm90_instructions}
 
 
 def predict(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 132, **plan_args) -> dict:
