@@ -1,27 +1,28 @@
 // QUICK for Hopper: the same interleaved weights (pack_quick) as quick_gemm.cu, but multiplied with
 // wgmma. The product is computed transposed, C^T (N x M) = W (N x K) . x^T (K x M), so the 4-bit
-// weights are the wgmma A operand, which may live in registers: each lane loads its packed weights
-// from global memory with ONE 16-byte load per 32-deep chunk and dequantizes them in registers into
-// exactly the A fragments wgmma reads. No dequantized weight is written to shared memory; shared
-// memory holds only the activations (the B operand, N = tokens), in the 128-byte swizzle that the
-// wgmma descriptor reads without bank conflicts.
+// weights are the wgmma A operand, which may live in registers: each lane dequantizes the 16 packed
+// bytes QUICK put together for it (one 32-deep chunk of its tile) into exactly the A fragments
+// wgmma reads. No dequantized weight is ever written to shared memory: shared memory holds the
+// activations (the B operand, N = tokens) in the 128-byte swizzle the wgmma descriptor reads
+// without bank conflicts, and the weights still packed, as they arrive (Marlin's way of streaming).
 //
 // Block: QUICK_SM90_THREADS = 2 warpgroups; tile 256 output features x BT tokens, K in steps of 64.
 // Wide feature tiles and 4-bit weights keep the L2 -> SM traffic low: per step a block reads
 // BT x 128 bytes of activations and 256 x 32 bytes of weights (at 128 x 256 the other way round the
 // activation copies alone hit the L2 bandwidth, measured). Warpgroup wg owns features
 // [128 wg, +128); its warp w owns the QUICK tile column of 32 features at 32 w, and the 4 words of
-// a lane's 16-byte load (one per 32-deep chunk) are the A fragments of two wgmma row blocks:
-// words (0, 1) -> rows 16 w .. +15 of block 0 (features 32 w + 0..15), words (2, 3) -> the same
-// rows of block 1 (features 32 w + 16..31); half2 2s + r of a word is register r of k16 step s
+// a lane's 16 bytes per chunk are the A fragments of two wgmma row blocks: words (0, 1) -> rows
+// 16 w .. +15 of block 0 (features 32 w + 0..15), words (2, 3) -> the same rows of block 1
+// (features 32 w + 16..31); half2 2s + r of a word is register r of k16 step s
 // (quickcupy/layouts.py draws it). Per 64-deep step a warpgroup issues 2 blocks x 4 k16 steps =
 // 8 wgmma.m64nBTk16.
-// Pipelines: activations through a STAGES-deep cp.async ring whose slots are handed over with
-// mbarriers ("full" when the copies landed, "empty" when both groups' wgmmas are done), so the two
-// warpgroups run out of step and one dequantizes while the other's wgmmas run; weights two K steps
-// ahead in registers. A group waits for its own wgmmas before it dequantizes the next step (ptxas
-// serializes every wgmma if registers they read are written while an earlier group is in flight:
-// warning C7513).
+//
+// Pipeline: one STAGES-deep ring of K steps, each slot holding the step's activation tile, packed
+// weights, scales and zeros, filled by cp.async from all threads and handed over with mbarriers
+// ("full" when a slot's copies landed, "empty" when both warpgroups are done with it), so the two
+// groups run out of step. Within a group, the dequantization of step it + 1 (into a second set of
+// A registers) runs while the wgmmas of step it are in flight; exactly one wgmma group is ever in
+// flight, which keeps ptxas from serializing them (warning C7513).
 #include "wgmma.cuh"
 
 using namespace qc;
@@ -29,54 +30,56 @@ using namespace qc;
 constexpr int SM90_WG = 128;                     // threads per warpgroup
 constexpr int SM90_BK = 64;                      // K per main-loop step: one 128-byte swizzle row
 constexpr int SM90_U = SM90_BK / 32;             // 32-deep QUICK chunks per step
-
-struct Sm90Weights {
-  uint4 w[SM90_U];           // packed codes, one 16-byte load per chunk
-  uint2 s[SM90_U];           // scales of the lane's 4 sub-tiles, per chunk (reloaded every GCH)
-  u32 z[SM90_U];             // zero points of the 4 sub-tiles (nibbles 0..3)
-};
+constexpr int SM90_WARPS = QUICK_SM90_THREADS / 32;
+// Per warp and chunk of a slot: the lanes' packed weights (32 x 16 bytes), then per group used by
+// the step: the scales of the warp's tile (8 g x 4 sub-tiles, fp16) and its zeros (8 halfwords).
+constexpr int SM90_W_BYTES = SM90_WARPS * SM90_U * 512;
+constexpr int SM90_SZ_BYTES = 80;                // 64 bytes of scales + 16 of zeros
+constexpr int SM90_SZ_REGION = 2048;             // SM90_U x SM90_WARPS x 80, rounded to 1 KB
 
 template <int BT,       // tokens per block = wgmma N: 64 or 128
-          int STAGES,   // depth of the cp.async ring of activation tiles (BT x 64 fp16 each)
+          int STAGES,   // slots of the ring (each: BT x 64 fp16 activations + the step's weights)
           int GCH>      // chunks per scale/zero reload = gcd(group_size / 32, 2): 1 or 2
 __global__ void __launch_bounds__(QUICK_SM90_THREADS, 1)
 quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
            const unsigned short* __restrict__ qzeros, const uint2* __restrict__ scales,
            const half* __restrict__ bias, half* __restrict__ C, float* __restrict__ partial,
            int M, int N, int K, int group_size, int chunks_per_split) {
-  constexpr int SLOT = BT * SM90_BK * 2;         // bytes of one activation tile
-  constexpr int CP_PASSES = BT * 8 / QUICK_SM90_THREADS;   // 16-byte copies per thread per step
+  constexpr int X_BYTES = BT * SM90_BK * 2;      // activation tile of a slot (first: 1 KB aligned)
+  constexpr int SLOT = X_BYTES + SM90_W_BYTES + SM90_SZ_REGION;
+  constexpr int CP_PASSES = BT * 8 / QUICK_SM90_THREADS;   // 16-byte activation copies per thread
   constexpr int ROWS_PER_PASS = QUICK_SM90_THREADS / 8;
   constexpr int BN = 2 * SM90_WG;                // output features per block (2 groups x 128)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const u32 base = smem_addr(smem_raw);
   const u32 ring = (base + 16 * STAGES + 1023) & ~1023u;   // swizzled tiles start on 1024 bytes
+  const unsigned char* ring_ptr = smem_raw + (ring - base);
   const u32 full = base, empty = base + 8 * STAGES;        // STAGES mbarriers each
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
-
   // Raster: consecutive blocks take consecutive feature tiles of one token tile, so a wave shares
   // its activations and the whole weight stays in L2 across waves.
   const int tiles_n = (N + BN - 1) / BN, tile = blockIdx.x + gridDim.x * blockIdx.y;
   const int m0 = (tile / tiles_n) * BT;
   const int col0 = (tile % tiles_n) * BN + 32 * warp;   // the warp's QUICK tile column
   const bool warp_active = col0 < N;             // inactive warps still join their group's wgmmas
-  const int chunks = K / 32, groups = K / group_size;
+  const int chunks = K / 32, groups = K / group_size, chunks_per_group = group_size / 32;
   const int kc0 = blockIdx.z * chunks_per_split;
   const int kc1 = min(chunks, kc0 + chunks_per_split);
   const int iters = (kc1 - kc0 + SM90_U - 1) / SM90_U;
 
   // This warp's streams: tile column col0 / 32 of each packed tensor.
   const uint4* wq = qweight + (size_t)(col0 / 32) * chunks * 32 + lane;
-  const uint2* sq = scales + (size_t)(col0 / 32) * groups * 8 + g;
-  const unsigned short* zq = qzeros + (size_t)(col0 / 32) * groups * 8 + g;
+  const uint4* szq = lane < 4 ? reinterpret_cast<const uint4*>(scales + (size_t)(col0 / 32) * groups * 8) + lane
+                              : reinterpret_cast<const uint4*>(qzeros + (size_t)(col0 / 32) * groups * 8);
+  const int sz_stride = lane < 4 ? 4 : 1;        // 16-byte units per group: 64 bytes of scales, 16 of zeros
 
   // Activation copies (map SM90_X_CP): thread copies 16-byte chunk c8 of rows r0 + ROWS_PER_PASS i
   // to its swizzled place; offsets and row bounds are fixed, only the K step moves.
   const int r0 = SM90_X_CP_ROW(lane, warp, 0), c8 = lane % 8;
-  const u32 dst0 = (r0 * SM90_BK + SM90_X_CP_COL(lane, warp, 0)) * 2;   // + 128 bytes per row: the
-                                                                         // swizzle repeats every 8 rows
-  const half* src0 = A + (size_t)(m0 + r0) * K + (size_t)kc0 * 32 + 8 * c8;
+  const u32 x_dst0 = (r0 * SM90_BK + SM90_X_CP_COL(lane, warp, 0)) * 2;   // + 128 bytes per row: the
+                                                                           // swizzle repeats every 8 rows
+  const half* x_src0 = A + (size_t)(m0 + r0) * K + (size_t)kc0 * 32 + 8 * c8;
   u32 rows_ok = 0;
 #pragma unroll
   for (int i = 0; i < CP_PASSES; ++i) rows_ok |= (m0 + r0 + ROWS_PER_PASS * i < M) << i;
@@ -84,46 +87,48 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full + 8 * s, QUICK_SM90_THREADS);   // one cp.async arrival per thread per fill
-      mbar_init(empty + 8 * s, QUICK_SM90_THREADS);  // one arrival per thread once its wgmmas are done
+      mbar_init(empty + 8 * s, QUICK_SM90_THREADS);  // one arrival per thread once it is done with it
     }
   }
   __syncthreads();
 
-  auto load_x = [&](int it) {  // K step `it` -> its ring slot
-    const u32 slot = ring + (it % STAGES) * SLOT + dst0;
-    const bool k_ok = (kc0 + it * SM90_U) * 32 + 8 * c8 < kc1 * 32;
+  auto cp16 = [](u32 dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
+  };
+  auto load_step = [&](int it) {  // K step `it` -> its slot: activations, weights, scales, zeros
+    const u32 slot = ring + (it % STAGES) * SLOT;
+    const int kc = kc0 + it * SM90_U;
+    const bool k_ok = kc * 32 + 8 * c8 < kc1 * 32;
 #pragma unroll
     for (int i = 0; i < CP_PASSES; ++i) {
       const bool ok = k_ok && (rows_ok >> i & 1);
-      const half* src = ok ? src0 + (size_t)ROWS_PER_PASS * i * K + it * SM90_BK : A;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                   :: "r"(slot + ROWS_PER_PASS * 128 * i), "l"(src), "r"(ok ? 16 : 0));
+      cp16(slot + x_dst0 + ROWS_PER_PASS * 128 * i, ok ? x_src0 + (size_t)ROWS_PER_PASS * i * K + it * SM90_BK : A, ok);
+    }
+#pragma unroll
+    for (int c = 0; c < SM90_U; ++c) {
+      const bool ok = warp_active && kc + c < kc1;
+      cp16(slot + X_BYTES + ((warp * SM90_U + c) * 32 + lane) * 16, ok ? wq + (size_t)(kc + c) * 32 : wq, ok);
+      if (c % GCH == 0 && lane < 5) {
+        const int grp = (kc + c) / chunks_per_group;
+        cp16(slot + X_BYTES + SM90_W_BYTES + (c * SM90_WARPS + warp) * SM90_SZ_BYTES + 16 * lane,
+             ok ? szq + (size_t)grp * sz_stride : szq, ok);
+      }
     }
     cp_async_mbar_arrive(full + 8 * (it % STAGES));
   };
-  auto load_w = [&](int it, Sm90Weights& regs) {
+  // A fragments of step `it` from its slot: a[b][s] = wgmma row block b, k16 step s (chunk s / 2).
+  auto dequant = [&](int it, u32 (&a)[2][2 * SM90_U][4]) {
+    const unsigned char* slot = ring_ptr + (it % STAGES) * SLOT;
 #pragma unroll
     for (int c = 0; c < SM90_U; ++c) {
-      const int kc = kc0 + it * SM90_U + c;
-      const bool ok = warp_active && kc < kc1;
-      regs.w[c] = ok ? __ldg(wq + (size_t)kc * 32) : make_uint4(0, 0, 0, 0);
-      if (c % GCH == 0) {
-        const int grp = kc * 32 / group_size;
-        regs.s[c] = ok ? __ldg(sq + (size_t)grp * 8) : make_uint2(0, 0);
-        regs.z[c] = ok ? __ldg(zq + (size_t)grp * 8) : 0u;
-      }
-    }
-  };
-  // A fragments of one K step: a[b][s] = wgmma row block b, k16 step s (chunk s / 2).
-  auto dequant = [&](const Sm90Weights& regs, u32 (&a)[2][2 * SM90_U][4]) {
-#pragma unroll
-    for (int c = 0; c < SM90_U; ++c) {
-      const int cs = c - c % GCH;                // chunk whose scales/zeros apply
+      const unsigned char* sz = slot + X_BYTES + SM90_W_BYTES + ((c - c % GCH) * SM90_WARPS + warp) * SM90_SZ_BYTES;
+      const uint2 s4 = *reinterpret_cast<const uint2*>(sz + 8 * g);
       half2 z[4];
-      int4x8_to_half2x4(regs.z[cs], z);          // half2 j = (zero of sub-tile j, 0)
-      const half2 s01 = as_half2(regs.s[cs].x), s23 = as_half2(regs.s[cs].y);
+      int4x8_to_half2x4(*reinterpret_cast<const unsigned short*>(sz + 64 + 2 * g), z);   // half2 j = (zero j, 0)
+      const half2 s01 = as_half2(s4.x), s23 = as_half2(s4.y);
       const half2 sc[4] = {__low2half2(s01), __high2half2(s01), __low2half2(s23), __high2half2(s23)};
-      const u32 words[4] = {regs.w[c].x, regs.w[c].y, regs.w[c].z, regs.w[c].w};
+      const uint4 wv = *reinterpret_cast<const uint4*>(slot + X_BYTES + ((warp * SM90_U + c) * 32 + lane) * 16);
+      const u32 words[4] = {wv.x, wv.y, wv.z, wv.w};
       u32 h[4][4];                               // h[j][2 s + r]: sub-tile j, k16 step s, register r
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -144,6 +149,12 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
         }
     }
   };
+  // Wait until step `it`'s slot is full; the proxy fence orders its cp.async writes before the
+  // wgmmas that will read the activations.
+  auto wait_full = [&](int it) {
+    mbar_wait(full + 8 * (it % STAGES), (it / STAGES) & 1);
+    fence_proxy_async_shared();
+  };
 
   float acc[2][BT / 2];
 #pragma unroll
@@ -153,39 +164,39 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
 
 #pragma unroll
   for (int s = 0; s < STAGES - 2; ++s)
-    if (s < iters) load_x(s);
-  Sm90Weights wr[2];
-  load_w(0, wr[0]);
-  if (1 < iters) load_w(1, wr[1]);
+    if (s < iters) load_step(s);
 
-  // Step `it` of one warpgroup: dequantize its weights; wait until its activations landed; issue
-  // 8 wgmmas; meanwhile load the weights of it + 2 and refill the slot of step it - 2 with step
-  // it + STAGES - 2 once both groups are done with it (the other group may be up to two steps
-  // behind); wait for the wgmmas and mark the slot empty. The loads go after the proxy fence, which
-  // would otherwise wait for them.
-  auto step = [&](int it, Sm90Weights& w) {
-    u32 af[2][2 * SM90_U][4];
-    dequant(w, af);
-    mbar_wait(full + 8 * (it % STAGES), (it / STAGES) & 1);
-    fence_proxy_async_shared();                  // the cp.async writes, before wgmma reads them
-    const u32 slot = ring + (it % STAGES) * SLOT;
+  // Step `it` of one warpgroup (its A fragments `cur` are ready): issue 8 wgmmas; while they run,
+  // dequantize step it + 1 into `next` and refill the slot of step it - 2 with step
+  // it + STAGES - 2 once both groups are done with it (the other group may be two steps behind);
+  // then wait for the wgmmas and mark step it's slot empty.
+  auto step = [&](int it, const u32 (&cur)[2][2 * SM90_U][4], u32 (&next)[2][2 * SM90_U][4]) {
+    const u32 x = ring + (it % STAGES) * SLOT;
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < 2 * SM90_U; ++s)
 #pragma unroll
-      for (int b = 0; b < 2; ++b) wgmma_rs<BT>(acc[b], af[b][s], wgmma_desc_sw128(slot + 32 * s));
+      for (int b = 0; b < 2; ++b) wgmma_rs<BT>(acc[b], cur[b][s], wgmma_desc_sw128(x + 32 * s));
     wgmma_commit();
-    if (it + 2 < iters) load_w(it + 2, w);
+    if (it + 1 < iters) {
+      wait_full(it + 1);
+      dequant(it + 1, next);
+    }
     if (it + STAGES - 2 < iters) {
       if (it >= 2) mbar_wait(empty + 8 * ((it - 2) % STAGES), ((it - 2) / STAGES) & 1);
-      load_x(it + STAGES - 2);                   // steps STAGES - 2, STAGES - 1: fresh slots
+      load_step(it + STAGES - 2);                // steps STAGES - 2, STAGES - 1: fresh slots
     }
     wgmma_wait<0>();
     mbar_arrive(empty + 8 * (it % STAGES));
   };
+  u32 a0[2][2 * SM90_U][4], a1[2][2 * SM90_U][4];
+  if (iters > 0) {
+    wait_full(0);
+    dequant(0, a0);
+  }
   for (int it = 0; it < iters; it += 2) {
-    step(it, wr[0]);
-    if (it + 1 < iters) step(it + 1, wr[1]);
+    step(it, a0, a1);
+    if (it + 1 < iters) step(it + 1, a1, a0);
   }
 
   // Epilogue: lane holds D rows (features) col0 + 16 b + g (+ 8), columns (tokens) 8 i + 2 t (+ 1).

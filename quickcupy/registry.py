@@ -173,8 +173,9 @@ DESIGNS["quick_sm90"] = Design(
     # per block, K steps of 64 (chunks=2), one block per SM (bm fp32 accumulators per thread).
     tiles={64: Tile(chunks=2, stages=6, blocks_per_sm=1), 128: Tile(chunks=2, stages=5, blocks_per_sm=1)},
     template="quick_sm90<{bm}, {stages}, {gch}>",
-    # the swizzled activation ring on a 1024-byte boundary, after 2 mbarriers (8 bytes) per stage
-    smem_bytes=lambda bm, t: t.stages * (bm * 128 + 16) + 1024,
+    # a ring of K steps on a 1024-byte boundary after 2 mbarriers (8 bytes) per stage; a slot holds
+    # the swizzled activations (bm x 128 bytes), the packed weights (8 KB) and scales/zeros (2 KB)
+    smem_bytes=lambda bm, t: t.stages * (bm * 128 + 8192 + 2048 + 16) + 1024,
     description="QUICK for Hopper: weights dequantized in registers as the wgmma A operand, "
                 "activations in a swizzled shared-memory ring (sm_90a only)",
     arch="sm_90a")
