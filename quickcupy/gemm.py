@@ -6,10 +6,11 @@ or layout raises a ``TypeError``/``ValueError`` that names the argument.
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 
-from . import dispatch, kernels, registry
+from . import dispatch, formats, kernels, registry
 from .layouts import pack_awq, pack_quick, unpack_awq
 from .quantize import QuantizedWeight, quantize
 
@@ -38,11 +39,13 @@ class QuantLinear:
 
     Attributes: ``layout`` ("quick" or "awq"), ``in_features`` K, ``out_features`` N,
     ``group_size`` G, ``qweight``/``qzeros``/``scales`` (CuPy arrays in that layout),
-    ``bias`` (CuPy float16 (N,) or None), ``device`` (CuPy device id).
-    Build with :meth:`from_quantized`, :meth:`from_awq` or :meth:`from_float`.
+    ``bias`` (CuPy float16 (N,) or None), ``device`` (CuPy device id), ``perm`` (CuPy int64 (K,) or
+    None: act-order checkpoints compute ``x[..., perm] @ W.T``, see :mod:`quickcupy.formats`).
+    Build with :meth:`from_quantized`, :meth:`from_awq`, :meth:`from_gptq`,
+    :meth:`from_compressed_tensors` or :meth:`from_float`.
     """
 
-    def __init__(self, q: QuantizedWeight, layout: str = "quick", bias=None):
+    def __init__(self, q: QuantizedWeight, layout: str = "quick", bias=None, perm=None):
         import cupy
         if not isinstance(q, QuantizedWeight):
             raise TypeError(f"q must be a QuantizedWeight, got {type(q).__name__}")
@@ -63,10 +66,18 @@ class QuantLinear:
             if not np.isfinite(bias).all():
                 raise ValueError("bias has NaN or inf values")
             self.bias = cupy.asarray(bias.astype(np.float16))
+        self.perm = None
+        if perm is not None:
+            perm = perm.get() if hasattr(perm, "get") else np.asarray(perm)
+            if perm.shape != (self.in_features,) or perm.dtype.kind not in "iu" or not np.array_equal(
+                    np.sort(perm), np.arange(self.in_features)):
+                raise ValueError(f"perm must be a permutation of range(in_features={self.in_features}), "
+                                 f"got shape {perm.shape} {perm.dtype}")
+            self.perm = cupy.asarray(perm.astype(np.int64))
 
     @classmethod
-    def from_quantized(cls, q: QuantizedWeight, layout: str = "quick", bias=None) -> "QuantLinear":
-        return cls(q, layout, bias)
+    def from_quantized(cls, q: QuantizedWeight, layout: str = "quick", bias=None, perm=None) -> "QuantLinear":
+        return cls(q, layout, bias, perm)
 
     @classmethod
     def from_awq(cls, qweight, qzeros, scales, bias=None, layout: str = "quick", group_size=None) -> "QuantLinear":
@@ -74,6 +85,29 @@ class QuantLinear:
         qzeros (K/G, N/8) int32, scales (K/G, N) float16."""
         host = [t.get() if hasattr(t, "get") else t for t in (qweight, qzeros, scales)]
         return cls(unpack_awq(*host, group_size=group_size), layout, bias)
+
+    @classmethod
+    def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, layout: str = "quick",
+                  checkpoint_format: str = "gptq") -> "QuantLinear":
+        """From a GPTQ layer (NumPy or CuPy): qweight (K/8, N) int32, qzeros (K/G, N/8) int32,
+        scales (K/G, N) float16, optional g_idx (K,) int32 (act-order: K is permuted once, here).
+        checkpoint_format: "gptq" (zeros stored minus one, AutoGPTQ) or "gptq_v2" (GPTQModel);
+        see :mod:`quickcupy.formats.gptq`."""
+        host = [t.get() if hasattr(t, "get") else t for t in (qweight, qzeros, scales, g_idx)]
+        q, perm = formats.unpack_gptq(*host, checkpoint_format=checkpoint_format)
+        return cls(q, layout, bias, perm)
+
+    @classmethod
+    def from_compressed_tensors(cls, weight_packed, weight_scale, weight_shape=None, weight_zero_point=None,
+                                weight_g_idx=None, bias=None, layout: str = "quick") -> "QuantLinear":
+        """From a compressed-tensors W4A16 pack-quantized layer (NumPy or CuPy): weight_packed
+        (N, K/8) int32, weight_scale (N, K/G) or (N, 1), optional weight_shape [N, K],
+        weight_zero_point (N/8, K/G) int32 and weight_g_idx (K,); see
+        :mod:`quickcupy.formats.compressed_tensors`."""
+        host = [t.get() if hasattr(t, "get") else t
+                for t in (weight_packed, weight_scale, weight_shape, weight_zero_point, weight_g_idx)]
+        q, perm = formats.unpack_compressed_tensors(*host)
+        return cls(q, layout, bias, perm)
 
     @classmethod
     def from_float(cls, weight, group_size: int = 128, layout: str = "quick", bias=None) -> "QuantLinear":
@@ -94,12 +128,57 @@ class QuantLinear:
     def nbytes(self) -> int:
         return int(self.qweight.nbytes + self.qzeros.nbytes + self.scales.nbytes)
 
-    def __call__(self, x, out=None, kernel=None):
-        return gemm(x, self, kernel=kernel, out=out)
+    def __call__(self, x, out=None, kernel=None, stream=None):
+        return gemm(x, self, kernel=kernel, out=out, stream=stream)
 
     def __repr__(self):
         return (f"QuantLinear(in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, layout={self.layout!r}, bias={self.bias is not None})")
+
+
+def _as_cupy(arg, name: str):
+    """``arg`` as a CuPy array sharing its memory, and the caller's ``from_dlpack`` (None for a CuPy
+    array) to hand a result back in the caller's array type.
+
+    Foreign GPU arrays come in zero-copy through DLPack (PyTorch, JAX; made ready on the current
+    stream by the protocol) or ``__cuda_array_interface__`` (Numba, ...). The way back is the
+    ``from_dlpack`` of the array's top-level module if that module is already imported (``torch``),
+    so no framework is ever imported here; otherwise results stay CuPy arrays.
+    """
+    import cupy
+    if isinstance(arg, cupy.ndarray):
+        return arg, None
+    if isinstance(arg, np.ndarray):
+        raise TypeError(f"{name} is a NumPy array; move it to the GPU first with cupy.asarray({name})")
+    if hasattr(arg, "__dlpack__") and hasattr(arg, "__dlpack_device__"):
+        device_type = int(arg.__dlpack_device__()[0])
+        if device_type not in (2, 13):                  # kDLCUDA, kDLCUDAManaged
+            raise TypeError(f"{name} is not in CUDA memory (DLPack device type {device_type}); move it "
+                            f"to the GPU first")
+        module = sys.modules.get(type(arg).__module__.split(".")[0])
+        return cupy.from_dlpack(arg), getattr(module, "from_dlpack", None)
+    if hasattr(arg, "__cuda_array_interface__"):
+        return cupy.asarray(arg), None
+    raise TypeError(f"{name} must be a GPU array (cupy.ndarray, or any array with DLPack or "
+                    f"__cuda_array_interface__ such as a CUDA torch.Tensor), got {type(arg).__name__}")
+
+
+def _as_stream(stream, device: int):
+    """The CuPy stream to launch on: None (the current stream), a CuPy Stream/ExternalStream, a raw
+    ``cudaStream_t`` handle (int) or an object with one in ``.cuda_stream`` (``torch.cuda.Stream``)."""
+    import cupy
+    if stream is None:
+        return None
+    if isinstance(stream, cupy.cuda.stream._BaseStream):
+        if stream.device_id not in (-1, device):
+            raise ValueError(f"stream belongs to device {stream.device_id} but the layer's weights are on "
+                             f"device {device}")
+        return stream
+    handle = getattr(stream, "cuda_stream", stream)
+    if isinstance(handle, bool) or not isinstance(handle, (int, np.integer)) or handle < 0:
+        raise TypeError(f"stream must be a cupy.cuda.Stream/ExternalStream, a cudaStream_t handle (int >= 0) "
+                        f"or have one in .cuda_stream, got {type(stream).__name__}")
+    return cupy.cuda.ExternalStream(int(handle), device)
 
 
 def _check_x(x, layer: QuantLinear):
@@ -139,19 +218,38 @@ def _check_out(out, shape, x, layer):
         raise ValueError("out overlaps x; use a separate buffer")
 
 
-def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=None):
+def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=None, split_k=None):
     """y = x @ W.T (+ bias) with the 4-bit weights of ``layer``.
 
-    x: CuPy float16 (..., K), C-contiguous, on the layer's device; any number of rows M >= 1.
+    x: float16 (..., K), C-contiguous, on the layer's device; any number of rows M >= 1. A CuPy
+    array or any GPU array with DLPack or ``__cuda_array_interface__`` (a CUDA torch.Tensor, a JAX
+    array), used without a copy.
     kernel: a name of :data:`KERNELS`; must read the layer's layout. Default: "auto" for the quick
     layout (the fastest kernel for M on this GPU, see :mod:`quickcupy.dispatch`), "awq" for awq.
-    out: optional CuPy float16 (..., N) to write into.
+    out: optional float16 (..., N) GPU array (CuPy or foreign, as x) to write into; it is returned.
+    stream: where to launch (see :func:`_as_stream`); default the current CuPy stream.
     ``tile_m``/``split_k`` override the launch plan (tuning, tests).
-    Returns (..., N) float16, computed on the current stream.
+    Returns (..., N) float16: ``out`` if given, else a new array of x's type when x came through
+    DLPack from an imported module with ``from_dlpack`` (torch), else a CuPy array.
     """
     import cupy
     if not isinstance(layer, QuantLinear):
         raise TypeError(f"layer must be a QuantLinear, got {type(layer).__name__}")
+    if cupy.cuda.runtime.getDevice() != layer.device:
+        with cupy.cuda.Device(layer.device):
+            return gemm(x, layer, kernel, out, stream=stream, tile_m=tile_m, split_k=split_k)
+    stream = _as_stream(stream, layer.device)
+    if stream is not None:
+        with stream:
+            return _gemm(x, layer, kernel, out, tile_m, split_k)
+    return _gemm(x, layer, kernel, out, tile_m, split_k)
+
+
+def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k):
+    """gemm on the layer's device and the chosen (current) stream."""
+    import cupy
+    x, to_caller = _as_cupy(x, "x")
+    caller_out = out
     if kernel is None:
         kernel = "auto" if layer.layout == dispatch.LAYOUT else layer.layout
     if kernel_layout(kernel) != layer.layout:
@@ -165,6 +263,7 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
     if out is None:
         out = cupy.empty(shape, np.float16)
     else:
+        out, _ = _as_cupy(out, "out")
         _check_out(out, shape, x, layer)
     if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, (int, np.integer))
                                 or split_k < 1):
@@ -176,6 +275,8 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
     reason = kernels.unsupported_reason(kernel, layer.device)
     if reason is not None:
         raise ValueError(reason)
+    if layer.perm is not None:           # act-order: the kernels read K sorted by group (formats.act_order)
+        x = cupy.take(x, layer.perm, axis=-1)
     if registry.VARIANTS[kernel].path == "dequant":
         if tile_m is not None or split_k is not None:
             raise ValueError(f"tile_m/split_k choose a GEMM kernel's launch; kernel={kernel!r} runs cuBLAS")
@@ -186,10 +287,10 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, tile_m=None, split_k=N
         launch = kernels.launch
         p = _plan(kernel, M, N, K, layer.group_size, layer.device, tile_m, split_k)
         args = (p, x, layer.qweight, layer.qzeros, layer.scales, layer.bias, out, layer.device)
-    if cupy.cuda.runtime.getDevice() == layer.device:
-        return launch(*args)
-    with cupy.cuda.Device(layer.device):
-        return launch(*args)
+    y = launch(*args)
+    if caller_out is not None:
+        return caller_out
+    return to_caller(y) if to_caller is not None else y
 
 
 @functools.lru_cache(maxsize=4096)

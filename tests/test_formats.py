@@ -1,0 +1,256 @@
+"""quickcupy.formats: GPTQ and compressed-tensors checkpoints read bit for bit, act-order included.
+
+The writers below are independent statements of each format, written from its documentation
+(integer arithmetic: word = sum of value * 16**position), not inverses of the readers.
+"""
+import numpy as np
+import pytest
+
+from conftest import rel_error
+from quickcupy import pack_quick, reference_gemm, unpack_quick
+from quickcupy.formats import perm_from_g_idx, unpack_compressed_tensors, unpack_gptq
+
+TOL = 1e-2
+
+
+def _words(values, axis):
+    """Packs 8 consecutive 4-bit values along ``axis`` into int32 words, the first in the low bits."""
+    v = np.moveaxis(np.asarray(values, np.int64), axis, -1)
+    pad = -v.shape[-1] % 8
+    v = np.concatenate([v, np.zeros(v.shape[:-1] + (pad,), np.int64)], axis=-1)
+    v = v.reshape(v.shape[:-1] + (-1, 8))
+    words = (v * 16 ** np.arange(8, dtype=np.int64)).sum(-1)
+    return np.moveaxis(words.astype(np.uint32).view(np.int32), -1, axis)
+
+
+def write_gptq(codes, zeros, scales, g_idx, checkpoint_format="gptq"):
+    """A GPTQ layer from codes (N, K) in 0..15, zeros/scales (N, K/G) and g_idx (K,):
+    qweight (K/8, N) packed along K, qzeros (K/G, N/8) packed along N holding zero - 1 in the classic
+    format, scales (K/G, N) float16."""
+    stored = zeros.astype(np.int64) - (1 if checkpoint_format == "gptq" else 0)
+    return dict(qweight=_words(codes.T, 0), qzeros=_words(stored.T, 1),
+                scales=np.ascontiguousarray(scales.T), g_idx=g_idx.astype(np.int32))
+
+
+def write_compressed_tensors(codes, zeros, scales, symmetric, g_idx=None):
+    """A pack-quantized layer: signed values q = code - 8 stored as q + 8 along K (N, K/8); signed
+    zero points z = zero - 8 stored as z + 8 along N (N/8, K/G), absent when symmetric."""
+    N, K = codes.shape
+    q_signed = codes.astype(np.int64) - 8
+    out = dict(weight_packed=_words(q_signed + 8, 1), weight_scale=scales, weight_shape=np.array([N, K]))
+    if not symmetric:
+        out["weight_zero_point"] = _words(zeros.astype(np.int64) - 8 + 8, 0)
+    if g_idx is not None:
+        out["weight_g_idx"] = g_idx.astype(np.int32)
+    return out
+
+
+def _layer(rng, N, K, G, act_order, zero_range=(0, 16), symmetric=False):
+    """Random codes, zeros, scales in the checkpoint's own column order and its g_idx."""
+    G = K if G == -1 else G
+    codes = rng.integers(0, 16, (N, K), dtype=np.uint8)
+    zeros = (np.full((N, K // G), 8, np.uint8) if symmetric
+             else rng.integers(*zero_range, (N, K // G), dtype=np.uint8))
+    scales = rng.uniform(1e-3, 0.1, (N, K // G)).astype(np.float16)
+    g_idx = np.arange(K) // G
+    if act_order:                                 # GPTQ's desc_act: the i-th quantized column is in group i // G
+        order = rng.permutation(K)
+        g_idx = np.empty(K, np.int64)
+        g_idx[order] = np.arange(K) // G
+    return codes, zeros, scales, g_idx
+
+
+def _dequant(codes, zeros, scales, g_idx):
+    """W[n, k] = (code - zero[group of k]) * scale[group of k] in float64, checkpoint column order."""
+    return (codes - zeros[:, g_idx].astype(np.float64)) * scales[:, g_idx].astype(np.float64)
+
+
+def _check_read(q, perm, codes, zeros, scales, g_idx, rng):
+    G = codes.shape[1] // zeros.shape[1]
+    assert (perm is None) == np.array_equal(g_idx, np.arange(codes.shape[1]) // G)   # one group: no-op
+    order = np.arange(codes.shape[1]) if perm is None else perm
+    np.testing.assert_array_equal(q.codes, codes[:, order])
+    np.testing.assert_array_equal(q.zeros, zeros)
+    np.testing.assert_array_equal(q.scales.view(np.uint16), scales.astype(np.float16).view(np.uint16))
+    w = _dequant(codes, zeros, scales, g_idx)
+    np.testing.assert_array_equal(q.dequantize(np.float64), w[:, order])
+    x = rng.standard_normal((5, codes.shape[1]))
+    np.testing.assert_allclose(reference_gemm(x[:, order], q), x @ w.T, rtol=1e-12, atol=1e-12)
+    if codes.shape[0] % 32 == 0 and codes.shape[1] % 32 == 0:   # repacked into the quick layout and back, exactly
+        back = unpack_quick(*pack_quick(q))
+        np.testing.assert_array_equal(back.codes, q.codes)
+        np.testing.assert_array_equal(back.zeros, q.zeros)
+
+
+# ------------------------------------------------------------------------------------------ GPTQ
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("G", [32, 128, -1])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_round_trip_exact(checkpoint_format, G, act_order, symmetric, rng):
+    N, K = 96, 256
+    zero_range = (1, 16) if checkpoint_format == "gptq" else (0, 16)   # v1 cannot store a zero of 0
+    codes, zeros, scales, g_idx = _layer(rng, N, K, G, act_order, zero_range, symmetric)
+    t = write_gptq(codes, zeros, scales, g_idx, checkpoint_format)
+    q, perm = unpack_gptq(**t, checkpoint_format=checkpoint_format)
+    assert q.group_size == (K if G == -1 else G)
+    _check_read(q, perm, codes, zeros, scales, g_idx, rng)
+
+
+def test_gptq_worked_example():
+    """Rows k = 0..7 of column 0 with codes 1..8 -> 0x87654321 (k = 8i + j at nibble j); symmetric
+    zero 8 is stored as 7 in the classic format."""
+    codes = np.zeros((8, 32), np.uint8)
+    codes[0, :8] = np.arange(1, 9)
+    t = write_gptq(codes, np.full((8, 1), 8, np.uint8), np.ones((8, 1), np.float16), np.zeros(32, int))
+    assert t["qweight"][0, 0].view(np.uint32) == 0x87654321
+    assert t["qzeros"][0, 0].view(np.uint32) == 0x77777777
+    q, perm = unpack_gptq(**t)
+    assert perm is None and (q.zeros == 8).all()
+    np.testing.assert_array_equal(q.codes, codes)
+
+
+def test_gptq_v1_zero_16_is_refused(rng):
+    codes, zeros, scales, g_idx = _layer(rng, 32, 64, 32, False, (1, 16))
+    t = write_gptq(codes, zeros, scales, g_idx)
+    t["qzeros"][0, 0] |= 0xF                      # stored 15: zero 16 in the classic format
+    with pytest.raises(ValueError, match="zero 16 in the v1 'gptq' format"):
+        unpack_gptq(**t)
+    q, _ = unpack_gptq(**t, checkpoint_format="gptq_v2")     # the same nibble is zero 15 in v2
+    assert q.zeros[0, 0] == 15
+
+
+def test_gptq_bad_inputs(rng):
+    codes, zeros, scales, g_idx = _layer(rng, 64, 128, 32, True, (1, 16))
+    t = write_gptq(codes, zeros, scales, g_idx)
+    with pytest.raises(TypeError, match="qweight must be int32, got float32"):
+        unpack_gptq(**{**t, "qweight": t["qweight"].astype(np.float32)})
+    with pytest.raises(ValueError, match="qzeros has 4 packed columns"):
+        unpack_gptq(**{**t, "qzeros": t["qzeros"][:, :4]})
+    with pytest.raises(ValueError, match="scales has shape"):
+        unpack_gptq(**{**t, "scales": t["scales"][:, :32]})
+    with pytest.raises(TypeError, match="scales must be a float16"):
+        unpack_gptq(**{**t, "scales": t["scales"].astype(np.float32)})
+    with pytest.raises(ValueError, match="checkpoint_format='exl2' must be one of"):
+        unpack_gptq(**t, checkpoint_format="exl2")
+    with pytest.raises(ValueError, match=r"g_idx must have shape \(in_features,\) = \(128,\)"):
+        unpack_gptq(**{**t, "g_idx": t["g_idx"][:64]})
+    with pytest.raises(TypeError, match="g_idx must be an integer array"):
+        unpack_gptq(**{**t, "g_idx": t["g_idx"].astype(np.float32)})
+    with pytest.raises(ValueError, match=r"g_idx values must lie in 0\.\.3"):
+        unpack_gptq(**{**t, "g_idx": np.where(t["g_idx"] == 3, 4, t["g_idx"]).astype(np.int32)})
+    uneven = t["g_idx"].copy()
+    uneven[np.argmax(uneven == 1)] = 0            # group 0 gets 33 features, group 1 gets 31
+    with pytest.raises(ValueError, match="not a per-group permutation: every group must hold group_size=32"):
+        unpack_gptq(**{**t, "g_idx": uneven})
+
+
+def test_perm_from_g_idx_sorts_groups(rng):
+    K, G = 256, 64
+    g_idx = rng.permutation(np.arange(K) // G)
+    perm = perm_from_g_idx(g_idx, K, K // G)
+    np.testing.assert_array_equal(g_idx[perm], np.arange(K) // G)
+    np.testing.assert_array_equal(np.sort(perm), np.arange(K))
+    assert perm_from_g_idx(np.arange(K) // G, K, K // G) is None
+    assert perm_from_g_idx(None, K, K // G) is None
+
+
+# ----------------------------------------------------------------------------- compressed-tensors
+@pytest.mark.parametrize("G", [32, 128, -1])                    # -1: the channel strategy, scale (N, 1)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_compressed_tensors_round_trip_exact(G, symmetric, act_order, rng):
+    N, K = 72, 256                                              # N not a multiple of 32: packing only
+    codes, zeros, scales, g_idx = _layer(rng, N, K, G, act_order, symmetric=symmetric)
+    t = write_compressed_tensors(codes, zeros, scales, symmetric, g_idx if act_order else None)
+    q, perm = unpack_compressed_tensors(**t)
+    assert q.group_size == (K if G == -1 else G)
+    _check_read(q, perm, codes, zeros, scales, g_idx, rng)
+
+
+def test_compressed_tensors_padding_and_float32_scales(rng):
+    """K = 100 packs into 13 words (the last one padded); exact float32 scales become float16."""
+    N, K = 16, 100
+    codes, zeros, scales, g_idx = _layer(rng, N, K, -1, False)
+    t = write_compressed_tensors(codes, zeros, scales, False)
+    assert t["weight_packed"].shape == (N, 13) and t["weight_zero_point"].shape == (2, 1)
+    q, perm = unpack_compressed_tensors(**{**t, "weight_scale": scales.astype(np.float32)})
+    _check_read(q, perm, codes, zeros, scales, g_idx, rng)
+
+
+def test_compressed_tensors_worked_example():
+    """Signed values -8..-1 in columns 0..7 of row 0 are stored as nibbles 0..7 -> 0x76543210."""
+    codes = np.full((8, 32), 8, np.uint8)
+    codes[0, :8] = np.arange(8)                   # signed -8..-1
+    t = write_compressed_tensors(codes, None, np.ones((8, 1), np.float16), symmetric=True)
+    assert t["weight_packed"][0, 0].view(np.uint32) == 0x76543210
+    q, _ = unpack_compressed_tensors(**t)
+    np.testing.assert_array_equal(q.dequantize(np.float64)[0, :8], np.arange(-8, 0))
+
+
+def test_compressed_tensors_bad_inputs(rng):
+    codes, zeros, scales, _ = _layer(rng, 64, 128, 32, False)
+    t = write_compressed_tensors(codes, zeros, scales, False)
+    with pytest.raises(ValueError, match=r"weight_shape=\[64, 256\] does not match weight_packed"):
+        unpack_compressed_tensors(**{**t, "weight_shape": np.array([64, 256])})
+    with pytest.raises(ValueError, match="weight_zero_point must be packed along out_features"):
+        unpack_compressed_tensors(**{**t, "weight_zero_point": _words(zeros.astype(np.int64), 1)})
+    with pytest.raises(TypeError, match="weight_scale must be float16, bfloat16 or float32, got int32"):
+        unpack_compressed_tensors(**{**t, "weight_scale": scales.astype(np.int32)})
+    with pytest.raises(ValueError, match="weight_scale must be"):
+        unpack_compressed_tensors(**{**t, "weight_scale": np.float16(1.0).reshape(1)})
+    inexact = scales.astype(np.float32)
+    inexact[3, 2] += 1e-7
+    with pytest.raises(ValueError, match=r"weight_scale\[3, 2\] .* not exactly representable in float16"):
+        unpack_compressed_tensors(**{**t, "weight_scale": inexact})
+    with pytest.raises(ValueError, match="not a multiple of the 3 groups of weight_scale"):
+        unpack_compressed_tensors(**{**t, "weight_scale": scales[:, :3],
+                                     "weight_zero_point": t["weight_zero_point"][:, :3]})
+
+
+# ------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout,kernel", [("quick", None), ("quick", "quick"), ("quick", "quick_decode"),
+                                           ("quick", "dequant"), ("awq", "awq")])
+@pytest.mark.parametrize("M", [1, 16, 100])
+def test_gptq_act_order_gemm_matches_reference(layout, kernel, M, rng):
+    import cupy
+    from quickcupy import QuantLinear, gemm
+    if kernel == "quick_decode" and M > 16:
+        pytest.skip("quick_decode serves M <= 16")
+    N, K = 192, 1024
+    codes, zeros, scales, g_idx = _layer(rng, N, K, 128, True, (1, 16))
+    layer = QuantLinear.from_gptq(**write_gptq(codes, zeros, scales, g_idx), layout=layout)
+    assert layer.perm is not None
+    x = rng.standard_normal((M, K)).astype(np.float16)
+    out = cupy.full((M, N), np.nan, np.float16)
+    y = gemm(cupy.asarray(x), layer, kernel, out)
+    assert y is out
+    ref = x.astype(np.float64) @ _dequant(codes, zeros, scales, g_idx).T
+    assert rel_error(y, ref) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G,symmetric", [(128, True), (64, False), (-1, True)])
+def test_compressed_tensors_gemm_matches_reference(G, symmetric, rng):
+    import cupy
+    from quickcupy import QuantLinear
+    N, K, M = 256, 512, 33
+    codes, zeros, scales, g_idx = _layer(rng, N, K, G, False, symmetric=symmetric)
+    bias = rng.standard_normal(N).astype(np.float16)
+    layer = QuantLinear.from_compressed_tensors(**write_compressed_tensors(codes, zeros, scales, symmetric),
+                                                bias=bias)
+    assert layer.perm is None
+    x = rng.standard_normal((3, 11, K)).astype(np.float16)
+    out = cupy.full((3, 11, N), np.nan, np.float16)
+    layer(cupy.asarray(x), out=out)
+    ref = x.astype(np.float64) @ _dequant(codes, zeros, scales, g_idx).T + bias
+    assert rel_error(out, ref) < TOL
+
+
+@pytest.mark.gpu
+def test_quant_linear_rejects_a_bad_perm(rng):
+    from quickcupy import QuantLinear, quantize
+    q = quantize(rng.standard_normal((64, 128)).astype(np.float32), 32)
+    with pytest.raises(ValueError, match=r"perm must be a permutation of range\(in_features=128\)"):
+        QuantLinear(q, perm=np.zeros(128, np.int64))
