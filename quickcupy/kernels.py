@@ -46,15 +46,31 @@ def sources_digest(folder: Path | None = None) -> str:
     return h.hexdigest()
 
 
+LINEINFO_ENV = "QUICKCUPY_LINEINFO"   # "1": compile with -lineinfo (ncu's per-source-line counters)
+
+
+def lineinfo() -> bool:
+    """True when $QUICKCUPY_LINEINFO is "1": kernels carry line tables (``-lineinfo``)."""
+    return os.environ.get(LINEINFO_ENV, "") == "1"
+
+
 def source_code(filename: str) -> str:
-    """A kernel source as compiled: a digest line of every file it may include, then the file."""
+    """A kernel source as compiled: a digest line of every file it may include, then the file.
+
+    With :func:`lineinfo`, a ``#line 1 "<path of the file>"`` directive follows the digest, so the
+    line tables name the file in cuda/ and its own line numbers (not NVRTC's unnamed program, one off).
+    """
     folder = cuda_dir()
-    return f"// quickcupy cuda/ sha256 {sources_digest(folder)}\n" + (folder / filename).read_text()
+    head = f"// quickcupy cuda/ sha256 {sources_digest(folder)}\n"
+    if lineinfo():
+        head += f'#line 1 "{(folder / filename).resolve()}"\n'
+    return head + (folder / filename).read_text()
 
 
 def compile_options(arch: str) -> tuple:
-    """NVRTC options used at run time (and by the CPU compile test), ``arch`` like "sm_90"."""
-    return ("-std=c++17", f"-arch={arch}", f"-I{cuda_dir()}")
+    """NVRTC options used at run time (and by the CPU compile test), ``arch`` like "sm_90";
+    ``-lineinfo`` added with :func:`lineinfo` (CuPy's cache keys on the options, so both builds coexist)."""
+    return ("-std=c++17", f"-arch={arch}", f"-I{cuda_dir()}") + (("-lineinfo",) if lineinfo() else ())
 
 
 # --------------------------------------------------------------------------------------- plans
@@ -324,8 +340,9 @@ def _get_function(device_id: int, source: str, name: str, code_digest: str):
 
 @functools.lru_cache(maxsize=1)
 def _digest_once() -> str:
-    """The sources' digest, read once per process (the in-process cache of compiled modules)."""
-    return sources_digest()
+    """The sources' digest, read once per process (the in-process cache of compiled modules); the
+    -lineinfo switch is part of it."""
+    return sources_digest() + (":lineinfo" if lineinfo() else "")
 
 
 @functools.lru_cache(maxsize=None)

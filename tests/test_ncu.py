@@ -10,8 +10,10 @@ import textwrap
 
 import pytest
 
+from quickcupy import kernels, registry
 from quickcupy.tools import ncu
 from quickcupy.__main__ import main
+from test_kernels import needs_nvrtc
 
 HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
           '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
@@ -177,10 +179,30 @@ def test_ncu_command_line():
     assert cmd[0] == "/x/ncu"
     assert cmd[cmd.index("--clock-control") + 1] == "none"
     assert cmd[cmd.index("--target-processes") + 1] == "all"
-    assert cmd[cmd.index("--kernel-name") + 1] == "regex:awq_gemm|quick_gemm|quick_decode|splitk_reduce"
+    assert cmd[cmd.index("--kernel-name") + 1] == f"regex:{ncu.KERNEL_REGEX}"
+    assert "splitk_reduce" in ncu.KERNEL_REGEX.split("|")
     assert cmd[cmd.index("--metrics") + 1].split(",") == list(ncu.METRIC_NAMES)
-    assert "--csv" in cmd
+    assert "--csv" in cmd and "--export" not in cmd and "--section" not in cmd
+    # Only launches inside the child's root NVTX range (a push/pop range: trailing "/").
+    assert cmd[cmd.index("--nvtx-include") + 1] == "quickcupy_ncu/" and "--nvtx" in cmd
     assert cmd[-4:] == ["python", "-m", "quickcupy.tools.ncu", "--child"]
+    cmd = ncu.ncu_command("/x/ncu", ["child"], report="r.ncu-rep", nvtx=False, lineinfo=True)
+    assert "--nvtx" not in cmd and "--csv" not in cmd
+    assert cmd[cmd.index("--export") + 1] == "r.ncu-rep" and "--force-overwrite" in cmd
+    assert cmd[cmd.index("--section") + 1] == "SourceCounters"
+    assert cmd[cmd.index("--import-source") + 1] == "yes"
+    assert cmd[-1] == "child"
+
+
+def test_import_and_source_commands():
+    assert ncu.import_command("ncu", "r.ncu-rep") == [
+        "ncu", "--import", "r.ncu-rep", "--csv", "--print-units", "base", "--page", "details"]
+    renamed = ncu.import_command("ncu", "r.ncu-rep", rename=True)
+    assert renamed[-2:] == ["--print-nvtx-rename", "kernel"]
+    cmd = ncu.source_command("ncu", "r.ncu-rep", "awq_gemm", 3)
+    assert cmd[cmd.index("--page") + 1] == "source" and cmd[cmd.index("--print-source") + 1] == "cuda"
+    assert cmd[cmd.index("--kernel-name") + 1] == "regex:^awq_gemm"
+    assert (cmd[cmd.index("--launch-skip") + 1], cmd[cmd.index("--launch-count") + 1]) == ("3", "1")
 
 
 def test_metric_list_is_one_constant():
@@ -292,8 +314,21 @@ if mode == "child-fails":
     print("Traceback (most recent call last):\\nValueError: out_features=100 is not a multiple of 32",
           file=sys.stderr)
     sys.exit(1)
+def show(name):
+    sys.stdout.write(open(os.path.join(data, name)).read())
+if "--import" in args:
+    if "source" in args:
+        show("source_" + args[args.index("--kernel-name") + 1].split("^")[-1] + ".csv")
+    else:
+        show("ncu_renamed.csv" if "--print-nvtx-rename" in args else "ncu.csv")
+    sys.exit(0)
+with open(os.path.join(data, "argv.txt"), "w") as f:
+    f.write("\\n".join(args))
 shutil.copy(os.path.join(data, "manifest.json"), args[args.index("--manifest") + 1])
-sys.stdout.write(open(os.path.join(data, "ncu.csv")).read())
+if "--export" in args:
+    open(args[args.index("--export") + 1], "w").write("report")
+else:
+    show("ncu.csv")
 """
 
 
@@ -322,16 +357,24 @@ def test_cli_ncu_failures(fake_ncu, monkeypatch, capsys, mode, message):
     assert message in err and err.count("\n") == 1
 
 
-def _write_fake_run(data, M=16, N=8192, K=8192):
+def _write_fake_run(data, M=16, N=8192, K=8192, nvtx=True):
+    """What ncu reports for one warm-up and 2 calls per kernel: with nvtx, the warm-ups are not
+    profiled and ncu_renamed.csv names each launch after its call's NVTX range."""
     st, conf = "smsp__sass_inst_executed_op_shared_st.sum", \
         "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"
     awq = {st: 294_912, conf: 131_072, "gpu__time_duration.sum": 70_000}
     red = {"gpu__time_duration.sum": 3_000}
     quick = {st: 32_768, "gpu__time_duration.sum": 41_000}
-    launches = [(AWQ, awq), (REDUCE, red)] * 3 + [(QUICK, quick)] * 3
     calls = [{"kernel": k, "layout": k, "M": M, "N": N, "K": K, "group_size": 128,
               "repeat": r, "warmup": r < 0} for k in ("awq", "quick") for r in (-1, 0, 1)]
+    profiled = [c for c in calls if not (nvtx and c["warmup"])]
+    launches, ranges = [], []
+    for c in profiled:
+        for launch in ([(AWQ, awq), (REDUCE, red)] if c["kernel"] == "awq" else [(QUICK, quick)]):
+            launches.append(launch)
+            ranges.append((ncu.call_range(c), launch[1]))
     (data / "ncu.csv").write_text(csv_for(launches))
+    (data / "ncu_renamed.csv").write_text(csv_for(ranges))
     (data / "manifest.json").write_text(json.dumps(
         {"calls": calls, "device": {"available": True, "name": "NVIDIA H100 80GB HBM3",
                                     "compute_capability": "9.0"}, "versions": {}}))
@@ -359,7 +402,13 @@ def test_cli_end_to_end_with_fake_ncu(fake_ncu, tmp_path, capsys):
     assert entry["ratio"]["l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"] is None  # x/0
     assert saved["kernel_regex"] == ncu.KERNEL_REGEX
     assert entry["predicted"]["awq"]["smsp__sass_inst_executed_op_shared_st.sum"] == 294_912
-    assert len(saved["launches"]) == 9
+    # Attributed by NVTX range; the warm-ups ran outside the profiled range.
+    assert saved["attribution"] == "nvtx"
+    assert [l["range"] for l in saved["launches"]] == [
+        f"{k} M=16 N=8192 K=8192 g=128 #{r}" for k, r in (("awq", 0), ("awq", 0), ("awq", 1), ("awq", 1),
+                                                         ("quick", 0), ("quick", 1))]
+    argv = (data / "argv.txt").read_text().splitlines()
+    assert argv[argv.index("--nvtx-include") + 1] == "quickcupy_ncu/"
     rows = (tmp_path / "results" / "ncu_m16.csv").read_text().splitlines()
     assert rows[0] == "M,N,K,group_size,metric,label,unit,awq,quick,awq/quick,awq predicted,quick predicted"
     assert len(rows) == 1 + len(ncu.METRICS)
@@ -427,3 +476,109 @@ def test_ncu_tool_on_the_gpu(tmp_path, capsys):
     assert awq["l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum"] >= \
         awq["smsp__sass_inst_executed_op_shared_st.sum"]
     assert (tmp_path / "ncu.csv").exists()
+
+
+# ------------------------------------------------------------------- per-line tables, --export
+def _source_csv(rows, file_line=None):
+    """ncu's source page (cuda view) for [(line, text, inst, wavefronts, ideal, excessive)]."""
+    out = [file_line] if file_line else []
+    out.append('"#","Source","Instructions Executed","L1 Wavefronts Shared","L1 Wavefronts Shared Ideal",'
+               '"L1 Wavefronts Shared Excessive"')
+    out += [f'"{n}","{text}","{i:,}","{w:,}","{d:,}","{e:,}"' for n, text, i, w, d, e in rows]
+    return "\n".join(out) + "\n"
+
+
+def test_parse_source_page_sums_per_line_and_fills_text(tmp_path):
+    (tmp_path / "k.cu").write_text("a\nb\n  smem[i] = v;  // why\n")
+    text = _source_csv([(2, "b", 10, 0, 0, 0), (3, "", 64, 512, 256, 256), (3, "", 64, 256, 256, 0)],
+                       file_line=f"File: {tmp_path / 'k.cu'}")
+    rows = ncu.parse_source_csv(text)
+    assert [(r.line, r.values["wavefronts"]) for r in rows] == [(2, 0), (3, 512), (3, 256)]
+    merged = ncu.fill_source(ncu.per_line(rows), tmp_path)
+    assert [(r.line, r.values["inst"], r.values["wavefronts"], r.values["excessive"]) for r in merged] == \
+        [(2, 10, 0, 0), (3, 128, 768, 256)]
+    assert merged[1].source.strip() == "smem[i] = v;  // why"
+    table = ncu.format_lines(merged)
+    assert "k.cu:3" in table and "k.cu:2" not in table          # only lines with shared traffic
+    assert table.splitlines()[-1].split()[-3:] == ["138", "768", "256"]
+    with pytest.raises(ValueError, match="no ncu source-page header"):
+        ncu.parse_source_csv("==PROF== nothing\n")
+
+
+def test_cli_lineinfo_and_export_with_fake_ncu(fake_ncu, tmp_path, capsys):
+    exe, data = fake_ncu
+    _write_fake_run(data)
+    (data / "source_awq_gemm.csv").write_text(_source_csv([(40, "", 8, 4096, 2048, 2048)], "File: awq_gemm.cu"))
+    (data / "source_quick_gemm.csv").write_text(_source_csv([(60, "", 8, 1024, 1024, 0)], "File: quick_gemm.cu"))
+    out, rep = tmp_path / "res" / "m16", tmp_path / "rep" / "m16"
+    assert main(["ncu", "--ncu", str(exe), "--M", "16", "--repeats", "2", "--lineinfo",
+                 "--export", str(rep), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    argv = (data / "argv.txt").read_text().splitlines()
+    assert argv[argv.index("--export") + 1] == str(rep) + ".ncu-rep"
+    assert argv[argv.index("--section") + 1] == "SourceCounters"
+    assert f"saved {rep}.ncu-rep" in text and (tmp_path / "rep" / "m16.ncu-rep").exists()
+    awq_table = (tmp_path / "res" / "m16_lines_awq.txt").read_text()
+    source_line = (kernels.cuda_dir() / "awq_gemm.cu").read_text().splitlines()[39].strip()
+    assert "awq_gemm.cu:40" in awq_table and source_line[:60] in awq_table
+    assert "NVTX range 'awq M=16 N=8192 K=8192 g=128 #0'" in awq_table
+    quick_table = (tmp_path / "res" / "m16_lines_quick.txt").read_text()
+    assert "quick_gemm.cu:60" in quick_table and "1,024" in quick_table
+    saved = json.loads((tmp_path / "res" / "m16.json").read_text())
+    assert saved["lines"]["awq"]["rows"][0]["excessive"] == 2048
+
+
+def test_export_path_is_checked_before_the_run(tmp_path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main(["ncu", "--export", str(blocked / "sub" / "r")]) == 2
+    assert "--export" in capsys.readouterr().err
+    folder = tmp_path / "x.ncu-rep"
+    folder.mkdir()
+    assert main(["ncu", "--export", str(tmp_path / "x")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_group_by_range_joins_by_name_not_order():
+    calls = sample_calls()[1::2]                       # the measured awq and quick calls
+    launches = ncu.parse_ncu_csv(csv_for([(QUICK, {}), (AWQ, {}), (REDUCE, {})]))
+    names = {(l.process_id, l.id): n for l, n in zip(launches, [ncu.call_range(calls[1])] +
+                                                     [ncu.call_range(calls[0])] * 2)}
+    grouped = ncu.group_by_range(launches, names, calls)
+    assert [(c["kernel"], [l.name for l in g]) for c, g in grouped] == [("awq", [AWQ, REDUCE]), ("quick", [QUICK])]
+    with pytest.raises(ncu.NcuError, match="launch 0 .* is in no quickcupy NVTX range"):
+        ncu.group_by_range(launches, {}, calls)
+    other = {**names, (launches[0].process_id, 0): "awq M=1 N=1 K=1 g=128 #7"}
+    with pytest.raises(ncu.NcuError, match="which the child did not make"):
+        ncu.group_by_range(launches, other, calls)
+    with pytest.raises(ncu.NcuError, match="no launch in NVTX range 'quick M=16"):
+        ncu.group_by_range(launches[1:], names, calls)
+    swapped = {k: ncu.call_range(calls[1]) if "awq" in v else ncu.call_range(calls[0]) for k, v in names.items()}
+    with pytest.raises(ncu.NcuError, match="'awq M=16 .* starts with 'quick_gemm<16, 4, 4, 3>', not a awq kernel"):
+        ncu.group_by_range(launches, swapped, calls)
+
+
+def test_no_nvtx_attributes_by_launch_order(fake_ncu, tmp_path, capsys):
+    exe, data = fake_ncu
+    _write_fake_run(data, nvtx=False)
+    assert main(["ncu", "--ncu", str(exe), "--M", "16", "--repeats", "2", "--no-nvtx", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["attribution"] == "launch order" and len(report["launches"]) == 9
+    argv = (data / "argv.txt").read_text().splitlines()
+    assert "--nvtx" not in argv and "--no-nvtx" in argv
+
+
+@needs_nvrtc
+def test_lineinfo_build_names_the_cuda_file(monkeypatch):
+    """QUICKCUPY_LINEINFO=1: -lineinfo in the options and line tables naming cuda/awq_gemm.cu."""
+    name = registry.DESIGNS["awq"].instances()[0]
+    plain, _, _ = kernels.nvrtc_compile("awq_gemm.cu", "sm_90", [name])
+    monkeypatch.setenv(kernels.LINEINFO_ENV, "1")
+    assert kernels.compile_options("sm_90")[-1] == "-lineinfo"
+    assert kernels.source_code("awq_gemm.cu").splitlines()[1] == \
+        f'#line 1 "{(kernels.cuda_dir() / "awq_gemm.cu").resolve()}"'
+    cubin, _, _ = kernels.nvrtc_compile("awq_gemm.cu", "sm_90", [name])
+    # The line table stores the folder and the file names (the header's lines too).
+    for text in (b".debug_line", str(kernels.cuda_dir().resolve()).encode(), b"\0awq_gemm.cu\0",
+                 b"\0quant_common.cuh\0"):
+        assert text in cubin and text not in plain

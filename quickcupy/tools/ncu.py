@@ -27,12 +27,13 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from .. import registry
+from .. import kernels as kernels_mod, registry
 from ..device import no_gpu_reason
 from .common import UsageError, check_output_path, jsonable, parse_group_size
-from .ncu_report import (METRIC_NAMES, METRICS, REDUCE_PATTERN, KernelLaunch, NcuError,  # noqa: F401
-                         format_report, group_calls, output_paths, parse_ncu_csv, parse_value, save_report,
-                         summarize)
+from .ncu_report import (METRIC_NAMES, METRICS, REDUCE_PATTERN, ROOT_RANGE, KernelLaunch,  # noqa: F401
+                         NcuError, call_range, fill_source, format_lines, format_report, group_by_range,
+                         group_calls, output_paths, parse_ncu_csv, parse_source_csv, parse_value, per_line,
+                         range_of, save_report, short_kernel_name, summarize, SourceRow)
 
 KERNELS = ("awq", "quick")                   # profiled by default; any of quickcupy.registry.VARIANTS
 KERNEL_REGEX = registry.NCU_KERNEL_REGEX     # every GEMM design and the split-K reduction
@@ -80,11 +81,38 @@ def ncu_version(ncu: str) -> str:
 
 
 def ncu_command(ncu: str, child_argv: list, kernel_regex: str = KERNEL_REGEX,
-                metrics=METRIC_NAMES) -> list:
-    """The ncu command line that profiles ``child_argv`` (counters only, clocks left alone)."""
-    return [ncu, "--target-processes", "all", "--clock-control", "none",
-            "--kernel-name", f"regex:{kernel_regex}", "--metrics", ",".join(metrics),
-            "--csv", "--print-units", "base", *child_argv]
+                metrics=METRIC_NAMES, report: str | None = None, nvtx: bool = True,
+                lineinfo: bool = False) -> list:
+    """The ncu command line that profiles ``child_argv`` (clocks left alone).
+
+    nvtx: only launches inside the child's NVTX range ROOT_RANGE are profiled (warm-up calls are
+    made outside it). report: ``--export`` to that .ncu-rep (read back with :func:`import_command`);
+    None prints the CSV instead. lineinfo: also the SourceCounters section (per-instruction counters
+    for the source page) with the CUDA sources embedded in the report.
+    """
+    cmd = [ncu, "--target-processes", "all", "--clock-control", "none"]
+    if nvtx:
+        cmd += ["--nvtx", "--nvtx-include", f"{ROOT_RANGE}/"]
+    cmd += ["--kernel-name", f"regex:{kernel_regex}", "--metrics", ",".join(metrics)]
+    if lineinfo:
+        cmd += ["--section", "SourceCounters", "--import-source", "yes"]
+    if report:
+        return cmd + ["--export", report, "--force-overwrite", *child_argv]
+    return cmd + ["--csv", "--print-units", "base", *child_argv]
+
+
+def import_command(ncu: str, report: str, rename: bool = False) -> list:
+    """ncu reading back a saved report as the same CSV; ``rename``: each launch named after its
+    innermost NVTX push/pop range."""
+    return ([ncu, "--import", report, "--csv", "--print-units", "base", "--page", "details"]
+            + (["--print-nvtx-rename", "kernel"] if rename else []))
+
+
+def source_command(ncu: str, report: str, function: str, skip: int, view: str = "cuda") -> list:
+    """ncu's source page (CSV) of one launch in a saved report: the ``skip``-th launch (0-based)
+    of kernel ``function``; view "cuda" (per source line, needs -lineinfo) or "sass"."""
+    return [ncu, "--import", report, "--page", "source", "--csv", "--print-source", view,
+            "--kernel-name", f"regex:^{function}", "--launch-skip", str(skip), "--launch-count", "1"]
 
 
 def _check_output(output: str, kernel_regex: str):
@@ -95,32 +123,88 @@ def _check_output(output: str, kernel_regex: str):
         if "Failed to find metric" in line or "Failed to profile" in line:
             raise NcuError(f"ncu: {line.strip().removeprefix('==ERROR==').strip()}")
     if "No kernels were profiled" in output:
-        raise NcuError(f"ncu profiled no kernel matching regex:{kernel_regex}")
+        child = _last_message(output.split("No kernels were profiled")[0])
+        raise NcuError(f"ncu profiled no kernel matching regex:{kernel_regex} inside NVTX range "
+                       f"{ROOT_RANGE} (without NVTX: --no-nvtx); last message: {child or 'none'}")
 
 
-def run_ncu(child_argv: list, kernel_regex: str = KERNEL_REGEX, metrics=METRIC_NAMES,
-            ncu: str | None = None, timeout: float | None = None, env=None):
-    """Runs ``child_argv`` under ncu; returns (launches, completed_process).
-
-    launches: [KernelLaunch] in launch order. Raises NcuError with a one-line reason when ncu is
-    missing, may not read counters, rejects a metric, profiles nothing, or the child fails.
-    """
-    exe = find_ncu(ncu)
-    cmd = ncu_command(exe, child_argv, kernel_regex, metrics)
+def _run(cmd: list, timeout, env=None, what="ncu"):
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise NcuError(f"ncu did not finish within {timeout} s") from None
+        raise NcuError(f"{what} did not finish within {timeout} s") from None
+    return proc
+
+
+def run_ncu(child_argv: list, kernel_regex: str = KERNEL_REGEX, metrics=METRIC_NAMES,
+            ncu: str | None = None, timeout: float | None = None, env=None, report: str | None = None,
+            nvtx: bool = True, lineinfo: bool = False):
+    """Runs ``child_argv`` under ncu; returns (launches, range names, completed_process).
+
+    launches: [KernelLaunch] in launch order; range names: {(process id, launch id): the name
+    ncu's NVTX renaming gives the launch} (empty without nvtx). With ``report`` the results go to
+    that .ncu-rep and are read back from it. Raises NcuError with a one-line reason when ncu is
+    missing, may not read counters, rejects a metric, profiles nothing, or the child fails.
+    """
+    exe = find_ncu(ncu)
+    cmd = ncu_command(exe, child_argv, kernel_regex, metrics, report, nvtx, lineinfo)
+    proc = _run(cmd, timeout, env)
     output = proc.stdout + "\n" + proc.stderr
     _check_output(output, kernel_regex)
     if proc.returncode != 0:
         raise NcuError(f"ncu or the profiled process failed (exit status {proc.returncode}): "
                        f"{_last_message(proc.stderr) or _last_message(proc.stdout)}")
+    text = proc.stdout
+    if report:
+        if not os.path.exists(report):
+            raise NcuError(f"ncu wrote no report {report}: {_last_message(output) or 'no message'}")
+        text = _imported(exe, report, False, timeout)
     try:
-        launches = parse_ncu_csv(proc.stdout)
+        launches = parse_ncu_csv(text)
     except ValueError as exc:
         raise NcuError(f"could not read ncu's CSV output: {exc}") from None
-    return launches, proc
+    names = {}
+    if nvtx and report:
+        renamed = parse_ncu_csv(_imported(exe, report, True, timeout))
+        names = {(l.process_id, l.id): l.name for l in renamed}
+    return launches, names, proc
+
+
+def _imported(exe: str, report: str, rename: bool, timeout) -> str:
+    proc = _run(import_command(exe, report, rename), timeout, what="ncu --import")
+    if proc.returncode != 0:
+        raise NcuError(f"ncu --import {report} failed (exit status {proc.returncode}): "
+                       f"{_last_message(proc.stderr) or _last_message(proc.stdout)}")
+    return proc.stdout
+
+
+def source_tables(exe: str, report: str, launches: list, grouped: list, kernels, timeout=None) -> dict:
+    """Per kernel (first measured call of each): {"function", "skip", "csv", "rows"} from ncu's
+    source page (cuda view), the rows summed per source line (:func:`per_line`)."""
+    tables = {}
+    for kernel in kernels:
+        call, group = next(((c, g) for c, g in grouped if c["kernel"] == kernel and not c.get("warmup")),
+                           (None, None))
+        if call is None:
+            continue
+        function = registry.DESIGNS[registry.VARIANTS[kernel].design].function
+        first = group[0]
+        skip = sum(1 for l in launches if l.process_id == first.process_id and l.id < first.id
+                   and short_kernel_name(l.name).split("<")[0] == function)
+        cmd = source_command(exe, report, function, skip, "cuda")
+        tables[kernel] = {"function": function, "launch": first.id, "range": call_range(call),
+                          "command": shlex.join(cmd), "rows": [], "csv": ""}
+        # A table that cannot be read is reported, not fatal: the counters are already measured.
+        try:
+            proc = _run(cmd, timeout, what="ncu --page source")
+            tables[kernel]["csv"] = proc.stdout
+            if proc.returncode != 0:
+                raise NcuError(f"ncu --page source failed (exit status {proc.returncode}): "
+                               f"{_last_message(proc.stderr) or _last_message(proc.stdout)}")
+            tables[kernel]["rows"] = fill_source(per_line(parse_source_csv(proc.stdout)))
+        except (NcuError, ValueError) as exc:
+            tables[kernel]["error"] = f"no per-line table for {kernel}: {exc}"
+    return tables
 
 
 def _last_message(text: str) -> str:
@@ -130,53 +214,77 @@ def _last_message(text: str) -> str:
 
 
 def child_argv(manifest: str, kernels, Ms, N: int, K: int, group_size: int, repeats: int,
-               warmup: int) -> list:
+               warmup: int, nvtx: bool = True) -> list:
     """The command line of the child process that makes the GEMM calls ncu profiles."""
     return [sys.executable, "-m", "quickcupy.tools.ncu", "--child", "--manifest", manifest,
             "--kernels", *kernels, "--M", *map(str, Ms), "--N", str(N), "--K", str(K),
-            "--group-size", str(group_size), "--repeats", str(repeats), "--warmup", str(warmup)]
+            "--group-size", str(group_size), "--repeats", str(repeats), "--warmup", str(warmup),
+            *([] if nvtx else ["--no-nvtx"])]
 
 
 def profile(kernels=KERNELS, Ms=(16, 128), N: int = 8192, K: int = 8192, group_size: int = 128,
             repeats: int = 3, warmup: int = 1, kernel_regex: str = KERNEL_REGEX, ncu: str | None = None,
-            timeout: float | None = None) -> dict:
+            timeout: float | None = None, export: str | None = None, nvtx: bool = True,
+            lineinfo: bool = False) -> dict:
     """Profiles the GEMM kernels under ncu; returns the report (as saved to JSON).
 
-    Keys: "ncu" (path, version, command), "device", "metrics", "kernel_regex", "results" (see
-    :func:`summarize`; each entry also has "ratio" = awq/quick per metric when both ran) and
-    "launches" (every profiled launch: id, name, grid, block, metrics).
+    Keys: "ncu" (path, version, command), "device", "metrics", "kernel_regex", "attribution"
+    ("nvtx": launches joined to calls by NVTX range; "launch order"), "results" (see
+    :func:`summarize`; each entry also has "ratio" = awq/quick per metric when both ran),
+    "launches" (every profiled launch: id, name, range, grid, block, metrics) and, with lineinfo,
+    "lines" ({kernel: per-source-line table of its first measured call}). export: keep the
+    .ncu-rep there (else it lives in a temporary folder; lineinfo needs one either way).
     """
     exe = find_ncu(ncu)
     with tempfile.TemporaryDirectory(prefix="quickcupy-ncu-") as tmp:
         manifest_path = os.path.join(tmp, "calls.json")
-        argv = child_argv(manifest_path, kernels, Ms, N, K, group_size, repeats, warmup)
+        report_path = export or (os.path.join(tmp, "profile.ncu-rep") if (nvtx or lineinfo) else None)
+        argv = child_argv(manifest_path, kernels, Ms, N, K, group_size, repeats, warmup, nvtx)
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        launches, proc = run_ncu(argv, kernel_regex, METRIC_NAMES, exe, timeout, env)
+        if lineinfo:
+            env[kernels_mod.LINEINFO_ENV] = "1"
+        launches, names, proc = run_ncu(argv, kernel_regex, METRIC_NAMES, exe, timeout, env,
+                                        report_path, nvtx, lineinfo)
         if not os.path.exists(manifest_path):
             raise NcuError("the profiled process wrote no list of its calls: "
                            f"{_last_message(proc.stderr) or 'no message'}")
         with open(manifest_path) as f:
             manifest = json.load(f)
-    results = summarize(group_calls(launches, manifest["calls"]))
+        if nvtx:
+            grouped = group_by_range(launches, names, [c for c in manifest["calls"] if not c["warmup"]])
+        else:
+            grouped = group_calls(launches, manifest["calls"])
+        lines = source_tables(exe, report_path, launches, grouped, kernels, timeout) if lineinfo else {}
+    results = summarize(grouped)
     for entry in results:
         ks = entry["kernels"]
         if "awq" in ks and "quick" in ks:
             entry["ratio"] = {m: _ratio(ks["awq"]["metrics"][m], ks["quick"]["metrics"][m])
                               for m in METRIC_NAMES}
-    return {
+    report = {
         "ncu": {"path": exe, "version": ncu_version(exe),
-                "command": shlex.join(ncu_command(exe, argv, kernel_regex))},
+                "command": shlex.join(ncu_command(exe, argv, kernel_regex, METRIC_NAMES, report_path,
+                                                  nvtx, lineinfo)),
+                "export": export},
         "device": manifest.get("device"),
         "versions": manifest.get("versions"),
         "metrics": dict((name, label) for label, name in METRICS),
         "kernel_regex": kernel_regex,
+        "attribution": "nvtx" if nvtx else "launch order",
         "reduce_pattern": REDUCE_PATTERN.pattern,
         "results": results,
-        "launches": [{"id": l.id, "name": l.name, "grid": l.grid_size, "block": l.block_size,
-                      "metrics": l.metrics} for l in launches],
+        "launches": [{"id": l.id, "name": l.name, "range": range_of(names.get((l.process_id, l.id), "")),
+                      "grid": l.grid_size, "block": l.block_size, "metrics": l.metrics} for l in launches],
     }
+    if lineinfo:
+        report["lines"] = {k: {"function": t["function"], "launch": t["launch"], "range": t["range"],
+                               "command": t["command"], "error": t.get("error"),
+                               "rows": [{"file": r.file, "line": r.line, "source": r.source, **r.values}
+                                        for r in t["rows"]], "csv": t["csv"]}
+                           for k, t in lines.items()}
+    return report
 
 
 def _ratio(a: float, b: float) -> float:
@@ -248,6 +356,9 @@ class Settings:
     out: str | None = None
     json: bool = False
     command: str | None = None
+    export: str | None = None
+    nvtx: bool = True
+    lineinfo: bool = False
 
 
 def add_parser(subparsers):
@@ -264,6 +375,14 @@ def add_parser(subparsers):
     p.add_argument("--timeout", type=float, default=None, help="seconds before giving up on ncu")
     p.add_argument("--out", default=None, help="save PREFIX.csv and PREFIX.json")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
+    p.add_argument("--export", default=None, metavar="PATH",
+                   help="keep ncu's report as PATH (.ncu-rep added if missing), for the Nsight Compute GUI")
+    p.add_argument("--lineinfo", action="store_true",
+                   help="compile the kernels with -lineinfo and print, per CUDA source line of each "
+                        "kernel's first measured call, instructions executed, shared-memory wavefronts "
+                        "and excessive (conflict) wavefronts; with --out also PREFIX_lines_<kernel>.txt")
+    p.add_argument("--no-nvtx", dest="nvtx", action="store_false",
+                   help="attribute launches to calls by launch order instead of NVTX ranges")
     p.set_defaults(func=run)
     return p
 
@@ -314,12 +433,23 @@ def settings(args) -> Settings:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--out {out}: cannot make its folder ({exc.strerror})") from None
-        for path in output_paths(out):
+        for path in output_paths(out) + tuple(lines_paths(out, args.kernels) if getattr(args, "lineinfo", False)
+                                              else ()):
             check_output_path("--out", path)
+    export = getattr(args, "export", None)
+    if export:                               # checked now: a long run must not end unable to save
+        if not export.endswith(".ncu-rep"):
+            export += ".ncu-rep"
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(export)), exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--export {export}: cannot make its folder ({exc.strerror})") from None
+        check_output_path("--export", export)
     return Settings(kernels=tuple(dict.fromkeys(args.kernels)), M=tuple(dict.fromkeys(args.M)), N=N,
                     K=args.K, group_size=group_size, repeats=args.repeats, warmup=args.warmup,
                     kernel_regex=regex, ncu=getattr(args, "ncu", None), timeout=timeout, out=out,
-                    json=getattr(args, "json", False), command=getattr(args, "command_line", None))
+                    json=getattr(args, "json", False), command=getattr(args, "command_line", None),
+                    export=export, nvtx=getattr(args, "nvtx", True), lineinfo=getattr(args, "lineinfo", False))
 
 
 def run(args) -> int:
@@ -332,7 +462,7 @@ def run(args) -> int:
             raise NcuError(f"no GPU: {reason}")
         find_ncu(s.ncu)
         report = profile(s.kernels, s.M, s.N, s.K, s.group_size, s.repeats, s.warmup, s.kernel_regex,
-                         s.ncu, s.timeout)
+                         s.ncu, s.timeout, s.export, s.nvtx, s.lineinfo)
     except NcuError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
@@ -340,10 +470,45 @@ def run(args) -> int:
     if s.command:
         report["command"] = s.command
     print(json.dumps(jsonable(report), indent=2) if s.json else format_report(report))
+    tables = {k: lines_text(report, k) for k in report.get("lines", {})}
+    if not s.json:
+        for text in tables.values():
+            print("\n" + text)
     if s.out:
         for path in save_report(report, s.out):
             print(f"saved {path}")
+        for kernel, path in lines_paths(s.out, tables).items():
+            with open(path, "w") as f:
+                f.write(tables[kernel] + "\n")
+            print(f"saved {path}")
+    if s.export:
+        print(f"saved {s.export}")
     return 0
+
+
+def lines_paths(out: str, kernels) -> dict:
+    """--out PREFIX -> {kernel: PREFIX_lines_<kernel>.txt} for the per-line tables."""
+    stem = output_paths(out)[0][:-len(".csv")]
+    return {k: f"{stem}_lines_{k}.txt" for k in kernels}
+
+
+def lines_text(report: dict, kernel: str) -> str:
+    """The per-line table of ``kernel`` with what produced it on top."""
+    t = report["lines"][kernel]
+    head = [f"# {kernel}: {t['function']}, ncu launch {t['launch']} (NVTX range {t['range']!r})"]
+    if report.get("command"):
+        head.append(f"# command: {report['command']}")
+    head.append(f"# source page: {t['command']}")
+    dev = report.get("device") or {}
+    if dev.get("name"):
+        head.append(f"# device: {dev['name']}, ncu {report['ncu']['version']}")
+    head.append("# shared wavefronts = ideal + excessive; excessive wavefronts are bank conflicts "
+                "(and other replays) of the line's shared-memory instructions")
+    if t.get("error"):
+        return "\n".join(head + [f"# error: {t['error']}"])
+    rows = [SourceRow(r["file"], r["line"], "", r["source"],
+                      {k: r[k] for k in ("inst", "wavefronts", "ideal", "excessive")}) for r in t["rows"]]
+    return "\n".join(head) + "\n" + format_lines(rows)
 
 
 # ------------------------------------------------------------------------------ child process
@@ -359,8 +524,18 @@ def _child_main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m quickcupy.tools.ncu --child")
     p.add_argument("--child", action="store_true", required=True)
     p.add_argument("--manifest", required=True)
+    p.add_argument("--no-nvtx", dest="nvtx", action="store_false")
     _add_shape_arguments(p)
     args = p.parse_args(argv)
+    if args.nvtx:
+        from cupyx.profiler import time_range
+        if not cp.cuda.nvtx.available:
+            raise RuntimeError("CuPy has no NVTX here: run python -m quickcupy ncu with --no-nvtx")
+    else:
+        import contextlib
+
+        def time_range(name):
+            return contextlib.nullcontext()
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((args.N, args.K), dtype=np.float32) * 0.02).astype(np.float16)
     q = quantize(w, args.group_size)
@@ -371,10 +546,14 @@ def _child_main(argv) -> int:
         x = cp.asarray(rng.standard_normal((M, args.K), dtype=np.float32).astype(np.float16))
         for kernel in args.kernels:
             for rep in range(-args.warmup, args.repeats):
-                calls.append({"kernel": kernel, "layout": layouts[kernel], "M": M, "N": args.N,
-                              "K": args.K, "group_size": args.group_size, "repeat": rep,
-                              "warmup": rep < 0})
-                gemm(x, layers[layouts[kernel]], kernel=kernel)
+                call = {"kernel": kernel, "layout": layouts[kernel], "M": M, "N": args.N, "K": args.K,
+                        "group_size": args.group_size, "repeat": rep, "warmup": rep < 0}
+                calls.append(call)
+                if rep < 0:                  # outside the ranges: ncu does not profile warm-ups
+                    gemm(x, layers[layouts[kernel]], kernel=kernel)
+                else:
+                    with time_range(ROOT_RANGE), time_range(call_range(call)):
+                        gemm(x, layers[layouts[kernel]], kernel=kernel)
                 cp.cuda.Device().synchronize()
     tmp = args.manifest + ".tmp"
     with open(tmp, "w") as f:

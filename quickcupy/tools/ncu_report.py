@@ -280,3 +280,179 @@ def save_report(report: dict, out: str):
     return csv_path, json_path
 
 
+
+
+# ----------------------------------------------------------------------------- NVTX attribution
+# The child wraps its measured calls in one NVTX push/pop range ROOT_RANGE (ncu profiles only inside
+# it: --nvtx-include "quickcupy_ncu/") and each call in a range named by call_range(); ncu's
+# --print-nvtx-rename kernel then names every launch after its innermost range.
+ROOT_RANGE = "quickcupy_ncu"
+_RANGE = re.compile(r"(?P<kernel>[\w.]+) M=(?P<M>\d+) N=(?P<N>\d+) K=(?P<K>\d+) g=(?P<g>-?\d+) #(?P<rep>\d+)")
+
+
+def call_range(call: dict) -> str:
+    """NVTX range name of one measured GEMM call, e.g. "awq M=16 N=4096 K=4096 g=128 #0" (no "/":
+    ncu's NVTX filter uses it to nest ranges)."""
+    return (f"{call['kernel']} M={call['M']} N={call['N']} K={call['K']} g={call['group_size']} "
+            f"#{call['repeat']}")
+
+
+def range_of(name: str):
+    """The call_range() text inside a (renamed) launch name, or None."""
+    m = _RANGE.search(name)
+    return m.group(0) if m else None
+
+
+def group_by_range(launches: list, range_names: dict, calls: list) -> list:
+    """[(call, [KernelLaunch, ...])] in the child's call order, launches joined to calls by NVTX range.
+
+    range_names: {(process id, launch id): name ncu gave the launch under --print-nvtx-rename kernel}.
+    Raises NcuError naming the launch or call that does not fit (no range, an unknown range, a call
+    without launches, a first launch that is not of the call's kernel family).
+    """
+    by_range = {call_range(c): [] for c in calls}
+    for launch in launches:
+        rng = range_of(range_names.get((launch.process_id, launch.id), ""))
+        if rng is None:
+            raise NcuError(f"launch {launch.id} ({short_kernel_name(launch.name)}) is in no quickcupy "
+                           f"NVTX range: ncu named it {range_names.get((launch.process_id, launch.id))!r}")
+        if rng not in by_range:
+            raise NcuError(f"launch {launch.id} is in NVTX range {rng!r}, which the child did not make")
+        by_range[rng].append(launch)
+    grouped = []
+    for call in calls:
+        group = by_range[call_range(call)]
+        if not group:
+            raise NcuError(f"ncu profiled no launch in NVTX range {call_range(call)!r} "
+                           "(adjust --kernel-regex?)")
+        if call.get("layout", call["kernel"]) not in group[0].name.lower():
+            raise NcuError(f"NVTX range {call_range(call)!r} starts with {short_kernel_name(group[0].name)!r}, "
+                           f"not a {call.get('layout', call['kernel'])} kernel")
+        grouped.append((call, group))
+    return grouped
+
+
+# ------------------------------------------------------------------------- per-source-line table
+# Columns of ncu's source page (--page source --csv) the per-line table reads, by their names in
+# Nsight Compute 2025 ("L1 Wavefronts Shared" = all shared-memory wavefronts of the line, ideal plus
+# excessive; "Excessive" = those above the ideal, i.e. bank conflicts and other replays).
+SOURCE_COLUMNS = {
+    "inst": ("Instructions Executed", "# Instructions Executed", "inst_executed"),
+    "wavefronts": ("L1 Wavefronts Shared", "memory_l1_wavefronts_shared"),
+    "ideal": ("L1 Wavefronts Shared Ideal", "memory_l1_wavefronts_shared_ideal"),
+    "excessive": ("L1 Wavefronts Shared Excessive", "derived__memory_l1_wavefronts_shared_excessive"),
+}
+_FILE_LINE = re.compile(r"^\s*(?:File|Source File)\s*[:=]?\s*\"?(?P<path>[^\"]+?\.(?:cu|cuh|h|hpp|cpp))\"?\s*,*\s*$")
+
+
+@dataclass
+class SourceRow:
+    """One row of ncu's source page: a CUDA line (cuda view) or a SASS instruction (sass view)."""
+    file: str
+    line: int            # CUDA line number, or the row's index for SASS
+    address: str         # SASS address ("" in the cuda view)
+    source: str          # the line's text or the SASS instruction
+    values: dict         # {"inst", "wavefronts", "ideal", "excessive": float (NaN if not reported)}
+
+
+def _pick_columns(header: list) -> dict:
+    norm = [h.strip().lower() for h in header]
+    cols = {}
+    for key, names in SOURCE_COLUMNS.items():
+        for name in names:
+            if name.lower() in norm:
+                cols[key] = norm.index(name.lower())
+                break
+    return cols
+
+
+def parse_source_csv(text: str) -> list:
+    """Rows of ``ncu --import R --page source --csv --print-source cuda|sass`` output: [SourceRow].
+
+    Header rows name the columns ("#" or "Line" or "Address" for the location, "Source" for the text);
+    a line naming a .cu/.cuh file starts that file's rows. Metric columns are found by
+    SOURCE_COLUMNS; missing ones read NaN. Raises ValueError when no header with a "Source" column is found.
+    """
+    rows, header, cols, current = [], None, {}, ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("==PROF==") or line.startswith("==WARNING=="):
+            continue
+        m = _FILE_LINE.match(line)
+        if m and not line.startswith('"#'):
+            current = m.group("path")
+            continue
+        fields = next(csv.reader([line]))
+        if "Source" in [f.strip() for f in fields] and len(fields) > 2:
+            header = [f.strip() for f in fields]
+            cols = _pick_columns(header)
+            continue
+        if header is None or len(fields) != len(header):
+            if len(fields) == 1 and re.search(r"\.(cu|cuh|h)\b", fields[0]):
+                current = fields[0].strip()
+            continue
+        rec = dict(zip(header, fields))
+        loc = rec.get("#", rec.get("Line", rec.get("# Line", "")))
+        address = rec.get("# Address", rec.get("Address", ""))
+        try:
+            number = int(str(loc).strip()) if str(loc).strip() else len(rows)
+        except ValueError:
+            continue
+        values = {}
+        for key in SOURCE_COLUMNS:
+            try:
+                values[key] = parse_value(fields[cols[key]])[0] if key in cols else math.nan
+            except ValueError:
+                values[key] = math.nan
+        rows.append(SourceRow(file=current, line=number, address=address.strip(),
+                              source=rec.get("Source", "").rstrip(), values=values))
+    if header is None:
+        raise ValueError("no ncu source-page header (a row with a \"Source\" column) in the output")
+    return rows
+
+
+def per_line(rows: list) -> list:
+    """Rows summed per (file, line), in file then line order, keeping the first text seen."""
+    merged = {}
+    for r in rows:
+        key = (r.file, r.line)
+        if key not in merged:
+            merged[key] = SourceRow(r.file, r.line, "", r.source, {k: 0.0 for k in SOURCE_COLUMNS})
+        for k in SOURCE_COLUMNS:
+            merged[key].values[k] += r.values.get(k, math.nan)
+    return [merged[k] for k in sorted(merged, key=lambda k: (k[0], k[1]))]
+
+
+def format_lines(rows: list, title: str = "", only_shared: bool = True) -> str:
+    """The per-line table: file:line, instructions executed, shared wavefronts, excessive, the text.
+
+    only_shared keeps the lines with shared-memory wavefronts; a total row follows.
+    """
+    keep = [r for r in rows if not only_shared or (r.values["wavefronts"] or 0) > 0]
+    out = [title] if title else []
+    out.append(f"{'file:line':<28}{'inst executed':>15}{'shared wavefronts':>19}{'excessive':>12}  source")
+    for r in keep:
+        where = f"{os.path.basename(r.file) or '?'}:{r.line}"
+        out.append(f"{where:<28}{_fmt(r.values['inst']):>15}{_fmt(r.values['wavefronts']):>19}"
+                   f"{_fmt(r.values['excessive']):>12}  {r.source.strip()[:100]}")
+    tot = {k: math.fsum(r.values[k] for r in rows if not math.isnan(r.values[k])) for k in SOURCE_COLUMNS}
+    out.append(f"{'all lines':<28}{_fmt(tot['inst']):>15}{_fmt(tot['wavefronts']):>19}{_fmt(tot['excessive']):>12}")
+    return "\n".join(out)
+
+
+def fill_source(rows: list, folder=None) -> list:
+    """Rows whose text ncu left empty get it from the CUDA file of the same name in ``folder``
+    (default quickcupy.kernels.cuda_dir()); returns the rows."""
+    from ..kernels import cuda_dir
+    folder = cuda_dir() if folder is None else folder
+    cache = {}
+    for r in rows:
+        if r.source.strip() or not r.file:
+            continue
+        path = os.path.join(folder, os.path.basename(r.file))
+        if path not in cache:
+            cache[path] = open(path).read().splitlines() if os.path.isfile(path) else []
+        lines = cache[path]
+        if 1 <= r.line <= len(lines):
+            r.source = lines[r.line - 1]
+    return rows
