@@ -1,17 +1,21 @@
 """``kernel="auto"``: which gemm kernel runs a call of M rows on this GPU, from a measured table.
 
-The choice depends on M alone: a 4-bit GEMM kernel's time grows like M * N * K over its math rate,
-while the dequant path pays N * K bytes of dequantization once and then runs at cuBLAS' rate, so the
-crossover M hardly depends on N and K (the tables confirm it over five shapes). A table is data,
+The choice depends mostly on M: a 4-bit GEMM kernel's time grows like M * N * K over its math rate,
+while the dequant path pays N * K of dequantization once and then runs at cuBLAS' rate. The size
+of the weight moves the crossovers a little (on the H100 the dequant path wins from M = 384 for a
+4096 x 4096 weight but only from M = 2048 for 8192 x 8192), so a table holds rules per measured
+weight shape and a call takes those of the shape nearest in N * K (log scale). A table is data,
 one JSON file per GPU model in ``quickcupy/tuning/`` (made by ``python -m quickcupy tune`` and
 committed): ``{"device": name, "rules": [{"max_m": 128, "kernel": "quick"}, ..., {"max_m": null,
-"kernel": "dequant"}], ...}``, rules in increasing ``max_m``, the last without a bound. A GPU
-without a table gets :data:`DEFAULT_RULES` (said so by :func:`table_for`).
+"kernel": "dequant"}], "shapes": [{"K": 4096, "N": 4096, "rules": [...]}, ...], ...}``; rules in
+increasing ``max_m``, the last without a bound; "rules" (the best over all shapes) serves a table
+without "shapes". A GPU without a table gets :data:`DEFAULT_RULES` (said so by :func:`table_for`).
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from pathlib import Path
 
@@ -57,8 +61,17 @@ def table_for(device_name: str) -> dict:
     if not path.is_file():
         return {"device": device_name, "rules": DEFAULT_RULES, "source": "default (no measured table)"}
     data = json.loads(path.read_text())
+    shapes = tuple((int(e["K"]), int(e["N"]), check_rules(e["rules"], f"{path} shape {e['K']}x{e['N']}"))
+                   for e in data.get("shapes", ()) if isinstance(e, dict))
     return {"device": data.get("device", device_name), "rules": check_rules(data["rules"], str(path)),
-            "source": str(path)}
+            "shapes": shapes, "source": str(path)}
+
+
+def rules_for(table: dict, N: int, K: int) -> tuple:
+    """The rules of the table's measured shape nearest to N x K in log(N * K), or its "rules"."""
+    if not table.get("shapes"):
+        return table["rules"]
+    return min(table["shapes"], key=lambda e: abs(math.log(e[0] * e[1]) - math.log(N * K)))[2]
 
 
 def choose(M: int, rules) -> str:
@@ -76,6 +89,10 @@ def _device_name(device_id: int) -> str:
     return name.decode() if isinstance(name, bytes) else name
 
 
-def kernel_for(M: int, device_id: int) -> str:
-    """What ``kernel="auto"`` runs for M rows on CUDA device ``device_id``."""
-    return choose(M, table_for(_device_name(device_id))["rules"])
+@functools.lru_cache(maxsize=4096)
+def kernel_for(M: int, N: int, K: int, device_id: int) -> str:
+    """What ``kernel="auto"`` runs for x (M, K) @ W (K, N) on CUDA device ``device_id``; a kernel
+    the device cannot run (a table copied to another GPU) falls back to :data:`DEFAULT_RULES`."""
+    from .kernels import unsupported_reason
+    kernel = choose(M, rules_for(table_for(_device_name(device_id)), N, K))
+    return kernel if unsupported_reason(kernel, device_id) is None else choose(M, DEFAULT_RULES)

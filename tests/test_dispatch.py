@@ -44,3 +44,19 @@ def test_rules_from_measurements_pick_the_geometric_mean_winner():
     assert list(rules) == [{"max_m": 128, "kernel": "quick"}, {"max_m": None, "kernel": "dequant"}]
     assert rows[0]["choice"] == "quick" and rows[0]["dequant worst/best"] == 5.0
     assert "auto" not in CANDIDATES and "quick" in CANDIDATES and "dequant" in CANDIDATES
+
+
+def test_rules_of_the_nearest_measured_weight_size():
+    small = dispatch.check_rules([{"max_m": 256, "kernel": "quick"}, {"max_m": None, "kernel": "dequant"}])
+    large = dispatch.check_rules([{"max_m": 1024, "kernel": "quick"}, {"max_m": None, "kernel": "dequant"}])
+    table = {"rules": large, "shapes": ((4096, 4096, small), (8192, 8192, large))}
+    assert dispatch.rules_for(table, 4096, 4096) is small
+    assert dispatch.rules_for(table, 5120, 4096) is small            # nearer 4096^2 in log(N * K)
+    assert dispatch.rules_for(table, 28672, 8192) is large
+    assert dispatch.rules_for({"rules": large}, 4096, 4096) is large  # a table without shapes
+    assert dispatch.choose(512, dispatch.rules_for(table, 4096, 4096)) == "dequant"
+
+
+def test_the_h100_table_has_rules_per_measured_shape():
+    table = dispatch.table_for("NVIDIA H100 80GB HBM3")
+    assert {(k, n) for k, n, _ in table["shapes"]} >= {(8192, 8192), (4096, 4096)}

@@ -1,11 +1,11 @@
 """``python -m quickcupy tune``: measure the quick-layout kernels and write ``kernel="auto"``'s table.
 
 Times every candidate kernel (the quick-layout names of quickcupy.registry except "auto") over the
-bench's shapes and a sweep of M, exactly as ``bench`` does, then for each M picks the kernel with
-the smallest geometric-mean time over the shapes and merges equal neighbours into rules
-(quickcupy.dispatch). It prints, per M, each candidate's time relative to the best one at every
-shape and the worst loss of the chosen rule, and writes the table (default:
-quickcupy/tuning/<gpu>.json, which ships with the package).
+bench's shapes and a sweep of M, exactly as ``bench`` does, then makes rules (quickcupy.dispatch):
+for each measured shape, the fastest kernel at each M, equal neighbours merged; and over all
+shapes, the kernel with the smallest geometric-mean time (the rules of a table without shapes).
+It prints, per M, each candidate's time relative to the best one at every shape, and writes the
+table (default: quickcupy/tuning/<gpu>.json, which ships with the package).
 """
 from __future__ import annotations
 
@@ -78,11 +78,16 @@ def run(args) -> int:
     if s.json:
         write_json(s.json, result)
     rules, rows = rules_from(result["points"], candidates)
-    write_json(out, {"device": name, "command": s.command, "rules": list(rules),
-                     "group_size": s.group_size, "shapes": [list(x) for x in s.shapes], "per_m": rows},
-                     indent=1)
+    shapes = [{"K": K, "N": N, "rules": list(rules_from([p for p in result["points"]
+                                                         if (p["K"], p["N"]) == (K, N)], candidates)[0])}
+              for K, N in s.shapes]
+    write_json(out, {"device": name, "command": s.command, "rules": list(rules), "shapes": shapes,
+                     "group_size": s.group_size, "per_m": rows}, indent=1)
     dispatch.table_for.cache_clear()
     print(table(list(rows[0]), [["-" if v is None else f"{v:.2f}" if isinstance(v, float) else v
                                  for v in r.values()] for r in rows]))
-    print(f"\nrules: {list(rules)}\nwrote {out}")
+    print(f"\nrules over all shapes: {list(rules)}")
+    for e in shapes:
+        print(f"rules at K={e['K']} N={e['N']}: {e['rules']}")
+    print(f"wrote {out}")
     return 0
