@@ -271,7 +271,7 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k):
     if registry.VARIANTS[kernel].path == "auto":
         if tile_m is not None or split_k is not None:
             raise ValueError("tile_m/split_k choose one kernel's launch; name that kernel instead of 'auto'")
-        kernel = dispatch.kernel_for(M, layer.device)
+        kernel = dispatch.kernel_for(M, N, K, layer.device)
     reason = kernels.unsupported_reason(kernel, layer.device)
     if reason is not None:
         raise ValueError(reason)
