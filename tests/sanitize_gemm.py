@@ -20,6 +20,7 @@ from quickcupy.gemm import kernel_layout
 
 CASES = [  # (M, K, N, group_size, tile_m, split_k)
     (1, 512, 320, 128, None, None),
+    (300, 1056, 544, 96, None, 3),   # K not a multiple of 64, 3 row tiles, a feature tile mostly past N
     (8, 4608, 1024, 96, None, 5),
     (3, 4608, 1024, 192, None, None),
     (40, 4096, 512, 256, None, 3),
@@ -41,7 +42,9 @@ def main() -> int:
         q = quantize(w, G)
         x = rng.standard_normal((M, K)).astype(np.float16)
         ref = reference_gemm(x, q, bias)
-        for kernel in ("awq", "quick", "quick_decode", "dequant"):
+        for kernel in ("awq", "quick", "quick_decode", "quick_sm90", "dequant"):
+            if kernels.unsupported_reason(kernel, cupy.cuda.Device().id):
+                continue
             layout = kernel_layout(kernel)
             if layout == "awq" and (N % 64 or tile_m == 128):
                 continue
@@ -58,6 +61,8 @@ def main() -> int:
                 continue
             out = cupy.full((M, N), np.nan, np.float16)
             plan = dict(tile_m=tile_m, split_k=split_k) if kernel in ("awq", "quick") else {}
+            if kernel == "quick_sm90":
+                plan = dict(tile_m=tile_m if tile_m in (64, 128) else None, split_k=split_k)
             gemm(cupy.asarray(x), layer, kernel, out=out, **plan)
             err = float(np.linalg.norm(out.get() - ref) / np.linalg.norm(ref))
             worst = max(worst, err if np.isfinite(err) else np.inf)
