@@ -18,7 +18,7 @@ def _nvrtc_reason():
     except Exception as exc:  # no cupy, or no NVRTC library
         return f"NVRTC not loadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     if kernels.toolkit_include_dir() is None:
-        return "no CUDA headers (cuda_fp16.h): pip install nvidia-cuda-runtime (in the test extra) or a toolkit"
+        return "no CUDA headers (cuda_fp16.h): install quickcupy with its [cuda12] or [cuda13] extra (the nvidia-cuda-runtime wheel) or a toolkit"
     return None
 
 
