@@ -109,11 +109,12 @@ class LaunchPlan:
         return self.grid[2]
 
 
-def _split_k(tiles: int, chunks: int, step_chunks: int, target_blocks: int, split_k=None):
-    """Splits K so that tiles * splits comes nearest ``target_blocks`` (one wave); each split gets
-    at least two main-loop steps and a whole number of steps (a step never straddles a group)."""
+def _split_k(tiles: int, chunks: int, step_chunks: int, target_blocks: int, split_k=None, rule="nearest"):
+    """Splits K so that tiles * splits comes nearest ``target_blocks`` (one wave; with rule "fill",
+    the most splits that stay within it); each split gets at least two main-loop steps and a whole
+    number of steps (a step never straddles a group)."""
     if split_k is None:
-        want = max(1, round(target_blocks / tiles))
+        want = max(1, round(target_blocks / tiles) if rule == "nearest" else target_blocks // tiles)
         split_k = max(1, min(want, chunks // (2 * step_chunks)))
     split_k = max(1, min(int(split_k), math.ceil(chunks / step_chunks)))
     per = math.ceil(math.ceil(chunks / split_k) / step_chunks) * step_chunks
@@ -146,7 +147,7 @@ def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 1
     gch = math.gcd(group_size // 32, t.chunks)
     chunks = K // 32
     tiles = math.ceil(M / bm) * math.ceil(N / bn)
-    splits, per = _split_k(tiles, chunks, t.chunks, t.blocks_per_sm * sm_count, split_k)
+    splits, per = _split_k(tiles, chunks, t.chunks, t.blocks_per_sm * sm_count, split_k, design.split_rule)
     return LaunchPlan(design=design, name=design.instance(bm, bn, gch, tile), bm=bm, bn=bn, tile=t, grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
                       shared_bytes=design.smem_bytes(bm, t), chunks_per_split=per,
                       M=M, N=N, K=K, group_size=group_size)

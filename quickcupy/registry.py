@@ -55,6 +55,7 @@ class Design:
     max_m: int | None = None     # most rows of x the design serves (None: any)
     shapes: tuple = ()       # planner "decode": the DecodeShapes (block shapes) it may launch
     arch: str | None = None  # the one NVRTC target it builds for (e.g. "sm_90a": wgmma), else the device's
+    split_rule: str = "nearest"  # split-K by M tiles: "nearest" one wave, or "fill": most splits within one wave
 
     def check_m(self, M: int):
         if self.max_m is not None and M > self.max_m:
@@ -176,6 +177,9 @@ DESIGNS["quick_sm90"] = Design(
     # a ring of K steps on a 1024-byte boundary after 2 mbarriers (8 bytes) per stage; a slot holds
     # the swizzled activations (bm x 128 bytes), the packed weights (8 KB) and scales/zeros (2 KB)
     smem_bytes=lambda bm, t: t.stages * (bm * 128 + 8192 + 2048 + 16) + 1024,
+    # Split-K never past one wave: a second, partly filled wave cost up to 1.3x (H100 sweep of tile
+    # and split at M = 64..512 on four bench shapes, results/h100/sm90_plan_sweep.txt).
+    split_rule="fill",
     description="QUICK for Hopper: weights dequantized in registers as the wgmma A operand, "
                 "activations in a swizzled shared-memory ring (sm_90a only)",
     arch="sm_90a")
