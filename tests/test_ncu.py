@@ -7,6 +7,7 @@ import shutil
 import stat
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -62,13 +63,25 @@ def sample_calls(M=16, N=8192, K=8192, group_size=128):
              "repeat": rep, "warmup": rep < 0} for k in ("awq", "quick") for rep in (-1, 0)]
 
 
-def csv_for(launches, pid=41872):
-    """ncu --csv text for [(kernel name, {metric: value})], every metric of ncu.METRICS present."""
-    lines = [f"==PROF== Connected to process {pid} (/usr/bin/python3)", HEADER]
+NVTX_COLUMNS = ('"thread Domain:Push/Pop_Range:PL_Type:PL_Value:CLR_Type:Color:Msg_Type:Msg",'
+                '"Id:Domain:Start/Stop_Range:PL_Type:PL_Value:CLR_Type:Color:Msg_Type:Msg",')
+
+
+def nvtx_cell(pid, ranges):
+    """ncu's push/pop cell for open ranges (outermost first), as it appears in the CSV."""
+    return f"{pid}  " + "  ".join(f'""<default domain>:{r}:none:none:none:none:none:none""' for r in ranges) + " "
+
+
+def csv_for(launches, pid=41872, ranges=None):
+    """ncu --csv text for [(kernel name, {metric: value})], every metric of ncu.METRICS present;
+    with ``ranges`` (one tuple of open NVTX ranges per launch) the two NVTX columns of ncu --nvtx."""
+    header = HEADER.replace('"Kernel Name"', NVTX_COLUMNS + '"Kernel Name"') if ranges else HEADER
+    lines = [f"==PROF== Connected to process {pid} (/usr/bin/python3)", header]
     for i, (name, values) in enumerate(launches):
+        nvtx = f'"{nvtx_cell(pid, ranges[i])}","",' if ranges else ""
         for metric in ncu.METRIC_NAMES:
             unit = "nsecond" if metric.startswith("gpu__time") else ("inst" if "inst" in metric else "")
-            lines.append(f'"{i}","{pid}","python3","host","{name}","1","7","(64, 1, 1)","(1, 64, 8)",'
+            lines.append(f'"{i}","{pid}","python3","host",{nvtx}"{name}","1","7","(64, 1, 1)","(1, 64, 8)",'
                          f'"0","9.0","Command line profiler metrics","{metric}","{unit}",'
                          f'"{values.get(metric, 0):,}"')
     return "\n".join(lines) + "\n"
@@ -197,10 +210,8 @@ def test_ncu_command_line():
 def test_import_and_source_commands():
     assert ncu.import_command("ncu", "r.ncu-rep") == [
         "ncu", "--import", "r.ncu-rep", "--csv", "--print-units", "base", "--page", "details"]
-    renamed = ncu.import_command("ncu", "r.ncu-rep", rename=True)
-    assert renamed[-2:] == ["--print-nvtx-rename", "kernel"]
     cmd = ncu.source_command("ncu", "r.ncu-rep", "awq_gemm", 3)
-    assert cmd[cmd.index("--page") + 1] == "source" and cmd[cmd.index("--print-source") + 1] == "cuda"
+    assert cmd[cmd.index("--page") + 1] == "source" and cmd[cmd.index("--print-source") + 1] == "cuda,sass"
     assert cmd[cmd.index("--kernel-name") + 1] == "regex:^awq_gemm"
     assert (cmd[cmd.index("--launch-skip") + 1], cmd[cmd.index("--launch-count") + 1]) == ("3", "1")
 
@@ -320,7 +331,7 @@ if "--import" in args:
     if "source" in args:
         show("source_" + args[args.index("--kernel-name") + 1].split("^")[-1] + ".csv")
     else:
-        show("ncu_renamed.csv" if "--print-nvtx-rename" in args else "ncu.csv")
+        show("ncu.csv")
     sys.exit(0)
 with open(os.path.join(data, "argv.txt"), "w") as f:
     f.write("\\n".join(args))
@@ -359,7 +370,7 @@ def test_cli_ncu_failures(fake_ncu, monkeypatch, capsys, mode, message):
 
 def _write_fake_run(data, M=16, N=8192, K=8192, nvtx=True):
     """What ncu reports for one warm-up and 2 calls per kernel: with nvtx, the warm-ups are not
-    profiled and ncu_renamed.csv names each launch after its call's NVTX range."""
+    profiled and each launch lists its call's NVTX ranges."""
     st, conf = "smsp__sass_inst_executed_op_shared_st.sum", \
         "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"
     awq = {st: 294_912, conf: 131_072, "gpu__time_duration.sum": 70_000}
@@ -372,9 +383,8 @@ def _write_fake_run(data, M=16, N=8192, K=8192, nvtx=True):
     for c in profiled:
         for launch in ([(AWQ, awq), (REDUCE, red)] if c["kernel"] == "awq" else [(QUICK, quick)]):
             launches.append(launch)
-            ranges.append((ncu.call_range(c), launch[1]))
-    (data / "ncu.csv").write_text(csv_for(launches))
-    (data / "ncu_renamed.csv").write_text(csv_for(ranges))
+            ranges.append((ncu.ROOT_RANGE, ncu.call_range(c)))
+    (data / "ncu.csv").write_text(csv_for(launches, ranges=ranges if nvtx else None))
     (data / "manifest.json").write_text(json.dumps(
         {"calls": calls, "device": {"available": True, "name": "NVIDIA H100 80GB HBM3",
                                     "compute_capability": "9.0"}, "versions": {}}))
@@ -479,37 +489,74 @@ def test_ncu_tool_on_the_gpu(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------- per-line tables, --export
-def _source_csv(rows, file_line=None):
-    """ncu's source page (cuda view) for [(line, text, inst, wavefronts, ideal, excessive)]."""
-    out = [file_line] if file_line else []
-    out.append('"#","Source","Instructions Executed","L1 Wavefronts Shared","L1 Wavefronts Shared Ideal",'
-               '"L1 Wavefronts Shared Excessive"')
-    out += [f'"{n}","{text}","{i:,}","{w:,}","{d:,}","{e:,}"' for n, text, i, w, d, e in rows]
-    return "\n".join(out) + "\n"
+DATA = Path(__file__).parent / "data"
+# Recorded on the H100 (ncu 2025.3.1, run of python -m quickcupy ncu --lineinfo, M=16 K=N=4096):
+# an excerpt of the cuda,sass source page of quick_gemm (paths shortened), and of the details
+# page of an NVTX-filtered run (awq_gemm, its splitk_reduce and a quick_gemm launch, all rows).
+SOURCE_PAGE = DATA / "ncu_source_quick_m16.csv"
+DETAILS_NVTX = DATA / "ncu_details_nvtx.csv"
 
 
-def test_parse_source_page_sums_per_line_and_fills_text(tmp_path):
-    (tmp_path / "k.cu").write_text("a\nb\n  smem[i] = v;  // why\n")
-    text = _source_csv([(2, "b", 10, 0, 0, 0), (3, "", 64, 512, 256, 256), (3, "", 64, 256, 256, 0)],
-                       file_line=f"File: {tmp_path / 'k.cu'}")
-    rows = ncu.parse_source_csv(text)
-    assert [(r.line, r.values["wavefronts"]) for r in rows] == [(2, 0), (3, 512), (3, 256)]
-    merged = ncu.fill_source(ncu.per_line(rows), tmp_path)
-    assert [(r.line, r.values["inst"], r.values["wavefronts"], r.values["excessive"]) for r in merged] == \
-        [(2, 10, 0, 0), (3, 128, 768, 256)]
-    assert merged[1].source.strip() == "smem[i] = v;  // why"
-    table = ncu.format_lines(merged)
-    assert "k.cu:3" in table and "k.cu:2" not in table          # only lines with shared traffic
-    assert table.splitlines()[-1].split()[-3:] == ["138", "768", "256"]
+def test_parse_details_with_nvtx_ranges_and_rule_rows():
+    launches = ncu.parse_ncu_csv(DETAILS_NVTX.read_text())
+    assert [l.id for l in launches] == [0, 1, 4]
+    assert [l.nvtx for l in launches] == [
+        ("quickcupy_ncu", "awq M=16 N=4096 K=4096 g=128 #0"),
+        ("quickcupy_ncu", "awq M=16 N=4096 K=4096 g=128 #0"),
+        ("quickcupy_ncu", "quick M=16 N=4096 K=4096 g=128 #0")]
+    assert launches[1].name == REDUCE
+    # Every requested metric is read, numbers not rule text; rule rows add no metric.
+    for launch in launches:
+        assert set(ncu.METRIC_NAMES) <= set(launch.metrics)
+        assert all(isinstance(v, float) for v in launch.metrics.values())
+    calls = [{"kernel": k, "layout": k, "M": 16, "N": 4096, "K": 4096, "group_size": 128, "repeat": 0,
+              "warmup": False} for k in ("awq", "quick")]
+    grouped = ncu.group_by_range(launches, calls)
+    assert [[l.id for l in g] for _, g in grouped] == [[0, 1], [4]]
+
+
+def test_parse_source_page_recorded_on_the_gpu(tmp_path):
+    rows = ncu.parse_source_csv(SOURCE_PAGE.read_text())
+    lines = ncu.per_line(rows)
+    assert [(os.path.basename(r.file), r.line) for r in lines] == [
+        ("quant_common.cuh", 93), ("quant_common.cuh", 116), ("quick_gemm.cu", 60), ("quick_gemm.cu", 63)]
+    sass = [r for r in rows if r.address]
+    assert sass and all(r.address.startswith("0x") for r in sass)
+    assert {r.source.split()[0] for r in sass} == {"LDGSTS.E.BYPASS.128", "LDSM.16.M88.4"}
+    # ncu's line rows are the sums of their instructions; the excerpt keeps every shared-memory one
+    # of these lines, so the parsed columns must agree (a misread column would not).
+    for line in lines:
+        under = [r for r in sass if (r.file, r.line) == (line.file, line.line)]
+        for key in ("wavefronts", "ideal", "excessive"):
+            assert line.values[key] == sum(r.values[key] for r in under)
+    for r in sass:
+        assert r.values["wavefronts"] == r.values["ideal"] + r.values["excessive"]
+    # The row whose CUDA text has unescaped quotes (':: "r"(...)') parses into the right columns.
+    asm = next(r for r in lines if r.line == 116)
+    assert asm.values["excessive"] > 0 and asm.values["inst"] > 0
+    totals = ncu.kernel_totals(rows)
+    assert totals["wavefronts"] == sum(r.values["wavefronts"] for r in {r.address: r for r in sass}.values())
+    table = ncu.format_lines(lines, totals)
+    assert "quick_gemm.cu:63" in table and "quick_gemm.cu:60" not in table      # no shared traffic
+    assert table.splitlines()[-1].startswith("kernel")
     with pytest.raises(ValueError, match="no ncu source-page header"):
         ncu.parse_source_csv("==PROF== nothing\n")
+
+
+def test_fill_source_takes_the_text_from_the_file(tmp_path):
+    (tmp_path / "k.cu").write_text("a\n  smem[i] = v;  // why\n")
+    rows = [ncu.SourceRow(str(tmp_path / "k.cu"), 2, "", ':: "broken', {}),
+            ncu.SourceRow("/elsewhere/other.cu", 1, "", "kept", {}),
+            ncu.SourceRow(str(tmp_path / "k.cu"), 2, "0x10", "LDS R0, [R1]", {})]
+    ncu.fill_source(rows, tmp_path)
+    assert [r.source for r in rows] == ["  smem[i] = v;  // why", "kept", "LDS R0, [R1]"]
 
 
 def test_cli_lineinfo_and_export_with_fake_ncu(fake_ncu, tmp_path, capsys):
     exe, data = fake_ncu
     _write_fake_run(data)
-    (data / "source_awq_gemm.csv").write_text(_source_csv([(40, "", 8, 4096, 2048, 2048)], "File: awq_gemm.cu"))
-    (data / "source_quick_gemm.csv").write_text(_source_csv([(60, "", 8, 1024, 1024, 0)], "File: quick_gemm.cu"))
+    for function in ("awq_gemm", "quick_gemm"):
+        shutil.copy(SOURCE_PAGE, data / f"source_{function}.csv")
     out, rep = tmp_path / "res" / "m16", tmp_path / "rep" / "m16"
     assert main(["ncu", "--ncu", str(exe), "--M", "16", "--repeats", "2", "--lineinfo",
                  "--export", str(rep), "--out", str(out)]) == 0
@@ -518,14 +565,27 @@ def test_cli_lineinfo_and_export_with_fake_ncu(fake_ncu, tmp_path, capsys):
     assert argv[argv.index("--export") + 1] == str(rep) + ".ncu-rep"
     assert argv[argv.index("--section") + 1] == "SourceCounters"
     assert f"saved {rep}.ncu-rep" in text and (tmp_path / "rep" / "m16.ncu-rep").exists()
-    awq_table = (tmp_path / "res" / "m16_lines_awq.txt").read_text()
-    source_line = (kernels.cuda_dir() / "awq_gemm.cu").read_text().splitlines()[39].strip()
-    assert "awq_gemm.cu:40" in awq_table and source_line[:60] in awq_table
-    assert "NVTX range 'awq M=16 N=8192 K=8192 g=128 #0'" in awq_table
-    quick_table = (tmp_path / "res" / "m16_lines_quick.txt").read_text()
-    assert "quick_gemm.cu:60" in quick_table and "1,024" in quick_table
+    table = (tmp_path / "res" / "m16_lines_quick.txt").read_text()
+    source_line = (kernels.cuda_dir() / "quick_gemm.cu").read_text().splitlines()[62].strip()
+    assert "quick_gemm.cu:63" in table and source_line[:60] in table
+    assert "NVTX range 'quick M=16 N=8192 K=8192 g=128 #0'" in table
+    assert "# command: python -m quickcupy ncu --ncu" in table
+    assert (tmp_path / "res" / "m16_lines_awq.txt").exists()
     saved = json.loads((tmp_path / "res" / "m16.json").read_text())
-    assert saved["lines"]["awq"]["rows"][0]["excessive"] == 2048
+    rows = saved["lines"]["quick"]["rows"]
+    assert [r["line"] for r in rows if r["file"].endswith("quick_gemm.cu")] == [60, 63]
+    assert saved["lines"]["quick"]["totals"]["excessive"] > 0 and saved["lines"]["quick"]["error"] is None
+
+
+def test_cli_lineinfo_unreadable_page_is_reported_not_fatal(fake_ncu, tmp_path, capsys):
+    exe, data = fake_ncu
+    _write_fake_run(data)
+    for function in ("awq_gemm", "quick_gemm"):
+        (data / f"source_{function}.csv").write_text("==ERROR== no source\n")
+    assert main(["ncu", "--ncu", str(exe), "--M", "16", "--repeats", "2", "--lineinfo", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "no per-line table for quick" in report["lines"]["quick"]["error"]
+    assert report["results"][0]["kernels"]["quick"]["calls"] == 2
 
 
 def test_export_path_is_checked_before_the_run(tmp_path, capsys):
@@ -541,21 +601,20 @@ def test_export_path_is_checked_before_the_run(tmp_path, capsys):
 
 def test_group_by_range_joins_by_name_not_order():
     calls = sample_calls()[1::2]                       # the measured awq and quick calls
-    launches = ncu.parse_ncu_csv(csv_for([(QUICK, {}), (AWQ, {}), (REDUCE, {})]))
-    names = {(l.process_id, l.id): n for l, n in zip(launches, [ncu.call_range(calls[1])] +
-                                                     [ncu.call_range(calls[0])] * 2)}
-    grouped = ncu.group_by_range(launches, names, calls)
+    awq, quick = ((ncu.ROOT_RANGE, ncu.call_range(c)) for c in calls)
+
+    def launches(ranges, names=(QUICK, AWQ, REDUCE)):
+        return ncu.parse_ncu_csv(csv_for([(n, {}) for n in names], ranges=ranges))
+    grouped = ncu.group_by_range(launches([quick, awq, awq]), calls)
     assert [(c["kernel"], [l.name for l in g]) for c, g in grouped] == [("awq", [AWQ, REDUCE]), ("quick", [QUICK])]
-    with pytest.raises(ncu.NcuError, match="launch 0 .* is in no quickcupy NVTX range"):
-        ncu.group_by_range(launches, {}, calls)
-    other = {**names, (launches[0].process_id, 0): "awq M=1 N=1 K=1 g=128 #7"}
+    with pytest.raises(ncu.NcuError, match=r"launch 0 .* is in no quickcupy NVTX range \(ranges: \['quickcupy_ncu'\]\)"):
+        ncu.group_by_range(launches([(ncu.ROOT_RANGE,), awq, awq]), calls)
     with pytest.raises(ncu.NcuError, match="which the child did not make"):
-        ncu.group_by_range(launches, other, calls)
+        ncu.group_by_range(launches([(ncu.ROOT_RANGE, "awq M=1 N=1 K=1 g=128 #7"), awq, awq]), calls)
     with pytest.raises(ncu.NcuError, match="no launch in NVTX range 'quick M=16"):
-        ncu.group_by_range(launches[1:], names, calls)
-    swapped = {k: ncu.call_range(calls[1]) if "awq" in v else ncu.call_range(calls[0]) for k, v in names.items()}
+        ncu.group_by_range(launches([awq, awq], (AWQ, REDUCE)), calls)
     with pytest.raises(ncu.NcuError, match="'awq M=16 .* starts with 'quick_gemm<16, 4, 4, 3>', not a awq kernel"):
-        ncu.group_by_range(launches, swapped, calls)
+        ncu.group_by_range(launches([awq, quick, quick]), calls)
 
 
 def test_no_nvtx_attributes_by_launch_order(fake_ncu, tmp_path, capsys):
@@ -582,3 +641,24 @@ def test_lineinfo_build_names_the_cuda_file(monkeypatch):
     for text in (b".debug_line", str(kernels.cuda_dir().resolve()).encode(), b"\0awq_gemm.cu\0",
                  b"\0quant_common.cuh\0"):
         assert text in cubin and text not in plain
+
+
+# ------------------------------------------------------------------------------- LDGSTS probe
+def test_ldgsts_probes_are_conflict_free_for_the_bank_model():
+    """Every probe's shared addresses take the ideal 4 wavefronts per warp instruction in the bank
+    model, so whatever ncu counts above that is not a bank conflict of the lane addresses."""
+    from quickcupy.tools import ldgsts_probe
+    for name, case in ldgsts_probe.CASES.items():
+        soff = case[0]
+        assert soff.shape[1] % 32 == 0 and soff.max() + 16 <= 8192, name
+        assert ldgsts_probe.predicted(case) == 4 * soff.shape[0] * soff.shape[1] // 32, name
+
+
+def test_ldgsts_probe_results_match_the_cases():
+    """The committed H100 probe results cover exactly the probe's cases and print as the table."""
+    from quickcupy.tools import ldgsts_probe
+    result = json.loads((Path(__file__).parents[1] / "results/h100/ldgsts_probe.json").read_text())
+    assert [c["name"] for c in result["cases"]] == list(ldgsts_probe.CASES)
+    assert all(c["predicted"] == ldgsts_probe.predicted(ldgsts_probe.CASES[c["name"]]) for c in result["cases"])
+    table = ldgsts_probe.format_table(result).splitlines()
+    assert len(table) == 3 + len(ldgsts_probe.CASES)

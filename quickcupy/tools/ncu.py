@@ -33,7 +33,7 @@ from .common import UsageError, check_output_path, jsonable, parse_group_size
 from .ncu_report import (METRIC_NAMES, METRICS, REDUCE_PATTERN, ROOT_RANGE, KernelLaunch,  # noqa: F401
                          NcuError, call_range, fill_source, format_lines, format_report, group_by_range,
                          group_calls, output_paths, parse_ncu_csv, parse_source_csv, parse_value, per_line,
-                         range_of, save_report, short_kernel_name, summarize, SourceRow)
+                         range_of, save_report, short_kernel_name, summarize, SourceRow, kernel_totals)
 
 KERNELS = ("awq", "quick")                   # profiled by default; any of quickcupy.registry.VARIANTS
 KERNEL_REGEX = registry.NCU_KERNEL_REGEX     # every GEMM design and the split-K reduction
@@ -101,16 +101,15 @@ def ncu_command(ncu: str, child_argv: list, kernel_regex: str = KERNEL_REGEX,
     return cmd + ["--csv", "--print-units", "base", *child_argv]
 
 
-def import_command(ncu: str, report: str, rename: bool = False) -> list:
-    """ncu reading back a saved report as the same CSV; ``rename``: each launch named after its
-    innermost NVTX push/pop range."""
-    return ([ncu, "--import", report, "--csv", "--print-units", "base", "--page", "details"]
-            + (["--print-nvtx-rename", "kernel"] if rename else []))
+def import_command(ncu: str, report: str) -> list:
+    """ncu reading back a saved report as the same CSV (NVTX ranges included when recorded)."""
+    return [ncu, "--import", report, "--csv", "--print-units", "base", "--page", "details"]
 
 
-def source_command(ncu: str, report: str, function: str, skip: int, view: str = "cuda") -> list:
+def source_command(ncu: str, report: str, function: str, skip: int, view: str = "cuda,sass") -> list:
     """ncu's source page (CSV) of one launch in a saved report: the ``skip``-th launch (0-based)
-    of kernel ``function``; view "cuda" (per source line, needs -lineinfo) or "sass"."""
+    of kernel ``function``. View "cuda,sass": each CUDA line with its counters, then its SASS
+    instructions (needs -lineinfo; the "cuda" view alone prints the text without counters); "sass"."""
     return [ncu, "--import", report, "--page", "source", "--csv", "--print-source", view,
             "--kernel-name", f"regex:^{function}", "--launch-skip", str(skip), "--launch-count", "1"]
 
@@ -139,11 +138,10 @@ def _run(cmd: list, timeout, env=None, what="ncu"):
 def run_ncu(child_argv: list, kernel_regex: str = KERNEL_REGEX, metrics=METRIC_NAMES,
             ncu: str | None = None, timeout: float | None = None, env=None, report: str | None = None,
             nvtx: bool = True, lineinfo: bool = False):
-    """Runs ``child_argv`` under ncu; returns (launches, range names, completed_process).
+    """Runs ``child_argv`` under ncu; returns (launches, completed_process).
 
-    launches: [KernelLaunch] in launch order; range names: {(process id, launch id): the name
-    ncu's NVTX renaming gives the launch} (empty without nvtx). With ``report`` the results go to
-    that .ncu-rep and are read back from it. Raises NcuError with a one-line reason when ncu is
+    launches: [KernelLaunch] in launch order, with their NVTX ranges when ``nvtx``. With ``report``
+    the results go to that .ncu-rep and are read back from it. Raises NcuError with a one-line reason when ncu is
     missing, may not read counters, rejects a metric, profiles nothing, or the child fails.
     """
     exe = find_ncu(ncu)
@@ -158,20 +156,16 @@ def run_ncu(child_argv: list, kernel_regex: str = KERNEL_REGEX, metrics=METRIC_N
     if report:
         if not os.path.exists(report):
             raise NcuError(f"ncu wrote no report {report}: {_last_message(output) or 'no message'}")
-        text = _imported(exe, report, False, timeout)
+        text = _imported(exe, report, timeout)
     try:
         launches = parse_ncu_csv(text)
     except ValueError as exc:
         raise NcuError(f"could not read ncu's CSV output: {exc}") from None
-    names = {}
-    if nvtx and report:
-        renamed = parse_ncu_csv(_imported(exe, report, True, timeout))
-        names = {(l.process_id, l.id): l.name for l in renamed}
-    return launches, names, proc
+    return launches, proc
 
 
-def _imported(exe: str, report: str, rename: bool, timeout) -> str:
-    proc = _run(import_command(exe, report, rename), timeout, what="ncu --import")
+def _imported(exe: str, report: str, timeout) -> str:
+    proc = _run(import_command(exe, report), timeout, what="ncu --import")
     if proc.returncode != 0:
         raise NcuError(f"ncu --import {report} failed (exit status {proc.returncode}): "
                        f"{_last_message(proc.stderr) or _last_message(proc.stdout)}")
@@ -179,8 +173,9 @@ def _imported(exe: str, report: str, rename: bool, timeout) -> str:
 
 
 def source_tables(exe: str, report: str, launches: list, grouped: list, kernels, timeout=None) -> dict:
-    """Per kernel (first measured call of each): {"function", "skip", "csv", "rows"} from ncu's
-    source page (cuda view), the rows summed per source line (:func:`per_line`)."""
+    """Per kernel (its first measured call): {"function", "launch", "range", "command", "csv",
+    "rows" (:func:`per_line` of ncu's source page), "totals" (:func:`kernel_totals`), "error" if
+    the page could not be read}."""
     tables = {}
     for kernel in kernels:
         call, group = next(((c, g) for c, g in grouped if c["kernel"] == kernel and not c.get("warmup")),
@@ -191,9 +186,9 @@ def source_tables(exe: str, report: str, launches: list, grouped: list, kernels,
         first = group[0]
         skip = sum(1 for l in launches if l.process_id == first.process_id and l.id < first.id
                    and short_kernel_name(l.name).split("<")[0] == function)
-        cmd = source_command(exe, report, function, skip, "cuda")
+        cmd = source_command(exe, report, function, skip)
         tables[kernel] = {"function": function, "launch": first.id, "range": call_range(call),
-                          "command": shlex.join(cmd), "rows": [], "csv": ""}
+                          "command": shlex.join(cmd), "rows": [], "totals": None, "csv": ""}
         # A table that cannot be read is reported, not fatal: the counters are already measured.
         try:
             proc = _run(cmd, timeout, what="ncu --page source")
@@ -201,7 +196,9 @@ def source_tables(exe: str, report: str, launches: list, grouped: list, kernels,
             if proc.returncode != 0:
                 raise NcuError(f"ncu --page source failed (exit status {proc.returncode}): "
                                f"{_last_message(proc.stderr) or _last_message(proc.stdout)}")
-            tables[kernel]["rows"] = fill_source(per_line(parse_source_csv(proc.stdout)))
+            rows = parse_source_csv(proc.stdout)
+            tables[kernel]["rows"] = fill_source(per_line(rows))
+            tables[kernel]["totals"] = kernel_totals(rows)
         except (NcuError, ValueError) as exc:
             tables[kernel]["error"] = f"no per-line table for {kernel}: {exc}"
     return tables
@@ -238,14 +235,14 @@ def profile(kernels=KERNELS, Ms=(16, 128), N: int = 8192, K: int = 8192, group_s
     exe = find_ncu(ncu)
     with tempfile.TemporaryDirectory(prefix="quickcupy-ncu-") as tmp:
         manifest_path = os.path.join(tmp, "calls.json")
-        report_path = export or (os.path.join(tmp, "profile.ncu-rep") if (nvtx or lineinfo) else None)
+        report_path = export or (os.path.join(tmp, "profile.ncu-rep") if lineinfo else None)
         argv = child_argv(manifest_path, kernels, Ms, N, K, group_size, repeats, warmup, nvtx)
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         if lineinfo:
             env[kernels_mod.LINEINFO_ENV] = "1"
-        launches, names, proc = run_ncu(argv, kernel_regex, METRIC_NAMES, exe, timeout, env,
+        launches, proc = run_ncu(argv, kernel_regex, METRIC_NAMES, exe, timeout, env,
                                         report_path, nvtx, lineinfo)
         if not os.path.exists(manifest_path):
             raise NcuError("the profiled process wrote no list of its calls: "
@@ -253,7 +250,7 @@ def profile(kernels=KERNELS, Ms=(16, 128), N: int = 8192, K: int = 8192, group_s
         with open(manifest_path) as f:
             manifest = json.load(f)
         if nvtx:
-            grouped = group_by_range(launches, names, [c for c in manifest["calls"] if not c["warmup"]])
+            grouped = group_by_range(launches, [c for c in manifest["calls"] if not c["warmup"]])
         else:
             grouped = group_calls(launches, manifest["calls"])
         lines = source_tables(exe, report_path, launches, grouped, kernels, timeout) if lineinfo else {}
@@ -275,14 +272,14 @@ def profile(kernels=KERNELS, Ms=(16, 128), N: int = 8192, K: int = 8192, group_s
         "attribution": "nvtx" if nvtx else "launch order",
         "reduce_pattern": REDUCE_PATTERN.pattern,
         "results": results,
-        "launches": [{"id": l.id, "name": l.name, "range": range_of(names.get((l.process_id, l.id), "")),
+        "launches": [{"id": l.id, "name": l.name, "range": range_of(l.nvtx[-1]) if l.nvtx else None,
                       "grid": l.grid_size, "block": l.block_size, "metrics": l.metrics} for l in launches],
     }
     if lineinfo:
         report["lines"] = {k: {"function": t["function"], "launch": t["launch"], "range": t["range"],
-                               "command": t["command"], "error": t.get("error"),
+                               "command": t["command"], "error": t.get("error"), "totals": t["totals"],
                                "rows": [{"file": r.file, "line": r.line, "source": r.source, **r.values}
-                                        for r in t["rows"]], "csv": t["csv"]}
+                                        for r in t["rows"]]}
                            for k, t in lines.items()}
     return report
 
@@ -508,7 +505,7 @@ def lines_text(report: dict, kernel: str) -> str:
         return "\n".join(head + [f"# error: {t['error']}"])
     rows = [SourceRow(r["file"], r["line"], "", r["source"],
                       {k: r[k] for k in ("inst", "wavefronts", "ideal", "excessive")}) for r in t["rows"]]
-    return "\n".join(head) + "\n" + format_lines(rows)
+    return "\n".join(head) + "\n" + format_lines(rows, t.get("totals"))
 
 
 # ------------------------------------------------------------------------------ child process

@@ -59,6 +59,18 @@ class KernelLaunch:
     grid_size: str = ""
     metrics: dict = field(default_factory=dict)
     units: dict = field(default_factory=dict)
+    nvtx: tuple = ()     # NVTX push/pop ranges around the launch, outermost first (ncu --nvtx)
+
+
+def parse_nvtx_ranges(text: str) -> tuple:
+    """ncu's "thread Domain:Push/Pop_Range:PL_Type:PL_Value:CLR_Type:Color:Msg_Type:Msg" cell -> the
+    range names, outermost first. The cell is a thread id then one quoted
+    "<domain>:<name>:<6 attribute fields>" per open range."""
+    names = []
+    for item in re.findall(r'"([^"]*)"', text):
+        if ":" in item:
+            names.append(item.split(":", 1)[1].rsplit(":", 6)[0])
+    return tuple(names)
 
 
 def parse_value(text: str, unit: str = ""):
@@ -98,6 +110,7 @@ def parse_ncu_csv(text: str) -> list:
     if missing:
         raise ValueError(f"ncu CSV header lacks column(s) {missing}: {header}")
     col = {name: header.index(name) for name in header}
+    nvtx_col = next((i for i, name in enumerate(header) if "Push/Pop_Range" in name), None)
     launches, order = {}, []
     for lineno, line in enumerate(lines[start + 1:], start + 2):
         line = line.strip()
@@ -106,15 +119,19 @@ def parse_ncu_csv(text: str) -> list:
         row = next(csv.reader([line]))
         if row == header:
             continue
-        if len(row) != len(header):
+        if len(row) > len(header) or len(row) <= col["Metric Value"]:
             raise ValueError(f"ncu CSV line {lineno} has {len(row)} fields, the header {len(header)}")
+        row += [""] * (len(header) - len(row))   # rule columns are left off rows without a rule
         key = (row[col["Process ID"]], int(row[col["ID"]]))
         if key not in launches:
             launches[key] = KernelLaunch(
                 id=key[1], process_id=key[0], name=row[col["Kernel Name"]],
                 block_size=row[col["Block Size"]] if "Block Size" in col else "",
-                grid_size=row[col["Grid Size"]] if "Grid Size" in col else "")
+                grid_size=row[col["Grid Size"]] if "Grid Size" in col else "",
+                nvtx=parse_nvtx_ranges(row[nvtx_col]) if nvtx_col is not None else ())
             order.append(key)
+        if not row[col["Metric Name"]]:          # a rule's row (SourceCounters advice): no metric
+            continue
         value, unit = parse_value(row[col["Metric Value"]], row[col["Metric Unit"]])
         launches[key].metrics[row[col["Metric Name"]]] = value
         launches[key].units[row[col["Metric Name"]]] = unit
@@ -284,8 +301,8 @@ def save_report(report: dict, out: str):
 
 # ----------------------------------------------------------------------------- NVTX attribution
 # The child wraps its measured calls in one NVTX push/pop range ROOT_RANGE (ncu profiles only inside
-# it: --nvtx-include "quickcupy_ncu/") and each call in a range named by call_range(); ncu's
-# --print-nvtx-rename kernel then names every launch after its innermost range.
+# it: --nvtx-include "quickcupy_ncu/") and each call in a range named by call_range(); with --nvtx,
+# ncu's CSV lists the open ranges of every launch (KernelLaunch.nvtx).
 ROOT_RANGE = "quickcupy_ncu"
 _RANGE = re.compile(r"(?P<kernel>[\w.]+) M=(?P<M>\d+) N=(?P<N>\d+) K=(?P<K>\d+) g=(?P<g>-?\d+) #(?P<rep>\d+)")
 
@@ -303,19 +320,17 @@ def range_of(name: str):
     return m.group(0) if m else None
 
 
-def group_by_range(launches: list, range_names: dict, calls: list) -> list:
-    """[(call, [KernelLaunch, ...])] in the child's call order, launches joined to calls by NVTX range.
-
-    range_names: {(process id, launch id): name ncu gave the launch under --print-nvtx-rename kernel}.
-    Raises NcuError naming the launch or call that does not fit (no range, an unknown range, a call
-    without launches, a first launch that is not of the call's kernel family).
+def group_by_range(launches: list, calls: list) -> list:
+    """[(call, [KernelLaunch, ...])] in the child's call order, launches joined to calls by their
+    innermost NVTX range (KernelLaunch.nvtx). Raises NcuError naming the launch or call that does not
+    fit (no range, an unknown range, a call without launches, a first launch of another kernel family).
     """
     by_range = {call_range(c): [] for c in calls}
     for launch in launches:
-        rng = range_of(range_names.get((launch.process_id, launch.id), ""))
+        rng = range_of(launch.nvtx[-1]) if launch.nvtx else None
         if rng is None:
             raise NcuError(f"launch {launch.id} ({short_kernel_name(launch.name)}) is in no quickcupy "
-                           f"NVTX range: ncu named it {range_names.get((launch.process_id, launch.id))!r}")
+                           f"NVTX range (ranges: {list(launch.nvtx)})")
         if rng not in by_range:
             raise NcuError(f"launch {launch.id} is in NVTX range {rng!r}, which the child did not make")
         by_range[rng].append(launch)
@@ -333,88 +348,91 @@ def group_by_range(launches: list, range_names: dict, calls: list) -> list:
 
 
 # ------------------------------------------------------------------------- per-source-line table
-# Columns of ncu's source page (--page source --csv) the per-line table reads, by their names in
-# Nsight Compute 2025 ("L1 Wavefronts Shared" = all shared-memory wavefronts of the line, ideal plus
-# excessive; "Excessive" = those above the ideal, i.e. bank conflicts and other replays).
+# Columns of ncu's source page (--page source --csv --print-source cuda,sass) the per-line table reads,
+# as Nsight Compute 2025.3 names them. "L1 Wavefronts Shared" counts all shared-memory wavefronts of a
+# line or instruction (ideal + excessive); "Excessive" = those above the ideal: bank conflicts, and
+# for LDGSTS what the tables in BENCHMARKS.md explain.
 SOURCE_COLUMNS = {
-    "inst": ("Instructions Executed", "# Instructions Executed", "inst_executed"),
-    "wavefronts": ("L1 Wavefronts Shared", "memory_l1_wavefronts_shared"),
-    "ideal": ("L1 Wavefronts Shared Ideal", "memory_l1_wavefronts_shared_ideal"),
-    "excessive": ("L1 Wavefronts Shared Excessive", "derived__memory_l1_wavefronts_shared_excessive"),
+    "inst": "Instructions Executed",
+    "wavefronts": "L1 Wavefronts Shared",
+    "ideal": "L1 Wavefronts Shared Ideal",
+    "excessive": "L1 Wavefronts Shared Excessive",
 }
-_FILE_LINE = re.compile(r"^\s*(?:File|Source File)\s*[:=]?\s*\"?(?P<path>[^\"]+?\.(?:cu|cuh|h|hpp|cpp))\"?\s*,*\s*$")
 
 
 @dataclass
 class SourceRow:
-    """One row of ncu's source page: a CUDA line (cuda view) or a SASS instruction (sass view)."""
+    """One row of ncu's source page: a CUDA line (address "") or a SASS instruction under it."""
     file: str
-    line: int            # CUDA line number, or the row's index for SASS
-    address: str         # SASS address ("" in the cuda view)
+    line: int            # CUDA line number (for a SASS row: of the CUDA line it is listed under)
+    address: str         # SASS address, "" for a CUDA line
     source: str          # the line's text or the SASS instruction
-    values: dict         # {"inst", "wavefronts", "ideal", "excessive": float (NaN if not reported)}
-
-
-def _pick_columns(header: list) -> dict:
-    norm = [h.strip().lower() for h in header]
-    cols = {}
-    for key, names in SOURCE_COLUMNS.items():
-        for name in names:
-            if name.lower() in norm:
-                cols[key] = norm.index(name.lower())
-                break
-    return cols
+    values: dict         # {"inst", "wavefronts", "ideal", "excessive"}: float, NaN if not reported
 
 
 def parse_source_csv(text: str) -> list:
-    """Rows of ``ncu --import R --page source --csv --print-source cuda|sass`` output: [SourceRow].
+    """[SourceRow] from ``ncu --import R --page source --csv --print-source cuda,sass`` (or sass).
 
-    Header rows name the columns ("#" or "Line" or "Address" for the location, "Source" for the text);
-    a line naming a .cu/.cuh file starts that file's rows. Metric columns are found by
-    SOURCE_COLUMNS; missing ones read NaN. Raises ValueError when no header with a "Source" column is found.
+    The page is blocks of ``"File Path","<path>"``, ``"Function Name",...``, a header ("Line No",
+    "Source", "Address", "Source", metrics...) and rows: a CUDA line (its metrics summed over its
+    instructions) followed by its SASS instructions ("..." rows mark skipped ones). An instruction of
+    an inlined helper is listed under the helper's line and again under the call site's. Raises
+    ValueError when no header is found.
     """
-    rows, header, cols, current = [], None, {}, ""
+    rows, header, current, line_no = [], None, "", 0
     for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("==PROF==") or line.startswith("==WARNING=="):
+        raw = raw.strip()
+        if not raw.startswith('"'):
             continue
-        m = _FILE_LINE.match(line)
-        if m and not line.startswith('"#'):
-            current = m.group("path")
+        fields = _source_fields(raw, len(header) if header else None)
+        if fields[0] in ("File Path", "File Name") and len(fields) >= 2:
+            current = fields[1]
             continue
-        fields = next(csv.reader([line]))
-        if "Source" in [f.strip() for f in fields] and len(fields) > 2:
-            header = [f.strip() for f in fields]
-            cols = _pick_columns(header)
+        if fields[0] in ("Line No", "Address", "# Address"):
+            header = fields
+            idx = {key: header.index(name) for key, name in SOURCE_COLUMNS.items() if name in header}
+            addr = next((i for i, h in enumerate(header) if h in ("Address", "# Address")), None)
+            has_line = header[0] == "Line No"
             continue
-        if header is None or len(fields) != len(header):
-            if len(fields) == 1 and re.search(r"\.(cu|cuh|h)\b", fields[0]):
-                current = fields[0].strip()
+        if header is None or len(fields) < len(header) or fields[0] in ("Kernel Name", "Function Name"):
             continue
-        rec = dict(zip(header, fields))
-        loc = rec.get("#", rec.get("Line", rec.get("# Line", "")))
-        address = rec.get("# Address", rec.get("Address", ""))
-        try:
-            number = int(str(loc).strip()) if str(loc).strip() else len(rows)
-        except ValueError:
-            continue
+        address = fields[addr].strip() if addr is not None else ""
+        if has_line and fields[0].strip().isdigit():
+            line_no, address, text_col = int(fields[0]), "", 1
+        elif address.startswith("0x"):
+            text_col = addr + 1
+        else:
+            continue                      # "..." rows and anything else
         values = {}
         for key in SOURCE_COLUMNS:
             try:
-                values[key] = parse_value(fields[cols[key]])[0] if key in cols else math.nan
-            except ValueError:
+                values[key] = parse_value(fields[idx[key]])[0] if key in idx else math.nan
+            except ValueError:            # "-" where a metric does not apply
                 values[key] = math.nan
-        rows.append(SourceRow(file=current, line=number, address=address.strip(),
-                              source=rec.get("Source", "").rstrip(), values=values))
+        rows.append(SourceRow(file=current, line=line_no, address=address,
+                              source=fields[text_col].rstrip(), values=values))
     if header is None:
-        raise ValueError("no ncu source-page header (a row with a \"Source\" column) in the output")
+        raise ValueError("no ncu source-page header (\"Line No\" or \"Address\" ...) in the output")
     return rows
 
 
+def _source_fields(raw: str, width):
+    """One CSV row of the source page. ncu writes CUDA text with its double quotes unescaped
+    (``"r"(bytes)``), which a CSV reader splits wrongly; a row that does not give ``width`` fields
+    is split at the '","' between fields instead."""
+    fields = next(csv.reader([raw]))
+    if width is None or len(fields) == width or not raw.endswith('"'):
+        return fields
+    parts = raw[1:-1].split('","')
+    return parts if len(parts) == width else fields
+
+
 def per_line(rows: list) -> list:
-    """Rows summed per (file, line), in file then line order, keeping the first text seen."""
+    """The CUDA-line rows, summed per (file, line) where a line is listed twice, in file, line order."""
     merged = {}
     for r in rows:
+        if r.address:
+            continue
         key = (r.file, r.line)
         if key not in merged:
             merged[key] = SourceRow(r.file, r.line, "", r.source, {k: 0.0 for k in SOURCE_COLUMNS})
@@ -423,31 +441,41 @@ def per_line(rows: list) -> list:
     return [merged[k] for k in sorted(merged, key=lambda k: (k[0], k[1]))]
 
 
-def format_lines(rows: list, title: str = "", only_shared: bool = True) -> str:
-    """The per-line table: file:line, instructions executed, shared wavefronts, excessive, the text.
+def kernel_totals(rows: list) -> dict:
+    """Sums over the distinct SASS instructions (each counted once, however many lines list it)."""
+    seen = {r.address: r for r in rows if r.address}
+    return {k: math.fsum(v for v in (r.values[k] for r in seen.values()) if not math.isnan(v))
+            for k in SOURCE_COLUMNS}
 
-    only_shared keeps the lines with shared-memory wavefronts; a total row follows.
+
+def format_lines(lines: list, totals: dict | None = None, only_shared: bool = True) -> str:
+    """The per-line table: file:line, instructions executed, shared wavefronts, ideal, excessive, text.
+
+    only_shared keeps lines with shared-memory wavefronts; ``totals`` (:func:`kernel_totals`) adds the
+    kernel's row. An inlined helper's line and its call site count the same instructions.
     """
-    keep = [r for r in rows if not only_shared or (r.values["wavefronts"] or 0) > 0]
-    out = [title] if title else []
-    out.append(f"{'file:line':<28}{'inst executed':>15}{'shared wavefronts':>19}{'excessive':>12}  source")
+    keep = [r for r in lines if not only_shared or (r.values["wavefronts"] or 0) > 0]
+    width = max([len(f"{os.path.basename(r.file)}:{r.line}") for r in keep] + [12]) + 2
+    out = [f"{'file:line':<{width}}{'inst executed':>14}{'shared wavefronts':>19}{'ideal':>12}"
+           f"{'excessive':>12}  source"]
     for r in keep:
         where = f"{os.path.basename(r.file) or '?'}:{r.line}"
-        out.append(f"{where:<28}{_fmt(r.values['inst']):>15}{_fmt(r.values['wavefronts']):>19}"
-                   f"{_fmt(r.values['excessive']):>12}  {r.source.strip()[:100]}")
-    tot = {k: math.fsum(r.values[k] for r in rows if not math.isnan(r.values[k])) for k in SOURCE_COLUMNS}
-    out.append(f"{'all lines':<28}{_fmt(tot['inst']):>15}{_fmt(tot['wavefronts']):>19}{_fmt(tot['excessive']):>12}")
+        out.append(f"{where:<{width}}{_fmt(r.values['inst']):>14}{_fmt(r.values['wavefronts']):>19}"
+                   f"{_fmt(r.values['ideal']):>12}{_fmt(r.values['excessive']):>12}  {r.source.strip()[:110]}")
+    if totals:
+        out.append(f"{'kernel':<{width}}{_fmt(totals['inst']):>14}{_fmt(totals['wavefronts']):>19}"
+                   f"{_fmt(totals['ideal']):>12}{_fmt(totals['excessive']):>12}  (every SASS instruction once)")
     return "\n".join(out)
 
 
 def fill_source(rows: list, folder=None) -> list:
-    """Rows whose text ncu left empty get it from the CUDA file of the same name in ``folder``
-    (default quickcupy.kernels.cuda_dir()); returns the rows."""
+    """CUDA-line rows take their text from the file of the same name in ``folder`` (default
+    quickcupy.kernels.cuda_dir()) where it exists, else keep ncu's; returns the rows."""
     from ..kernels import cuda_dir
     folder = cuda_dir() if folder is None else folder
     cache = {}
     for r in rows:
-        if r.source.strip() or not r.file:
+        if not r.file or r.address:
             continue
         path = os.path.join(folder, os.path.basename(r.file))
         if path not in cache:
