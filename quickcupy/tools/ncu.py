@@ -1,17 +1,23 @@
 """``python -m quickcupy ncu``: Nsight Compute counters of the AWQ and QUICK GEMM kernels, side by side.
 
 The tool re-runs this module as a child process under
-``ncu --target-processes all --clock-control none --kernel-name regex:<filter> --metrics <METRICS>
---csv --print-units base``. The child makes each requested GEMM call (``quickcupy.gemm``) a few
-times per shape and writes a manifest listing its calls in order; ncu numbers the kernel launches it
-profiles in the same order. A launch whose name matches :data:`REDUCE_PATTERN` (the split-K
-reduction kernel ``splitk_reduce``) is added to the GEMM call before it; any other launch starts the
-next call. The default ``--kernel-regex`` (:data:`KERNEL_REGEX`) includes the reduction, so each
-column is the whole GEMM call; the kernel names summed for each column are printed and saved.
+``ncu --target-processes all --clock-control none --nvtx --nvtx-include quickcupy_ncu/
+--kernel-name regex:<filter> --metrics <METRICS> --csv --print-units base``. The child makes each
+requested GEMM call (``quickcupy.gemm``) a few times per shape, each measured call inside the NVTX
+push/pop ranges ``quickcupy_ncu`` and ``call_range(call)`` (e.g. "awq M=16 N=4096 K=4096 g=128 #0");
+warm-up calls run outside them, so ncu does not profile them. ncu lists each launch's open ranges,
+and the launches of one range (the GEMM and, with split-K, its ``splitk_reduce``) make one call.
+``--no-nvtx`` attributes by launch order instead (a launch matching :data:`REDUCE_PATTERN` joins the
+call before it). The default ``--kernel-regex`` (:data:`KERNEL_REGEX`) includes the reduction, so
+each column is the whole GEMM call; the kernel names summed for each column are printed and saved.
 
-Per shape, each metric is the sum over the launches of one GEMM call, the median over the repeats
-(warm-up calls excluded). Results print as a table (rows: metrics; columns: awq, quick, awq/quick)
-and, with ``--out PREFIX``, go to PREFIX.csv and PREFIX.json.
+Per shape, each metric is the sum over the launches of one GEMM call, the median over the repeats.
+Results print as a table (rows: metrics; columns: awq, quick, awq/quick, the model's predictions)
+and, with ``--out PREFIX``, go to PREFIX.csv and PREFIX.json. ``--export PATH`` keeps ncu's report
+(``.ncu-rep``). ``--lineinfo`` compiles the kernels with ``-lineinfo`` (``QUICKCUPY_LINEINFO=1``),
+adds ncu's SourceCounters section and prints, per CUDA source line of each kernel's first measured
+call, instructions executed, shared-memory wavefronts and excessive wavefronts (from the report's
+source page); with ``--out`` also PREFIX_lines_<kernel>.txt.
 """
 from __future__ import annotations
 
