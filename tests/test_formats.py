@@ -235,7 +235,7 @@ def test_gptq_act_order_gemm_matches_reference(layout, kernel, M, rng):
 def test_compressed_tensors_gemm_matches_reference(G, symmetric, rng):
     import cupy
     from quickcupy import QuantLinear
-    N, K, M = 256, 512, 33
+    N, K = 256, 512                                          # x (3, 11, K): M = 33 rows
     codes, zeros, scales, g_idx = _layer(rng, N, K, G, False, symmetric=symmetric)
     bias = rng.standard_normal(N).astype(np.float16)
     layer = QuantLinear.from_compressed_tensors(**write_compressed_tensors(codes, zeros, scales, symmetric),
@@ -254,3 +254,55 @@ def test_quant_linear_rejects_a_bad_perm(rng):
     q = quantize(rng.standard_normal((64, 128)).astype(np.float32), 32)
     with pytest.raises(ValueError, match=r"perm must be a permutation of range\(in_features=128\)"):
         QuantLinear(q, perm=np.zeros(128, np.int64))
+
+
+# ------------------------------------------------------------------------- quantization_config
+def _ct_config(G, symmetric, **weights):
+    args = {"num_bits": 4, "type": "int", "symmetric": symmetric,
+            "strategy": "channel" if G == -1 else "group", "group_size": None if G == -1 else G, **weights}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": args, "input_activations": None}}}
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "gptq_v2", "compressed-tensors"])
+def test_read_layer_follows_quantization_config(method, rng):
+    from quickcupy import pack_awq, QuantizedWeight
+    from quickcupy.formats import read_layer
+    prefix = "model.layers.3.mlp.down_proj"
+    codes, zeros, scales, g_idx = _layer(rng, 64, 256, 64, method != "awq", (1, 16))
+    if method == "awq":
+        p = pack_awq(QuantizedWeight(codes=codes, zeros=zeros, scales=scales, group_size=64))
+        t, qc = p._asdict(), {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm"}
+    elif method.startswith("gptq"):
+        t = write_gptq(codes, zeros, scales, g_idx, method)
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "checkpoint_format": method}
+    else:
+        t, qc = write_compressed_tensors(codes, zeros, scales, False, g_idx), _ct_config(64, False)
+    tensors = {f"{prefix}.{k}": v for k, v in t.items()}
+    tensors["model.layers.3.mlp.up_proj.weight_packed"] = np.zeros((1, 1), np.int32)   # other layers: ignored
+    q, perm = read_layer(qc, tensors, prefix)
+    _check_read(q, perm, codes, zeros, scales, g_idx, rng)
+
+
+def test_read_layer_refuses_what_it_cannot_read(rng):
+    from quickcupy.formats import read_layer
+    codes, zeros, scales, g_idx = _layer(rng, 32, 128, 32, False, (1, 16))
+    gptq = {f"p.{k}": v for k, v in write_gptq(codes, zeros, scales, g_idx).items()}
+    ct = {f"p.{k}": v for k, v in write_compressed_tensors(codes, zeros, scales, True).items()}
+    cases = [({"quant_method": "bitsandbytes"}, gptq, "quant_method='bitsandbytes' is not supported"),
+             ({"quant_method": "gptq", "bits": 8, "group_size": 32}, gptq, "bits=8 is not supported"),
+             ({"quant_method": "gptq", "bits": 4, "group_size": 64}, gptq,
+              "the tensors have group_size=32, quantization_config says 64"),
+             ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, gptq,
+              "checkpoint_format='marlin' is not supported"),
+             ({"quant_method": "gptq", "bits": 4}, {k: v for k, v in gptq.items() if k != "p.qzeros"},
+              "p.qzeros is missing from the checkpoint"),
+             ({**_ct_config(32, True), "format": "float-quantized"}, ct, "format='float-quantized' is not supported"),
+             (_ct_config(32, True, num_bits=8), ct, "num_bits=8 type='int': only 4-bit int weights"),
+             (_ct_config(32, True, strategy="tensor"), ct, "strategy='tensor': only 'group' and 'channel'"),
+             (_ct_config(-1, True), ct, "the tensors have group_size=32, quantization_config says -1")]
+    for qc, tensors, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            read_layer(qc, tensors, "p")
+    q, _ = read_layer(_ct_config(32, True), ct, "p")
+    assert (q.zeros == 8).all()
