@@ -115,11 +115,11 @@ def test_caller_stream_is_respected(how, rng):
     src = torch.from_numpy(x_host).cuda()
     x = torch.full((7, 512), float("nan"), dtype=torch.float16, device="cuda")   # poisoned until the copy
     out = torch.full((7, 256), float("nan"), dtype=torch.float16, device="cuda")
-    gemm(src, layer, out=torch.empty_like(out))        # compiles first, so the timed call only launches
-    torch.cuda.synchronize()
     side = torch.cuda.Stream()                         # PyTorch's pool streams are non-blocking
     stream = {"torch": side, "int": side.cuda_stream,
               "cupy": cupy.cuda.ExternalStream(side.cuda_stream)}[how]
+    gemm(src, layer, out=torch.empty_like(out), stream=stream)   # compile and allocate the stream's
+    torch.cuda.synchronize()                                     # workspace first: the call below only launches
     with torch.cuda.stream(side):
         torch.cuda._sleep(1_000_000_000)               # ~0.5 s of GPU time before x gets its values
         x.copy_(src)
