@@ -156,7 +156,11 @@ def _as_cupy(arg, name: str):
             raise TypeError(f"{name} is not in CUDA memory (DLPack device type {device_type}); move it "
                             f"to the GPU first")
         module = sys.modules.get(type(arg).__module__.split(".")[0])
-        return cupy.from_dlpack(arg), getattr(module, "from_dlpack", None)
+        try:
+            arr = cupy.from_dlpack(arg)
+        except Exception as exc:          # e.g. a dtype CuPy has no type for; the export's own error type
+            raise TypeError(f"{name} could not be read through DLPack: {type(exc).__name__}: {exc}") from exc
+        return arr, getattr(module, "from_dlpack", None)
     if hasattr(arg, "__cuda_array_interface__"):
         return cupy.asarray(arg), None
     raise TypeError(f"{name} must be a GPU array (cupy.ndarray, or any array with DLPack or "
