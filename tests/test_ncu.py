@@ -486,6 +486,32 @@ def test_ncu_tool_on_the_gpu(tmp_path, capsys):
     assert awq["l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum"] >= \
         awq["smsp__sass_inst_executed_op_shared_st.sum"]
     assert (tmp_path / "ncu.csv").exists()
+    assert report["attribution"] == "nvtx"
+    assert all(l["range"] and l["range"].startswith(("awq M=16", "quick M=16")) for l in report["launches"])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_ncu_lineinfo_on_the_gpu(tmp_path, capsys):
+    """--lineinfo --export on the GPU: the report is kept and awq's per-line table puts its store
+    conflicts on the activation store's line, the one the bank model blames (AWQ_A_ST)."""
+    try:
+        ncu.find_ncu()
+    except ncu.NcuError as exc:
+        pytest.skip(str(exc))
+    rc = main(["ncu", "--M", "16", "--K", "1024", "--N", "1024", "--repeats", "1", "--lineinfo",
+               "--timeout", "400", "--export", str(tmp_path / "r"), "--out", str(tmp_path / "ncu")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert (tmp_path / "r.ncu-rep").stat().st_size > 0
+    report = json.loads((tmp_path / "ncu.json").read_text())
+    for kernel in ("awq", "quick"):
+        assert report["lines"][kernel]["error"] is None and (tmp_path / f"ncu_lines_{kernel}.txt").exists()
+    awq_rows = [r for r in report["lines"]["awq"]["rows"] if r["file"].endswith("awq_gemm.cu")]
+    store = next(r for r in awq_rows if r["excessive"] > 0)
+    assert "A_s[" in store["source"]
+    measured = report["results"][0]["kernels"]["awq"]["metrics"]
+    assert store["excessive"] == measured["l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"]
 
 
 # ------------------------------------------------------------------- per-line tables, --export
