@@ -17,10 +17,10 @@
 // (quickcupy/layouts.py draws it). Per 64-deep step a warpgroup issues 2 blocks x 4 k16 steps =
 // 8 wgmma.m64nBTk16.
 //
-// Pipeline: one STAGES-deep ring of K steps, each slot holding the step's activation tile, packed
-// weights, scales and zeros, filled by cp.async from all threads and handed over with mbarriers
-// ("full" when a slot's copies landed, "empty" when both warpgroups are done with it), so the two
-// groups run out of step. Within a group, the dequantization of step it + 1 (into a second set of
+// Pipeline: one STAGES-deep ring of K steps, each slot holding the step's activation tile (one TMA
+// box, swizzled by the copy engine), packed weights, scales and zeros (cp.async, every warp its
+// own), handed over with mbarriers ("full" when a slot's bytes landed, "empty" when both warpgroups
+// are done with it), so the two groups run out of step. Within a group, the dequantization of step it + 1 (into a second set of
 // A registers) runs while the wgmmas of step it are in flight; exactly one wgmma group is ever in
 // flight, which keeps ptxas from serializing them (warning C7513).
 #include "wgmma.cuh"
@@ -41,14 +41,13 @@ template <int BT,       // tokens per block = wgmma N: 64 or 128
           int STAGES,   // slots of the ring (each: BT x 64 fp16 activations + the step's weights)
           int GCH>      // chunks per scale/zero reload = gcd(group_size / 32, 2): 1 or 2
 __global__ void __launch_bounds__(QUICK_SM90_THREADS, 1)
-quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
+quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) fp16, box BT x 64, 128B swizzle
+           const half* __restrict__ A, const uint4* __restrict__ qweight,
            const unsigned short* __restrict__ qzeros, const uint2* __restrict__ scales,
            const half* __restrict__ bias, half* __restrict__ C, float* __restrict__ partial,
            int M, int N, int K, int group_size, int chunks_per_split) {
   constexpr int X_BYTES = BT * SM90_BK * 2;      // activation tile of a slot (first: 1 KB aligned)
   constexpr int SLOT = X_BYTES + SM90_W_BYTES + SM90_SZ_REGION;
-  constexpr int CP_PASSES = BT * 8 / QUICK_SM90_THREADS;   // 16-byte activation copies per thread
-  constexpr int ROWS_PER_PASS = QUICK_SM90_THREADS / 8;
   constexpr int BN = 2 * SM90_WG;                // output features per block (2 groups x 128)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const u32 base = smem_addr(smem_raw);
@@ -68,41 +67,33 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
   const int kc1 = min(chunks, kc0 + chunks_per_split);
   const int iters = (kc1 - kc0 + SM90_U - 1) / SM90_U;
 
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full + 8 * s, QUICK_SM90_THREADS + 1);   // thread 0's expect_tx + every thread's copies
+      mbar_init(empty + 8 * s, QUICK_SM90_THREADS);      // one arrival per thread once it is done with it
+    }
+  }
+  __syncthreads();
+
   // This warp's streams: tile column col0 / 32 of each packed tensor.
   const uint4* wq = qweight + (size_t)(col0 / 32) * chunks * 32 + lane;
   const uint4* szq = lane < 4 ? reinterpret_cast<const uint4*>(scales + (size_t)(col0 / 32) * groups * 8) + lane
                               : reinterpret_cast<const uint4*>(qzeros + (size_t)(col0 / 32) * groups * 8);
   const int sz_stride = lane < 4 ? 4 : 1;        // 16-byte units per group: 64 bytes of scales, 16 of zeros
 
-  // Activation copies (map SM90_X_CP): thread copies 16-byte chunk c8 of rows r0 + ROWS_PER_PASS i
-  // to its swizzled place; offsets and row bounds are fixed, only the K step moves.
-  const int r0 = SM90_X_CP_ROW(lane, warp, 0), c8 = lane % 8;
-  const u32 x_dst0 = (r0 * SM90_BK + SM90_X_CP_COL(lane, warp, 0)) * 2;   // + 128 bytes per row: the
-                                                                           // swizzle repeats every 8 rows
-  const half* x_src0 = A + (size_t)(m0 + r0) * K + (size_t)kc0 * 32 + 8 * c8;
-  u32 rows_ok = 0;
-#pragma unroll
-  for (int i = 0; i < CP_PASSES; ++i) rows_ok |= (m0 + r0 + ROWS_PER_PASS * i < M) << i;
-
-  if (tid == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full + 8 * s, QUICK_SM90_THREADS);   // one cp.async arrival per thread per fill
-      mbar_init(empty + 8 * s, QUICK_SM90_THREADS);  // one arrival per thread once it is done with it
-    }
-  }
-  __syncthreads();
-
+  // K step `it` -> its slot: thread 0 brings the activation box through TMA (rows past M and
+  // columns past K arrive as zeros; one large copy, off the LSU), every warp its own tile's packed
+  // weights (one 16-byte cp.async per lane and chunk) and per reloaded chunk its scales and zeros
+  // (lanes 0..4). The full barrier waits for thread 0's bytes and every thread's copies.
   auto cp16 = [](u32 dst, const void* src, bool ok) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
   };
-  auto load_step = [&](int it) {  // K step `it` -> its slot: activations, weights, scales, zeros
-    const u32 slot = ring + (it % STAGES) * SLOT;
+  auto load_step = [&](int it) {
+    const u32 slot = ring + (it % STAGES) * SLOT, bar = full + 8 * (it % STAGES);
     const int kc = kc0 + it * SM90_U;
-    const bool k_ok = kc * 32 + 8 * c8 < kc1 * 32;
-#pragma unroll
-    for (int i = 0; i < CP_PASSES; ++i) {
-      const bool ok = k_ok && (rows_ok >> i & 1);
-      cp16(slot + x_dst0 + ROWS_PER_PASS * 128 * i, ok ? x_src0 + (size_t)ROWS_PER_PASS * i * K + it * SM90_BK : A, ok);
+    if (tid == 0) {
+      mbar_arrive_expect_tx(bar, X_BYTES);
+      tma_load_2d(slot, &x_map, kc * 32, m0, bar);
     }
 #pragma unroll
     for (int c = 0; c < SM90_U; ++c) {
@@ -114,7 +105,7 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
              ok ? szq + (size_t)grp * sz_stride : szq, ok);
       }
     }
-    cp_async_mbar_arrive(full + 8 * (it % STAGES));
+    cp_async_mbar_arrive(bar);
   };
   // A fragments of step `it` from its slot: a[b][s] = wgmma row block b, k16 step s (chunk s / 2).
   auto dequant = [&](int it, u32 (&a)[2][2 * SM90_U][4]) {
@@ -149,12 +140,7 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
         }
     }
   };
-  // Wait until step `it`'s slot is full; the proxy fence orders its cp.async writes before the
-  // wgmmas that will read the activations.
-  auto wait_full = [&](int it) {
-    mbar_wait(full + 8 * (it % STAGES), (it / STAGES) & 1);
-    fence_proxy_async_shared();
-  };
+  auto wait_full = [&](int it) { mbar_wait(full + 8 * (it % STAGES), (it / STAGES) & 1); };
 
   float acc[2][BT / 2];
 #pragma unroll
@@ -162,9 +148,7 @@ quick_sm90(const half* __restrict__ A, const uint4* __restrict__ qweight,
 #pragma unroll
     for (int i = 0; i < BT / 2; ++i) acc[b][i] = 0.f;
 
-#pragma unroll
-  for (int s = 0; s < STAGES - 2; ++s)
-    if (s < iters) load_step(s);
+  for (int s = 0; s < STAGES - 2 && s < iters; ++s) load_step(s);
 
   // Step `it` of one warpgroup (its A fragments `cur` are ready): issue 8 wgmmas; while they run,
   // dequantize step it + 1 into `next` and refill the slot of step it - 2 with step

@@ -11,18 +11,13 @@ namespace qc {
 // 1024-byte boundary. Bits 0-13 start address >> 4, 16-29 leading byte offset >> 4 (unused by
 // swizzled K-major layouts: 1), 32-45 stride byte offset >> 4 (1024: next 8-row atom), 62-63 the
 // swizzle mode (1 = 128B). A k16 step inside the 64-wide row starts 32 bytes further: the hardware
-// applies the swizzle to the address bits, as the cp.async writer did (map SM90_X_CP of
-// smem_maps.cuh: chunk c of row r at chunk c ^ (r % 8)).
+// applies the swizzle to the address bits, as the TMA copy that wrote the tile did (the
+// CU_TENSOR_MAP_SWIZZLE_128B of quickcupy.kernels.x_tensor_map: chunk c of row r at chunk c ^ (r % 8)).
 __device__ __forceinline__ unsigned long long wgmma_desc_sw128(u32 smem_byte_addr) {
   return (unsigned long long)((smem_byte_addr & 0x3FFFF) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) |
          (1ull << 62);
 }
 
-// Order this thread's earlier shared-memory writes (cp.async included) before reads of the async
-// proxy (wgmma operands); each writing thread fences, then the block synchronizes.
-__device__ __forceinline__ void fence_proxy_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -47,6 +42,28 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
       "{\n.reg .pred done;\nWAIT_%=:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT_%=;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+
+// Tensor memory accelerator (TMA). A 2-D tensor map made on the host (cuTensorMapEncodeTiled, see
+// quickcupy.kernels.x_tensor_map) is a 128-byte kernel parameter; a box of it lands in shared memory
+// already in the swizzle the map names, and the copy completes on an mbarrier ("complete_tx": the
+// barrier waits for the bytes announced with mbar_arrive_expect_tx). Copies by the async proxy need
+// no proxy fence before wgmma reads them, and none before generic reads once the barrier completed.
+struct alignas(64) TensorMap {
+  unsigned long long opaque[16];
+};
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+// Box (x = innermost coordinate, y) of `map` into shared memory at `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load_2d(u32 dst, const TensorMap* map, int x, int y, u32 bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+               :: "r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(x), "r"(y), "r"(bar) : "memory");
+}
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global `src` to shared `dst`.
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 
 // D (64 x NT, fp32) += A (64 x 16, fp16, registers) * B (16 x NT, fp16, shared memory, K-major,

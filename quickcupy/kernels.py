@@ -358,7 +358,8 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
     current stream: the GEMM kernel, then with split-K the reduction of its fp32 partials.
 
     Argument order of every GEMM design: (A, qweight, qzeros, scales, bias, C, partial, M, N, K,
-    group_size, chunks_per_split); bias and partial may be null."""
+    group_size, chunks_per_split); bias and partial may be null; a design with ``x_tensor_map``
+    takes the TMA map of A (:func:`x_tensor_map`) before them."""
     import cupy
     fn = get_function(device_id, p.source, p.name, p.shared_bytes)
     M, N, K = p.M, p.N, p.K
@@ -373,9 +374,11 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
         return out
     splits = p.split_k
     partial = cupy.empty((splits, M, N), np.float32) if splits > 1 else null
-    fn(p.grid, p.block, (x, qweight, qzeros, scales, bias if splits == 1 and bias is not None else null,
-                         out, partial, np.int32(M), np.int32(N), np.int32(K), np.int32(p.group_size),
-                         np.int32(p.chunks_per_split)), shared_mem=p.shared_bytes)
+    args = (x, qweight, qzeros, scales, bias if splits == 1 and bias is not None else null, out, partial,
+            np.int32(M), np.int32(N), np.int32(K), np.int32(p.group_size), np.int32(p.chunks_per_split))
+    if p.design.x_tensor_map:
+        args = (x_tensor_map(x.data.ptr, M, K, p.bm),) + args
+    fn(p.grid, p.block, args, shared_mem=p.shared_bytes)
     if splits > 1:
         reduce_fn = get_function(device_id, "splitk_reduce.cu", "splitk_reduce")
         threads = registry.SPLITK_REDUCE_THREADS
@@ -383,6 +386,41 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
         reduce_fn((blocks,), (threads,), (partial, null if bias is None else bias, out,
                                           np.int32(splits), np.int32(M), np.int32(N)))
     return out
+
+
+# A CUtensorMap (cuda.h): 128 opaque bytes, passed by value as a __grid_constant__ kernel parameter.
+_TENSOR_MAP = np.dtype([("opaque", "<u8", (16,))])
+
+
+@functools.lru_cache(maxsize=1)
+def _encode_tiled():
+    """The driver's cuTensorMapEncodeTiled, through ctypes (CuPy does not wrap it; the driver
+    library is there wherever CuPy runs kernels)."""
+    import ctypes
+    fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@functools.lru_cache(maxsize=1024)
+def x_tensor_map(ptr: int, M: int, K: int, box_rows: int):
+    """TMA tensor map of an fp16 (M, K) row-major array at device address ``ptr``: boxes of
+    ``box_rows`` x 64 elements (128-byte rows), written to shared memory in the 128-byte swizzle,
+    zeros past the edges. Returns the 128 bytes as a NumPy scalar CuPy passes by value."""
+    import ctypes
+    FLOAT16, SWIZZLE_128B, L2_256B, INTERLEAVE_NONE, OOB_ZERO = 6, 3, 3, 0, 0
+    buf = ctypes.create_string_buffer(128 + 64)
+    addr = ctypes.addressof(buf) + (-ctypes.addressof(buf)) % 64       # the map must be 64-byte aligned
+    res = _encode_tiled()(ctypes.c_void_p(addr), FLOAT16, 2, ctypes.c_void_p(ptr),
+                          (ctypes.c_uint64 * 2)(K, M), (ctypes.c_uint64 * 1)(2 * K),
+                          (ctypes.c_uint32 * 2)(64, box_rows), (ctypes.c_uint32 * 2)(1, 1),
+                          INTERLEAVE_NONE, SWIZZLE_128B, L2_256B, OOB_ZERO)
+    if res != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {res}) for x of shape ({M}, {K})")
+    return np.frombuffer(ctypes.string_at(addr, 128), dtype=_TENSOR_MAP)[0]
 
 
 class Workspace:

@@ -56,6 +56,7 @@ class Design:
     shapes: tuple = ()       # planner "decode": the DecodeShapes (block shapes) it may launch
     arch: str | None = None  # the one NVRTC target it builds for (e.g. "sm_90a": wgmma), else the device's
     split_rule: str = "nearest"  # split-K by M tiles: "nearest" one wave, or "fill": most splits within one wave
+    x_tensor_map: bool = False   # takes a TMA tensor map of x (box bm x 64, 128B swizzle) as its first argument
 
     def check_m(self, M: int):
         if self.max_m is not None and M > self.max_m:
@@ -180,6 +181,7 @@ DESIGNS["quick_sm90"] = Design(
     # Split-K never past one wave: a second, partly filled wave cost up to 1.3x (H100 sweep of tile
     # and split at M = 64..512 on four bench shapes, results/h100/sm90_plan_sweep.txt).
     split_rule="fill",
+    x_tensor_map=True,
     description="QUICK for Hopper: weights dequantized in registers as the wgmma A operand, "
                 "activations in a swizzled shared-memory ring (sm_90a only)",
     arch="sm_90a")

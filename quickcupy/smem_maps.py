@@ -6,16 +6,15 @@ thread counts of :mod:`quickcupy.registry` into constants, written to ``cuda/sme
 so nvcc, an editor or Nsight's source view find them; ``python -m quickcupy.smem_maps`` rewrites it
 and a test checks it is current). The bank-conflict model evaluates the same expressions with
 NumPy, so the prediction and the kernel cannot drift apart. Expressions use only + * / % on
-non-negative ints (C's ``/`` is Python's ``//`` here) and ``^`` (always parenthesized: C binds it
-looser than ``+``), the kernels' compile-time constants BM, BN, BK and the thread constants of the
-header.
+non-negative ints (C's ``/`` is Python's ``//`` here), the kernels' compile-time constants BM, BN,
+BK and the thread constants of the header.
 
 Shared arrays (fp16, row pitch = columns + PAD, so 8-row ldmatrix reads hit distinct banks)::
 
     AWQ    A_s[BM][BK + PAD]   activations       B_s[BK][BN + PAD]   dequantized weights (k, n)
     QUICK  A_s[STAGES][BM][BK + PAD]   activations only; weights never touch shared memory
-    SM90   X_s[STAGES][BM][64]         activations only, rows of 128 bytes in the 128-byte swizzle
-                                       that wgmma's descriptor reads (no padding)
+    SM90   ring of K steps: activations X[BM][64] in the 128-byte swizzle (written by TMA, whose
+           tensor map names the swizzle; read by wgmma), then the packed weights, scales, zeros
 """
 from __future__ import annotations
 
@@ -62,12 +61,6 @@ MAPS = {
     "QUICK_A_CP": IndexMap(("lane", "warp", "i"), "(i * QUICK_THREADS + warp * 32 + lane) / (BK / 8)",
                            "((i * QUICK_THREADS + warp * 32 + lane) % (BK / 8)) * 8",
                            "cp.async (16 B) of activations (QUICK)"),
-    # quick_sm90's cp.async of activations into the 128-byte swizzle: 8 lanes per 128-byte row
-    # (64 halfs), QUICK_SM90_THREADS / 8 rows per pass i; logical 16-byte chunk c = lane % 8 of row
-    # r lands at chunk c ^ (r % 8), so an 8-row atom spreads every chunk over the 8 bank groups.
-    "SM90_X_CP": IndexMap(("lane", "warp", "i"), "i * (QUICK_SM90_THREADS / 8) + (warp * 32 + lane) / 8",
-                          "((lane % 8) ^ (((warp * 32 + lane) / 8) % 8)) * 8",
-                          "cp.async (16 B) of activations into the 128B swizzle (quick_sm90)"),
     # quick_decode's activations of a K slice, copied once: element i (of M * VECS 16-byte vectors,
     # VECS per row, the run-time row length) to row i / VECS.
     "DEC_A_CP": IndexMap(("i",), "i / VECS", "(i % VECS) * 8",

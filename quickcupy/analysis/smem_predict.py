@@ -80,20 +80,17 @@ def _quick_instructions(p):
 
 
 def _sm90_instructions(p):
-    """quick_sm90, per K step: every warp copies its share of the activations (map SM90_X_CP), its
-    own tile's packed weights (one 16-byte copy per lane and chunk: 512 contiguous bytes) and, per
-    reloaded chunk, its scales and zeros (lanes 0..4, 80 contiguous bytes) into the step's ring
-    slot; then reads its weights back (one 16-byte ld.shared per lane and chunk) and, per reloaded
-    chunk, its scales (8 bytes at 8 g) and zeros (2 bytes at 64 + 2 g; lanes of one g share them).
-    wgmma reads its B operand through the async proxy, outside ncu's shared-memory pipe counters."""
-    c = _consts(p)
-    c["BK"] = 64
+    """quick_sm90, per K step: the activations arrive by TMA (the copy engine, not the LSU: no
+    shared-memory pipe instructions); every warp copies its own tile's packed weights (one 16-byte
+    cp.async per lane and chunk: 512 contiguous bytes) and, per reloaded chunk, its scales and zeros
+    (lanes 0..4, 80 contiguous bytes) into the step's ring slot, then reads its weights back (one
+    16-byte ld.shared per lane and chunk) and, per reloaded chunk, its scales (8 bytes at 8 g) and
+    zeros (2 bytes at 64 + 2 g; lanes of one g share them). wgmma reads its B operand through the
+    async proxy, outside ncu's shared-memory pipe counters."""
     warps = p.design.threads // banks.WARP
     reloads = p.tile.chunks // math.gcd(p.group_size // 32, p.tile.chunks)
     g = LANES // 4
     for warp in range(warps):
-        for i in range(p.bm * 8 // p.design.threads):
-            yield warp, "ldgsts", banks.count_wavefronts(_addresses("SM90_X_CP", c, 64, warp=warp, i=i), 16)
         for ch in range(p.tile.chunks):
             yield warp, "ldgsts", banks.count_wavefronts(16 * ((warp * p.tile.chunks + ch) * 32 + LANES), 16)
             yield warp, "ld", banks.count_wavefronts(16 * LANES, 16, load=True)
