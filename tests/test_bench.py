@@ -235,10 +235,10 @@ def test_no_gpu_path_one_line_then_the_model(capsys, monkeypatch, tmp_path):
     model, host = out.strip().split("\n\n")
     rows = model.splitlines()
     assert rows[0].split()[:6] == ["K", "N", "M", "kernel", "tile_m", "split_k"]
-    assert len(rows) == 1 + 3 * 2                      # (awq, quick, quick_m16) x (M = 1, 16)
+    assert len(rows) == 1 + 4 * 2                      # (awq, quick, quick_m16, quick_sm90) x (M = 1, 16)
     assert host.splitlines()[1].split() == ["K", "N", "quantize_s", "pack_awq_s", "pack_quick_s"]
     data = json.loads(path.read_text())
-    assert data["device"]["available"] is False and len(data["predictions"]) == 6
+    assert data["device"]["available"] is False and len(data["predictions"]) == 8
     awq16 = next(r for r in data["predictions"] if r["kernel"] == "awq" and r["M"] == 16)
     assert awq16["st_inst"] == 294_912                 # AutoAWQ's measured count (gpu.md)
     assert data["schema"] == bench_report.SCHEMA and data["command"]
