@@ -1,10 +1,15 @@
-// Device helpers shared by both GEMM designs: int4 -> fp16 dequantization, the mma / ldmatrix /
+// Device helpers shared by the GEMM designs: int4 -> fp16/bf16 dequantization, the mma / ldmatrix /
 // cp.async wrappers, and the epilogue. Every piece of inline PTX of the project lives here.
+//
+// Activation dtypes: the kernels are templates on T, the type of activations, bias and output:
+// half (fp16) or __nv_bfloat16 (bf16). Dt<T> (below) holds all that differs between the two; the
+// weights' scales are always fp16 (QuantLinear keeps them so) and zero points are nibbles.
 //
 // Index maps of shared memory (which lane touches which row/column) and the thread counts are NOT
 // written here: they live in smem_maps.cuh, generated from quickcupy/smem_maps.py and
 // quickcupy/registry.py, so the bank-conflict model and the launcher read the very same values.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "smem_maps.cuh"
@@ -77,6 +82,74 @@ __device__ __forceinline__ void dequant_int4x8(u32 w, const Zero2 (&zero)[4], co
   out[3] = as_u32(__hmul2(__hfma2(as_half2(h[3]), k1_16, zero[3].neg_hi), scale[3]));
 }
 
+// 8 nibbles -> 4 half2 of (code - zero), exact small integers, no scale: for kernels that scale the
+// fp32 sums of a group instead (pair i uses zero[i]; same nibble order as dequant_int4x8).
+__device__ __forceinline__ void dequant_int4x8_unscaled(u32 w, const Zero2 (&zero)[4], u32 (&out)[4]) {
+  u32 h[4];
+  int4x8_biased(w, h);
+  const half2 k1_16 = __float2half2_rn(1.f / 16.f);
+  out[0] = as_u32(__hsub2(as_half2(h[0]), zero[0].lo));
+  out[1] = as_u32(__hfma2(as_half2(h[1]), k1_16, zero[1].neg_hi));
+  out[2] = as_u32(__hsub2(as_half2(h[2]), zero[2].lo));
+  out[3] = as_u32(__hfma2(as_half2(h[3]), k1_16, zero[3].neg_hi));
+}
+
+// ------------------------------------------------------------------------ bf16 dequantization
+// bf16 has 7 mantissa bits, so fp16's 1024 + 16 n for the odd nibbles does not fit: every pair comes
+// from a shifted word instead. OR-ing a nibble into the mantissa of bf16 128.0 (0x4300) gives
+// 128 + n exactly (spacing 1 in [128, 256)). bf162 i = (nibble i, nibble i + 4): the pair
+// order of int4x8_biased.
+__device__ __forceinline__ void int4x8_biased_bf16(u32 w, u32 (&h)[4]) {
+  constexpr u32 LO = 0x000f000f, MAGIC = 0x43004300;
+  constexpr int AND_OR = (0xf0 & 0xcc) | 0xaa;  // (a & b) | c
+  h[0] = lop3<AND_OR>(w, LO, MAGIC);        // (128 + n0, 128 + n4)
+  h[1] = lop3<AND_OR>(w >> 4, LO, MAGIC);   // (128 + n1, 128 + n5)
+  h[2] = lop3<AND_OR>(w >> 8, LO, MAGIC);   // (128 + n2, 128 + n6)
+  h[3] = lop3<AND_OR>(w >> 12, LO, MAGIC);  // (128 + n3, 128 + n7)
+}
+
+__device__ __forceinline__ __nv_bfloat162 as_bf162(u32 x) { return *reinterpret_cast<__nv_bfloat162*>(&x); }
+__device__ __forceinline__ u32 as_u32(__nv_bfloat162 x) { return *reinterpret_cast<u32*>(&x); }
+
+// Zero point of a pair of columns for int4x8_biased_bf16: (128 + n) - (128 + z) = n - z exactly.
+struct ZeroBf2 {
+  __nv_bfloat162 biased;  // 128 + z (exact: z <= 15)
+};
+
+// An fp16 scale s as hi + lo, both bf16, exactly: hi = s rounded to 8 significant bits, lo = s - hi
+// has at most 3 (s has 11), so lo is exact too. With d = code - zero (|d| <= 15, 4 bits),
+// d * lo has <= 7 significant bits and is exact in bf16, and fma(d, hi, d * lo) rounds d * s ONCE:
+// every dequantized weight is the correctly rounded bf16 of the exact (code - zero) * fp16 scale.
+// Rounding the scale to bf16 first (the naive path) would add a second error, shared by all weights
+// of a group, on top of it. The weights' error is then bf16's unit roundoff (2^-9) where fp16's
+// path has 2^-12: the same 8x as between the two output roundings that no kernel avoids.
+struct ScaleBf2 {
+  __nv_bfloat162 hi, lo;
+};
+
+__device__ __forceinline__ ScaleBf2 make_scale_bf16(half2 s) {
+  const float2 f = __half22float2(s);
+  ScaleBf2 r;
+  r.hi = __float22bfloat162_rn(f);
+  const float2 h = __bfloat1622float2(r.hi);
+  r.lo = __floats2bfloat162_rn(f.x - h.x, f.y - h.y);  // exact differences (see above)
+  return r;
+}
+
+// 8 nibbles -> 4 bf162 of (code - zero) * scale (pair i uses zero[i], scale[i]); no scale with
+// SCALED = false (exact small integers, for kernels that scale fp32 sums per group).
+template <bool SCALED>
+__device__ __forceinline__ void dequant_int4x8_bf16(u32 w, const ZeroBf2 (&zero)[4], const ScaleBf2 (&scale)[4],
+                                                    u32 (&out)[4]) {
+  u32 h[4];
+  int4x8_biased_bf16(w, h);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 d = __hsub2(as_bf162(h[i]), zero[i].biased);  // exact
+    out[i] = as_u32(SCALED ? __hfma2(d, scale[i].hi, __hmul2(d, scale[i].lo)) : d);
+  }
+}
+
 // --------------------------------------------------------------------------- tensor-core wrappers
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   return static_cast<u32>(__cvta_generic_to_shared(p));
@@ -104,6 +177,77 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const u32 (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The same tile with bf16 A and B (sm_80+), fp32 accumulators; identical fragment layout.
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ------------------------------------------------------------------------------ activation dtypes
+// Dt<T>: what a kernel templated on the activation type T needs, for T = half or __nv_bfloat16.
+// T2 is the pair type one 32-bit register of an mma fragment holds; Zero/Scale are what a column's
+// zero point and fp16 scale become once per group (make_zero / make_scale), consumed by dequant8.
+template <typename T>
+struct Dt;
+
+template <>
+struct Dt<half> {
+  using T2 = half2;
+  using Zero = Zero2;
+  using Scale = half2;
+  static __device__ __forceinline__ T2 low2(T2 x) { return __low2half2(x); }
+  static __device__ __forceinline__ void codes8(u32 w, T2 (&out)[4]) { int4x8_to_half2x4(w, out); }
+  static __device__ __forceinline__ Zero make_zero(T2 z) { return make_zero2(z); }
+  static __device__ __forceinline__ Scale make_scale(half2 s) { return s; }
+  static __device__ __forceinline__ void dequant8(u32 w, const Zero (&z)[4], const Scale (&s)[4], u32 (&out)[4]) {
+    dequant_int4x8(w, z, s, out);
+  }
+  static __device__ __forceinline__ void dequant8_unscaled(u32 w, const Zero (&z)[4], u32 (&out)[4]) {
+    dequant_int4x8_unscaled(w, z, out);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    mma_m16n8k16(d, a, b0, b1);
+  }
+  static __device__ __forceinline__ float2 to_float2(u32 x) { return __half22float2(as_half2(x)); }
+  static __device__ __forceinline__ u32 from_float2(float x, float y) { return as_u32(__floats2half2_rn(x, y)); }
+  static __device__ __forceinline__ float to_float(half x) { return __half2float(x); }
+  static __device__ __forceinline__ half from_float(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct Dt<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  using Zero = ZeroBf2;
+  using Scale = ScaleBf2;
+  static __device__ __forceinline__ T2 low2(T2 x) { return __low2bfloat162(x); }
+  static __device__ __forceinline__ void codes8(u32 w, T2 (&out)[4]) {
+    u32 h[4];
+    int4x8_biased_bf16(w, h);
+    const T2 k128 = __float2bfloat162_rn(128.f);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = __hsub2(as_bf162(h[i]), k128);
+  }
+  static __device__ __forceinline__ Zero make_zero(T2 z) { return {__hadd2(z, __float2bfloat162_rn(128.f))}; }
+  static __device__ __forceinline__ Scale make_scale(half2 s) { return make_scale_bf16(s); }
+  static __device__ __forceinline__ void dequant8(u32 w, const Zero (&z)[4], const Scale (&s)[4], u32 (&out)[4]) {
+    dequant_int4x8_bf16<true>(w, z, s, out);
+  }
+  static __device__ __forceinline__ void dequant8_unscaled(u32 w, const Zero (&z)[4], u32 (&out)[4]) {
+    const ScaleBf2 unused[4] = {};
+    dequant_int4x8_bf16<false>(w, z, unused, out);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    mma_m16n8k16_bf16(d, a, b0, b1);
+  }
+  static __device__ __forceinline__ float2 to_float2(u32 x) { return __bfloat1622float2(as_bf162(x)); }
+  static __device__ __forceinline__ u32 from_float2(float x, float y) { return as_u32(__floats2bfloat162_rn(x, y)); }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
 // 16-byte global -> shared copy that bypasses registers; zero-fills when !pred.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
   const int bytes = pred ? 16 : 0;
@@ -116,11 +260,11 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 // --------------------------------------------------------------------------------- epilogue
 // Writes MT x NT accumulator tiles of one warp: tile (mt, j) covers rows row0 + 16 mt .. +15 and
-// columns col0 + 8 j .. +7. With one K split the result (+ bias) goes to C as fp16; with several,
+// columns col0 + 8 j .. +7. With one K split the result (+ bias) goes to C as T; with several,
 // each split writes fp32 partials to partial[split] and splitk_reduce sums them.
-template <int MT, int NT>
+template <int MT, int NT, typename T>
 __device__ __forceinline__ void store_tiles(const float (&acc)[MT][NT][4], int row0, int col0, int M, int N,
-                                            const half* __restrict__ bias, half* __restrict__ C,
+                                            const T* __restrict__ bias, T* __restrict__ C,
                                             float* __restrict__ partial) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const bool split = gridDim.z > 1;
@@ -131,7 +275,7 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[MT][NT][4], int r
     for (int j = 0; j < NT; ++j) {
       const int col = col0 + 8 * j + 2 * t;
       float2 b = make_float2(0.f, 0.f);
-      if (!split && bias != nullptr) b = __half22float2(*reinterpret_cast<const half2*>(bias + col));
+      if (!split && bias != nullptr) b = Dt<T>::to_float2(*reinterpret_cast<const u32*>(bias + col));
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = row0 + 16 * mt + g + 8 * h;
@@ -140,7 +284,7 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[MT][NT][4], int r
         if (split) {
           *reinterpret_cast<float2*>(part + (size_t)row * N + col) = make_float2(x, y);
         } else {
-          *reinterpret_cast<half2*>(C + (size_t)row * N + col) = __floats2half2_rn(x + b.x, y + b.y);
+          *reinterpret_cast<u32*>(C + (size_t)row * N + col) = Dt<T>::from_float2(x + b.x, y + b.y);
         }
       }
     }
@@ -150,7 +294,7 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[MT][NT][4], int r
 }  // namespace qc
 
 // ===================================================================== streaming and split-K helpers
-// (added for cuda/quick_decode.cu; nothing above this line changed)
+// (for cuda/quick_decode.cu)
 namespace qc {
 
 // 16-byte global load of data read exactly once (a weight stream), zero when !pred, with no branch.
@@ -179,18 +323,6 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p, bool pred) {
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok));
   }
   return r;
-}
-
-// 8 nibbles -> 4 half2 of (code - zero), exact small integers, no scale: for kernels that scale the
-// fp32 sums of a group instead (pair i uses zero[i]; same nibble order as dequant_int4x8).
-__device__ __forceinline__ void dequant_int4x8_unscaled(u32 w, const Zero2 (&zero)[4], u32 (&out)[4]) {
-  u32 h[4];
-  int4x8_biased(w, h);
-  const half2 k1_16 = __float2half2_rn(1.f / 16.f);
-  out[0] = as_u32(__hsub2(as_half2(h[0]), zero[0].lo));
-  out[1] = as_u32(__hfma2(as_half2(h[1]), k1_16, zero[1].neg_hi));
-  out[2] = as_u32(__hsub2(as_half2(h[2]), zero[2].lo));
-  out[3] = as_u32(__hfma2(as_half2(h[3]), k1_16, zero[3].neg_hi));
 }
 
 // ldmatrix_x4 from a shared-state-space address (smem_addr of the row): keeps 32-bit addresses in
@@ -224,19 +356,19 @@ __device__ __forceinline__ bool splitk_warp_arrive(unsigned int* counter, unsign
 
 // The deterministic split-K sum of a 32-column strip, by one warp: for rows 0..M-1 and columns
 // col0..col0+31, C = sum over s = 0..splits-1 IN THAT ORDER of partial[s][row][col] (+ bias[col]),
-// as fp16. partial is [splits][M][N] fp32; N % 4 == 0, col0 % 4 == 0. Lane = (row % 4, 4 columns):
+// as T. partial is [splits][M][N] fp32; N % 4 == 0, col0 % 4 == 0. Lane = (row % 4, 4 columns):
 // 4 rows per pass, BATCH splits of 2 passes loaded before any is added (their latencies overlap).
-template <int BATCH>
+template <int BATCH, typename T>
 __device__ __forceinline__ void splitk_reduce_strip32(const float* __restrict__ partial, int splits,
                                                       int M, int N, int col0,
-                                                      const half* __restrict__ bias,
-                                                      half* __restrict__ C) {
+                                                      const T* __restrict__ bias,
+                                                      T* __restrict__ C) {
   const int lane = threadIdx.x & 31, rsub = lane / 8, col = col0 + (lane % 8) * 4;
   const size_t MN = (size_t)M * N;
   float4 b = make_float4(0.f, 0.f, 0.f, 0.f);
   if (bias != nullptr) {
     const uint2 bb = *reinterpret_cast<const uint2*>(bias + col);
-    const float2 b01 = __half22float2(as_half2(bb.x)), b23 = __half22float2(as_half2(bb.y));
+    const float2 b01 = Dt<T>::to_float2(bb.x), b23 = Dt<T>::to_float2(bb.y);
     b = make_float4(b01.x, b01.y, b23.x, b23.y);
   }
   for (int m0 = 0; m0 < M; m0 += 8) {
@@ -265,8 +397,8 @@ __device__ __forceinline__ void splitk_reduce_strip32(const float* __restrict__ 
       const int row = m0 + 4 * h + rsub;
       if (row < M) {
         uint2 o;
-        o.x = as_u32(__floats2half2_rn(acc[h].x + b.x, acc[h].y + b.y));
-        o.y = as_u32(__floats2half2_rn(acc[h].z + b.z, acc[h].w + b.w));
+        o.x = Dt<T>::from_float2(acc[h].x + b.x, acc[h].y + b.y);
+        o.y = Dt<T>::from_float2(acc[h].z + b.z, acc[h].w + b.w);
         *reinterpret_cast<uint2*>(C + (size_t)row * N + col) = o;
       }
     }

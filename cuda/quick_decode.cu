@@ -55,11 +55,12 @@ template <int NWARPS,   // warps per block; block = 32 * NWARPS threads
           int MB,       // 8-row tiles of activations (mma n8 tiles): the kernel serves M <= 8 * MB
           int U,        // 32-deep K chunks per batch (4 or 8): U 16-byte weight loads in flight per lane
           int GCH,      // chunks per scale/zero change = gcd(group_size / 32, U): divides U
-          int MINB>     // blocks per SM the registers must allow (__launch_bounds__): 16 / NWARPS -> <= 128 regs
+          int MINB,     // blocks per SM the registers must allow (__launch_bounds__): 16 / NWARPS -> <= 128 regs
+          typename T>   // activations, bias and C: half or __nv_bfloat16 (Dt<T>); scales are fp16
 __global__ void __launch_bounds__(NWARPS * 32, MINB)
-quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
+quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
              const unsigned short* __restrict__ qzeros, const uint2* __restrict__ scales,
-             const half* __restrict__ bias, half* __restrict__ C, float* __restrict__ partial,
+             const T* __restrict__ bias, T* __restrict__ C, float* __restrict__ partial,
              unsigned int* __restrict__ counters, int M, int N, int K, int group_size,
              int chunks_per_split) {
   static_assert(U % GCH == 0, "GCH must divide U");
@@ -67,7 +68,10 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
   static_assert(U == 4 || U == 8, "a batch is 4 or 8 chunks (each lane holds U / 4 scales)");
   constexpr int SPL = U / 4;                   // chunks whose scales/zeros one lane loads per batch
   constexpr int NWN = NWARPS / KW;             // tile columns per block
-  extern __shared__ __align__(16) half A_s[];  // [M][pitch] activations of the K slice, then 8 zero halfs
+  using D = Dt<T>;
+  // one untyped extern array for every instance (extern __shared__ arrays of different types clash)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* A_s = reinterpret_cast<T*>(smem_raw);     // [M][pitch] activations of the K slice, then 8 zero values
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
   const int wn = warp % NWN, wk = warp / NWN;
@@ -89,7 +93,7 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
     const int VECS = (nch_b + U - 1) / U * U * 4;  // read by the DEC_A_CP map
     for (int i = threadIdx.x; i < M * VECS; i += NWARPS * 32) {
       const int r = DEC_A_CP_ROW(i), c = DEC_A_CP_COL(i) / 8;
-      half* dst = A_s + r * pitch + c * 8;
+      T* dst = A_s + r * pitch + c * 8;
       if (c < nch_b * 4) cp_async16(dst, A + (size_t)r * K + (size_t)kc0 * 32 + c * 8, true);
       else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
     }
@@ -150,9 +154,10 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
       a_addr[mb] = smem_addr(row < M ? A_s + row * pitch + DEC_A_LDSM_COL(lane, mb, 0) : A_s + M * pitch);
       a_step[mb] = row < M ? 64 : 0;
     }
-    // The mma multiplies exact (code - zero) halves; the fp32 sums of each scale block (GCH chunks,
-    // one group) are scaled into acc at its end: one fp16 multiply per weight pair less than scaling
-    // the weights, and no fp16 rounding of code * scale (measured: equal or faster at every shape).
+    // The mma multiplies exact (code - zero) values (fp16 or bf16 alike); the fp32 sums of each scale
+    // block (GCH chunks, one group) are scaled into acc at its end: one multiply per weight pair less
+    // than scaling the weights, and no rounding of code * scale to T (measured: equal or faster at
+    // every shape), so bf16 loses nothing here but the output rounding.
     float accg[2][MB][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -162,8 +167,8 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
         for (int e = 0; e < 4; ++e) accg[i][mb][e] = 0.f;
 
     auto compute = [&](int b, const DecodeBatch<U>& r) {
-      Zero2 zp[4];
-      half2 sc[4];
+      typename D::Zero zp[4];
+      half2 sc[4];  // fp16 scales: only widened to fp32 (exact) for the block sums
 #pragma unroll
       for (int c = 0; c < U; ++c) {
         const int rc = (b * KW + wk) * U + c;  // chunks past nch_b hold zero weights and zero activations
@@ -172,12 +177,12 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
           const u32 s01 = __shfl_sync(0xffffffffu, r.s[c % SPL].x, src);
           const u32 s23 = __shfl_sync(0xffffffffu, r.s[c % SPL].y, src);
           const u32 zw = __shfl_sync(0xffffffffu, r.z[c % SPL], src);
-          half2 z[4];
-          int4x8_to_half2x4(zw, z);  // half2 j = (zero of sub-tile j, 0)
+          typename D::T2 z[4];
+          D::codes8(zw, z);  // pair j = (zero of sub-tile j, 0)
           sc[0] = __low2half2(as_half2(s01)); sc[1] = __high2half2(as_half2(s01));
           sc[2] = __low2half2(as_half2(s23)); sc[3] = __high2half2(as_half2(s23));
 #pragma unroll
-          for (int j = 0; j < 4; ++j) zp[j] = make_zero2(__low2half2(z[j]));
+          for (int j = 0; j < 4; ++j) zp[j] = D::make_zero(D::low2(z[j]));
         }
         u32 act[MB][4];
 #pragma unroll
@@ -186,8 +191,8 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
         u32 b[4][4];  // b[j][2 s + q]: register q of k16 step s for n8 sub-tile j (quick_gemm's B fragment)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const Zero2 zj[4] = {zp[j], zp[j], zp[j], zp[j]};
-          dequant_int4x8_unscaled(words[j], zj, b[j]);
+          const typename D::Zero zj[4] = {zp[j], zp[j], zp[j], zp[j]};
+          D::dequant8_unscaled(words[j], zj, b[j]);
         }
 #pragma unroll
         for (int s = 0; s < 2; ++s)
@@ -195,7 +200,7 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
           for (int i = 0; i < 2; ++i) {
             const u32 wa[4] = {b[2 * i][2 * s], b[2 * i + 1][2 * s], b[2 * i][2 * s + 1], b[2 * i + 1][2 * s + 1]};
 #pragma unroll
-            for (int mb = 0; mb < MB; ++mb) mma_m16n8k16(accg[i][mb], wa, act[mb][2 * s], act[mb][2 * s + 1]);
+            for (int mb = 0; mb < MB; ++mb) D::mma(accg[i][mb], wa, act[mb][2 * s], act[mb][2 * s + 1]);
           }
         if (c % GCH == GCH - 1) {  // end of a scale block: acc += scale * block sums
 #pragma unroll
@@ -260,13 +265,13 @@ quick_decode(const half* __restrict__ A, const uint4* __restrict__ qweight,
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int n = 32 * tn + 16 * i + g + 8 * h;
-        const float bn = bias != nullptr ? __half2float(bias[n]) : 0.f;
+        const float bn = bias != nullptr ? D::to_float(bias[n]) : 0.f;
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int m = 8 * mb + 2 * t + e;
-            if (m < M) C[(size_t)m * N + n] = __float2half_rn(acc[i][mb][2 * h + e] + bn);
+            if (m < M) C[(size_t)m * N + n] = D::from_float(acc[i][mb][2 * h + e] + bn);
           }
       }
     return;

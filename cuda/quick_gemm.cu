@@ -29,18 +29,22 @@ template <int BM,       // rows of C per block: 16, 32, 64 or 128 (MT = BM / 16 
           int U,        // 32-deep K chunks per main-loop step (BK = 32 U); one 16-byte weight load each
           int GCH,      // chunks per scale/zero reload = gcd(group_size / 32, U): divides U
           int STAGES,   // depth of the cp.async ring of activation tiles in shared memory
-          int WSTAGES>  // register sets of weights: loads run WSTAGES - 1 steps ahead of their use
+          int WSTAGES,  // register sets of weights: loads run WSTAGES - 1 steps ahead of their use
+          typename T>   // activations, bias and C: half or __nv_bfloat16 (Dt<T>); scales are fp16
 __global__ void __launch_bounds__(QUICK_THREADS)
-quick_gemm(const half* __restrict__ A, const uint4* __restrict__ qweight,
+quick_gemm(const T* __restrict__ A, const uint4* __restrict__ qweight,
            const unsigned short* __restrict__ qzeros, const uint2* __restrict__ scales,
-           const half* __restrict__ bias, half* __restrict__ C, float* __restrict__ partial,
+           const T* __restrict__ bias, T* __restrict__ C, float* __restrict__ partial,
            int M, int N, int K, int group_size, int chunks_per_split) {
-  using T = QuickTile<BM, U>;
-  constexpr int BK = T::BK, MT = T::MT, PITCH = T::PITCH;
-  extern __shared__ __align__(16) half A_s[];  // [STAGES][BM][PITCH]
+  using Q = QuickTile<BM, U>;
+  using D = Dt<T>;
+  constexpr int BK = Q::BK, MT = Q::MT, PITCH = Q::PITCH;
+  // one untyped extern array for every instance (extern __shared__ arrays of different types clash)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* A_s = reinterpret_cast<T*>(smem_raw);  // [STAGES][BM][PITCH]
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
-  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * T::BN, col0 = n0 + 32 * warp;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * Q::BN, col0 = n0 + 32 * warp;
   const bool warp_active = col0 < N;  // N % 32 == 0, so a warp's tile is all in or all out
   const int chunks = K / 32, groups = K / group_size;
   const int kc0 = blockIdx.z * chunks_per_split;
@@ -53,13 +57,13 @@ quick_gemm(const half* __restrict__ A, const uint4* __restrict__ qweight,
   const unsigned short* zq = qzeros + (size_t)(col0 / 32) * groups * 8 + g;
 
   auto load_a = [&](int it) {  // cp.async of activations for K step `it` into its ring slot
-    half* dst = A_s + (it % STAGES) * BM * PITCH;
+    T* dst = A_s + (it % STAGES) * BM * PITCH;
     const int kbase = (kc0 + it * U) * 32;
 #pragma unroll
-    for (int i = 0; i < T::A_PASSES; ++i) {
+    for (int i = 0; i < Q::A_PASSES; ++i) {
       const int r = QUICK_A_CP_ROW(lane, warp, i), c = QUICK_A_CP_COL(lane, warp, i);
       const bool ok = (m0 + r < M) && (kbase + c < kc1 * 32);
-      const half* src = ok ? A + (size_t)(m0 + r) * K + kbase + c : A;
+      const T* src = ok ? A + (size_t)(m0 + r) * K + kbase + c : A;
       cp_async16(dst + r * PITCH + c, src, ok);
     }
   };
@@ -86,27 +90,27 @@ quick_gemm(const half* __restrict__ A, const uint4* __restrict__ qweight,
       for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
 
   auto compute = [&](int it, const WeightRegs<U, GCH>& regs) {
-    const half* a_s = A_s + (it % STAGES) * BM * PITCH;
-    Zero2 zp[4];
-    half2 sc[4];
+    const T* a_s = A_s + (it % STAGES) * BM * PITCH;
+    typename D::Zero zp[4];
+    typename D::Scale sc[4];
 #pragma unroll
     for (int c = 0; c < U; ++c) {
       if (c % GCH == 0) {  // sub-tile j of this lane: column col0 + 8 j + g
-        half2 z[4];
-        int4x8_to_half2x4(regs.z[c / GCH], z);  // half2 j = (zero of sub-tile j, 0)
+        typename D::T2 z[4];
+        D::codes8(regs.z[c / GCH], z);  // pair j = (zero of sub-tile j, 0)
         const u32 s01 = regs.s[c / GCH].x, s23 = regs.s[c / GCH].y;
-        sc[0] = __low2half2(as_half2(s01)); sc[1] = __high2half2(as_half2(s01));
-        sc[2] = __low2half2(as_half2(s23)); sc[3] = __high2half2(as_half2(s23));
+        sc[0] = D::make_scale(__low2half2(as_half2(s01))); sc[1] = D::make_scale(__high2half2(as_half2(s01)));
+        sc[2] = D::make_scale(__low2half2(as_half2(s23))); sc[3] = D::make_scale(__high2half2(as_half2(s23)));
 #pragma unroll
-        for (int j = 0; j < 4; ++j) zp[j] = make_zero2(__low2half2(z[j]));
+        for (int j = 0; j < 4; ++j) zp[j] = D::make_zero(D::low2(z[j]));
       }
       const u32 words[4] = {regs.w[c].x, regs.w[c].y, regs.w[c].z, regs.w[c].w};
       u32 b[4][4];  // b[j][2 s + r]: B register r of k16 step s, sub-tile j
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const Zero2 zj[4] = {zp[j], zp[j], zp[j], zp[j]};
-        const half2 sj[4] = {sc[j], sc[j], sc[j], sc[j]};
-        dequant_int4x8(words[j], zj, sj, b[j]);
+        const typename D::Zero zj[4] = {zp[j], zp[j], zp[j], zp[j]};
+        const typename D::Scale sj[4] = {sc[j], sc[j], sc[j], sc[j]};
+        D::dequant8(words[j], zj, sj, b[j]);
       }
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
@@ -117,7 +121,7 @@ quick_gemm(const half* __restrict__ A, const uint4* __restrict__ qweight,
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) mma_m16n8k16(acc[mt][j], a[mt], b[j][2 * s], b[j][2 * s + 1]);
+          for (int mt = 0; mt < MT; ++mt) D::mma(acc[mt][j], a[mt], b[j][2 * s], b[j][2 * s + 1]);
       }
     }
   };

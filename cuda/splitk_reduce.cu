@@ -2,13 +2,15 @@
 // One thread per 4 consecutive outputs (N % 4 == 0); a fixed summation order keeps it deterministic.
 // The partials of up to BATCH splits are loaded before any is added, so their latencies overlap
 // (a plain loop would wait for each load in turn: 8 splits took 4.4 us at M = 1 on an H100).
-#include <cuda_fp16.h>
+#include "quant_common.cuh"
 
-#include "smem_maps.cuh"
+using namespace qc;
 
-extern "C" __global__ void __launch_bounds__(SPLITK_REDUCE_THREADS)
-splitk_reduce(const float* __restrict__ partial, const half* __restrict__ bias,
-                                         half* __restrict__ out, int splits, int M, int N) {
+template <typename T>  // bias and out: half or __nv_bfloat16 (Dt<T>)
+__global__ void __launch_bounds__(SPLITK_REDUCE_THREADS)
+splitk_reduce(const float* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ out,
+              int splits, int M, int N) {
+  using D = Dt<T>;
   constexpr int BATCH = 8;
   const long long i = (blockIdx.x * (long long)blockDim.x + threadIdx.x) * 4;
   const long long total = (long long)M * N;
@@ -27,10 +29,8 @@ splitk_reduce(const float* __restrict__ partial, const half* __restrict__ bias,
   }
   if (bias != nullptr) {
     const int n = static_cast<int>(i % N);
-    acc.x += __half2float(bias[n]); acc.y += __half2float(bias[n + 1]);
-    acc.z += __half2float(bias[n + 2]); acc.w += __half2float(bias[n + 3]);
+    acc.x += D::to_float(bias[n]); acc.y += D::to_float(bias[n + 1]);
+    acc.z += D::to_float(bias[n + 2]); acc.w += D::to_float(bias[n + 3]);
   }
-  half2* o = reinterpret_cast<half2*>(out + i);
-  o[0] = __floats2half2_rn(acc.x, acc.y);
-  o[1] = __floats2half2_rn(acc.z, acc.w);
+  *reinterpret_cast<uint2*>(out + i) = make_uint2(D::from_float2(acc.x, acc.y), D::from_float2(acc.z, acc.w));
 }

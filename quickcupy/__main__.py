@@ -1,4 +1,4 @@
-"""Command line: ``python -m quickcupy {info,bench,ncu,llama,tune} ...``.
+"""Command line: ``python -m quickcupy {info,bench,ncu,llama,tune,accuracy} ...``.
 
 Each tool of :mod:`quickcupy.tools` exposes ``add_parser(subparsers)``, which registers a subcommand
 whose ``func(args) -> int`` runs it. Bad values raise ``quickcupy.tools.common.UsageError`` and give
@@ -10,10 +10,10 @@ import argparse
 import shlex
 import sys
 
-from .tools import bench, info, llama_bench, ncu, tune
+from .tools import accuracy, bench, info, llama_bench, ncu, tune
 from .tools.common import UsageError
 
-TOOLS = (info, bench, ncu, llama_bench, tune)
+TOOLS = (info, bench, ncu, llama_bench, tune, accuracy)
 
 
 def build_parser() -> argparse.ArgumentParser:

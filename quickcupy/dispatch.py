@@ -90,9 +90,13 @@ def _device_name(device_id: int) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def kernel_for(M: int, N: int, K: int, device_id: int) -> str:
-    """What ``kernel="auto"`` runs for x (M, K) @ W (K, N) on CUDA device ``device_id``; a kernel
-    the device cannot run (a table copied to another GPU) falls back to :data:`DEFAULT_RULES`."""
+def kernel_for(M: int, N: int, K: int, device_id: int, dtype: str = "float16") -> str:
+    """What ``kernel="auto"`` runs for x (M, K) @ W (K, N) of ``dtype`` on CUDA device
+    ``device_id``; a kernel the device cannot run (a table copied to another GPU) or without
+    instances for ``dtype`` (Design.dtypes) falls back to :data:`DEFAULT_RULES`, whose kernels run
+    every activation dtype."""
     from .kernels import unsupported_reason
     kernel = choose(M, rules_for(table_for(_device_name(device_id)), N, K))
-    return kernel if unsupported_reason(kernel, device_id) is None else choose(M, DEFAULT_RULES)
+    if unsupported_reason(kernel, device_id) is None and dtype in registry.design_of(kernel).dtypes:
+        return kernel
+    return choose(M, DEFAULT_RULES)

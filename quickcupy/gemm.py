@@ -39,10 +39,19 @@ class QuantLinear:
 
     Attributes: ``layout`` ("quick" or "awq"), ``in_features`` K, ``out_features`` N,
     ``group_size`` G, ``qweight``/``qzeros``/``scales`` (CuPy arrays in that layout),
-    ``bias`` (CuPy float16 (N,) or None), ``device`` (CuPy device id), ``perm`` (CuPy int64 (K,) or
-    None: act-order checkpoints compute ``x[..., perm] @ W.T``, see :mod:`quickcupy.formats`).
+    ``bias`` (CuPy (N,) float16, or bfloat16 when given so; None), ``device`` (CuPy device id),
+    ``perm`` (CuPy int64 (K,) or None: act-order checkpoints compute ``x[..., perm] @ W.T``, see
+    :mod:`quickcupy.formats`).
     Build with :meth:`from_quantized`, :meth:`from_awq`, :meth:`from_gptq`,
     :meth:`from_compressed_tensors` or :meth:`from_float`.
+
+    Activation dtypes: one layer serves float16 and bfloat16 ``x`` alike (the output and the bias
+    used take x's dtype). ``scales`` stay float16 for both: the kernels widen them to fp32 exactly
+    and, for bf16, split each into two bf16 parts so that (code - zero) * scale is rounded once to
+    bf16 (cuda/quant_common.cuh); a bfloat16 checkpoint's scales are converted to float16 at load,
+    which is exact in float16's normal range and refused otherwise (:mod:`quickcupy.formats`). The
+    bias is kept in the dtype it came in (bfloat16, else float16) and converted once to the other
+    dtype on first use (:meth:`bias_as`).
     """
 
     def __init__(self, q: QuantizedWeight, layout: str = "quick", bias=None, perm=None):
@@ -63,9 +72,11 @@ class QuantLinear:
             bias = bias.get() if hasattr(bias, "get") else np.asarray(bias)
             if bias.shape != (self.out_features,):
                 raise ValueError(f"bias must have shape (out_features,) = ({self.out_features},), got {bias.shape}")
-            if not np.isfinite(bias).all():
+            if not np.isfinite(bias.astype(np.float32)).all():
                 raise ValueError("bias has NaN or inf values")
-            self.bias = cupy.asarray(bias.astype(np.float16))
+            keep = bias.dtype if bias.dtype.name == "bfloat16" else np.float16
+            self.bias = cupy.asarray(bias.astype(keep))
+        self._bias_as = {}
         self.perm = None
         if perm is not None:
             perm = perm.get() if hasattr(perm, "get") else np.asarray(perm)
@@ -123,6 +134,15 @@ class QuantLinear:
         for name in ("qweight", "qzeros", "scales"):
             setattr(new, name, getattr(self, name).copy())
         return new
+
+    def bias_as(self, dtype):
+        """The bias (N,) as ``dtype`` (x's: float16 or bfloat16), converted once and kept; None
+        without a bias."""
+        if self.bias is None or self.bias.dtype == dtype:
+            return self.bias
+        if dtype not in self._bias_as:
+            self._bias_as[dtype] = self.bias.astype(dtype)
+        return self._bias_as[dtype]
 
     @property
     def nbytes(self) -> int:
@@ -191,8 +211,8 @@ def _check_x(x, layer: QuantLinear):
         raise TypeError("x is a NumPy array; move it to the GPU first with cupy.asarray(x)")
     if not isinstance(x, cupy.ndarray):
         raise TypeError(f"x must be a cupy.ndarray, got {type(x).__name__}")
-    if x.dtype != np.float16:
-        raise TypeError(f"x must be float16, got {x.dtype}")
+    if x.dtype.name not in registry.DTYPES:
+        raise TypeError(f"x must be float16 or bfloat16, got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != layer.in_features:
         raise ValueError(f"x must have shape (..., {layer.in_features}), got {x.shape}")
     if x.size == 0:
@@ -209,8 +229,8 @@ def _check_out(out, shape, x, layer):
     import cupy
     if not isinstance(out, cupy.ndarray):
         raise TypeError(f"out must be a cupy.ndarray, got {type(out).__name__}")
-    if out.dtype != np.float16:
-        raise TypeError(f"out must be float16, got {out.dtype}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out must have x's dtype {x.dtype}, got {out.dtype}")
     if out.shape != shape:
         raise ValueError(f"out must have shape {shape}, got {out.shape}")
     if not out.flags.c_contiguous or out.data.ptr % 16:
@@ -225,15 +245,16 @@ def _check_out(out, shape, x, layer):
 def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=None, split_k=None):
     """y = x @ W.T (+ bias) with the 4-bit weights of ``layer``.
 
-    x: float16 (..., K), C-contiguous, on the layer's device; any number of rows M >= 1. A CuPy
+    x: float16 or bfloat16 (..., K), C-contiguous, on the layer's device; any number of rows M >= 1
+    (bfloat16 CuPy arrays need ml_dtypes, which CuPy uses for the dtype). A CuPy
     array or any GPU array with DLPack or ``__cuda_array_interface__`` (a CUDA torch.Tensor, a JAX
     array), used without a copy.
     kernel: a name of :data:`KERNELS`; must read the layer's layout. Default: "auto" for the quick
     layout (the fastest kernel for M on this GPU, see :mod:`quickcupy.dispatch`), "awq" for awq.
-    out: optional float16 (..., N) GPU array (CuPy or foreign, as x) to write into; it is returned.
+    out: optional (..., N) GPU array of x's dtype (CuPy or foreign, as x) to write into; it is returned.
     stream: where to launch (see :func:`_as_stream`); default the current CuPy stream.
     ``tile_m``/``split_k`` override the launch plan (tuning, tests).
-    Returns (..., N) float16: ``out`` if given, else a new array of x's type when x came through
+    Returns (..., N) of x's dtype: ``out`` if given, else a new array of x's type when x came through
     DLPack from an imported module with ``from_dlpack`` (torch), else a CuPy array.
     """
     import cupy
@@ -265,7 +286,7 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k):
     shape = x.shape[:-1] + (N,)
     M = x.size // K
     if out is None:
-        out = cupy.empty(shape, np.float16)
+        out = cupy.empty(shape, x.dtype)
     else:
         out, _ = _as_cupy(out, "out")
         _check_out(out, shape, x, layer)
@@ -275,22 +296,24 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k):
     if registry.VARIANTS[kernel].path == "auto":
         if tile_m is not None or split_k is not None:
             raise ValueError("tile_m/split_k choose one kernel's launch; name that kernel instead of 'auto'")
-        kernel = dispatch.kernel_for(M, N, K, layer.device)
+        kernel = dispatch.kernel_for(M, N, K, layer.device, x.dtype.name)
     reason = kernels.unsupported_reason(kernel, layer.device)
     if reason is not None:
         raise ValueError(reason)
+    registry.design_of(kernel).check_dtype(x.dtype.name)
+    bias = layer.bias_as(x.dtype)
     if layer.perm is not None:           # act-order: the kernels read K sorted by group (formats.act_order)
         x = cupy.take(x, layer.perm, axis=-1)
     if registry.VARIANTS[kernel].path == "dequant":
         if tile_m is not None or split_k is not None:
             raise ValueError(f"tile_m/split_k choose a GEMM kernel's launch; kernel={kernel!r} runs cuBLAS")
         launch = kernels.launch_dequant
-        args = (x, layer.qweight, layer.qzeros, layer.scales, layer.bias, out, N, K, layer.group_size,
+        args = (x, layer.qweight, layer.qzeros, layer.scales, bias, out, N, K, layer.group_size,
                 layer.device)
     else:
         launch = kernels.launch
-        p = _plan(kernel, M, N, K, layer.group_size, layer.device, tile_m, split_k)
-        args = (p, x, layer.qweight, layer.qzeros, layer.scales, layer.bias, out, layer.device)
+        p = _plan(kernel, M, N, K, layer.group_size, layer.device, tile_m, split_k, x.dtype.name)
+        args = (p, x, layer.qweight, layer.qzeros, layer.scales, bias, out, layer.device)
     y = launch(*args)
     if caller_out is not None:
         return caller_out
@@ -298,8 +321,9 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k):
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(kernel, M, N, K, group_size, device, tile_m, split_k):
-    return kernels.plan(kernel, M, N, K, group_size, kernels.sm_count(device), tile_m=tile_m, split_k=split_k)
+def _plan(kernel, M, N, K, group_size, device, tile_m, split_k, dtype):
+    return kernels.plan(kernel, M, N, K, group_size, kernels.sm_count(device), tile_m=tile_m, split_k=split_k,
+                        dtype=dtype)
 
 
 __all__ = ["QuantLinear", "gemm", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape"]

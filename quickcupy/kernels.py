@@ -77,7 +77,7 @@ def compile_options(arch: str) -> tuple:
 @dataclass(frozen=True)
 class LaunchPlan:
     design: Design
-    name: str                    # template instance, e.g. "quick_gemm<16, 4, 4, 2, 2>"
+    name: str                    # template instance, e.g. "quick_gemm<16, 4, 4, 2, 2, half>"
     bm: int                      # rows of C per block
     bn: int                      # columns of C per block
     tile: Tile
@@ -122,19 +122,21 @@ def _split_k(tiles: int, chunks: int, step_chunks: int, target_blocks: int, spli
 
 
 def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 132,
-         tile_m=None, split_k=None, tile: Tile | None = None) -> LaunchPlan:
+         tile_m=None, split_k=None, tile: Tile | None = None, dtype: str = "float16") -> LaunchPlan:
     """Launch plan of ``kernel`` (a design or variant name of :mod:`quickcupy.registry`) for
-    x (M, K) times weight (K, N) with ``group_size`` (the effective size: K for one group per row).
+    x (M, K) times weight (K, N) with ``group_size`` (the effective size: K for one group per row),
+    ``dtype`` ("float16" or "bfloat16") the activations' (the instance's template type).
 
     ``tile_m``/``split_k`` override the choice by M; ``tile`` overrides the design's Tile (tuning).
     Scales and zeros are reloaded every gcd(group_size / 32, chunks) chunks, so every group size
     that is a multiple of 32 works with every tile."""
     design = registry.design_of(kernel)
     design.check_m(M)
+    design.check_dtype(dtype)
     if design.planner == "decode":
         if tile_m is not None or tile is not None:
             raise ValueError(f"tile_m/tile do not apply to {design.name} (it picks its block shape by M)")
-        return _plan_decode(design, M, N, K, group_size, sm_count, split_k)
+        return _plan_decode(design, M, N, K, group_size, sm_count, split_k, dtype)
     if tile_m is None and kernel in registry.VARIANTS:
         tile_m = registry.VARIANTS[kernel].tile_m
     bm = design.tile_m(M) if tile_m is None else tile_m
@@ -148,7 +150,7 @@ def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 1
     chunks = K // 32
     tiles = math.ceil(M / bm) * math.ceil(N / bn)
     splits, per = _split_k(tiles, chunks, t.chunks, t.blocks_per_sm * sm_count, split_k, design.split_rule)
-    return LaunchPlan(design=design, name=design.instance(bm, bn, gch, tile), bm=bm, bn=bn, tile=t, grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
+    return LaunchPlan(design=design, name=design.instance(bm, bn, gch, tile, dtype), bm=bm, bn=bn, tile=t, grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
                       shared_bytes=design.smem_bytes(bm, t), chunks_per_split=per,
                       M=M, N=N, K=K, group_size=group_size)
 
@@ -183,7 +185,8 @@ def _decode_fit(sh: DecodeShape, M: int, K: int, tiles_n: int, sm_count: int, sp
     return splits, cps, per_sm, (-(-blocks // (per_sm * sm_count)) if per_sm else 10 ** 9)
 
 
-def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_count: int, split_k=None):
+def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_count: int, split_k=None,
+                 dtype: str = "float16"):
     """The decode launch rule. M <= 8: of the shapes with 8-row tiles, each with the largest split
     that keeps the grid to one wave, the best of
         score = warps used / (16 SMs) - SPLIT_PENALTY [splits > 1] - A_PENALTY M / (8 tile columns)
@@ -220,10 +223,27 @@ def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_cou
     splits, cps, _, _ = fit
     while _decode_smem(sh, M, cps) > SMEM_PER_BLOCK:       # a long K slice of many rows
         splits, cps, _, _ = _decode_fit(sh, M, K, tiles_n, sm_count, splits + 1)
-    return LaunchPlan(design=design, name=sh.instance(math.gcd(group_size // 32, sh.chunks)), bm=8 * sh.mb,
+    return LaunchPlan(design=design, name=sh.instance(math.gcd(group_size // 32, sh.chunks), dtype), bm=8 * sh.mb,
                       bn=32 * sh.columns, tile=Tile(chunks=sh.chunks), grid=(-(-tiles_n // sh.columns), splits, 1),
                       shared_bytes=_decode_smem(sh, M, cps), chunks_per_split=cps, M=M, N=N, K=K,
                       group_size=group_size, threads=32 * sh.nwarps, counters=True, shape=sh)
+
+
+def np_dtype(dtype):
+    """The NumPy dtype of an activation dtype name or dtype ("float16", "bfloat16"): bfloat16 is
+    ml_dtypes' (what CuPy 14 uses for bfloat16 arrays; NumPy has none)."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in registry.DTYPES:
+        raise ValueError(f"dtype {name} is not an activation dtype; use one of {tuple(registry.DTYPES)}")
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def ctype(dtype) -> str:
+    """The C++ template argument of an activation dtype (name or dtype): "half", "__nv_bfloat16"."""
+    return registry.DTYPES[np_dtype(dtype).name]
 
 
 def all_instances():
@@ -380,7 +400,7 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
         args = (x_tensor_map(x.data.ptr, M, K, p.bm),) + args
     fn(p.grid, p.block, args, shared_mem=p.shared_bytes)
     if splits > 1:
-        reduce_fn = get_function(device_id, "splitk_reduce.cu", "splitk_reduce")
+        reduce_fn = get_function(device_id, "splitk_reduce.cu", f"splitk_reduce<{ctype(out.dtype)}>")
         threads = registry.SPLITK_REDUCE_THREADS
         blocks = -(-(M * N // 4) // threads)
         reduce_fn((blocks,), (threads,), (partial, null if bias is None else bias, out,
@@ -459,12 +479,14 @@ def workspace(device_id: int) -> Workspace:
     return _WORKSPACES[key]
 
 
-def dequantize(qweight, qzeros, scales, N: int, K: int, group_size: int, device_id: int, out=None):
-    """fp16 W (N, K) of a layer in the QUICK layout (cuda/dequant.cu), on the current stream."""
+def dequantize(qweight, qzeros, scales, N: int, K: int, group_size: int, device_id: int, out=None,
+               dtype="float16"):
+    """W (N, K) of a layer in the QUICK layout (cuda/dequant.cu), on the current stream, as ``dtype``
+    (float16 or bfloat16; ``out``'s dtype when given)."""
     import cupy
     if out is None:
-        out = cupy.empty((N, K), np.float16)
-    fn = get_function(device_id, "dequant.cu", "dequant_quick")
+        out = cupy.empty((N, K), np_dtype(dtype))
+    fn = get_function(device_id, "dequant.cu", f"dequant_quick<{ctype(out.dtype)}>")
     warps = registry.DEQUANT_THREADS // 32
     fn((-(-(K // 32) // warps), N // 32), (registry.DEQUANT_THREADS,),
        (qweight, qzeros, scales, out, np.int32(N), np.int32(K), np.int32(group_size)))
@@ -472,10 +494,10 @@ def dequantize(qweight, qzeros, scales, N: int, K: int, group_size: int, device_
 
 
 def launch_dequant(x, qweight, qzeros, scales, bias, out, N: int, K: int, group_size: int, device_id: int):
-    """The "dequant" path: W = dequantize(...) into a scratch buffer (CuPy's pool keeps it between
-    calls), then out = x @ W.T (+ bias) by cuBLAS."""
+    """The "dequant" path: W = dequantize(...) into a scratch buffer of x's dtype (CuPy's pool keeps
+    it between calls), then out = x @ W.T (+ bias) by cuBLAS."""
     import cupy
-    w = dequantize(qweight, qzeros, scales, N, K, group_size, device_id)
+    w = dequantize(qweight, qzeros, scales, N, K, group_size, device_id, dtype=x.dtype)
     x2, out2 = x.reshape(-1, K), out.reshape(-1, N)
     cupy.matmul(x2, w.T, out=out2)
     if bias is not None:

@@ -26,6 +26,11 @@ from typing import Callable
 # distinct 16-byte bank groups. Used by the kernels' shared arrays and the bank model.
 SMEM_PAD = 8
 
+# Activation dtypes (NumPy names) -> the C++ type a kernel template takes for them (Dt<T> in
+# cuda/quant_common.cuh). A design lists the dtypes it has instances for in Design.dtypes and puts
+# "{ctype}" in its template; instances() covers every (tile, dtype), so CI compiles them all.
+DTYPES = {"float16": "half", "bfloat16": "__nv_bfloat16"}
+
 
 @dataclass(frozen=True)
 class Tile:
@@ -47,7 +52,7 @@ class Design:
     n_multiple: int          # out_features must be a multiple of this
     tile_n: tuple            # columns per block, first that divides N wins (the last if none does)
     tiles: dict              # rows per block (bm) -> Tile
-    template: str            # instance name, formatted with bm, bn, chunks, gch, stages, wstages
+    template: str            # instance name, formatted with bm, bn, chunks, gch, stages, wstages, ctype
     smem_bytes: Callable     # (bm, Tile) -> dynamic shared memory bytes of a block
     description: str
     k_multiple: int = 32     # in_features must be a multiple of this
@@ -55,6 +60,11 @@ class Design:
     max_m: int | None = None     # most rows of x the design serves (None: any)
     shapes: tuple = ()       # planner "decode": the DecodeShapes (block shapes) it may launch
     arch: str | None = None  # the one NVRTC target it builds for (e.g. "sm_90a": wgmma), else the device's
+    dtypes: tuple = ("float16",)   # activation dtypes (keys of DTYPES) it has instances for
+
+    def check_dtype(self, dtype: str):
+        if dtype not in self.dtypes:
+            raise ValueError(f"kernel {self.name} runs {' or '.join(self.dtypes)} activations, got {dtype}")
     split_rule: str = "nearest"  # split-K by M tiles: "nearest" one wave, or "fill": most splits within one wave
     x_tensor_map: bool = False   # takes a TMA tensor map of x (box bm x 64, 128B swizzle) as its first argument
 
@@ -69,23 +79,25 @@ class Design:
                 return bm
         return max(self.tiles)
 
-    def instance(self, bm: int, bn: int, gch: int, tile: Tile | None = None) -> str:
-        """Template instance for ``bm`` rows (with ``tile`` instead of the design's own, for tuning)."""
+    def instance(self, bm: int, bn: int, gch: int, tile: Tile | None = None, dtype: str = "float16") -> str:
+        """Template instance for ``bm`` rows (with ``tile`` instead of the design's own, for tuning)
+        and ``dtype`` activations."""
         t = self.tiles[bm] if tile is None else tile
         return self.template.format(bm=bm, bn=bn, chunks=t.chunks, gch=gch, stages=t.stages,
-                                    wstages=t.wstages)
+                                    wstages=t.wstages, ctype=DTYPES[dtype])
 
     def instances(self) -> list:
         """Every template instance the planner can ask for (what CI compiles)."""
         if self.planner == "decode":
-            return [sh.instance(gch) for sh in self.shapes for gch in divisors(sh.chunks)]
+            return [sh.instance(gch, dt) for dt in self.dtypes for sh in self.shapes for gch in divisors(sh.chunks)]
         out = []
-        for bm, t in self.tiles.items():
-            for bn in self.tile_n:
-                for gch in divisors(t.chunks):
-                    name = self.instance(bm, bn, gch)
-                    if name not in out:
-                        out.append(name)
+        for dt in self.dtypes:
+            for bm, t in self.tiles.items():
+                for bn in self.tile_n:
+                    for gch in divisors(t.chunks):
+                        name = self.instance(bm, bn, gch, dtype=dt)
+                        if name not in out:
+                            out.append(name)
         return out
 
 
@@ -102,8 +114,9 @@ class DecodeShape:
     def columns(self) -> int:        # 32-column tiles per block
         return self.nwarps // self.kw
 
-    def instance(self, gch: int) -> str:
-        return f"quick_decode<{self.nwarps}, {self.kw}, {self.mb}, {self.chunks}, {gch}, {self.minb}>"
+    def instance(self, gch: int, dtype: str = "float16") -> str:
+        return (f"quick_decode<{self.nwarps}, {self.kw}, {self.mb}, {self.chunks}, {gch}, {self.minb}, "
+                f"{DTYPES[dtype]}>")
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,7 @@ DESIGNS = {
         # One 32-deep K step per iteration, AutoAWQ's tiles; 64-thread blocks, 8 per SM (as many
         # threads in flight as 2 quick blocks).
         tiles={bm: Tile(blocks_per_sm=8) for bm in (16, 32, 64)},
-        template="awq_gemm<{bm}, {bn}>",
+        template="awq_gemm<{bm}, {bn}, {ctype}>", dtypes=tuple(DTYPES),
         smem_bytes=lambda bm, t: 0,       # static __shared__ arrays
         description="AutoAWQ design: dequantized weights written back to shared memory"),
     "quick": Design(
@@ -150,7 +163,7 @@ DESIGNS = {
                32: Tile(chunks=4, stages=3, wstages=2, blocks_per_sm=3),
                64: Tile(chunks=4, stages=3, wstages=2, blocks_per_sm=2),
                128: Tile(chunks=2, stages=3, wstages=3, blocks_per_sm=2)},
-        template="quick_gemm<{bm}, {chunks}, {gch}, {stages}, {wstages}>",
+        template="quick_gemm<{bm}, {chunks}, {gch}, {stages}, {wstages}, {ctype}>", dtypes=tuple(DTYPES),
         smem_bytes=lambda bm, t: t.stages * bm * (32 * t.chunks + SMEM_PAD) * 2,   # activation ring
         description="QUICK interleaved weights loaded straight into mma registers"),
 }
@@ -161,7 +174,7 @@ DESIGNS["quick_decode"] = Design(
     n_multiple=32, tile_n=(32,), tiles={}, template="", smem_bytes=lambda bm, t: 0,
     description="QUICK for M <= 16: weights streamed global -> registers as the mma A operand "
                 "(C^T = W^T x^T), split-K reduced in the kernel by the last block",
-    planner="decode", max_m=16,
+    planner="decode", max_m=16, dtypes=tuple(DTYPES),
     # M <= 8: the six shapes the launch rule chooses from (16 warps per SM at <= 128 registers);
     # M 9..16: 16-row tiles need 168-199 registers, so one 8-warp block per SM (no spills).
     shapes=(DecodeShape(8, 1, 1, 2), DecodeShape(8, 2, 1, 2), DecodeShape(8, 4, 1, 2),
@@ -195,8 +208,8 @@ VARIANTS = {v.name: v for v in (
             "operand, in-kernel split-K)"),
     Variant("quick_sm90", "quick_sm90", "QUICK for Hopper (sm_90a): wgmma with the weights as the "
             "register A operand; tile rows by M"),
-    Variant("dequant", "quick", "QUICK weights dequantized to an fp16 scratch buffer, then cuBLAS "
-            "(cupy.matmul): the large-M path", path="dequant"),
+    Variant("dequant", "quick", "QUICK weights dequantized to an fp16/bf16 scratch buffer (x's dtype), "
+            "then cuBLAS (cupy.matmul): the large-M path", path="dequant"),
     Variant("auto", "quick", "the fastest quick-layout kernel for M on this GPU, from a measured table "
             "(quickcupy.dispatch)", path="auto"),
 )}
@@ -212,17 +225,24 @@ DEQUANT_THREADS = 128
 # GQA group; head_dim a multiple of 32 (a warp spans it) between the least and greatest of these.
 DECODE_HEAD_DIMS = (64, 96, 128, 256)
 DECODE_HEADS_PER_BLOCK = (8, 4, 2, 1)
+# cuda/llama_ops.cu: the Llama layer's small ops (quickcupy/llama/ops.py), float16 activations.
+LLAMA_OPS_THREADS = 256
+LLAMA_OPS = ("add_rms_norm<half>", "rope_cache<half>", "silu_mul<half>", "argmax_rows<half>",
+             "advance_position")
 
 SOURCES = {s.filename: s for s in (
     *(Source(d.source, tuple(d.instances()),
              {f"{d.name.upper()}_THREADS": d.threads} if d.planner == "gemm" else {}, d.arch)
       for d in DESIGNS.values()),
-    Source("splitk_reduce.cu", ("splitk_reduce",), {"SPLITK_REDUCE_THREADS": SPLITK_REDUCE_THREADS}),
+    Source("splitk_reduce.cu", tuple(f"splitk_reduce<{c}>" for c in DTYPES.values()),
+           {"SPLITK_REDUCE_THREADS": SPLITK_REDUCE_THREADS}),
     Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}>" for d in DECODE_HEAD_DIMS
                                         for g in DECODE_HEADS_PER_BLOCK),
            {"DECODE_ATTENTION_THREADS": DECODE_ATTENTION_THREADS}),
-    Source("dequant.cu", ("dequant_quick",), {"DEQUANT_THREADS": DEQUANT_THREADS}),
+    Source("dequant.cu", tuple(f"dequant_quick<{c}>" for c in DTYPES.values()),
+           {"DEQUANT_THREADS": DEQUANT_THREADS}),
     Source("spin.cu", ("quickcupy_spin",)),
+    Source("llama_ops.cu", LLAMA_OPS, {"LLAMA_OPS_THREADS": LLAMA_OPS_THREADS}),
 )}
 
 # ncu --kernel-name filter: every GEMM design and the split-K reduction (part of a call's cost).

@@ -2,6 +2,10 @@
 
     compute-sanitizer --tool memcheck  python tests/sanitize_gemm.py
     compute-sanitizer --tool racecheck python tests/sanitize_gemm.py --no-cublas
+    compute-sanitizer --tool memcheck  python tests/sanitize_gemm.py --dtype bfloat16
+
+``--dtype bfloat16``: bf16 activations, bias and output (the kernels without bf16 instances are
+skipped).
 
 ``--no-cublas``: the dequant path runs only its own kernel (checked against the dequantized weight)
 and skips cuBLAS, whose sm_90 kernels racecheck cannot follow (it reports hazards inside nvjet
@@ -15,7 +19,7 @@ import sys
 import cupy
 import numpy as np
 
-from quickcupy import QuantLinear, gemm, kernels, quantize, reference_gemm
+from quickcupy import QuantLinear, gemm, kernels, quantize, reference_gemm, registry
 from quickcupy.gemm import kernel_layout
 
 CASES = [  # (M, K, N, group_size, tile_m, split_k)
@@ -34,16 +38,18 @@ CASES = [  # (M, K, N, group_size, tile_m, split_k)
 
 def main() -> int:
     no_cublas = "--no-cublas" in sys.argv[1:]
+    dtype = kernels.np_dtype(sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv else "float16")
     rng = np.random.default_rng(0)
     worst = 0.0
     for M, K, N, G, tile_m, split_k in CASES:
         w = (rng.standard_normal((N, K)) * 0.05).astype(np.float16)
-        bias = rng.standard_normal(N).astype(np.float16)
+        bias = rng.standard_normal(N).astype(np.float32).astype(dtype)
         q = quantize(w, G)
-        x = rng.standard_normal((M, K)).astype(np.float16)
-        ref = reference_gemm(x, q, bias)
+        x = rng.standard_normal((M, K)).astype(np.float32).astype(dtype)
+        ref = reference_gemm(x.astype(np.float64), q, bias.astype(np.float64))
         for kernel in ("awq", "quick", "quick_decode", "quick_sm90", "dequant"):
-            if kernels.unsupported_reason(kernel, cupy.cuda.Device().id):
+            if kernels.unsupported_reason(kernel, cupy.cuda.Device().id) or \
+                    dtype.name not in registry.design_of(kernel).dtypes:
                 continue
             layout = kernel_layout(kernel)
             if layout == "awq" and (N % 64 or tile_m == 128):
@@ -53,22 +59,22 @@ def main() -> int:
             layer = QuantLinear.from_quantized(q, layout=layout, bias=bias)
             if kernel == "dequant" and no_cublas:
                 w = kernels.dequantize(layer.qweight, layer.qzeros, layer.scales, N, K, layer.group_size,
-                                       layer.device, out=cupy.full((N, K), np.nan, np.float16))
+                                       layer.device, out=cupy.full((N, K), np.nan, dtype))
                 ref_w = q.dequantize(np.float64)
-                err = float(np.linalg.norm(w.get() - ref_w) / np.linalg.norm(ref_w))
+                err = float(np.linalg.norm(w.get().astype(np.float64) - ref_w) / np.linalg.norm(ref_w))
                 worst = max(worst, err if np.isfinite(err) else np.inf)
                 print(f"dequant (kernel only) K={K:4d} N={N:4d} G={G:4d}: rel err {err:.2e}")
                 continue
-            out = cupy.full((M, N), np.nan, np.float16)
+            out = cupy.full((M, N), np.nan, dtype)
             plan = dict(tile_m=tile_m, split_k=split_k) if kernel in ("awq", "quick") else {}
             if kernel == "quick_sm90":
                 plan = dict(tile_m=tile_m if tile_m in (64, 128) else None, split_k=split_k)
             gemm(cupy.asarray(x), layer, kernel, out=out, **plan)
-            err = float(np.linalg.norm(out.get() - ref) / np.linalg.norm(ref))
+            err = float(np.linalg.norm(out.get().astype(np.float64) - ref) / np.linalg.norm(ref))
             worst = max(worst, err if np.isfinite(err) else np.inf)
             print(f"{kernel:7s} M={M:4d} K={K:4d} N={N:4d} G={G:4d} tile_m={tile_m} split_k={split_k}: rel err {err:.2e}")
     cupy.cuda.Device().synchronize()
-    print(f"worst relative error {worst:.2e}")
+    print(f"{dtype.name}: worst relative error {worst:.2e}")
     return 0 if worst < 1e-2 else 1
 
 

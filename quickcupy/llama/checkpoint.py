@@ -152,6 +152,8 @@ def _read_bf16(f: Path, name: str) -> np.ndarray:
 
 def _to_float16(name: str, a: np.ndarray) -> np.ndarray:
     """A float tensor as float16, refusing values float16 cannot hold (named in the error)."""
+    if a.dtype.name == "bfloat16":   # safetensors returns ml_dtypes' bfloat16 where it is installed
+        a = a.astype(np.float32)
     if a.dtype.kind != "f":
         raise ValueError(f"{name} must be floating point, got {a.dtype}")
     if a.dtype != np.float16:

@@ -1,8 +1,9 @@
 """``python -m quickcupy bench``: time the GEMM kernels against cuBLAS fp16 and the memory floor.
 
-For each (K, N) shape and each M, every kernel computes y (M, N) = x (M, K) @ W (K, N) in float16:
-``fp16`` is ``cupy.matmul`` with a float16 weight (cuBLAS), the others go through
-:func:`quickcupy.gemm` by name, one per entry of ``quickcupy.gemm.KERNELS``.
+For each (K, N) shape and each M, every kernel computes y (M, N) = x (M, K) @ W (K, N) in float16
+(or bfloat16 with ``--dtype bfloat16``): ``fp16`` is ``cupy.matmul`` with a dense weight of that
+dtype (cuBLAS), the others go through :func:`quickcupy.gemm` by name, one per entry of
+``quickcupy.gemm.KERNELS``.
 
 How it measures:
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from .. import device as _device
 from ..llama.model import MODELS
+from ..kernels import np_dtype
 from ..registry import VARIANTS, design_of
 from .bench_report import (BASELINE, CLOCK_FIELDS, SCHEMA, derive_points, format_header,
                            format_table, rotation_copies, weight_bytes, write_csv, write_plot)
@@ -57,6 +59,7 @@ class Settings:
     plot: str | None
     quiet: bool
     command: str
+    dtype: str = "float16"   # activations (and the cuBLAS baseline's weight): float16 or bfloat16
 
 
 # ------------------------------------------------------------------------------ argument parsing
@@ -78,6 +81,8 @@ def add_parser(subparsers):
     p.add_argument("--group-size", default=str(DEFAULT_GROUP_SIZE),
                    help="quantization group size: -1 (whole rows) or a multiple of 32 dividing K; "
                         "default: %(default)s")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"),
+                   help="activation dtype of every kernel and of the cuBLAS baseline; default: %(default)s")
     p.add_argument("--warmup", default="10", help="untimed calls per point; default: %(default)s")
     p.add_argument("--repeats", default="50", help="timed calls per point, the median is reported; default: %(default)s")
     p.add_argument("--seed", default="0", help="seed of the random weights and activations; default: %(default)s")
@@ -138,11 +143,13 @@ def settings(args) -> Settings:
                     group_size=group_size, warmup=parse_int("--warmup", args.warmup, 0),
                     repeats=parse_int("--repeats", args.repeats, 1), seed=parse_int("--seed", args.seed, 0),
                     json=args.json, csv=args.csv, plot=args.plot, quiet=args.quiet,
-                    command=getattr(args, "command_line", None) or "python -m quickcupy bench")
+                    command=getattr(args, "command_line", None) or "python -m quickcupy bench",
+                    dtype=getattr(args, "dtype", "float16"))
 
 
-def shape_refusal(kernel: str, K: int, N: int, M: int | None = None):
-    """Why ``kernel`` cannot run a (K, N) layer (or M rows of it): the library's own message, or None."""
+def shape_refusal(kernel: str, K: int, N: int, M: int | None = None, dtype: str | None = None):
+    """Why ``kernel`` cannot run a (K, N) layer (or M rows of it, or ``dtype`` activations): the
+    library's own message, or None."""
     if kernel == BASELINE:
         return None
     from ..gemm import check_layer_shape
@@ -150,6 +157,8 @@ def shape_refusal(kernel: str, K: int, N: int, M: int | None = None):
         check_layer_shape(design_of(kernel).layout, K, N)
         if M is not None and VARIANTS[kernel].path == "gemm":
             design_of(kernel).check_m(M)
+        if dtype is not None:
+            design_of(kernel).check_dtype(dtype)
     except ValueError as exc:
         return f"ValueError: {exc}"
     return None
@@ -233,9 +242,13 @@ def _bench_shape(K, N, s: Settings, l2_bytes, progress):
     from ..gemm import gemm
     cupy.random.seed(s.seed)
     w_fp16, fp16_weights, layers, host = _weights(K, N, s, l2_bytes, progress)
-    x_all = cupy.random.standard_normal((max(s.ms), K), dtype=cupy.float32).astype(cupy.float16)
-    y_all = cupy.empty((max(s.ms), N), cupy.float16)
-    y_ref_all = cupy.empty((max(s.ms), N), cupy.float16)
+    dt = np_dtype(s.dtype)
+    if dt != np.float16 and fp16_weights is not None:     # the cuBLAS baseline in the same dtype
+        fp16_weights = [w.astype(dt) for w in fp16_weights]
+    w_fp16 = w_fp16.astype(dt)
+    x_all = cupy.random.standard_normal((max(s.ms), K), dtype=cupy.float32).astype(dt)
+    y_all = cupy.empty((max(s.ms), N), dt)
+    y_ref_all = cupy.empty((max(s.ms), N), dt)
     raw, skipped = [], []
     for kernel in s.kernels:
         reason = shape_refusal(kernel, K, N)
@@ -249,7 +262,7 @@ def _bench_shape(K, N, s: Settings, l2_bytes, progress):
         for kernel in s.kernels:
             if shape_refusal(kernel, K, N):
                 continue
-            reason = shape_refusal(kernel, K, N, M)
+            reason = shape_refusal(kernel, K, N, M, s.dtype)
             if reason:
                 skipped.append({"K": K, "N": N, "M": M, "kernel": kernel, "reason": reason})
                 continue
@@ -360,7 +373,7 @@ def new_result(s: Settings, reason) -> dict:
     return {
         "schema": SCHEMA, "command": s.command, "started": now(),
         "settings": {k: v for k, v in asdict(s).items() if k in ("shapes", "ms", "kernels", "group_size",
-                                                                  "warmup", "repeats", "seed")},
+                                                                  "warmup", "repeats", "seed", "dtype")},
         "timing": "CUDA events per call, queued behind a spin kernel; median of repeats; weights rotated "
                   "over copies totalling > 2x L2",
         "device": _device.device_info() if reason is None else {"available": False, "reason": reason},

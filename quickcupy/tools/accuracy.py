@@ -1,0 +1,136 @@
+"""``python -m quickcupy accuracy``: relative error of every kernel against float64, fp16 and bf16.
+
+For each M: one AWQ-quantized random weight (K x N, group G) and random activations, rounded to
+each dtype; the reference is float64 of those very inputs (:func:`quickcupy.reference_gemm`). Each
+kernel's ``||y - ref|| / ||ref||`` is shown next to the *floor*, the error of rounding the float64
+result itself to the dtype (no kernel can do better), and the bf16/fp16 ratio. Two NumPy rows show
+where bf16's zero-point/scale arithmetic can go: the weights as the kernels make them (each
+(code - zero) * scale rounded once to bf16, :func:`dequant_bf16`) and the naive path (the fp16
+scale rounded to bf16 first, then the product rounded again).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .common import UsageError, check_output_path, parse_group_size, parse_int, parse_int_list, parse_names, table
+
+KERNELS = ("awq", "quick", "quick_decode", "dequant", "auto")
+
+
+def _bf16():
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def split_scale_bf16(scales):
+    """fp16 scales -> (hi, lo) bf16 arrays with hi + lo == scale exactly (ScaleBf2 in
+    cuda/quant_common.cuh: hi the nearest bf16, lo the exact remainder)."""
+    s = np.asarray(scales, np.float16).astype(np.float32)
+    hi = s.astype(_bf16())
+    return hi, (s - hi.astype(np.float32)).astype(_bf16())
+
+
+def dequant_bf16(d, scales):
+    """bf16 weights of integer ``d`` = code - zero and fp16 ``scales`` as the kernels compute them:
+    fma(d, hi, d * lo) in bf16, emulated in float64 (d * lo and d * hi + d * lo are exact there,
+    so the one bf16 rounding is the fma's)."""
+    hi, lo = split_scale_bf16(scales)
+    d = np.asarray(d, np.float64)
+    prod_lo = (d * lo.astype(np.float64)).astype(_bf16()).astype(np.float64)
+    return (d * hi.astype(np.float64) + prod_lo).astype(_bf16())
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("accuracy", help="relative error vs float64 of every kernel, fp16 and bf16")
+    p.add_argument("--shape", default="4096x4096", help="KxN; default: %(default)s")
+    p.add_argument("--m", default="1,16,256", help="rows of x, comma-separated; default: %(default)s")
+    p.add_argument("--group-size", default="128", help="default: %(default)s")
+    p.add_argument("--kernels", default=",".join(KERNELS), help="default: %(default)s")
+    p.add_argument("--seed", default="0", help="default: %(default)s")
+    p.add_argument("--out", metavar="PATH", help="also write the table (with the command) to PATH")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .. import device
+    from ..gemm import KERNELS as ALL
+    parts = args.shape.lower().split("x")
+    if len(parts) != 2 or not all(t.isdigit() and int(t) > 0 for t in parts):
+        raise UsageError(f"--shape: {args.shape!r} is not KxN with two positive integers")
+    K, N = int(parts[0]), int(parts[1])
+    ms = parse_int_list("--m", args.m, 1)
+    G = parse_group_size("--group-size", args.group_size, [K])
+    names = parse_names("--kernels", args.kernels, tuple(ALL))
+    seed = parse_int("--seed", args.seed, 0)
+    check_output_path("--out", args.out)
+    reason = device.no_gpu_reason()
+    if reason is not None:
+        print(f"accuracy needs a CUDA GPU: {reason}")
+        return 1
+    text = measure(K, N, ms, G, names, seed)
+    head = f"command: {getattr(args, 'command_line', 'python -m quickcupy accuracy')}\n"
+    head += f"device: {device.device_info().get('name')}\n"
+    print(head + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(head + text + "\n")
+    return 0
+
+
+def measure(K, N, ms, G, names, seed) -> str:
+    """The table (text) of every kernel's error for fp16 and bf16 at each M."""
+    import cupy
+    from .. import registry
+    from ..gemm import QuantLinear, gemm
+    from ..quantize import quantize
+    from ..reference import reference_gemm, rel_error
+    bf16 = _bf16()
+    rng = np.random.default_rng(seed)
+    q = quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float16), G)
+    layers = {}
+    d = q.codes.reshape(N, K // q.group_size, q.group_size).astype(np.float64) - q.zeros[..., None]
+    w_once = dequant_bf16(d, np.broadcast_to(q.scales[..., None], d.shape)).reshape(N, K).astype(np.float64)
+    naive_s = q.scales.astype(bf16).astype(np.float64)[..., None]
+    w_naive = (d * naive_s).astype(bf16).reshape(N, K).astype(np.float64)
+    rows = []
+    for M in ms:
+        x32 = rng.standard_normal((M, K)).astype(np.float32)
+        res = {}
+        for dt in (np.dtype(np.float16), bf16):
+            x = x32.astype(dt)
+            ref = reference_gemm(x.astype(np.float64), q)
+            floor = rel_error(ref.astype(dt).astype(np.float64), ref)
+            errs = {}
+            for kernel in names:
+                design = registry.design_of(kernel)
+                if M > (design.max_m or M) or dt.name not in design.dtypes:
+                    continue
+                if design.layout not in layers:
+                    layers[design.layout] = QuantLinear.from_quantized(q, layout=design.layout)
+                out = cupy.full((M, N), np.nan, dt)
+                gemm(cupy.asarray(x), layers[design.layout], kernel, out=out)
+                errs[kernel] = rel_error(out.get().astype(np.float64), ref)
+            if dt == bf16:
+                xf = x.astype(np.float64)
+                errs["numpy bf16 weights, scale rounded once"] = rel_error(
+                    (xf @ w_once.T).astype(bf16).astype(np.float64), ref)
+                errs["numpy naive: bf16(scale) then bf16(product)"] = rel_error(
+                    (xf @ w_naive.T).astype(bf16).astype(np.float64), ref)
+            res[dt.name] = (floor, errs)
+        f16, fb = res["float16"], res["bfloat16"]
+        for kernel in list(f16[1]) + [k for k in fb[1] if k not in f16[1]]:
+            e16, eb = f16[1].get(kernel), fb[1].get(kernel)
+            rows.append([kernel, M, _f(e16), _f(f16[0]), _r(e16, f16[0]), _f(eb), _f(fb[0]), _r(eb, fb[0]),
+                         _r(eb, e16)])
+    headers = ["kernel", "M", "fp16 err", "fp16 floor", "fp16 err/floor", "bf16 err", "bf16 floor",
+               "bf16 err/floor", "bf16/fp16"]
+    return (f"K={K} N={N} group_size={G}: ||y - ref|| / ||ref||, ref = float64 of the same rounded inputs; "
+            f"floor = the float64 result rounded to the dtype\n" + table(headers, rows))
+
+
+def _f(v):
+    return "" if v is None else f"{v:.3e}"
+
+
+def _r(a, b):
+    return "" if a is None or b is None or not b else f"{a / b:.2f}"
