@@ -8,8 +8,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 from conftest import rel_error  # noqa: E402
-from quickcupy import QuantizedWeight, dispatch, kernels, reference_gemm, registry  # noqa: E402
+from quickcupy import dispatch, kernels, reference_gemm, registry  # noqa: E402
+from quickcupy.__main__ import main  # noqa: E402
 from quickcupy.tools import accuracy  # noqa: E402
+from test_fuzz import random_quantized  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 BF16_KERNELS = tuple(k for k, v in registry.VARIANTS.items() if "bfloat16" in registry.design_of(k).dtypes)
@@ -17,13 +19,6 @@ BF16_KERNELS = tuple(k for k, v in registry.VARIANTS.items() if "bfloat16" in re
 # rounding adds about as much again (sqrt(2)); 3 leaves room and still catches any wrong weight.
 FLOOR_FACTOR = 3.0
 SHAPES = ((64, 64), (96, 192), (1024, 448), (4096, 4096), (4096, 11008), (11008, 4096))  # (K, N)
-
-
-def random_quantized(rng, N, K, G):
-    g = K if G == -1 else G
-    return QuantizedWeight(codes=rng.integers(0, 16, (N, K), dtype=np.uint8),
-                           zeros=rng.integers(0, 16, (N, K // g), dtype=np.uint8),
-                           scales=rng.uniform(0.002, 0.02, (N, K // g)).astype(np.float16), group_size=g)
 
 
 # ---------------------------------------------------------------------------------------- CPU
@@ -48,6 +43,13 @@ def test_naive_scale_rounding_is_what_the_split_avoids():
     d = np.full(s.shape, 7)
     naive = (d * s.astype(BF16).astype(np.float64)).astype(BF16)
     assert (naive != accuracy.dequant_bf16(d, s)).mean() > 0.05
+
+
+def test_accuracy_tool_refuses_bad_options_before_any_work(capsys):
+    assert main(["accuracy", "--shape", "4096"]) == 2
+    assert "--shape: '4096' is not KxN" in capsys.readouterr().err
+    assert main(["accuracy", "--kernels", "quick,int8"]) == 2
+    assert "unknown 'int8'" in capsys.readouterr().err
 
 
 def test_every_bf16_plan_is_a_compiled_instance():
