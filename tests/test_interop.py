@@ -69,6 +69,17 @@ def test_torch_in_torch_out_zero_copy(kernel, rng):
 
 
 @pytest.mark.gpu
+def test_torch_bfloat16_in_bfloat16_out(rng):
+    torch = pytest.importorskip("torch")
+    q, layer = _layer(rng)
+    x = torch.randn(9, 512, dtype=torch.bfloat16, device="cuda")
+    y = layer(x)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16 and y.shape == (9, 256)
+    ref = _ref(x.float().cpu().numpy().astype(np.float64), q, layer)
+    assert rel_error(y.float().cpu().numpy(), ref) < TOL
+
+
+@pytest.mark.gpu
 def test_cuda_array_interface_input(rng):
     import cupy
     from quickcupy import gemm
