@@ -1,17 +1,16 @@
 """bfloat16 activations: every design against the float64 NumPy reference (outputs poisoned with
 NaN, fresh random data, awkward and model shapes, group sizes, tiles, split-K, bias, a fuzz), and on
 the CPU the instances, the dtype rules and the exactness of the bf16 scale split the kernels use."""
+import ml_dtypes  # a dependency: CuPy's bfloat16 arrays use its dtype
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-ml_dtypes = pytest.importorskip("ml_dtypes")
-
-from conftest import rel_error  # noqa: E402
-from quickcupy import dispatch, kernels, reference_gemm, registry  # noqa: E402
-from quickcupy.__main__ import main  # noqa: E402
-from quickcupy.tools import accuracy  # noqa: E402
-from test_fuzz import random_quantized  # noqa: E402
+from conftest import rel_error
+from quickcupy import dispatch, kernels, reference_gemm, registry
+from quickcupy.__main__ import main
+from quickcupy.tools import accuracy
+from test_fuzz import random_quantized
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 BF16_KERNELS = tuple(k for k, v in registry.VARIANTS.items() if "bfloat16" in registry.design_of(k).dtypes)
@@ -79,26 +78,30 @@ def test_dtype_rules():
 
 
 def test_auto_falls_back_when_the_table_kernel_lacks_the_dtype(monkeypatch):
-    fp16_only = next((d.name for d in registry.DESIGNS.values() if "bfloat16" not in d.dtypes
-                      and d.layout == dispatch.LAYOUT and d.max_m is None), None)
-    if fp16_only is None:
-        pytest.skip("every quick-layout design runs bf16")
-    table = {"device": "test", "rules": ({"max_m": None, "kernel": fp16_only},), "source": "test"}
+    """A table kernel without bf16 instances (here: quick, declared fp16-only for the test) gives way
+    to DEFAULT_RULES for bf16 calls and still runs fp16 ones."""
+    import dataclasses
+    monkeypatch.setitem(registry.DESIGNS, "quick", dataclasses.replace(registry.DESIGNS["quick"], dtypes=("float16",)))
+    table = {"device": "test", "rules": ({"max_m": None, "kernel": "quick"},), "source": "test"}
     monkeypatch.setattr(dispatch, "_device_name", lambda device_id: "test")
     monkeypatch.setattr(dispatch, "table_for", lambda name: table)
     monkeypatch.setattr(kernels, "unsupported_reason", lambda kernel, device_id: None)
     choose = dispatch.kernel_for.__wrapped__
-    assert choose(512, 4096, 4096, 0, "float16") == fp16_only
-    assert choose(512, 4096, 4096, 0, "bfloat16") == dispatch.choose(512, dispatch.DEFAULT_RULES)
+    assert choose(512, 4096, 4096, 0, "float16") == "quick"
+    assert choose(512, 4096, 4096, 0, "bfloat16") == dispatch.choose(512, dispatch.DEFAULT_RULES) != "quick"
 
 
 # ---------------------------------------------------------------------------------------- GPU
-def _run(x_host, q, kernel, bias=None, out_dtype=None, **plan):
+def _layer(q, kernel, bias=None):
+    from quickcupy import QuantLinear
+    return QuantLinear.from_quantized(q, layout=registry.design_of(kernel).layout, bias=bias)
+
+
+def _run(x_host, layer, kernel, **plan):
     import cupy
-    from quickcupy import QuantLinear, gemm
-    layer = QuantLinear.from_quantized(q, layout=registry.design_of(kernel).layout, bias=bias)
+    from quickcupy import gemm
     x = cupy.asarray(x_host)
-    out = cupy.full(x.shape[:-1] + (q.out_features,), np.nan, out_dtype or x.dtype)   # poison
+    out = cupy.full(x.shape[:-1] + (layer.out_features,), np.nan, x.dtype)   # poison
     y = gemm(x, layer, kernel, out, **plan)
     assert y is out and y.dtype == x.dtype
     return y.get()
@@ -125,11 +128,12 @@ def test_bf16_matches_float64(kernel, K, N, G, rng):
     if N % design.n_multiple or K % G:
         pytest.skip(f"{kernel} needs N % {design.n_multiple} == 0 and K % G == 0")
     q = random_quantized(rng, N, K, G)
+    layer = _layer(q, kernel)
     for M in (1, 2, 7, 16, 33, 100, 257):
         if M > (design.max_m or M):
             continue
         x = _bf16(rng, (M, K))
-        _check(_run(x, q, kernel), reference_gemm(x.astype(np.float64), q))
+        _check(_run(x, layer, kernel), reference_gemm(x.astype(np.float64), q))
 
 
 @pytest.mark.gpu
@@ -140,11 +144,12 @@ def test_bf16_tiles_and_split_k(kernel, split_k, rng):
     q = random_quantized(rng, N, K, G)
     design = registry.design_of(kernel)
     bias = rng.standard_normal(N).astype(np.float16)
+    layer = _layer(q, kernel, bias)
     for tile_m in (design.tiles or (None,)):
         M = 13 if design.max_m else 77
         x = _bf16(rng, (M, K))
         plan = dict(split_k=split_k, **({"tile_m": tile_m} if tile_m else {}))
-        _check(_run(x, q, kernel, bias=bias, **plan), reference_gemm(x.astype(np.float64), q, bias))
+        _check(_run(x, layer, kernel, **plan), reference_gemm(x.astype(np.float64), q, bias))
 
 
 @pytest.mark.gpu
@@ -157,7 +162,7 @@ def test_bf16_group_sizes_bias_and_batch_dims(G, rng):
     for bias in (_bf16(rng, N), rng.standard_normal(N).astype(np.float16)):
         ref = reference_gemm(x.astype(np.float64), q, bias.astype(np.float64))
         for kernel in BF16_KERNELS:
-            y = _run(x, q, kernel, bias=bias)
+            y = _run(x, _layer(q, kernel, bias), kernel)
             assert y.shape == (2, 3, 5, N)
             _check(y, ref)
 
@@ -220,5 +225,5 @@ def test_fuzz_bf16_against_float64(case):
     q = random_quantized(r, case["N"], case["K"], case["G"])
     bias = r.standard_normal(case["N"]).astype(np.float32).astype(BF16) if case["bias"] else None
     x = _bf16(r, (case["M"], case["K"]))
-    y = _run(x, q, case["kernel"], bias=bias, split_k=case["split_k"])
+    y = _run(x, _layer(q, case["kernel"], bias), case["kernel"], split_k=case["split_k"])
     _check(y, reference_gemm(x.astype(np.float64), q, None if bias is None else bias.astype(np.float64)))
