@@ -2,7 +2,9 @@
 // out = softmax(q . K[:, :length] / sqrt(D)) @ V[:length], fp32 math, fp16 in and out. Positions
 // >= length are never read. Caches as quickcupy/llama/model.py's KVCache: keys (B, n_kv, D, max_len)
 // (K^T: position is the contiguous axis), values (B, n_kv, max_len, D); q (B, n_heads, D);
-// out (B, n_heads * D). Query head h reads KV head h / (n_heads / n_kv) (Hugging Face repeat_kv).
+// out (B, n_heads * D); length: positions to attend, plus *start when start is not null (the
+// position of the new token in device memory: one captured graph serves every step).
+// Query head h reads KV head h / (n_heads / n_kv) (Hugging Face repeat_kv).
 //
 // Block: HEADS query heads of one sequence sharing one KV head (HEADS divides the group), so K and V
 // are read once per block. It walks the positions in tiles of THREADS with an online softmax (running
@@ -51,8 +53,10 @@ __device__ __forceinline__ void load_halfs(const half* __restrict__ p, float (&v
 template <int D, int HEADS>
 __global__ void __launch_bounds__(decode::THREADS)
 decode_attention(const half* __restrict__ q, const half* __restrict__ keys, const half* __restrict__ values,
-                 half* __restrict__ out, int n_heads, int n_kv, int max_len, int length) {
+                 half* __restrict__ out, int n_heads, int n_kv, int max_len, int length,
+                 const int* __restrict__ start) {
   using namespace decode;
+  if (start) length += *start;   // a CUDA graph reads the cache length from device memory
   static_assert(D % 32 == 0, "a warp spans head_dim in the weighted sum: D must be a multiple of 32");
   constexpr int E = D / 32;                        // d elements per lane in the weighted sum
   __shared__ __align__(16) float q_s[D][HEADS];    // q * log2(e) / sqrt(D)

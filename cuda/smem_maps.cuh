@@ -11,6 +11,7 @@ constexpr int QUICK_SM90_THREADS = 256;
 constexpr int SPLITK_REDUCE_THREADS = 128;
 constexpr int DECODE_ATTENTION_THREADS = 128;
 constexpr int DEQUANT_THREADS = 128;
+constexpr int LLAMA_OPS_THREADS = 256;
 
 // A fragment rows for ldmatrix.x4 (both kernels)
 #define A_LDSM_ROW(lane, mt, kk) ((mt) * 16 + (lane) % 16)

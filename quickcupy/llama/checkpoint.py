@@ -10,13 +10,18 @@ import numpy as np
 
 from ..layouts import pack_awq, unpack_awq
 from ..quantize import effective_group_size
-from .model import NORMS, PROJECTIONS, LayerWeights, LlamaConfig
+from ..quantize import QuantizedWeight
+from .model import NORMS, PROJECTIONS, HeadWeights, LayerWeights, LlamaConfig
+
+# Hugging Face names of the tensors around the stack; lm_head may also be 4-bit (.qweight etc.).
+EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head"
 
 
 class Checkpoint(NamedTuple):
     config: LlamaConfig
     layers: list        # of LayerWeights with QuantizedWeight projections and float16 norms
     group_size: int     # as config.json says (-1: one group per row)
+    head: HeadWeights | None = None   # when the checkpoint has embed_tokens and norm
 
 
 def _safetensors():
@@ -40,10 +45,11 @@ def tensor_names(i: int) -> list:
 
 
 def save_awq_checkpoint(path, config: LlamaConfig, layers: list, group_size: int | None = None,
-                        shards: int = 1) -> Path:
+                        shards: int = 1, head: HeadWeights | None = None) -> Path:
     """Writes ``layers`` as an AutoAWQ "GEMM" checkpoint: config.json + ``shards`` safetensors files
     (and model.safetensors.index.json when sharded). Float projections are quantized with
-    ``group_size``. Returns the directory."""
+    ``group_size``. ``head`` (written to the last shard): embed_tokens and norm as float16, lm_head
+    as float16, or packed when it is a QuantizedWeight, or left out when tied. Returns the directory."""
     _, save_file = _safetensors()
     path = Path(path)
     if len(layers) != config.num_hidden_layers:
@@ -76,6 +82,16 @@ def save_awq_checkpoint(path, config: LlamaConfig, layers: list, group_size: int
                     tensors[f"{_layer_prefix(i, name)}.{part}"] = np.ascontiguousarray(getattr(packed, part))
             for name in NORMS:
                 tensors[f"{_layer_prefix(i, name)}.weight"] = np.asarray(getattr(layers[i], name), np.float16)
+        if head is not None and s == shards - 1:
+            head.check(config)
+            tensors[EMBED] = np.asarray(head.embed_tokens, np.float16)
+            tensors[FINAL_NORM] = np.asarray(head.norm, np.float16)
+            if isinstance(head.lm_head, QuantizedWeight):
+                packed = pack_awq(head.lm_head)
+                for part in ("qweight", "qzeros", "scales"):
+                    tensors[f"{LM_HEAD}.{part}"] = np.ascontiguousarray(getattr(packed, part))
+            elif head.lm_head is not None:
+                tensors[f"{LM_HEAD}.weight"] = np.asarray(head.lm_head, np.float16)
         save_file(tensors, str(path / files[s]), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, files[s]))
     if shards > 1:
@@ -83,6 +99,8 @@ def save_awq_checkpoint(path, config: LlamaConfig, layers: list, group_size: int
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
                  **config.to_dict(),
+                 **({} if head is None else {"vocab_size": int(np.shape(head.embed_tokens)[0]),
+                                             "tie_word_embeddings": head.lm_head is None}),
                  "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": written_group_size,
                                          "zero_point": True, "version": "gemm"}}
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))
@@ -204,6 +222,10 @@ def load_awq_checkpoint(path, num_layers: int | None = None) -> Checkpoint:
 
     files = _tensor_files(path)
     wanted = [name for i in range(n) for name in tensor_names(i)]
+    # The head is read when both embed_tokens and norm are there (a checkpoint of layers only has none).
+    has_head = EMBED in files and FINAL_NORM in files
+    if has_head:
+        wanted += [EMBED, FINAL_NORM] + [name for name in files if name.startswith(LM_HEAD + ".")]
     missing = [name for name in wanted if name not in files]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensor(s) the model needs, first: {', '.join(missing[:3])}")
@@ -240,4 +262,37 @@ def load_awq_checkpoint(path, num_layers: int | None = None) -> Checkpoint:
         layer = LayerWeights(**weights)
         layer.check(config, where=f"model.layers.{i}")
         layers.append(layer)
-    return Checkpoint(config, layers, group_size)
+    head = None
+    if has_head:
+        if f"{LM_HEAD}.qweight" in tensors:
+            try:
+                lm_head = unpack_awq(tensors[f"{LM_HEAD}.qweight"], tensors[f"{LM_HEAD}.qzeros"],
+                                     _to_float16(f"{LM_HEAD}.scales", tensors[f"{LM_HEAD}.scales"]),
+                                     group_size=group_size)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{LM_HEAD}: {exc}") from exc
+        elif f"{LM_HEAD}.weight" in tensors:
+            lm_head = _to_float16(f"{LM_HEAD}.weight", tensors[f"{LM_HEAD}.weight"])
+        elif raw.get("tie_word_embeddings", False):
+            lm_head = None
+        else:
+            raise ValueError(f"{path} has {EMBED} but no {LM_HEAD}.weight and tie_word_embeddings is not true")
+        head = HeadWeights(_to_float16(EMBED, tensors[EMBED]), _to_float16(FINAL_NORM, tensors[FINAL_NORM]), lm_head)
+        try:
+            head.check(config)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return Checkpoint(config, layers, group_size, head)
+
+
+def load_tokenizer(path):
+    """The checkpoint directory's tokenizer.json as a ``tokenizers.Tokenizer`` (the optional
+    extra ``quickcupy[llama]``). FileNotFoundError / ImportError name what is missing."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise ImportError("--prompt-text needs the 'tokenizers' package: pip install 'quickcupy[llama]'") from exc
+    f = Path(path) / "tokenizer.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer.json")
+    return Tokenizer.from_file(str(f))

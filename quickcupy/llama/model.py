@@ -262,8 +262,13 @@ class NumpyLinear:
         return (x.reshape(-1, self.in_features) @ self.weight.T).reshape(*x.shape[:-1], self.out_features)
 
 
+# True while DecodeGraph runs and captures a step: the linear layers must not call cuBLAS then.
+_BUILDING_GRAPH = [False]
+
+
 class Fp16Linear:
-    """cuBLAS float16 GEMM (float32 accumulation): x (..., K) cupy float16 -> (..., N) float16."""
+    """cuBLAS float16 GEMM (float32 accumulation): x (..., K) cupy float16 -> (..., N) float16.
+    Not capturable in a CUDA graph (CuPy raises NotImplementedError for cuBLAS under capture)."""
 
     def __init__(self, weight: np.ndarray):
         import cupy
@@ -290,7 +295,15 @@ class QuantizedLinear:
         x2 = cupy.ascontiguousarray(x.reshape(-1, self.in_features))
         if x2.data.ptr % 16:                 # the kernels load 16-byte vectors; a view may be offset
             x2 = x2.copy()
-        y = self.layer(x2, kernel=self.kernel)
+        kernel = self.kernel
+        if kernel == "auto" and _BUILDING_GRAPH[0]:
+            # CuPy cannot capture cuBLAS: where auto would dequantize + cupy.matmul (large M), run
+            # the quick GEMM instead (decode batches rarely get there).
+            from .. import dispatch, registry
+            kernel = dispatch.kernel_for(x2.shape[0], self.out_features, self.in_features, self.layer.device)
+            if registry.VARIANTS[kernel].path == "dequant":
+                kernel = "quick"
+        y = self.layer(x2, kernel=kernel)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -374,7 +387,7 @@ def causal_bias(xp, start: int, S: int, T: int):
     return xp.where(after, -np.inf, 0.0).astype(np.float32)
 
 
-def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool = True):
+def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool = True, written: bool = False):
     """Causal grouped-query attention.
 
     q: (B, S, n_heads, d); k, v: (B, S, n_kv_heads, d), rotated, for positions start .. start+S-1.
@@ -386,6 +399,7 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool =
     fused: a decode step on CuPy (S == 1, a float16 cache, head_dim a multiple of 32 in 64..256) runs
     :func:`decode_attention` (one kernel; bias unused); False, or any other case, runs the batched
     matmuls below, the reference it is tested against.
+    written: k and v are already in kv_cache at [start, start + S) (:func:`ops.rope_cache` wrote them).
     """
     xp = _xp(q)
     B, S, nh, d = q.shape
@@ -395,8 +409,9 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool =
     v_t = v.transpose(0, 2, 1, 3)                    # (B, nkv, S, d)
     if kv_cache is not None:
         cache_k, cache_v = kv_cache
-        cache_k[..., start:start + S] = k_t
-        cache_v[:, :, start:start + S] = v_t
+        if not written:
+            cache_k[..., start:start + S] = k_t
+            cache_v[:, :, start:start + S] = v_t
         if (fused and S == 1 and xp is not np and q.dtype == cache_k.dtype == cache_v.dtype == np.float16
                 and decode_head_dim_error(d) is None):
             return decode_attention(q.reshape(B, nh, d), cache_k, cache_v, start + 1)
@@ -450,6 +465,9 @@ class KVCache:
         self.batch, self.max_len, self.length = batch, max_len, 0
         self.keys = [xp.zeros((batch, nkv, d, max_len), dtype) for _ in range(n)]
         self.values = [xp.zeros((batch, nkv, max_len, d), dtype) for _ in range(n)]
+        # On the GPU, the position of the next token also lives in device memory (int32 (1,)): the
+        # kernels read it there, so a captured decode step replays at every position.
+        self.start_dev = None if xp is np else xp.zeros(1, np.int32)
 
     @staticmethod
     def nbytes(config: LlamaConfig, batch: int, max_len: int, itemsize: int = 2, num_layers=None) -> int:
@@ -490,15 +508,69 @@ class LlamaBlock:
         gate_up = self.gate_up_proj(rms_norm(x, self.post_norm, c.rms_norm_eps))
         return x + self.down_proj(silu_mul(gate_up[..., :I], gate_up[..., I:]))
 
+    def step(self, x, delta, tables, start: int, start_dev, kv_cache=None, bias="auto"):
+        """The GPU block from fused kernels (:mod:`quickcupy.llama.ops`), returning its output
+        *increment*: x (B, S, hidden) float16 is the residual stream, to which ``delta`` (the
+        previous block's increment, or None) is added in place by the first RMSNorm. tables: the
+        model's full (cos, sin) tables; start_dev: (1,) int32 device array holding ``start``.
+        A decode step (S == 1 with a cache) reads positions only from start_dev: capturable.
+        """
+        from . import ops
+        c = self.config
+        B, S, _ = x.shape
+        nh, nkv, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+        qkv = self.qkv_proj(ops.add_rms_norm(x, self.input_norm, eps, delta)).reshape(B, S, nh + 2 * nkv, d)
+        cache_k, cache_v = (None, None) if kv_cache is None else kv_cache
+        qk = ops.rope_cache(qkv, *tables, start_dev, nh, nkv, cache_k, cache_v)
+        if kv_cache is not None and S == 1 and decode_head_dim_error(d) is None:
+            attn = decode_attention(qk[:, 0, :nh], cache_k, cache_v, 1, start=start_dev)
+        else:
+            attn = attention(qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:], start, kv_cache, bias,
+                             written=True)
+        h = ops.add_rms_norm(x, self.post_norm, eps, self.o_proj(attn))
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(h)))
+
+
+@dataclass
+class HeadWeights:
+    """The tensors around the stack: embed_tokens (vocab, hidden) float, norm (hidden,) float16,
+    lm_head (vocab, hidden) float or :class:`QuantizedWeight`, or None when tied to embed_tokens."""
+
+    embed_tokens: np.ndarray
+    norm: np.ndarray
+    lm_head: Weight | None = None
+
+    def check(self, config: LlamaConfig):
+        V, H = np.shape(self.embed_tokens)[0], config.hidden_size
+        if np.ndim(self.embed_tokens) != 2 or np.shape(self.embed_tokens)[1] != H:
+            raise ValueError(f"embed_tokens has shape {np.shape(self.embed_tokens)}, the config needs (vocab, {H})")
+        if np.shape(self.norm) != (H,):
+            raise ValueError(f"norm has shape {np.shape(self.norm)}, the config needs ({H},)")
+        if self.lm_head is not None and _shape(self.lm_head) != (V, H):
+            raise ValueError(f"lm_head has shape {_shape(self.lm_head)}, embed_tokens needs ({V}, {H})")
+
+
+def random_head(config: LlamaConfig, vocab_size: int, seed: int = 0, std: float = 0.02) -> HeadWeights:
+    """Random embedding and LM head (normal, std ``std``) and a final norm near 1."""
+    rng = np.random.default_rng(seed)
+    shape = (vocab_size, config.hidden_size)
+    return HeadWeights(embed_tokens=(std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float16),
+                       norm=(1 + 0.05 * rng.standard_normal(config.hidden_size)).astype(np.float16),
+                       lm_head=std * rng.standard_normal(shape, dtype=np.float32))
+
 
 class LlamaModel:
-    """A stack of decoder blocks on one backend (see BACKENDS).
+    """A stack of decoder blocks on one backend (see BACKENDS), optionally with its embedding,
+    final norm and LM head (``head``: :class:`HeadWeights`), which :meth:`logits` and
+    :meth:`generate` need.
 
     layers: list of :class:`LayerWeights`, float or quantized (converted as :func:`make_linear`
-    says); its length must equal ``config.num_hidden_layers``.
+    says); its length must equal ``config.num_hidden_layers``. A float LM head stays float16
+    (cuBLAS) on every GPU backend; a quantized one runs the backend's 4-bit GEMM.
     """
 
-    def __init__(self, config: LlamaConfig, layers: list, backend: str = "numpy", group_size: int = 128):
+    def __init__(self, config: LlamaConfig, layers: list, backend: str = "numpy", group_size: int = 128,
+                 head: HeadWeights | None = None):
         if len(layers) != config.num_hidden_layers:
             raise ValueError(f"got {len(layers)} layers of weights but num_hidden_layers="
                              f"{config.num_hidden_layers}")
@@ -508,6 +580,18 @@ class LlamaModel:
         self.xp, self.dtype = array_module(backend)
         self.blocks = [LlamaBlock(config, w, backend, group_size) for w in layers]
         self._cos = self._sin = None
+        self.head = head is not None
+        if head is not None:
+            head.check(config)
+            self.vocab_size = head.embed_tokens.shape[0]
+            self.embed = self.xp.asarray(np.asarray(head.embed_tokens, self.dtype))
+            self.final_norm = self.xp.asarray(np.asarray(head.norm, self.dtype))
+            lm = head.embed_tokens if head.lm_head is None else head.lm_head
+            self.lm_head = make_linear(backend if isinstance(lm, QuantizedWeight) or backend == "numpy"
+                                       else "fp16", lm, group_size)
+        if self.xp is not np:
+            self._zero = self.xp.zeros(1, np.int32)     # start_dev of a pass without a cache
+        self._graphs = {}     # batch -> DecodeGraph
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         self._rope(0, max_len)      # the rope table covers every position: no upload during decode
@@ -522,28 +606,225 @@ class LlamaModel:
             self._cos, self._sin = self.xp.asarray(cos), self.xp.asarray(sin)
         return self._cos[start:start + length], self._sin[start:start + length]
 
+    def _positions(self, x, cache):
+        B, S, _ = x.shape
+        if cache is None:
+            return 0
+        if cache.batch != B:
+            raise ValueError(f"the cache holds batch={cache.batch} sequences, x has batch={B}")
+        if cache.length + S > cache.max_len:
+            raise ValueError(f"{cache.length} cached + {S} new positions exceed the cache's max_len={cache.max_len}")
+        return cache.length
+
+    def _stack_gpu(self, x, cache, fill_start: bool = True):
+        """The blocks on the GPU: x (B, S, hidden) float16 C-contiguous, modified in place.
+        Returns (x, delta): the hidden states are x + delta (the last add is left to the caller,
+        which fuses it into the final norm). fill_start=False: cache.start_dev already holds the
+        position (a captured step reads it there)."""
+        B, S, _ = x.shape
+        start = self._positions(x, cache)
+        if cache is not None and fill_start:
+            cache.start_dev.fill(start)
+        start_dev = self._zero if cache is None else cache.start_dev
+        self._rope(start, S)
+        decode = cache is not None and S == 1 and decode_head_dim_error(self.config.head_dim) is None
+        bias = None if decode else causal_bias(
+            self.xp, start, S, attended_length(S, start, None if cache is None else cache.max_len))
+        delta = None
+        for i, block in enumerate(self.blocks):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            delta = block.step(x, delta, (self._cos, self._sin), start, start_dev, kv, bias)
+        return x, delta
+
     def __call__(self, x, cache: KVCache | None = None):
         """x (B, S, hidden) -> (B, S, hidden), in the backend's array module and dtype
         (NumPy input is moved to the GPU). Without a cache: one causal pass over the S positions.
         With a cache: positions continue at ``cache.length`` (prefill, then one token at a time)."""
-        x = self.xp.asarray(x, dtype=self.dtype)
+        x = self.xp.array(x, dtype=self.dtype, order="C")       # a copy: the GPU path adds in place
         if x.ndim != 3 or x.shape[-1] != self.config.hidden_size:
             raise ValueError(f"x must be (batch, seq, {self.config.hidden_size}), got shape {x.shape}")
-        B, S, _ = x.shape
-        start = 0
+        if self.xp is not np:
+            x, delta = self._stack_gpu(x, cache)
+            x += delta
+        else:
+            x = self._stack_numpy(x, cache)
         if cache is not None:
-            start = cache.length
-            if cache.batch != B:
-                raise ValueError(f"the cache holds batch={cache.batch} sequences, x has batch={B}")
-            if start + S > cache.max_len:
-                raise ValueError(f"{start} cached + {S} new positions exceed the cache's max_len={cache.max_len}")
+            cache.length += x.shape[1]
+        return x
+
+    def _stack_numpy(self, x, cache):
+        """The blocks on NumPy: x (B, S, hidden) float32 -> hidden states (cache.length unchanged)."""
+        S = x.shape[1]
+        start = self._positions(x, cache)
         cos, sin = self._rope(start, S)
-        bias = causal_bias(self.xp, start, S, attended_length(S, start, None if cache is None else cache.max_len))
+        bias = causal_bias(np, start, S, attended_length(S, start, None if cache is None else cache.max_len))
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             x = block(x, cos, sin, start, kv, bias)
-        if cache is not None:
-            cache.length += S
         return x
 
+    # --------------------------------------------------------------------------- tokens in, logits out
+    def _check_ids(self, token_ids):
+        if not self.head:
+            raise ValueError("this model has no embedding / LM head: build it with head=HeadWeights(...)")
+        ids = token_ids if self.xp is not np and isinstance(token_ids, self.xp.ndarray) else np.asarray(token_ids)
+        if ids.ndim != 2 or ids.shape[1] < 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"token_ids must be a (batch, seq) integer array, got {ids.dtype} {ids.shape}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(f"token_ids must lie in 0..{self.vocab_size - 1}")
+        return self.xp.asarray(ids, np.int64)
 
+    def _normed_hidden(self, ids, cache, fill_start: bool = True):
+        """ids (B, S) int64 on the model's device -> final-normed hidden states (B, S, hidden)."""
+        c = self.config
+        x = self.xp.take(self.embed, ids, axis=0)               # (B, S, hidden), a new array
+        if self.xp is np:
+            return rms_norm(self._stack_numpy(x.astype(np.float32), cache), self.final_norm, c.rms_norm_eps)
+        from . import ops
+        x, delta = self._stack_gpu(x, cache, fill_start)
+        return ops.add_rms_norm(x, self.final_norm, c.rms_norm_eps, delta)
+
+    def logits(self, token_ids, cache: KVCache | None = None):
+        """token_ids (B, S) -> logits (B, S, vocab) (float32 on NumPy, float16 on the GPU)."""
+        ids = self._check_ids(token_ids)
+        S = ids.shape[1]
+        if cache is not None:
+            self._positions(ids[..., None], cache)
+        h = self._normed_hidden(ids, cache)
+        if cache is not None:
+            cache.length += S
+        return self.lm_head(h)
+
+    def _sample(self, logits, temperature: float, top_k, rng, out=None):
+        """logits (B, vocab) -> (B,) int64 token ids: greedy (temperature 0) or sampled."""
+        xp = self.xp
+        if temperature == 0:
+            if xp is np:
+                return np.argmax(logits, axis=-1)
+            from . import ops
+            return ops.argmax_rows(xp.ascontiguousarray(logits), out)
+        scaled = logits.astype(np.float32) / np.float32(temperature)
+        if top_k:
+            kth = xp.sort(scaled, axis=-1)[:, -top_k][:, None]
+            scaled = xp.where(scaled < kth, np.float32(-np.inf), scaled)
+        # Gumbel-max: argmax(logits / T + Gumbel noise) is a sample of softmax(logits / T).
+        u = xp.maximum(rng.random(scaled.shape, dtype=np.float32), np.float32(1e-20))
+        return xp.argmax(scaled - xp.log(-xp.log(u)), axis=-1)
+
+    def decode_graph(self, cache: KVCache) -> "DecodeGraph":
+        """The captured decode step for ``cache`` (captured on first use; again only for a new
+        cache, which :meth:`generate` makes only when the batch grows or the length does not fit)."""
+        g = self._graphs.get(cache.batch)
+        if g is None or g.cache is not cache:
+            g = self._graphs[cache.batch] = DecodeGraph(self, cache)
+        return g
+
+    def generate(self, token_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int = 0, graph: bool | None = None):
+        """Continues each of the B prompts token_ids (B, S) by ``max_new_tokens`` tokens.
+
+        Greedy when temperature == 0, else samples softmax(logits / temperature), restricted to the
+        top_k most likely tokens when top_k is given. graph: run decode steps as one CUDA graph
+        replay (:class:`DecodeGraph`); default: on for the 4-bit GPU backends. The fp16 backend runs
+        eagerly: its GEMMs are cuBLAS calls, which CuPy cannot capture.
+        Returns (B, max_new_tokens) int64 NumPy array.
+        """
+        ids = self._check_ids(token_ids)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                                  or not 1 <= top_k <= self.vocab_size):
+            raise ValueError(f"top_k must be None or an int in 1..{self.vocab_size}, got {top_k!r}")
+        capturable = self.backend in QUANTIZED_BACKENDS
+        if graph and not capturable:
+            raise ValueError(f"graph=True needs a 4-bit GPU backend ({', '.join(QUANTIZED_BACKENDS)}); "
+                             f"backend={self.backend!r} runs cuBLAS or NumPy, which cannot be captured")
+        graph = capturable if graph is None else graph
+        B, S = ids.shape
+        xp = self.xp
+        cache = self._cache(B, S + max_new_tokens)
+        rng = np.random.default_rng(seed) if xp is np else xp.random.default_rng(seed)
+        out = xp.empty((B, max_new_tokens), np.int64)
+        tok = self._sample(self.prefill(ids, cache, graph), temperature, top_k, rng)
+        out[:, 0] = tok
+        for i in range(1, max_new_tokens):
+            tok = self._sample(self.decode_step(tok, cache, graph), temperature, top_k, rng)
+            out[:, i] = tok
+        return out if xp is np else out.get()
+
+    def prefill(self, ids, cache: KVCache, graph: bool = False):
+        """ids (B, S) int64 on the model's device, at positions cache.length.. -> logits of the last
+        position (B, vocab). graph: the decode steps that follow replay :meth:`decode_graph`."""
+        h = self._normed_hidden(ids, cache)
+        cache.length += ids.shape[1]
+        if graph:
+            cache.start_dev.fill(cache.length)     # the graph reads the position there and advances it
+        return self.lm_head(h[:, -1])
+
+    def decode_step(self, tok, cache: KVCache, graph: bool = False):
+        """tok (B,) int64 on the model's device: the next token of each sequence -> logits (B, vocab).
+        graph: one replay of the captured step (after :meth:`prefill` with graph=True)."""
+        if graph:
+            g = self.decode_graph(cache)
+            g.ids[:, 0] = tok
+            h = g.replay()
+        else:
+            h = self._normed_hidden(tok[:, None], cache)
+        cache.length += 1
+        return self.lm_head(h[:, -1])
+
+    def _cache(self, batch: int, max_len: int) -> KVCache:
+        """A KV cache for generate, reused (and its graph with it) while batch and length fit."""
+        cache = getattr(self, "_gen_cache", None)
+        if cache is None or cache.batch != batch or cache.max_len < max_len:
+            cache = self._gen_cache = self.new_cache(batch, max(max_len, 256))
+        cache.reset()
+        return cache
+
+
+class DecodeGraph:
+    """One decode step of the whole model, embedding to final norm (all layers), as a CUDA graph.
+
+    Captured on a non-default stream with its own memory pool: one eager step first (compiles,
+    fills the pool and the split-K workspace of the stream), then the same step under capture,
+    whose allocations the pool serves from its cached blocks; the pool is never shared, so every
+    intermediate buffer stays the graph's. The step reads the token ids from ``ids`` (B, 1) and
+    the position from ``cache.start_dev``, advances the position as its last node, and leaves the
+    normed hidden states in ``hidden`` (B, 1, hidden). The LM head and sampling run after it
+    (a float16 LM head is cuBLAS). Replays on the current stream; the caller adds 1 to cache.length.
+    """
+
+    def __init__(self, model: LlamaModel, cache: KVCache):
+        import cupy
+        from . import ops
+        if model.backend not in QUANTIZED_BACKENDS:
+            raise ValueError(f"backend={model.backend!r} cannot be captured (cuBLAS); use awq, quick or auto")
+        error = decode_head_dim_error(model.config.head_dim)
+        if error:
+            raise ValueError(f"a decode graph needs the fused decode attention: {error}")
+        self.cache = cache
+        self.ids = cupy.zeros((cache.batch, 1), np.int64)
+        self.pool = cupy.cuda.MemoryPool()
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        cupy.cuda.get_current_stream().synchronize()       # cache and ids are ready before the side stream reads them
+        _BUILDING_GRAPH[0] = True
+        try:
+            with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
+                # The warm-up writes the cache at the current position, which the first replay rewrites.
+                model._normed_hidden(self.ids, cache, fill_start=False)
+                self.stream.synchronize()
+                self.stream.begin_capture()
+                try:
+                    self.hidden = model._normed_hidden(self.ids, cache, fill_start=False)
+                    ops.advance_position(cache.start_dev)
+                finally:
+                    self.graph = self.stream.end_capture()
+        finally:
+            _BUILDING_GRAPH[0] = False
+
+    def replay(self):
+        import cupy
+        self.graph.launch(cupy.cuda.get_current_stream())
+        return self.hidden

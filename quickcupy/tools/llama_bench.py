@@ -37,6 +37,7 @@ class Settings:
     check_tokens: int
     json: str | None
     command: str
+    prompt_text: str | None = None
 
 
 DEFAULT_PRESET_LAYERS = 4
@@ -64,6 +65,9 @@ def add_parser(subparsers):
     p.add_argument("--check-tokens", default="8",
                    help="tokens of the batch-1 prefill compared with the NumPy reference (default 8; 0 skips)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--prompt-text", metavar="TEXT",
+                   help="with --checkpoint (embedding, LM head and tokenizer.json): generate --gen tokens "
+                        "greedily after TEXT on the first of --backends (NumPy without a GPU) and print them")
     p.set_defaults(func=run)
 
 
@@ -84,7 +88,8 @@ def settings(args) -> Settings:
         prompt=parse_int("--prompt", args.prompt, 1), gen=parse_int("--gen", args.gen, 0),
         backends=tuple(parse_names("--backends", args.backends, BACKENDS)), group_size=group_size,
         seed=parse_int("--seed", args.seed, 0), check_tokens=parse_int("--check-tokens", args.check_tokens, 0),
-        json=args.json, command=getattr(args, "command_line", None) or "python -m quickcupy llama")
+        json=args.json, command=getattr(args, "command_line", None) or "python -m quickcupy llama",
+        prompt_text=getattr(args, "prompt_text", None))
 
 
 class Timer:
@@ -141,6 +146,8 @@ def run(args) -> int:
     from ..device import device_info, no_gpu_reason, versions
 
     s = settings(args)
+    if s.prompt_text is not None:
+        return generate_text(s)
     progress = Progress("llama", log_steps=False)
     reason = no_gpu_reason()
     gpu = reason is None
@@ -236,6 +243,33 @@ def run(args) -> int:
     print(_format_report(report, backends))
     if s.json:
         write_json(s.json, report, indent=2)
+    return 0
+
+
+def generate_text(s: Settings) -> int:
+    """--prompt-text: the checkpoint's tokenizer encodes the text, the model continues it greedily
+    by --gen tokens, and the decoded continuation is printed."""
+    from ..device import no_gpu_reason
+    from ..llama.checkpoint import load_tokenizer
+    if not s.checkpoint:
+        raise UsageError("--prompt-text needs --checkpoint DIR (with tokenizer.json, embedding and LM head)")
+    try:
+        tokenizer = load_tokenizer(s.checkpoint)
+        ckpt = load_awq_checkpoint(s.checkpoint, num_layers=s.layers)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UsageError(f"--checkpoint: {exc}") from None
+    if ckpt.head is None:
+        raise UsageError(f"--prompt-text: {s.checkpoint} has no model.embed_tokens.weight / model.norm.weight")
+    ids = tokenizer.encode(s.prompt_text).ids
+    if not ids:
+        raise UsageError("--prompt-text encodes to no tokens")
+    reason = no_gpu_reason()
+    backend = s.backends[0] if reason is None else "numpy"
+    if reason is not None:
+        print(f"{reason}: running the NumPy float32 path on the CPU")
+    model = LlamaModel(ckpt.config, ckpt.layers, backend, ckpt.group_size, head=ckpt.head)
+    new = model.generate(np.asarray([ids]), max(s.gen, 1))[0]
+    print(f"[{backend}] {s.prompt_text}{tokenizer.decode(new.tolist())}")
     return 0
 
 
