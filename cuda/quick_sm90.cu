@@ -39,13 +39,15 @@ constexpr int SM90_SZ_REGION = 2048;             // SM90_U x SM90_WARPS x 80, ro
 
 template <int BT,       // tokens per block = wgmma N: 64 or 128
           int STAGES,   // slots of the ring (each: BT x 64 fp16 activations + the step's weights)
-          int GCH>      // chunks per scale/zero reload = gcd(group_size / 32, 2): 1 or 2
+          int GCH,      // chunks per scale/zero reload = gcd(group_size / 32, 2): 1 or 2
+          typename T>   // activations, bias and C: half or __nv_bfloat16 (Dt<T>); scales are fp16
 __global__ void __launch_bounds__(QUICK_SM90_THREADS, 1)
-quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) fp16, box BT x 64, 128B swizzle
-           const half* __restrict__ A, const uint4* __restrict__ qweight,
+quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box BT x 64, 128B swizzle
+           const T* __restrict__ A, const uint4* __restrict__ qweight,
            const unsigned short* __restrict__ qzeros, const uint2* __restrict__ scales,
-           const half* __restrict__ bias, half* __restrict__ C, float* __restrict__ partial,
+           const T* __restrict__ bias, T* __restrict__ C, float* __restrict__ partial,
            int M, int N, int K, int group_size, int chunks_per_split) {
+  using D = Dt<T>;
   constexpr int X_BYTES = BT * SM90_BK * 2;      // activation tile of a slot (first: 1 KB aligned)
   constexpr int SLOT = X_BYTES + SM90_W_BYTES + SM90_SZ_REGION;
   constexpr int BN = 2 * SM90_WG;                // output features per block (2 groups x 128)
@@ -114,19 +116,20 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) fp16, box B
     for (int c = 0; c < SM90_U; ++c) {
       const unsigned char* sz = slot + X_BYTES + SM90_W_BYTES + ((c - c % GCH) * SM90_WARPS + warp) * SM90_SZ_BYTES;
       const uint2 s4 = *reinterpret_cast<const uint2*>(sz + 8 * g);
-      half2 z[4];
-      int4x8_to_half2x4(*reinterpret_cast<const unsigned short*>(sz + 64 + 2 * g), z);   // half2 j = (zero j, 0)
+      typename D::T2 z[4];
+      D::codes8(*reinterpret_cast<const unsigned short*>(sz + 64 + 2 * g), z);   // pair j = (zero j, 0)
       const half2 s01 = as_half2(s4.x), s23 = as_half2(s4.y);
-      const half2 sc[4] = {__low2half2(s01), __high2half2(s01), __low2half2(s23), __high2half2(s23)};
+      const typename D::Scale sc[4] = {D::make_scale(__low2half2(s01)), D::make_scale(__high2half2(s01)),
+                                       D::make_scale(__low2half2(s23)), D::make_scale(__high2half2(s23))};
       const uint4 wv = *reinterpret_cast<const uint4*>(slot + X_BYTES + ((warp * SM90_U + c) * 32 + lane) * 16);
       const u32 words[4] = {wv.x, wv.y, wv.z, wv.w};
       u32 h[4][4];                               // h[j][2 s + r]: sub-tile j, k16 step s, register r
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const Zero2 zj = make_zero2(__low2half2(z[j]));
-        const Zero2 zz[4] = {zj, zj, zj, zj};
-        const half2 sj[4] = {sc[j], sc[j], sc[j], sc[j]};
-        dequant_int4x8(words[j], zz, sj, h[j]);
+        const typename D::Zero zj = D::make_zero(D::low2(z[j]));
+        const typename D::Zero zz[4] = {zj, zj, zj, zj};
+        const typename D::Scale sj[4] = {sc[j], sc[j], sc[j], sc[j]};
+        D::dequant8(words[j], zz, sj, h[j]);
       }
 #pragma unroll
       for (int b = 0; b < 2; ++b)
@@ -160,7 +163,7 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) fp16, box B
 #pragma unroll
     for (int s = 0; s < 2 * SM90_U; ++s)
 #pragma unroll
-      for (int b = 0; b < 2; ++b) wgmma_rs<BT>(acc[b], cur[b][s], wgmma_desc_sw128(x + 32 * s));
+      for (int b = 0; b < 2; ++b) wgmma_rs<BT, T>(acc[b], cur[b][s], wgmma_desc_sw128(x + 32 * s));
     wgmma_commit();
     if (it + 1 < iters) {
       wait_full(it + 1);
@@ -192,7 +195,7 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) fp16, box B
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int col = col0 + 16 * b + 8 * h + g;
-      const float bv = (!split && bias != nullptr) ? __half2float(bias[col]) : 0.f;
+      const float bv = (!split && bias != nullptr) ? D::to_float(bias[col]) : 0.f;
 #pragma unroll
       for (int i = 0; i < BT / 8; ++i)
 #pragma unroll
@@ -201,7 +204,7 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) fp16, box B
           if (row >= M) continue;
           const float v = acc[b][4 * i + 2 * h + e];
           if (split) part[(size_t)row * N + col] = v;
-          else C[(size_t)row * N + col] = __float2half_rn(v + bv);
+          else C[(size_t)row * N + col] = D::from_float(v + bv);
         }
     }
 }

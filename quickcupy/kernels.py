@@ -397,7 +397,7 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
     args = (x, qweight, qzeros, scales, bias if splits == 1 and bias is not None else null, out, partial,
             np.int32(M), np.int32(N), np.int32(K), np.int32(p.group_size), np.int32(p.chunks_per_split))
     if p.design.x_tensor_map:
-        args = (x_tensor_map(x.data.ptr, M, K, p.bm),) + args
+        args = (x_tensor_map(x.data.ptr, M, K, p.bm, x.dtype.name),) + args
     fn(p.grid, p.block, args, shared_mem=p.shared_bytes)
     if splits > 1:
         reduce_fn = get_function(device_id, "splitk_reduce.cu", f"splitk_reduce<{ctype(out.dtype)}>")
@@ -426,15 +426,17 @@ def _encode_tiled():
 
 
 @functools.lru_cache(maxsize=1024)
-def x_tensor_map(ptr: int, M: int, K: int, box_rows: int):
-    """TMA tensor map of an fp16 (M, K) row-major array at device address ``ptr``: boxes of
-    ``box_rows`` x 64 elements (128-byte rows), written to shared memory in the 128-byte swizzle,
-    zeros past the edges. Returns the 128 bytes as a NumPy scalar CuPy passes by value."""
+def x_tensor_map(ptr: int, M: int, K: int, box_rows: int, dtype: str = "float16"):
+    """TMA tensor map of a 16-bit (``dtype`` "float16" or "bfloat16") (M, K) row-major array at
+    device address ``ptr``: boxes of ``box_rows`` x 64 elements (128-byte rows), written to shared
+    memory in the 128-byte swizzle, zeros past the edges. Returns the 128 bytes as a NumPy scalar
+    CuPy passes by value."""
     import ctypes
-    FLOAT16, SWIZZLE_128B, L2_256B, INTERLEAVE_NONE, OOB_ZERO = 6, 3, 3, 0, 0
+    SWIZZLE_128B, L2_256B, INTERLEAVE_NONE, OOB_ZERO = 3, 3, 0, 0
+    data_type = {"float16": 6, "bfloat16": 9}[dtype]      # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
     buf = ctypes.create_string_buffer(128 + 64)
     addr = ctypes.addressof(buf) + (-ctypes.addressof(buf)) % 64       # the map must be 64-byte aligned
-    res = _encode_tiled()(ctypes.c_void_p(addr), FLOAT16, 2, ctypes.c_void_p(ptr),
+    res = _encode_tiled()(ctypes.c_void_p(addr), data_type, 2, ctypes.c_void_p(ptr),
                           (ctypes.c_uint64 * 2)(K, M), (ctypes.c_uint64 * 1)(2 * K),
                           (ctypes.c_uint32 * 2)(64, box_rows), (ctypes.c_uint32 * 2)(1, 1),
                           INTERLEAVE_NONE, SWIZZLE_128B, L2_256B, OOB_ZERO)

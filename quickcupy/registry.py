@@ -187,7 +187,7 @@ DESIGNS["quick_sm90"] = Design(
     # Two warpgroups of 128 output features share the activation tile: 256 features x bm tokens
     # per block, K steps of 64 (chunks=2), one block per SM (bm fp32 accumulators per thread).
     tiles={64: Tile(chunks=2, stages=6, blocks_per_sm=1), 128: Tile(chunks=2, stages=5, blocks_per_sm=1)},
-    template="quick_sm90<{bm}, {stages}, {gch}>",
+    template="quick_sm90<{bm}, {stages}, {gch}, {ctype}>", dtypes=tuple(DTYPES),
     # a ring of K steps on a 1024-byte boundary after 2 mbarriers (8 bytes) per stage; a slot holds
     # the swizzled activations (bm x 128 bytes), the packed weights (8 KB) and scales/zeros (2 KB)
     smem_bytes=lambda bm, t: t.stages * (bm * 128 + 8192 + 2048 + 16) + 1024,
