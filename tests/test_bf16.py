@@ -1,16 +1,19 @@
 """bfloat16 activations: every design against the float64 NumPy reference (outputs poisoned with
 NaN, fresh random data, awkward and model shapes, group sizes, tiles, split-K, bias, a fuzz), and on
 the CPU the instances, the dtype rules and the exactness of the bf16 scale split the kernels use."""
-import ml_dtypes  # a dependency: CuPy's bfloat16 arrays use its dtype
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import rel_error
-from quickcupy import dispatch, kernels, reference_gemm, registry
-from quickcupy.__main__ import main
-from quickcupy.tools import accuracy
-from test_fuzz import random_quantized
+# A dependency (CuPy's bfloat16 arrays use its dtype): installed wherever quickcupy is; a machine
+# running the checkout without installing it (the GPU machine) must bring it, or this shows as skipped.
+ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes (a quickcupy dependency) is not installed")
+
+from conftest import rel_error  # noqa: E402
+from quickcupy import dispatch, kernels, reference_gemm, registry  # noqa: E402
+from quickcupy.__main__ import main  # noqa: E402
+from quickcupy.tools import accuracy  # noqa: E402
+from test_fuzz import random_quantized  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 BF16_KERNELS = tuple(k for k, v in registry.VARIANTS.items() if "bfloat16" in registry.design_of(k).dtypes)
@@ -181,20 +184,6 @@ def test_bf16_dtype_errors_before_launch(rng):
     if "quick_sm90" in registry.DESIGNS and "bfloat16" not in registry.DESIGNS["quick_sm90"].dtypes:
         with pytest.raises(ValueError, match="runs float16 activations, got bfloat16"):
             gemm(x, layer, "quick_sm90")
-
-
-@pytest.mark.gpu
-def test_bf16_from_torch_zero_copy(rng):
-    torch = pytest.importorskip("torch")
-    from quickcupy import QuantLinear, gemm
-    K, N = 512, 256
-    q = random_quantized(rng, N, K, 128)
-    layer = QuantLinear.from_quantized(q)
-    x = torch.randn(9, K, device="cuda", dtype=torch.bfloat16)
-    y = gemm(x, layer)
-    assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16
-    ref = reference_gemm(x.float().cpu().numpy().astype(np.float64), q)
-    _check(y.float().cpu().numpy(), ref)
 
 
 @st.composite
