@@ -178,3 +178,14 @@ def test_cli_prompt_text_generates(rng, tmp_path, capsys, monkeypatch):
 def test_cli_prompt_text_needs_a_checkpoint(capsys):
     assert main(["llama", "--prompt-text", "hello"]) != 0
     assert "--prompt-text needs --checkpoint" in capsys.readouterr().err
+
+
+def test_cli_vocab_needs_a_gpu(capsys, monkeypatch):
+    monkeypatch.setattr("quickcupy.device.no_gpu_reason", lambda: "no GPU in this test")
+    assert main(["llama", "--vocab", "32000", "--layers", "2"]) != 0
+    assert "--vocab times the whole model on the GPU: no GPU in this test" in capsys.readouterr().err
+
+
+def test_cli_vocab_is_checked(capsys):
+    assert main(["llama", "--vocab", "4"]) != 0
+    assert "--vocab" in capsys.readouterr().err

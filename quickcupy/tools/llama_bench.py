@@ -38,6 +38,7 @@ class Settings:
     json: str | None
     command: str
     prompt_text: str | None = None
+    vocab: int | None = None
 
 
 DEFAULT_PRESET_LAYERS = 4
@@ -65,6 +66,10 @@ def add_parser(subparsers):
     p.add_argument("--check-tokens", default="8",
                    help="tokens of the batch-1 prefill compared with the NumPy reference (default 8; 0 skips)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--vocab", default=None,
+                   help="time the whole model instead (embedding, the blocks, final norm, an fp16 LM head of "
+                        "this many tokens, greedy sampling; decode as one CUDA graph per step on the 4-bit "
+                        "backends; random weights, one layer's copied to every layer)")
     p.add_argument("--prompt-text", metavar="TEXT",
                    help="with --checkpoint (embedding, LM head and tokenizer.json): generate --gen tokens "
                         "greedily after TEXT on the first of --backends (NumPy without a GPU) and print them")
@@ -89,7 +94,8 @@ def settings(args) -> Settings:
         backends=tuple(parse_names("--backends", args.backends, BACKENDS)), group_size=group_size,
         seed=parse_int("--seed", args.seed, 0), check_tokens=parse_int("--check-tokens", args.check_tokens, 0),
         json=args.json, command=getattr(args, "command_line", None) or "python -m quickcupy llama",
-        prompt_text=getattr(args, "prompt_text", None))
+        prompt_text=getattr(args, "prompt_text", None),
+        vocab=None if getattr(args, "vocab", None) is None else parse_int("--vocab", args.vocab, 8))
 
 
 class Timer:
@@ -148,6 +154,8 @@ def run(args) -> int:
     s = settings(args)
     if s.prompt_text is not None:
         return generate_text(s)
+    if s.vocab is not None:
+        return run_model(s)
     progress = Progress("llama", log_steps=False)
     reason = no_gpu_reason()
     gpu = reason is None
@@ -400,3 +408,208 @@ def _fmt_rate(v) -> str:
 
 def _fmt_err(v) -> str:
     return "-" if v is None else f"{v:.2e}"
+
+
+# ------------------------------------------------------------------------------- the whole model
+def _copy_block(block):
+    """A block with its own device copies of every weight (one layer's random weights reused for
+    all layers, so building a 7B model takes seconds; each layer still streams its own bytes)."""
+    import copy
+    new = copy.copy(block)
+    for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+        linear = copy.copy(getattr(block, name))
+        if hasattr(linear, "layer"):
+            linear.layer = linear.layer.copy()
+        else:
+            linear.weight_t = linear.weight_t.copy()
+        setattr(new, name, linear)
+    new.input_norm, new.post_norm = block.input_norm.copy(), block.post_norm.copy()
+    return new
+
+
+class _NoGemm:
+    """Stands in for a linear layer: returns a persistent zero buffer (no launch), so that a graph of
+    the stack times everything but the GEMMs."""
+
+    def __init__(self, out_features: int):
+        self.out_features, self._out = out_features, {}
+
+    def __call__(self, x):
+        import cupy
+        shape = x.shape[:-1] + (self.out_features,)
+        if shape not in self._out:
+            self._out[shape] = cupy.zeros(shape, x.dtype)
+        return self._out[shape]
+
+
+def _without_gemms(model: LlamaModel) -> LlamaModel:
+    import copy
+    bare = copy.copy(model)
+    bare._graphs, bare.blocks = {}, []
+    for block in model.blocks:
+        b = copy.copy(block)
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            setattr(b, name, _NoGemm(getattr(block, name).out_features))
+        bare.blocks.append(b)
+    return bare
+
+
+def _whole_model(config: LlamaConfig, layer, head, backend: str, group_size: int) -> LlamaModel:
+    one = LlamaModel(config.replace(num_hidden_layers=1), [layer], backend, group_size, head=head)
+    one.blocks += [_copy_block(one.blocks[0]) for _ in range(config.num_hidden_layers - 1)]
+    one.config = config
+    return one
+
+
+def _time_generation(model: LlamaModel, backend: str, batch: int, s: Settings, progress) -> dict:
+    """Prefill of batch x prompt token ids (logits of the last position), then ``gen`` greedy decode
+    steps fed back on the GPU (CUDA graph replays on the 4-bit backends, eager fp16), on both clocks:
+    wall (perf_counter around the synchronized loop) and GPU (each call behind a spin kernel)."""
+    import cupy
+    from ..llama import ops
+    from .timing import gpu_seconds_behind_spin
+    graph = backend in QUANTIZED_BACKENDS
+    rng = np.random.default_rng(s.seed + batch)
+    ids = cupy.asarray(rng.integers(0, s.vocab, (batch, s.prompt)))
+    cache = model.new_cache(batch, s.prompt + s.gen + 1)
+
+    def generation():
+        tok = ops.argmax_rows(model.prefill(ids, cache, graph))
+        for _ in range(s.gen):
+            tok = ops.argmax_rows(model.decode_step(tok, cache, graph))
+        return tok
+
+    progress.note(f"[{backend}] batch {batch}: warm-up (compiles, captures the decode graph)")
+    cache.reset()
+    generation()
+    cupy.cuda.get_current_stream().synchronize()
+
+    cache.reset()
+    t0 = time.perf_counter()
+    logits = model.prefill(ids, cache, graph)
+    tok = ops.argmax_rows(logits)
+    cupy.cuda.get_current_stream().synchronize()
+    t1 = time.perf_counter()
+    for _ in range(s.gen):
+        tok = ops.argmax_rows(model.decode_step(tok, cache, graph))
+    cupy.cuda.get_current_stream().synchronize()
+    t2 = time.perf_counter()
+    out = {"backend": backend, "batch": batch, "graph": graph, "prefill_s": t1 - t0,
+           "prefill_tokens_per_s": batch * s.prompt / (t1 - t0), "decode_s": t2 - t1,
+           "decode_tokens_per_s": batch * s.gen / (t2 - t1)}
+
+    cache.reset()
+    exact = True
+    prefill_gpu, host, ahead = gpu_seconds_behind_spin(lambda: ops.argmax_rows(model.prefill(ids, cache, graph)),
+                                                       2 * (t1 - t0))
+    exact &= ahead
+    decode_gpu = 0.0
+    host = 2 * (t2 - t1) / max(s.gen, 1)
+    for _ in range(s.gen):
+        seconds, host, ahead = gpu_seconds_behind_spin(
+            lambda: ops.argmax_rows(model.decode_step(tok, cache, graph), out=tok), host)
+        decode_gpu += seconds
+        exact &= ahead
+    out.update({"prefill_gpu_s": prefill_gpu, "decode_gpu_s": decode_gpu,
+                "decode_gpu_tokens_per_s": batch * s.gen / decode_gpu, "gpu_time_exact": bool(exact),
+                "wall_over_gpu_decode": (t2 - t1) / decode_gpu})
+    model._graphs.clear()          # each graph holds its cache: free this batch's before the next
+    return out
+
+
+def _non_gemm_us_per_layer(model: LlamaModel, s: Settings) -> dict:
+    """GPU time of one captured batch-1 decode step of the stack with every GEMM removed, per layer
+    (norms, rope + cache write, attention over prompt positions, silu * up; the embedding and the
+    final norm once), beside the full step's."""
+    import cupy
+    from .timing import gpu_seconds_behind_spin
+    n = model.config.num_hidden_layers
+    result = {}
+    for name, m in (("full", model), ("no_gemm", _without_gemms(model))):
+        cache = m.new_cache(1, s.prompt + 8)
+        cache.length = s.prompt                   # attend over prompt positions (values are finite zeros)
+        cache.start_dev.fill(s.prompt)
+        g = m.decode_graph(cache)
+        times = []
+        for _ in range(5):
+            cache.start_dev.fill(s.prompt)
+            seconds, _, _ = gpu_seconds_behind_spin(g.replay, 1e-4)
+            times.append(seconds)
+        cupy.cuda.get_current_stream().synchronize()
+        result[f"{name}_step_us"] = 1e6 * float(np.median(times))
+    result["non_gemm_us_per_layer"] = result["no_gemm_step_us"] / n
+    result["gemm_us_per_layer"] = (result["full_step_us"] - result["no_gemm_step_us"]) / n
+    return result
+
+
+def run_model(s: Settings) -> int:
+    """--vocab: the whole model's prefill and greedy decode per backend and batch (GPU only)."""
+    from ..device import device_info, no_gpu_reason, versions
+    from ..llama.model import random_head
+    reason = no_gpu_reason()
+    if reason is not None:
+        raise UsageError(f"--vocab times the whole model on the GPU: {reason}")
+    if s.checkpoint:
+        raise UsageError("--vocab builds random weights; it does not take --checkpoint")
+    progress = Progress("llama", log_steps=False)
+    config = LlamaConfig.preset(s.preset).replace(num_hidden_layers=s.layers or LlamaConfig.preset(s.preset)
+                                                  .num_hidden_layers)
+    group_size = 128 if s.group_size is None else s.group_size
+    progress.note(f"random weights: one layer of {_describe(config)}, copied to {config.num_hidden_layers} layers; "
+                  f"vocab {s.vocab}")
+    layer = random_layers(config.replace(num_hidden_layers=1), seed=s.seed)[0]
+    head = random_head(config, s.vocab, seed=s.seed + 1)
+    head.lm_head = head.lm_head.astype(np.float16)
+    quantized = None
+    results, overhead = [], {}
+    for backend in s.backends:
+        if backend == "numpy":
+            continue
+        if backend in QUANTIZED_BACKENDS and quantized is None:
+            progress.note(f"quantizing (group size {group_size})")
+            quantized = layer.quantized(group_size)
+        progress.note(f"[{backend}] building {config.num_hidden_layers} blocks")
+        model = _whole_model(config, quantized if backend in QUANTIZED_BACKENDS else layer, head, backend, group_size)
+        for batch in s.batches:
+            results.append(_time_generation(model, backend, batch, s, progress))
+        if backend in QUANTIZED_BACKENDS:
+            progress.note(f"[{backend}] non-GEMM time per layer")
+            overhead[backend] = _non_gemm_us_per_layer(model, s)
+        del model
+        import cupy
+        cupy.get_default_memory_pool().free_all_blocks()
+    progress.close()
+    report = {"command": s.command, "versions": versions(), "device": device_info(), "config": config.to_dict(),
+              "vocab": s.vocab, "group_size": group_size, "prompt": s.prompt, "gen": s.gen,
+              "source": f"random weights (seed {s.seed}), one layer's copied to every layer",
+              "generation": results, "decode_step_batch1": overhead}
+    print(_format_model_report(report))
+    if s.json:
+        write_json(s.json, report, indent=2)
+    return 0
+
+
+def _format_model_report(r: dict) -> str:
+    c = LlamaConfig(**r["config"])
+    lines = [f"command: {r['command']}",
+             f"device:  {r['device']['name']}; quickcupy {r['versions']['quickcupy']}, cupy {r['versions'].get('cupy')}",
+             f"model:   embedding + {c.num_hidden_layers} Llama blocks ({_describe(c)}) + final norm + fp16 LM head "
+             f"(vocab {r['vocab']}), {r['source']}, group size {r['group_size']}",
+             f"run:     prefill batch x {r['prompt']} tokens, then {r['gen']} greedy decode steps (argmax on the GPU "
+             f"fed back); awq/quick/auto decode steps replay one CUDA graph, fp16 runs eagerly (cuBLAS)", ""]
+    rows = [[g["backend"], g["batch"], f"{1e3 * g['prefill_s']:.1f}", f"{1e3 * g['prefill_gpu_s']:.1f}",
+             f"{g['decode_tokens_per_s']:,.0f}", f"{g['decode_gpu_tokens_per_s']:,.0f}",
+             f"{g['wall_over_gpu_decode']:.2f}", "" if g["gpu_time_exact"] else "upper bound"]
+            for g in r["generation"]]
+    lines.append(table(["backend", "batch", "prefill ms wall", "prefill ms GPU", "decode tok/s wall",
+                        "decode tok/s GPU", "wall/GPU", "GPU time"], rows))
+    by = {(g["backend"], g["batch"]): g for g in r["generation"]}
+    for batch in sorted({g["batch"] for g in r["generation"]}):
+        if ("awq", batch) in by and ("quick", batch) in by:
+            lines.append(f"batch {batch}: quick/awq decode speedup {by['quick', batch]['decode_gpu_tokens_per_s'] / by['awq', batch]['decode_gpu_tokens_per_s']:.2f}x GPU time, "
+                         f"{by['quick', batch]['decode_tokens_per_s'] / by['awq', batch]['decode_tokens_per_s']:.2f}x wall")
+    for backend, o in r["decode_step_batch1"].items():
+        lines.append(f"[{backend}] batch-1 decode step (graph, GPU time, attention over {r['prompt']} positions): "
+                     f"{o['full_step_us']:.0f} us; without GEMMs {o['no_gemm_step_us']:.0f} us = "
+                     f"{o['non_gemm_us_per_layer']:.1f} us of non-GEMM work per layer; GEMMs {o['gemm_us_per_layer']:.1f} us per layer")
+    return "\n".join(lines)
