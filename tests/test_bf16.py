@@ -47,6 +47,17 @@ def test_naive_scale_rounding_is_what_the_split_avoids():
     assert (naive != accuracy.dequant_bf16(d, s)).mean() > 0.05
 
 
+def test_emulated_bf16_weights_rank_as_the_kernel_comment_says(rng):
+    """Against the exact float64 weights: the kernels' weights (rounded once) are the closest, and
+    the naive zero-point path the farthest (its cancellation error grows with zero * scale)."""
+    from quickcupy import quantize
+    q = quantize((rng.standard_normal((256, 1024)) * 0.05).astype(np.float16), 128)
+    exact = q.dequantize(np.float64)
+    err = {name: rel_error(w, exact) for name, w in accuracy.emulated_bf16_weights(q).items()}
+    once, scale_first, naive_zp = err.values()
+    assert once <= 2 ** -8 and once < scale_first < naive_zp
+
+
 def test_accuracy_tool_refuses_bad_options_before_any_work(capsys):
     assert main(["accuracy", "--shape", "4096"]) == 2
     assert "--shape: '4096' is not KxN" in capsys.readouterr().err

@@ -3,10 +3,11 @@
 For each M: one AWQ-quantized random weight (K x N, group G) and random activations, rounded to
 each dtype; the reference is float64 of those very inputs (:func:`quickcupy.reference_gemm`). Each
 kernel's ``||y - ref|| / ||ref||`` is shown next to the *floor*, the error of rounding the float64
-result itself to the dtype (no kernel can do better), and the bf16/fp16 ratio. Two NumPy rows show
-where bf16's zero-point/scale arithmetic can go: the weights as the kernels make them (each
-(code - zero) * scale rounded once to bf16, :func:`dequant_bf16`) and the naive path (the fp16
-scale rounded to bf16 first, then the product rounded again).
+result itself to the dtype (no kernel can do better), and the bf16/fp16 ratio. Three NumPy rows
+show where bf16's zero-point/scale arithmetic can go (each then multiplied exactly, output rounded
+to bf16): the weights as the kernels make them (each (code - zero) * scale rounded once to bf16,
+:func:`dequant_bf16`); the scale rounded to bf16 first, then the product rounded again; and the
+naive zero-point path, code * s - zero * s with s, both products and the difference in bf16.
 """
 from __future__ import annotations
 
@@ -38,6 +39,26 @@ def dequant_bf16(d, scales):
     d = np.asarray(d, np.float64)
     prod_lo = (d * lo.astype(np.float64)).astype(_bf16()).astype(np.float64)
     return (d * hi.astype(np.float64) + prod_lo).astype(_bf16())
+
+
+def _round_bf16(a):
+    return np.asarray(a, np.float64).astype(_bf16()).astype(np.float64)
+
+
+def emulated_bf16_weights(q) -> dict:
+    """bf16 weights (N, K), as float64, of a QuantizedWeight made three ways: the kernels' (each
+    (code - zero) * scale rounded once), the scale rounded to bf16 before the product, and the naive
+    zero-point path code * s - zero * s with s, both products and the difference rounded to bf16."""
+    N, K, G = q.out_features, q.in_features, q.group_size
+    codes = q.codes.reshape(N, K // G, G).astype(np.float64)
+    zeros = q.zeros[..., None].astype(np.float64)
+    scales = q.scales[..., None]
+    s_bf16 = _round_bf16(scales)
+    return {"weights rounded once (the kernels')":
+                dequant_bf16(codes - zeros, np.broadcast_to(scales, codes.shape)).astype(np.float64).reshape(N, K),
+            "bf16(scale), then bf16(product)": _round_bf16((codes - zeros) * s_bf16).reshape(N, K),
+            "naive zero point: bf16(code*s) - bf16(zero*s)":
+                _round_bf16(_round_bf16(codes * s_bf16) - _round_bf16(zeros * s_bf16)).reshape(N, K)}
 
 
 def add_parser(subparsers):
@@ -88,10 +109,7 @@ def measure(K, N, ms, G, names, seed) -> str:
     rng = np.random.default_rng(seed)
     q = quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float16), G)
     layers = {}
-    d = q.codes.reshape(N, K // q.group_size, q.group_size).astype(np.float64) - q.zeros[..., None]
-    w_once = dequant_bf16(d, np.broadcast_to(q.scales[..., None], d.shape)).reshape(N, K).astype(np.float64)
-    naive_s = q.scales.astype(bf16).astype(np.float64)[..., None]
-    w_naive = (d * naive_s).astype(bf16).reshape(N, K).astype(np.float64)
+    emulated = emulated_bf16_weights(q)
     rows = []
     for M in ms:
         x32 = rng.standard_normal((M, K)).astype(np.float32)
@@ -111,11 +129,8 @@ def measure(K, N, ms, G, names, seed) -> str:
                 gemm(cupy.asarray(x), layers[design.layout], kernel, out=out)
                 errs[kernel] = rel_error(out.get().astype(np.float64), ref)
             if dt == bf16:
-                xf = x.astype(np.float64)
-                errs["numpy bf16 weights, scale rounded once"] = rel_error(
-                    (xf @ w_once.T).astype(bf16).astype(np.float64), ref)
-                errs["numpy naive: bf16(scale) then bf16(product)"] = rel_error(
-                    (xf @ w_naive.T).astype(bf16).astype(np.float64), ref)
+                for name, w in emulated.items():
+                    errs[f"numpy: {name}"] = rel_error(_round_bf16(x.astype(np.float64) @ w.T), ref)
             res[dt.name] = (floor, errs)
         f16, fb = res["float16"], res["bfloat16"]
         for kernel in list(f16[1]) + [k for k in fb[1] if k not in f16[1]]:
