@@ -225,10 +225,10 @@ DEQUANT_THREADS = 128
 # GQA group; head_dim a multiple of 32 (a warp spans it) between the least and greatest of these.
 DECODE_HEAD_DIMS = (64, 96, 128, 256)
 DECODE_HEADS_PER_BLOCK = (8, 4, 2, 1)
-# cuda/llama_ops.cu: the Llama layer's small ops (quickcupy/llama/ops.py), float16 activations.
+# cuda/llama_ops.cu: the Llama layer's small ops (quickcupy/llama/ops.py), one instance per activation dtype.
 LLAMA_OPS_THREADS = 256
-LLAMA_OPS = ("add_rms_norm<half>", "rope_cache<half>", "silu_mul<half>", "argmax_rows<half>",
-             "advance_position")
+LLAMA_OPS = tuple(f"{op}<{c}>" for op in ("add_rms_norm", "rope_cache", "silu_mul", "argmax_rows")
+                  for c in DTYPES.values()) + ("advance_position",)
 
 SOURCES = {s.filename: s for s in (
     *(Source(d.source, tuple(d.instances()),

@@ -1,4 +1,5 @@
-"""The Llama layer's small ops as single kernels (cuda/llama_ops.cu), for CuPy float16 arrays.
+"""The Llama layer's small ops as single kernels (cuda/llama_ops.cu), for CuPy float16 (or
+bfloat16) arrays; the model runs float16.
 
 Each op is one launch with no host synchronization and no allocation besides its output, so a decode
 step built from them can be captured in a CUDA graph. Positions are read from device memory
@@ -10,16 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import get_function
-from ..registry import LLAMA_OPS_THREADS
-
-_CTYPES = {np.dtype(np.float16): "half"}     # instantiated in registry.LLAMA_OPS
+from ..registry import DTYPES, LLAMA_OPS_THREADS
 
 
 def _fn(a, name: str):
     try:
-        ctype = _CTYPES[a.dtype]
+        ctype = DTYPES[a.dtype.name]       # registry.LLAMA_OPS instantiates each op for each
     except KeyError:
-        raise ValueError(f"llama ops take float16 arrays, got {a.dtype}") from None
+        raise ValueError(f"llama ops take {' or '.join(DTYPES)} arrays, got {a.dtype}") from None
     return get_function(a.device.id, "llama_ops.cu", f"{name}<{ctype}>")
 
 
@@ -29,7 +28,7 @@ def _contiguous(name: str, a):
 
 
 def add_rms_norm(x, weight, eps: float, delta=None, out=None):
-    """RMSNorm of the rows of x (..., H) float16 with weight (H,) float16, statistics in float32.
+    """RMSNorm of the rows of x (..., H) float16 with weight (H,) of x's dtype, statistics in float32.
 
     delta: None, or (..., H) float16 added to x first, in place (x becomes the residual stream
     x + delta, rounded to float16), so the residual add costs no launch of its own.
