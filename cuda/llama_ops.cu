@@ -139,4 +139,4 @@ argmax_rows(const T* __restrict__ logits, long long* __restrict__ out, int V) {
 }
 
 // The decode position moves on inside the graph: *start += step (one thread).
-__global__ void advance_position(int* start, int step) { *start += step; }
+extern "C" __global__ void advance_position(int* start, int step) { *start += step; }

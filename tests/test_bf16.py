@@ -176,6 +176,8 @@ def test_bf16_group_sizes_bias_and_batch_dims(G, rng):
     for bias in (_bf16(rng, N), rng.standard_normal(N).astype(np.float16)):
         ref = reference_gemm(x.astype(np.float64), q, bias.astype(np.float64))
         for kernel in BF16_KERNELS:
+            if 30 > (registry.design_of(kernel).max_m or 30):   # 2 x 3 x 5 rows
+                continue
             y = _run(x, _layer(q, kernel, bias), kernel)
             assert y.shape == (2, 3, 5, N)
             _check(y, ref)

@@ -167,7 +167,7 @@ def test_bad_inputs_raise_before_launch(rng):
     x = cupy.asarray(rng.standard_normal((4, K)).astype(np.float16))
     with pytest.raises(TypeError, match="NumPy array; move it to the GPU"):
         gemm(x.get(), layer)
-    with pytest.raises(TypeError, match="x must be float16, got float32"):
+    with pytest.raises(TypeError, match="x must be float16 or bfloat16, got float32"):
         gemm(x.astype(np.float32), layer)
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 256\)"):
         gemm(x[:, :128].copy(), layer)

@@ -103,7 +103,7 @@ def test_torch_bad_inputs_raise(rng):
     x = torch.randn(4, 512, dtype=torch.float16)
     with pytest.raises(TypeError, match=r"x is not in CUDA memory \(DLPack device type 1\)"):
         gemm(x, layer)
-    with pytest.raises(TypeError, match="x must be float16, got float32"):
+    with pytest.raises(TypeError, match="x must be float16 or bfloat16, got float32"):
         gemm(x.float().cuda(), layer)
     with pytest.raises(ValueError, match="C-contiguous"):
         gemm(torch.randn(512, 4, dtype=torch.float16, device="cuda").t(), layer)
