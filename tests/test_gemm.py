@@ -192,7 +192,7 @@ def test_bad_inputs_raise_before_launch(rng):
         gemm(x, layer, kernel="awq")
     with pytest.raises(ValueError, match=r"out must have shape \(4, 128\)"):
         gemm(x, layer, out=cupy.empty((4, 64), np.float16))
-    with pytest.raises(TypeError, match="out must be float16"):
+    with pytest.raises(TypeError, match="out must have x's dtype float16, got float32"):
         gemm(x, layer, out=cupy.empty((4, N), np.float32))
     buf = cupy.asarray(rng.standard_normal(8 * K).astype(np.float16))
     with pytest.raises(ValueError, match="out overlaps x"):
