@@ -61,12 +61,12 @@ class Design:
     shapes: tuple = ()       # planner "decode": the DecodeShapes (block shapes) it may launch
     arch: str | None = None  # the one NVRTC target it builds for (e.g. "sm_90a": wgmma), else the device's
     dtypes: tuple = ("float16",)   # activation dtypes (keys of DTYPES) it has instances for
+    split_rule: str = "nearest"  # split-K by M tiles: "nearest" one wave, or "fill": most splits within one wave
+    x_tensor_map: bool = False   # takes a TMA tensor map of x (box bm x 64, 128B swizzle) as its first argument
 
     def check_dtype(self, dtype: str):
         if dtype not in self.dtypes:
             raise ValueError(f"kernel {self.name} runs {' or '.join(self.dtypes)} activations, got {dtype}")
-    split_rule: str = "nearest"  # split-K by M tiles: "nearest" one wave, or "fill": most splits within one wave
-    x_tensor_map: bool = False   # takes a TMA tensor map of x (box bm x 64, 128B swizzle) as its first argument
 
     def check_m(self, M: int):
         if self.max_m is not None and M > self.max_m:
