@@ -306,12 +306,14 @@ def require_gpu():
     return dev
 
 
+@functools.lru_cache(maxsize=None)
 def device_arch(device_id: int) -> str:
     """NVRTC target of a device, e.g. "sm_90"."""
     import cupy
     return "sm_" + "".join(str(c) for c in cupy.cuda.Device(device_id).compute_capability)
 
 
+@functools.lru_cache(maxsize=None)
 def unsupported_reason(kernel: str, device_id: int):
     """Why gemm kernel ``kernel`` cannot run on CUDA device ``device_id`` (a design built for one
     architecture only, e.g. wgmma's sm_90a), or None when it can."""
