@@ -334,3 +334,14 @@ def test_bench_skips_a_shape_a_kernel_cannot_hold(tmp_path, capsys):
     assert {(s["kernel"], s["M"]) for s in data["skipped"]} == {("awq", 1), ("awq", 16)}
     err = capsys.readouterr().err
     assert err.count("skipping awq") == 1 and "out_features=96" in err
+
+
+def test_a_kernel_the_device_cannot_run_is_skipped_with_the_reason(monkeypatch):
+    """quick_sm90 off Hopper: the sweep skips it (with gemm's own message) instead of failing."""
+    from quickcupy import kernels
+    from quickcupy.tools.bench import shape_refusal
+    monkeypatch.setattr(kernels, "unsupported_reason",
+                        lambda k, d: "kernel='quick_sm90' is built for sm_90a only" if k == "quick_sm90" else None)
+    assert "sm_90a" in shape_refusal("quick_sm90", 4096, 4096, device=0)
+    assert shape_refusal("quick", 4096, 4096, device=0) is None
+    assert shape_refusal("fp16", 4096, 4096, device=0) is None

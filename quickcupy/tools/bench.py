@@ -147,12 +147,17 @@ def settings(args) -> Settings:
                     dtype=getattr(args, "dtype", "float16"))
 
 
-def shape_refusal(kernel: str, K: int, N: int, M: int | None = None, dtype: str | None = None):
-    """Why ``kernel`` cannot run a (K, N) layer (or M rows of it, or ``dtype`` activations): the
-    library's own message, or None."""
+def shape_refusal(kernel: str, K: int, N: int, M: int | None = None, dtype: str | None = None,
+                  device: int | None = None):
+    """Why ``kernel`` cannot run a (K, N) layer (or M rows of it, or ``dtype`` activations, or on
+    CUDA ``device``: quick_sm90 off Hopper): the library's own message, or None."""
     if kernel == BASELINE:
         return None
     from ..gemm import check_layer_shape
+    if device is not None:
+        from ..kernels import unsupported_reason
+        if unsupported_reason(kernel, device):
+            return f"ValueError: {unsupported_reason(kernel, device)}"
     try:
         check_layer_shape(design_of(kernel).layout, K, N)
         if M is not None and VARIANTS[kernel].path == "gemm":
@@ -250,8 +255,9 @@ def _bench_shape(K, N, s: Settings, l2_bytes, progress):
     y_all = cupy.empty((max(s.ms), N), dt)
     y_ref_all = cupy.empty((max(s.ms), N), dt)
     raw, skipped = [], []
+    device = cupy.cuda.Device().id
     for kernel in s.kernels:
-        reason = shape_refusal(kernel, K, N)
+        reason = shape_refusal(kernel, K, N, device=device)
         if reason:
             progress.note(f"skipping {kernel} at K={K} N={N}: {reason}")
             skipped += [{"K": K, "N": N, "M": M, "kernel": kernel, "reason": reason} for M in s.ms]
@@ -260,7 +266,7 @@ def _bench_shape(K, N, s: Settings, l2_bytes, progress):
         cupy.matmul(x, w_fp16, out=y_ref)
         ref_max = float(cupy.abs(y_ref).max()) or 1.0
         for kernel in s.kernels:
-            if shape_refusal(kernel, K, N):
+            if shape_refusal(kernel, K, N, device=device):
                 continue
             reason = shape_refusal(kernel, K, N, M, s.dtype)
             if reason:

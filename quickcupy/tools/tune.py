@@ -66,6 +66,12 @@ def run(args) -> int:
     if reason is not None:
         raise UsageError(f"tune measures kernels and needs a GPU: {reason}")
     candidates = parse_names("--kernels", args.kernels, CANDIDATES)
+    import cupy
+    from ..kernels import unsupported_reason
+    device = cupy.cuda.Device().id
+    for k in [k for k in candidates if unsupported_reason(k, device)]:
+        print(f"tune: leaving out {k}: {unsupported_reason(k, device)}")
+        candidates.remove(k)
     name = _device.device_info()["name"]
     out = args.out or str(dispatch.TUNING_DIR / f"{dispatch.device_slug(name)}.json")
     check_output_path("--out", out)
