@@ -7,6 +7,8 @@
 ``--dtype bfloat16``: bf16 activations, bias and output (the kernels without bf16 instances are
 skipped).
 
+``--kernels quick_sm90,...``: only these kernels (default: all of them).
+
 ``--no-cublas``: the dequant path runs only its own kernel (checked against the dequantized weight)
 and skips cuBLAS, whose sm_90 kernels racecheck cannot follow (it reports hazards inside nvjet
 kernels, or fails with an internal error when told to skip them).
@@ -39,6 +41,12 @@ CASES = [  # (M, K, N, group_size, tile_m, split_k)
 def main() -> int:
     no_cublas = "--no-cublas" in sys.argv[1:]
     dtype = kernels.np_dtype(sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv else "float16")
+    names = ("awq", "quick", "quick_decode", "quick_sm90", "dequant")
+    if "--kernels" in sys.argv:
+        wanted = sys.argv[sys.argv.index("--kernels") + 1].split(",")
+        if set(wanted) - set(names):
+            raise SystemExit(f"--kernels: {sorted(set(wanted) - set(names))} not among {names}")
+        names = tuple(wanted)
     rng = np.random.default_rng(0)
     worst = 0.0
     for M, K, N, G, tile_m, split_k in CASES:
@@ -47,7 +55,7 @@ def main() -> int:
         q = quantize(w, G)
         x = rng.standard_normal((M, K)).astype(np.float32).astype(dtype)
         ref = reference_gemm(x.astype(np.float64), q, bias.astype(np.float64))
-        for kernel in ("awq", "quick", "quick_decode", "quick_sm90", "dequant"):
+        for kernel in names:
             if kernels.unsupported_reason(kernel, cupy.cuda.Device().id) or \
                     dtype.name not in registry.design_of(kernel).dtypes:
                 continue

@@ -15,9 +15,6 @@ import numpy as np
 
 from .common import UsageError, check_output_path, parse_group_size, parse_int, parse_int_list, parse_names, table
 
-KERNELS = ("awq", "quick", "quick_decode", "dequant", "auto")
-
-
 def _bf16():
     import ml_dtypes
     return np.dtype(ml_dtypes.bfloat16)
@@ -66,7 +63,8 @@ def add_parser(subparsers):
     p.add_argument("--shape", default="4096x4096", help="KxN; default: %(default)s")
     p.add_argument("--m", default="1,16,256", help="rows of x, comma-separated; default: %(default)s")
     p.add_argument("--group-size", default="128", help="default: %(default)s")
-    p.add_argument("--kernels", default=",".join(KERNELS), help="default: %(default)s")
+    p.add_argument("--kernels", default=None,
+                   help="comma-separated kernels; default: every gemm kernel this GPU can run")
     p.add_argument("--seed", default="0", help="default: %(default)s")
     p.add_argument("--out", metavar="PATH", help="also write the table (with the command) to PATH")
     p.set_defaults(func=run)
@@ -81,14 +79,19 @@ def run(args) -> int:
     K, N = int(parts[0]), int(parts[1])
     ms = parse_int_list("--m", args.m, 1)
     G = parse_group_size("--group-size", args.group_size, [K])
-    names = parse_names("--kernels", args.kernels, tuple(ALL))
+    names = tuple(ALL) if args.kernels is None else parse_names("--kernels", args.kernels, tuple(ALL))
     seed = parse_int("--seed", args.seed, 0)
     check_output_path("--out", args.out)
     reason = device.no_gpu_reason()
     if reason is not None:
         print(f"accuracy needs a CUDA GPU: {reason}")
         return 1
-    text = measure(K, N, ms, G, names, seed)
+    import cupy
+    from ..kernels import unsupported_reason
+    dev = cupy.cuda.Device().id
+    skipped = [f"{k}: {unsupported_reason(k, dev)}" for k in names if unsupported_reason(k, dev)]
+    names = tuple(k for k in names if not unsupported_reason(k, dev))
+    text = measure(K, N, ms, G, names, seed) + "".join(f"\nskipped {s}" for s in skipped)
     head = f"command: {getattr(args, 'command_line', 'python -m quickcupy accuracy')}\n"
     head += f"device: {device.device_info().get('name')}\n"
     print(head + text)
