@@ -248,11 +248,13 @@ struct Dt<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
-// 16-byte global -> shared copy that bypasses registers; zero-fills when !pred.
+// 16-byte global -> shared copy that bypasses registers; zero-fills when !pred. `smem`: a
+// shared-window address (smem_addr), or a pointer into shared memory.
+__device__ __forceinline__ void cp_async16(u32 smem, const void* gmem, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(smem), "l"(gmem), "r"(pred ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
-  const int bytes = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               :: "r"(smem_addr(smem)), "l"(gmem), "r"(bytes));
+  cp_async16(smem_addr(smem), gmem, pred);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

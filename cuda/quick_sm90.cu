@@ -87,9 +87,6 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
   // columns past K arrive as zeros; one large copy, off the LSU), every warp its own tile's packed
   // weights (one 16-byte cp.async per lane and chunk) and per reloaded chunk its scales and zeros
   // (lanes 0..4). The full barrier waits for thread 0's bytes and every thread's copies.
-  auto cp16 = [](u32 dst, const void* src, bool ok) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
-  };
   auto load_step = [&](int it) {
     const u32 slot = ring + (it % STAGES) * SLOT, bar = full + 8 * (it % STAGES);
     const int kc = kc0 + it * SM90_U;
@@ -100,10 +97,10 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
 #pragma unroll
     for (int c = 0; c < SM90_U; ++c) {
       const bool ok = warp_active && kc + c < kc1;
-      cp16(slot + X_BYTES + ((warp * SM90_U + c) * 32 + lane) * 16, ok ? wq + (size_t)(kc + c) * 32 : wq, ok);
+      cp_async16(slot + X_BYTES + ((warp * SM90_U + c) * 32 + lane) * 16, ok ? wq + (size_t)(kc + c) * 32 : wq, ok);
       if (c % GCH == 0 && lane < 5) {
         const int grp = (kc + c) / chunks_per_group;
-        cp16(slot + X_BYTES + SM90_W_BYTES + (c * SM90_WARPS + warp) * SM90_SZ_BYTES + 16 * lane,
+        cp_async16(slot + X_BYTES + SM90_W_BYTES + (c * SM90_WARPS + warp) * SM90_SZ_BYTES + 16 * lane,
              ok ? szq + (size_t)grp * sz_stride : szq, ok);
       }
     }
