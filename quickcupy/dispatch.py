@@ -9,7 +9,10 @@ one JSON file per GPU model in ``quickcupy/tuning/`` (made by ``python -m quickc
 committed): ``{"device": name, "rules": [{"max_m": 128, "kernel": "quick"}, ..., {"max_m": null,
 "kernel": "dequant"}], "shapes": [{"K": 4096, "N": 4096, "rules": [...]}, ...], ...}``; rules in
 increasing ``max_m``, the last without a bound; "rules" (the best over all shapes) serves a table
-without "shapes". A GPU without a table gets :data:`DEFAULT_RULES` (said so by :func:`table_for`).
+without "shapes". These top-level rules are float16's; another activation dtype whose crossovers
+differ has its own ``"dtypes": {"bfloat16": {"rules": [...], "shapes": [...]}}`` section (a dtype
+without one uses float16's). A GPU without a table gets :data:`DEFAULT_RULES` (said so by
+:func:`table_for`).
 """
 from __future__ import annotations
 
@@ -54,17 +57,32 @@ def check_rules(rules, where: str = "rules") -> tuple:
     return tuple(dict(r) for r in rules)
 
 
+def _section(data: dict, where: str) -> dict:
+    """{"rules", "shapes"} of one dtype's part of a table file, validated."""
+    shapes = tuple((int(e["K"]), int(e["N"]), check_rules(e["rules"], f"{where} shape {e['K']}x{e['N']}"))
+                   for e in data.get("shapes", ()) if isinstance(e, dict))
+    return {"rules": check_rules(data.get("rules"), where), "shapes": shapes}
+
+
 @functools.lru_cache(maxsize=None)
 def table_for(device_name: str) -> dict:
-    """The table of a GPU model: {"device", "rules", "source"} (source: the file, or "default")."""
+    """The table of a GPU model: {"device", "rules", "shapes", "dtypes", "source"} (source: the
+    file, or "default"); "dtypes" maps a dtype name to its own {"rules", "shapes"}."""
     path = TUNING_DIR / f"{device_slug(device_name)}.json"
     if not path.is_file():
         return {"device": device_name, "rules": DEFAULT_RULES, "source": "default (no measured table)"}
     data = json.loads(path.read_text())
-    shapes = tuple((int(e["K"]), int(e["N"]), check_rules(e["rules"], f"{path} shape {e['K']}x{e['N']}"))
-                   for e in data.get("shapes", ()) if isinstance(e, dict))
-    return {"device": data.get("device", device_name), "rules": check_rules(data["rules"], str(path)),
-            "shapes": shapes, "source": str(path)}
+    dtypes = {name: _section(d, f"{path} dtype {name}") for name, d in data.get("dtypes", {}).items()}
+    unknown = set(dtypes) - set(registry.DTYPES)
+    if unknown:
+        raise ValueError(f"{path}: dtypes {sorted(unknown)} are not among {tuple(registry.DTYPES)}")
+    return {"device": data.get("device", device_name), **_section(data, str(path)), "dtypes": dtypes,
+            "source": str(path)}
+
+
+def section_for(table: dict, dtype: str) -> dict:
+    """The part of ``table`` that serves activations of ``dtype``: its own section, else float16's."""
+    return table.get("dtypes", {}).get(dtype, table)
 
 
 def rules_for(table: dict, N: int, K: int) -> tuple:
@@ -96,7 +114,7 @@ def kernel_for(M: int, N: int, K: int, device_id: int, dtype: str = "float16") -
     instances for ``dtype`` (Design.dtypes) falls back to :data:`DEFAULT_RULES`, whose kernels run
     every activation dtype."""
     from .kernels import unsupported_reason
-    kernel = choose(M, rules_for(table_for(_device_name(device_id)), N, K))
+    kernel = choose(M, rules_for(section_for(table_for(_device_name(device_id)), dtype), N, K))
     if unsupported_reason(kernel, device_id) is None and dtype in registry.design_of(kernel).dtypes:
         return kernel
     return choose(M, DEFAULT_RULES)

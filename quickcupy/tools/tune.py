@@ -5,11 +5,17 @@ bench's shapes and a sweep of M, exactly as ``bench`` does, then makes rules (qu
 for each measured shape, the fastest kernel at each M, equal neighbours merged; and over all
 shapes, the kernel with the smallest geometric-mean time (the rules of a table without shapes).
 It prints, per M, each candidate's time relative to the best one at every shape, and writes the
-table (default: quickcupy/tuning/<gpu>.json, which ships with the package).
+table (default: quickcupy/tuning/<gpu>.json, which ships with the package): float16's rules at the
+top level, another ``--dtype``'s in the file's "dtypes" section; the other dtypes' parts of an
+existing file are kept. ``--points`` makes the rules from the points of an earlier ``bench`` or
+``tune --json`` run (no GPU needed), e.g. to re-derive a table from a committed sweep.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+
 from .. import device as _device
 from .. import dispatch, registry
 from . import bench
@@ -31,6 +37,10 @@ def add_parser(subparsers):
     p.add_argument("--out", metavar="PATH", default=None,
                    help="where to write the table; default: quickcupy/tuning/<gpu>.json")
     p.add_argument("--json", metavar="PATH", help="also write every measured point (bench's JSON)")
+    p.add_argument("--dtype", choices=tuple(registry.DTYPES), default="float16",
+                   help="activation dtype the rules are for; default: %(default)s")
+    p.add_argument("--points", metavar="PATH",
+                   help="make the rules from this bench/tune JSON's points instead of measuring")
     p.set_defaults(func=run)
 
 
@@ -62,38 +72,78 @@ def rules_from(points, candidates) -> tuple:
 
 
 def run(args) -> int:
-    reason = _device.no_gpu_reason()
-    if reason is not None:
-        raise UsageError(f"tune measures kernels and needs a GPU: {reason}")
     candidates = parse_names("--kernels", args.kernels, CANDIDATES)
-    import cupy
-    from ..kernels import unsupported_reason
-    device = cupy.cuda.Device().id
-    for k in [k for k in candidates if unsupported_reason(k, device)]:
-        print(f"tune: leaving out {k}: {unsupported_reason(k, device)}")
-        candidates.remove(k)
-    name = _device.device_info()["name"]
+    if args.points:
+        result = _load_points(args.points, args.dtype)
+        name = result["device"]["name"]
+    else:
+        reason = _device.no_gpu_reason()
+        if reason is not None:
+            raise UsageError(f"tune measures kernels and needs a GPU (or --points): {reason}")
+        import cupy
+        from ..kernels import unsupported_reason
+        device = cupy.cuda.Device().id
+        for k in [k for k in candidates if unsupported_reason(k, device)]:
+            print(f"tune: leaving out {k}: {unsupported_reason(k, device)}")
+            candidates.remove(k)
+        name = _device.device_info()["name"]
     out = args.out or str(dispatch.TUNING_DIR / f"{dispatch.device_slug(name)}.json")
     check_output_path("--out", out)
-    s = bench.Settings(shapes=tuple(bench.parse_shapes(args.shapes)), ms=tuple(bench.parse_ms(args.m)),
-                       kernels=tuple(candidates), group_size=bench.DEFAULT_GROUP_SIZE, warmup=5,
-                       repeats=int(args.repeats), seed=0, json=args.json, csv=None, plot=None, quiet=True,
-                       command=getattr(args, "command_line", "python -m quickcupy tune"))
-    check_output_path("--json", s.json)
-    result = bench.measure(s, bench.new_result(s, None))
-    if s.json:
-        write_json(s.json, result)
-    rules, rows = rules_from(result["points"], candidates)
-    shapes = [{"K": K, "N": N, "rules": list(rules_from([p for p in result["points"]
-                                                         if (p["K"], p["N"]) == (K, N)], candidates)[0])}
-              for K, N in s.shapes]
-    write_json(out, {"device": name, "command": s.command, "rules": list(rules), "shapes": shapes,
-                     "group_size": s.group_size, "per_m": rows}, indent=1)
+    command = getattr(args, "command_line", "python -m quickcupy tune")
+    if not args.points:
+        s = bench.Settings(shapes=tuple(bench.parse_shapes(args.shapes)), ms=tuple(bench.parse_ms(args.m)),
+                           kernels=tuple(candidates), group_size=bench.DEFAULT_GROUP_SIZE, warmup=5,
+                           repeats=int(args.repeats), seed=0, json=args.json, csv=None, plot=None, quiet=True,
+                           command=command, dtype=args.dtype)
+        check_output_path("--json", s.json)
+        result = bench.measure(s, bench.new_result(s, None))
+        if s.json:
+            write_json(s.json, result)
+    points = [p for p in result["points"] if p["kernel"] in candidates]
+    rules, rows = rules_from(points, candidates)
+    shapes = [{"K": K, "N": N, "rules": list(rules_from([p for p in points if (p["K"], p["N"]) == (K, N)],
+                                                        candidates)[0])}
+              for K, N in dict.fromkeys((p["K"], p["N"]) for p in points)]
+    section = {"command": command, "rules": list(rules), "shapes": shapes,
+               "group_size": result["settings"]["group_size"], "per_m": rows}
+    write_json(out, _merged(out, name, args.dtype, section), indent=1)
     dispatch.table_for.cache_clear()
     print(table(list(rows[0]), [["-" if v is None else f"{v:.2f}" if isinstance(v, float) else v
                                  for v in r.values()] for r in rows]))
-    print(f"\nrules over all shapes: {list(rules)}")
+    print(f"\n{args.dtype} rules over all shapes: {list(rules)}")
     for e in shapes:
         print(f"rules at K={e['K']} N={e['N']}: {e['rules']}")
     print(f"wrote {out}")
     return 0
+
+
+def _load_points(path: str, dtype: str) -> dict:
+    """A bench/tune JSON whose points were measured with ``dtype`` activations; UsageError otherwise."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        measured = result["settings"].get("dtype", "float16")
+        result["points"], result["device"]["name"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--points: {path} is not a readable bench JSON ({exc})") from exc
+    if measured != dtype:
+        raise UsageError(f"--points: {path} was measured with {measured} activations, not --dtype {dtype}")
+    return result
+
+
+def _merged(path: str, device_name: str, dtype: str, section: dict) -> dict:
+    """The table file at ``path`` (or a new one) with ``dtype``'s part replaced by ``section``:
+    float16 at the top level, another dtype under "dtypes"; a new file without float16 rules gets
+    dispatch.DEFAULT_RULES there."""
+    data = {"device": device_name, "command": "none measured: quickcupy.dispatch.DEFAULT_RULES",
+            "rules": list(dispatch.DEFAULT_RULES)}
+    if os.path.isfile(path):
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("device") != device_name:
+            raise UsageError(f"--out: {path} holds the table of {data.get('device')!r}, not {device_name!r}")
+    if dtype == "float16":
+        data.update(section)
+    else:
+        data.setdefault("dtypes", {})[dtype] = section
+    return data
