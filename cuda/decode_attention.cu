@@ -1,26 +1,39 @@
 // Fused attention of one decode step (one new token per sequence): for sequence b and query head h,
-// out = softmax(q . K[:, :length] / sqrt(D)) @ V[:length], fp32 math, fp16 in and out. Positions
-// >= length are never read. Caches as quickcupy/llama/model.py's KVCache: keys (B, n_kv, D, max_len)
-// (K^T: position is the contiguous axis), values (B, n_kv, max_len, D); q (B, n_heads, D);
+// out = softmax(q . K[:, :length] / sqrt(D)) @ V[:length], fp32 math, T (half or bf16) in and out.
+// Positions >= length are never used. Caches as quickcupy/llama/model.py's KVCache: keys
+// (B, n_kv, D, max_len) (K^T: position is the contiguous axis), values (B, n_kv, max_len, D);
 // out (B, n_heads * D); length: positions to attend, plus *start when start is not null (the
 // position of the new token in device memory: one captured graph serves every step).
 // Query head h reads KV head h / (n_heads / n_kv) (Hugging Face repeat_kv).
 //
+// Two modes, by cos_t:
+//   cos_t null: q (B, n_heads, D) holds rotated queries and the caches already hold position length - 1.
+//   cos_t given (the Llama decode step, rope and cache write fused in): q is the qkv projection
+//     (B, n_heads + 2 n_kv, D) of the new token at position p = length - 1; the block rotates its
+//     query heads and its KV head's k (rotate_half pairs i, i + D/2, cos/sin tables (positions, D/2)
+//     fp32, each rotated value rounded to T as llama_ops.cu's rope_cache does), writes k and v into
+//     the caches at p, then attends (a GQA group split over blocks writes the same bytes twice).
+//
 // Block: HEADS query heads of one sequence sharing one KV head (HEADS divides the group), so K and V
-// are read once per block. It walks the positions in tiles of THREADS with an online softmax (running
-// max and sum, rescaled per tile), so any length runs in fixed shared memory.
-//   scores:       thread i owns position tile + i (a warp reads 32 consecutive halfs of each row of K^T);
+// are read once per block. It walks the positions in tiles of TP = THREADS with an online softmax
+// (running max and sum, rescaled per tile). Each tile of K^T (D x TP) and V (TP x D) is copied to
+// shared memory in bursts of cp.async (16-byte chunks when max_len % 8 == 0 and the caches are
+// 16-byte aligned, else element by element), so a tile costs one memory latency, not D dependent loads.
+// ONE_BUFFER (template): V is copied into the K tile's place once the scores are done, instead of
+// beside it while K is in flight: a second latency per tile, but half the shared memory, so twice
+// the blocks per SM (quickcupy/attention.py picks it when the grid is larger than one wave).
+//   scores:       thread i owns position tile + i (a warp reads 32 consecutive elements of a row of K^T);
 //   weighted sum: warp w owns positions tile + w, w + WARPS, ...; lane l owns d elements
 //                 [l * D/32, (l + 1) * D/32) (a warp reads one whole row of V); warps add up at the end.
-#include <cuda_fp16.h>
-
-#include "smem_maps.cuh"
+// Dynamic shared memory: quickcupy/attention.py's decode_smem_bytes() states the same layout.
+#include "quant_common.cuh"   // Dt<T>, cp.async wrappers; smem_maps.cuh: DECODE_ATTENTION_THREADS
 
 namespace decode {
 
 constexpr int THREADS = DECODE_ATTENTION_THREADS;  // from quickcupy/registry.py, which launches this many
 constexpr int WARPS = THREADS / 32;
-constexpr float LOG2E = 1.4426950408889634f;  // scores are kept in log2 units: exp2f instead of expf
+constexpr int TP = THREADS;                        // positions per tile
+constexpr float LOG2E = 1.4426950408889634f;       // scores are kept in log2 units: exp2f instead of expf
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -34,47 +47,111 @@ __device__ __forceinline__ float warp_reduce(float v) {
   return v;
 }
 
-// E consecutive halfs at p as floats, in loads of C = 4, 2 or 1 halfs (the largest dividing E: rows of
-// V start at multiples of D = 32 E halfs and lane l at l * E, so p is 2C-byte aligned).
-template <int E>
-__device__ __forceinline__ void load_halfs(const half* __restrict__ p, float (&v)[E]) {
+// E consecutive elements at p (shared memory) as floats, in loads of C = 4, 2 or 1 elements (the
+// largest dividing E: rows of V start at multiples of D = 32 E and lane l at l * E).
+template <int E, typename T>
+__device__ __forceinline__ void load_row(const T* p, float (&v)[E]) {
   constexpr int C = E % 4 == 0 ? 4 : E % 2 == 0 ? 2 : 1;
-  struct alignas(2 * C) Chunk { half h[C]; };
+  struct alignas(2 * C) Chunk { T h[C]; };
 #pragma unroll
   for (int c = 0; c < E / C; ++c) {
     const Chunk x = reinterpret_cast<const Chunk*>(p)[c];
 #pragma unroll
-    for (int k = 0; k < C; ++k) v[c * C + k] = __half2float(x.h[k]);
+    for (int k = 0; k < C; ++k) v[c * C + k] = qc::Dt<T>::to_float(x.h[k]);
   }
+}
+
+// Copies positions [t0, t0 + n) of K^T (rows of max_len) into Ks (D x TP), as one cp.async group.
+// vec: 16-byte chunks (a row's last chunk may read up to 7 positions past n, still inside max_len,
+// never used); else element by element, synchronously.
+template <int D, typename T>
+__device__ __forceinline__ void load_k(const T* __restrict__ K, T* Ks, int max_len, int t0, int n, bool vec) {
+  constexpr int CPR = TP / 8;   // 16-byte chunks in a row of a full tile of K^T
+  const int tid = threadIdx.x;
+  if (vec) {
+    const int j = tid % CPR;
+    if (8 * j < n) {
+#pragma unroll 4
+      for (int i = tid / CPR; i < D; i += THREADS / CPR)
+        qc::cp_async16(Ks + i * TP + 8 * j, K + (size_t)i * max_len + t0 + 8 * j, true);
+    }
+  } else {
+    for (int c = tid; c < D * n; c += THREADS) Ks[(c / n) * TP + c % n] = K[(size_t)(c / n) * max_len + t0 + c % n];
+  }
+  qc::cp_async_commit();
+}
+
+// Copies rows [t0, t0 + n) of V (contiguous) into Vs (n x D), as one cp.async group (vec as load_k).
+template <int D, typename T>
+__device__ __forceinline__ void load_v(const T* __restrict__ V, T* Vs, int t0, int n, bool vec) {
+  const T* src = V + (size_t)t0 * D;
+  if (vec) {
+#pragma unroll 4
+    for (int c = threadIdx.x; c < n * (D / 8); c += THREADS) qc::cp_async16(Vs + 8 * c, src + 8 * c, true);
+  } else {
+    for (int c = threadIdx.x; c < n * D; c += THREADS) Vs[c] = src[c];
+  }
+  qc::cp_async_commit();
 }
 
 }  // namespace decode
 
-template <int D, int HEADS>
+template <int D, int HEADS, bool ONE_BUFFER, typename T>
 __global__ void __launch_bounds__(decode::THREADS)
-decode_attention(const half* __restrict__ q, const half* __restrict__ keys, const half* __restrict__ values,
-                 half* __restrict__ out, int n_heads, int n_kv, int max_len, int length,
-                 const int* __restrict__ start) {
+decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ values, T* __restrict__ out,
+                 int n_heads, int n_kv, int max_len, int length, const int* __restrict__ start,
+                 const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
   using namespace decode;
-  if (start) length += *start;   // a CUDA graph reads the cache length from device memory
+  using Dt = qc::Dt<T>;
   static_assert(D % 32 == 0, "a warp spans head_dim in the weighted sum: D must be a multiple of 32");
+  static_assert(WARPS * HEADS * D * 4 <= D * TP * (int)sizeof(T), "the warps' sums reuse the K tile");
   constexpr int E = D / 32;                        // d elements per lane in the weighted sum
-  __shared__ __align__(16) float q_s[D][HEADS];    // q * log2(e) / sqrt(D)
-  __shared__ float p_s[HEADS][THREADS];            // probabilities of the current tile
-  __shared__ float red_s[WARPS][HEADS];            // per-warp maxima, then per-warp sums
-  __shared__ float sum_s[WARPS][HEADS][D];         // per-warp weighted sums
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* Ks = reinterpret_cast<T*>(smem);                            // D x TP: the tile of K^T
+  T* Vs = ONE_BUFFER ? Ks : Ks + D * TP;                         // TP x D: the tile of V
+  float* q_s = reinterpret_cast<float*>(Ks + (ONE_BUFFER ? 1 : 2) * D * TP);   // D x HEADS: q * log2(e) / sqrt(D)
+  float* p_s = q_s + D * HEADS;                                  // HEADS x TP: the tile's probabilities
+  float* red_s = p_s + HEADS * TP;                               // WARPS x HEADS: maxima, then sums
+  float* sum_s = reinterpret_cast<float*>(smem);                 // WARPS x HEADS x D, after the loop
 
+  if (start) length += *start;   // a CUDA graph reads the cache length from device memory
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int blocks_per_seq = n_heads / HEADS;
   const int b = blockIdx.x / blocks_per_seq, h0 = (blockIdx.x % blocks_per_seq) * HEADS;
   const int kv = h0 / (n_heads / n_kv);
-  const half* K = keys + (size_t)(b * n_kv + kv) * D * max_len;     // D x max_len
-  const half* V = values + (size_t)(b * n_kv + kv) * max_len * D;   // max_len x D
-  const size_t q0 = ((size_t)b * n_heads + h0) * D;                 // q and out of heads h0 ..: HEADS x D
-
+  T* K = keys + (size_t)(b * n_kv + kv) * D * max_len;     // D x max_len
+  T* V = values + (size_t)(b * n_kv + kv) * max_len * D;   // max_len x D
   const float scale = LOG2E / sqrtf((float)D);
-  for (int i = tid; i < HEADS * D; i += THREADS) q_s[i % D][i / D] = __half2float(q[q0 + i]) * scale;
-  __syncthreads();
+  const bool vec = max_len % 8 == 0 && (reinterpret_cast<size_t>(keys) | reinterpret_cast<size_t>(values)) % 16 == 0;
+
+  if (cos_t) {
+    // q is qkv: rotate this block's query heads into q_s, and the KV head's k into the cache at p.
+    const int q_heads = n_heads + 2 * n_kv, p = length - 1;
+    const T* row = q + (size_t)b * q_heads * D;
+    const float* c = cos_t + (size_t)p * (D / 2);
+    const float* s = sin_t + (size_t)p * (D / 2);
+    for (int j = tid; j < (HEADS + 1) * (D / 2); j += THREADS) {
+      const int g = j / (D / 2), i = j % (D / 2);
+      const T* x = row + (g < HEADS ? h0 + g : n_heads + kv) * D;
+      const float x1 = Dt::to_float(x[i]), x2 = Dt::to_float(x[i + D / 2]);
+      // __fmul_rn: no fused multiply-add, so the rounding is the reference's x1 * c - x2 * s
+      const T y1 = Dt::from_float(__fmul_rn(x1, c[i]) - __fmul_rn(x2, s[i]));
+      const T y2 = Dt::from_float(__fmul_rn(x2, c[i]) + __fmul_rn(x1, s[i]));
+      if (g < HEADS) {
+        q_s[i * HEADS + g] = Dt::to_float(y1) * scale;
+        q_s[(i + D / 2) * HEADS + g] = Dt::to_float(y2) * scale;
+      } else {
+        K[(size_t)i * max_len + p] = y1;
+        K[(size_t)(i + D / 2) * max_len + p] = y2;
+      }
+    }
+    const T* v_new = row + (size_t)(n_heads + n_kv + kv) * D;
+    for (int i = tid; i < D; i += THREADS) V[(size_t)p * D + i] = v_new[i];
+    __syncthreads();   // the block's own cache writes are seen by its tile loads below
+  } else {
+    const T* qh = q + ((size_t)b * n_heads + h0) * D;
+    for (int i = tid; i < HEADS * D; i += THREADS) q_s[(i % D) * HEADS + i / D] = Dt::to_float(qh[i]) * scale;
+  }
 
   // Per query head: the running max (the same in every thread), this thread's share of the sum of
   // exponentials, and this lane's weighted sums of V; all relative to the running max.
@@ -87,43 +164,52 @@ decode_attention(const half* __restrict__ q, const half* __restrict__ keys, cons
     for (int e = 0; e < E; ++e) acc[g][e] = 0.f;
   }
 
-  for (int t0 = 0; t0 < length; t0 += THREADS) {
+  for (int t0 = 0; t0 < length; t0 += TP) {
+    const int n = min(TP, length - t0);
+    load_k<D>(K, Ks, max_len, t0, n, vec);
+    if (!ONE_BUFFER) load_v<D>(V, Vs, t0, n, vec);
+    qc::cp_async_wait<ONE_BUFFER ? 0 : 1>();   // this thread's K chunks (V may still be in flight)
+    __syncthreads();                           // everyone's K chunks, and q_s
+
     // Scores of position t0 + tid (-inf past length).
-    const int t = t0 + tid;
     float s[HEADS];
 #pragma unroll
-    for (int g = 0; g < HEADS; ++g) s[g] = t < length ? 0.f : neg_inf();
-    if (t < length) {
+    for (int g = 0; g < HEADS; ++g) s[g] = tid < n ? 0.f : neg_inf();
+    if (tid < n) {
 #pragma unroll 16
       for (int i = 0; i < D; ++i) {
-        const float k = __half2float(K[i * max_len + t]);
+        const float k = Dt::to_float(Ks[i * TP + tid]);
 #pragma unroll
-        for (int g = 0; g < HEADS; ++g) s[g] = fmaf(q_s[i][g], k, s[g]);
+        for (int g = 0; g < HEADS; ++g) s[g] = fmaf(q_s[i * HEADS + g], k, s[g]);
       }
     }
     // Tile maximum over the block; lane 0 of each warp posts its warp's.
 #pragma unroll
     for (int g = 0; g < HEADS; ++g) {
       const float w = warp_reduce<true>(s[g]);
-      if (lane == 0) red_s[warp][g] = w;
+      if (lane == 0) red_s[warp * HEADS + g] = w;
     }
-    __syncthreads();
-    float alpha[HEADS];   // rescales what earlier tiles accumulated to the new maximum
+    if (ONE_BUFFER) {
+      __syncthreads();        // every score read of the K tile is done: V takes its place
+      load_v<D>(V, Vs, t0, n, vec);
+    }
+    qc::cp_async_wait<0>();   // this thread's V chunks
+    __syncthreads();          // everyone's V chunks and tile maxima
+    float alpha[HEADS];       // rescales what earlier tiles accumulated to the new maximum
 #pragma unroll
     for (int g = 0; g < HEADS; ++g) {
-      float tile_max = red_s[0][g];
+      float tile_max = red_s[g];
 #pragma unroll
-      for (int w = 1; w < WARPS; ++w) tile_max = fmaxf(tile_max, red_s[w][g]);
+      for (int w = 1; w < WARPS; ++w) tile_max = fmaxf(tile_max, red_s[w * HEADS + g]);
       const float m_new = fmaxf(m[g], tile_max);   // finite: the tile holds position t0 < length
       alpha[g] = exp2f(m[g] - m_new);              // 0 on the first tile (m = -inf)
       m[g] = m_new;
       const float p = exp2f(s[g] - m_new);         // 0 past length
       l[g] = fmaf(l[g], alpha[g], p);
-      p_s[g][tid] = p;
+      p_s[g * TP + tid] = p;
     }
     __syncthreads();
     // Weighted sum of the tile's rows of V.
-    const int n = min(THREADS, length - t0);
 #pragma unroll
     for (int g = 0; g < HEADS; ++g)
 #pragma unroll
@@ -131,34 +217,35 @@ decode_attention(const half* __restrict__ q, const half* __restrict__ keys, cons
 #pragma unroll 4
     for (int j = warp; j < n; j += WARPS) {
       float v[E];
-      load_halfs<E>(V + (size_t)(t0 + j) * D + lane * E, v);
+      load_row<E>(Vs + j * D + lane * E, v);
 #pragma unroll
       for (int g = 0; g < HEADS; ++g) {
-        const float p = p_s[g][j];
+        const float p = p_s[g * TP + j];
 #pragma unroll
         for (int e = 0; e < E; ++e) acc[g][e] = fmaf(p, v[e], acc[g][e]);
       }
     }
-    __syncthreads();   // the next tile rewrites red_s and p_s
+    __syncthreads();   // the next tile rewrites Ks, Vs, red_s and p_s
   }
 
-  // Sum the warps' weighted sums and the threads' shares of the denominator.
+  // Sum the warps' weighted sums (in the K tile's place) and the threads' shares of the denominator.
 #pragma unroll
   for (int g = 0; g < HEADS; ++g) {
     const float w = warp_reduce<false>(l[g]);
-    if (lane == 0) red_s[warp][g] = w;
+    if (lane == 0) red_s[warp * HEADS + g] = w;
 #pragma unroll
-    for (int e = 0; e < E; ++e) sum_s[warp][g][lane * E + e] = acc[g][e];
+    for (int e = 0; e < E; ++e) sum_s[(warp * HEADS + g) * D + lane * E + e] = acc[g][e];
   }
   __syncthreads();
+  T* o_row = out + ((size_t)b * n_heads + h0) * D;   // HEADS x D
   for (int i = tid; i < HEADS * D; i += THREADS) {
     const int g = i / D, c = i % D;
     float o = 0.f, denom = 0.f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
-      o += sum_s[w][g][c];
-      denom += red_s[w][g];
+      o += sum_s[(w * HEADS + g) * D + c];
+      denom += red_s[w * HEADS + g];
     }
-    out[q0 + i] = __float2half_rn(o / denom);
+    o_row[i] = Dt::from_float(o / denom);
   }
 }

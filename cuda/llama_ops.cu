@@ -1,24 +1,62 @@
 // The small ops of a Llama decoder layer (quickcupy/llama/model.py), each one kernel so that a decode
 // step is a short, capturable sequence of launches: RMSNorm with the residual add fused in front,
-// rotary embedding of q and k fused with the KV-cache write, SiLU(gate) * up, and a row argmax (greedy
-// sampling). T is the activation type (half; bf16 instances can be added by name, the math is fp32).
-// Every position-dependent kernel reads the first position from device memory (`start`), so one CUDA
-// graph serves every decode step. LLAMA_OPS_THREADS comes from the generated header.
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-#include "smem_maps.cuh"  // LLAMA_OPS_THREADS, generated from quickcupy/registry.py
+// rotary embedding of q and k fused with the KV-cache write (for prefill; a decode step does it inside
+// decode_attention.cu), SiLU(gate) * up, and a row argmax (greedy sampling). Templates on the
+// activation type T (half or __nv_bfloat16, through Dt<T>; registry.LLAMA_OPS instantiates both), the
+// math in fp32. Every position-dependent kernel reads the first position from device memory
+// (`start`), so one CUDA graph serves every decode step. LLAMA_OPS_THREADS comes from the generated header.
+#include "quant_common.cuh"   // Dt<T>; smem_maps.cuh: LLAMA_OPS_THREADS, generated from quickcupy/registry.py
 
 namespace llama_ops {
 
 constexpr int THREADS = LLAMA_OPS_THREADS;  // every kernel here is launched with this many threads
 constexpr int WARPS = THREADS / 32;
+using qc::u32;
 
-__device__ __forceinline__ float to_f(half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ half from_f<half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// 8 elements of T in a 16-byte chunk: T(a + b) per element (one rounding of the exact sum).
+template <typename T>
+__device__ __forceinline__ uint4 add8(uint4 a, uint4 b) {
+  const u32* x = &a.x;
+  const u32* y = &b.x;
+  uint4 r;
+  u32* z = &r.x;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 u = qc::Dt<T>::to_float2(x[k]), v = qc::Dt<T>::to_float2(y[k]);
+    z[k] = qc::Dt<T>::from_float2(u.x + v.x, u.y + v.y);
+  }
+  return r;
+}
+
+// Sum of squares of 8 elements of T (fp32).
+template <typename T>
+__device__ __forceinline__ float sum_sq8(uint4 a) {
+  const u32* x = &a.x;
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 u = qc::Dt<T>::to_float2(x[k]);
+    s = fmaf(u.x, u.x, s);
+    s = fmaf(u.y, u.y, s);
+  }
+  return s;
+}
+
+// T(T(x * inv_rms) * w) for 8 elements, the roundings of add_rms_norm.
+template <typename T>
+__device__ __forceinline__ uint4 norm8(uint4 a, uint4 w, float inv_rms) {
+  const u32* x = &a.x;
+  const u32* y = &w.x;
+  uint4 r;
+  u32* z = &r.x;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 u = qc::Dt<T>::to_float2(x[k]), v = qc::Dt<T>::to_float2(y[k]);
+    const float2 n = qc::Dt<T>::to_float2(qc::Dt<T>::from_float2(u.x * inv_rms, u.y * inv_rms));
+    z[k] = qc::Dt<T>::from_float2(n.x * v.x, n.y * v.y);
+  }
+  return r;
+}
 
 // Sum over the block; every thread gets the result. red: WARPS floats of shared memory.
 __device__ __forceinline__ float block_sum(float v, float* red) {
@@ -37,76 +75,124 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 // One block per row of H elements. If delta is given, x += delta first (rounded to T, written back:
 // the residual stream). out = T(T(x * rsqrt(mean(x^2) + eps)) * weight): the statistic in fp32, the
 // two roundings where Hugging Face's LlamaRMSNorm (and the NumPy reference) round.
+// With H % 8 == 0 and 16-byte aligned rows, a thread moves 8 elements per load and keeps up to
+// CACHED of its chunks of x and weight in registers between the two passes (H <= 8192 at 256 threads:
+// one memory latency per row, not one per element); else element by element.
 template <typename T>
 __global__ void __launch_bounds__(llama_ops::THREADS)
 add_rms_norm(T* __restrict__ x, const T* __restrict__ delta, const T* __restrict__ weight, T* __restrict__ out,
              int H, float eps) {
   using namespace llama_ops;
+  using Dt = qc::Dt<T>;
+  constexpr int CACHED = 4;
   __shared__ float red[WARPS];
   T* xr = x + (size_t)blockIdx.x * H;
   const T* dr = delta ? delta + (size_t)blockIdx.x * H : nullptr;
+  T* o = out + (size_t)blockIdx.x * H;
+  const bool vec = H % 8 == 0 && (reinterpret_cast<size_t>(x) | reinterpret_cast<size_t>(delta) |
+                                  reinterpret_cast<size_t>(weight) | reinterpret_cast<size_t>(out)) % 16 == 0;
   float ss = 0.f;
+  if (vec) {
+    const int chunks = H / 8;
+    uint4 xc[CACHED], wc[CACHED];
+#pragma unroll
+    for (int r = 0; r < CACHED; ++r) {
+      const int c = threadIdx.x + r * THREADS;
+      if (c < chunks) {
+        xc[r] = reinterpret_cast<const uint4*>(xr)[c];
+        wc[r] = reinterpret_cast<const uint4*>(weight)[c];
+        if (dr) {
+          xc[r] = add8<T>(xc[r], reinterpret_cast<const uint4*>(dr)[c]);
+          reinterpret_cast<uint4*>(xr)[c] = xc[r];
+        }
+        ss += sum_sq8<T>(xc[r]);
+      }
+    }
+    for (int c = threadIdx.x + CACHED * THREADS; c < chunks; c += THREADS) {
+      uint4 v = reinterpret_cast<const uint4*>(xr)[c];
+      if (dr) {
+        v = add8<T>(v, reinterpret_cast<const uint4*>(dr)[c]);
+        reinterpret_cast<uint4*>(xr)[c] = v;
+      }
+      ss += sum_sq8<T>(v);
+    }
+    const float inv_rms = rsqrtf(block_sum(ss, red) / H + eps);
+#pragma unroll
+    for (int r = 0; r < CACHED; ++r) {
+      const int c = threadIdx.x + r * THREADS;
+      if (c < chunks) reinterpret_cast<uint4*>(o)[c] = norm8<T>(xc[r], wc[r], inv_rms);
+    }
+    for (int c = threadIdx.x + CACHED * THREADS; c < chunks; c += THREADS)   // rereads only what it wrote
+      reinterpret_cast<uint4*>(o)[c] = norm8<T>(reinterpret_cast<const uint4*>(xr)[c],
+                                                reinterpret_cast<const uint4*>(weight)[c], inv_rms);
+    return;
+  }
   for (int i = threadIdx.x; i < H; i += THREADS) {
-    float v = to_f(xr[i]);
+    float v = Dt::to_float(xr[i]);
     if (dr) {
-      v = to_f(from_f<T>(v + to_f(dr[i])));   // the sum as T adds it: one rounding of the exact sum
-      xr[i] = from_f<T>(v);
+      v = Dt::to_float(Dt::from_float(v + Dt::to_float(dr[i])));   // the sum as T adds it: one rounding of the exact sum
+      xr[i] = Dt::from_float(v);
     }
     ss = fmaf(v, v, ss);
   }
   const float inv_rms = rsqrtf(block_sum(ss, red) / H + eps);
-  T* o = out + (size_t)blockIdx.x * H;
   for (int i = threadIdx.x; i < H; i += THREADS)   // each thread rereads only what it wrote
-    o[i] = from_f<T>(to_f(from_f<T>(to_f(xr[i]) * inv_rms)) * to_f(weight[i]));
+    o[i] = Dt::from_float(Dt::to_float(Dt::from_float(Dt::to_float(xr[i]) * inv_rms)) * Dt::to_float(weight[i]));
 }
 
-// One block per token (b, s) of qkv (B, S, n_heads + 2 n_kv, D), at position p = *start + s.
-// q and k heads are rotated ("rotate_half" pairs i, i + D/2; cos/sin tables (positions, D/2) fp32)
-// into qk_out (B, S, n_heads + n_kv, D); when the caches are given, the rotated k is written to
-// cache_k[b, kv, :, p] (B, n_kv, D, max_len) and v to cache_v[b, kv, p, :] (B, n_kv, max_len, D).
+// Grid (tokens B*S, column blocks): thread j of a token handles pair slot j of its
+// (n_heads + 2 n_kv) * D/2, at position p = *start + s. q and k heads are rotated ("rotate_half"
+// pairs i, i + D/2; cos/sin tables (positions, D/2) fp32) into qk_out (B, S, n_heads + n_kv, D);
+// when the caches are given, the rotated k is written to cache_k[b, kv, :, p] (B, n_kv, D, max_len)
+// and v (elements i and i + D/2 of a v head) to cache_v[b, kv, p, :] (B, n_kv, max_len, D).
+// (A decode step does all this inside decode_attention.cu instead.)
 template <typename T>
 __global__ void __launch_bounds__(llama_ops::THREADS)
 rope_cache(const T* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
            const int* __restrict__ start, T* __restrict__ qk_out, T* __restrict__ cache_k,
            T* __restrict__ cache_v, int S, int n_heads, int n_kv, int D, int max_len) {
   using namespace llama_ops;
-  const int token = blockIdx.x, b = token / S, p = *start + token % S, half_d = D / 2;
-  const T* in = qkv + (size_t)token * (n_heads + 2 * n_kv) * D;
-  T* qk = qk_out + (size_t)token * (n_heads + n_kv) * D;
-  const float* c = cos_t + (size_t)p * half_d;
-  const float* s = sin_t + (size_t)p * half_d;
-  for (int j = threadIdx.x; j < (n_heads + n_kv) * half_d; j += THREADS) {   // rotated pairs
-    const int h = j / half_d, i = j % half_d;
-    const float x1 = to_f(in[h * D + i]), x2 = to_f(in[h * D + i + half_d]);
-    // __fmul_rn: no fused multiply-add, so the rounding is the reference's x1 * c - x2 * s
-    const T y1 = from_f<T>(__fmul_rn(x1, c[i]) - __fmul_rn(x2, s[i]));
-    const T y2 = from_f<T>(__fmul_rn(x2, c[i]) + __fmul_rn(x1, s[i]));
-    qk[h * D + i] = y1;
-    qk[h * D + i + half_d] = y2;
-    if (cache_k && h >= n_heads) {
-      T* ck = cache_k + ((size_t)b * n_kv + (h - n_heads)) * D * max_len + p;
-      ck[(size_t)i * max_len] = y1;
-      ck[(size_t)(i + half_d) * max_len] = y2;
+  using Dt = qc::Dt<T>;
+  const int half_d = D / 2, j = blockIdx.y * THREADS + threadIdx.x;
+  if (j >= (n_heads + 2 * n_kv) * half_d) return;
+  const int token = blockIdx.x, b = token / S, p = *start + token % S;
+  const int h = j / half_d, i = j % half_d;
+  const T* in = qkv + ((size_t)token * (n_heads + 2 * n_kv) + h) * D;
+  if (h >= n_heads + n_kv) {   // a v head: into the cache as it is
+    if (cache_v) {
+      T* cv = cache_v + (((size_t)b * n_kv + (h - n_heads - n_kv)) * max_len + p) * D;
+      cv[i] = in[i];
+      cv[i + half_d] = in[i + half_d];
     }
+    return;
   }
-  if (cache_v) {
-    for (int j = threadIdx.x; j < n_kv * D; j += THREADS) {
-      const int kv = j / D, i = j % D;
-      cache_v[(((size_t)b * n_kv + kv) * max_len + p) * D + i] = in[(n_heads + n_kv) * D + j];
-    }
+  const float c = cos_t[(size_t)p * half_d + i], s = sin_t[(size_t)p * half_d + i];
+  const float x1 = Dt::to_float(in[i]), x2 = Dt::to_float(in[i + half_d]);
+  // __fmul_rn: no fused multiply-add, so the rounding is the reference's x1 * c - x2 * s
+  const T y1 = Dt::from_float(__fmul_rn(x1, c) - __fmul_rn(x2, s));
+  const T y2 = Dt::from_float(__fmul_rn(x2, c) + __fmul_rn(x1, s));
+  T* qk = qk_out + ((size_t)token * (n_heads + n_kv) + h) * D;
+  qk[i] = y1;
+  qk[i + half_d] = y2;
+  if (cache_k && h >= n_heads) {
+    T* ck = cache_k + ((size_t)b * n_kv + (h - n_heads)) * D * max_len + p;
+    ck[(size_t)i * max_len] = y1;
+    ck[(size_t)(i + half_d) * max_len] = y2;
   }
 }
 
-// gate_up (rows, 2I) = [gate | up] per row -> out (rows, I) = T(silu(gate) * up), fp32 math.
+// Grid (rows, column blocks): gate_up (rows, 2I) = [gate | up] per row -> out (rows, I) =
+// T(silu(gate) * up), fp32 math; one element per thread.
 template <typename T>
 __global__ void __launch_bounds__(llama_ops::THREADS)
-silu_mul(const T* __restrict__ gate_up, T* __restrict__ out, int I, long long n) {
+silu_mul(const T* __restrict__ gate_up, T* __restrict__ out, int I) {
   using namespace llama_ops;
-  for (long long j = blockIdx.x * (long long)THREADS + threadIdx.x; j < n; j += (long long)gridDim.x * THREADS) {
-    const long long r = j / I, i = j % I;
-    const float g = to_f(gate_up[r * 2 * I + i]);
-    out[j] = from_f<T>(g / (1.f + expf(-g)) * to_f(gate_up[r * 2 * I + I + i]));
-  }
+  using Dt = qc::Dt<T>;
+  const int i = blockIdx.y * THREADS + threadIdx.x;
+  if (i >= I) return;
+  const T* row = gate_up + (size_t)blockIdx.x * 2 * I;
+  const float g = Dt::to_float(row[i]);
+  out[(size_t)blockIdx.x * I + i] = Dt::from_float(g / (1.f + expf(-g)) * Dt::to_float(row[I + i]));
 }
 
 // One block per row of logits (rows, V): out[row] = the first index of the row's maximum (NaN never wins).
@@ -120,7 +206,7 @@ argmax_rows(const T* __restrict__ logits, long long* __restrict__ out, int V) {
   float bv = __int_as_float(0xff800000);  // -inf
   int bi = V;   // no valid entry yet; a row of NaN/-inf still returns an index below
   for (int i = threadIdx.x; i < V; i += THREADS) {
-    const float v = to_f(row[i]);
+    const float v = qc::Dt<T>::to_float(row[i]);
     if (v > bv || (bi == V && v == bv)) { bv = v; bi = i; }   // strided: the first index of each value wins
   }
 #pragma unroll

@@ -1,11 +1,14 @@
 """Attention of one decode step as one kernel (cuda/decode_attention.cu): a library kernel that
-the Llama model (:mod:`quickcupy.llama.model`) calls for S = 1 with a KV cache on the GPU."""
+the Llama model (:mod:`quickcupy.llama.model`) calls for S = 1 with a KV cache on the GPU, with the
+rotary embedding and the cache write of the new token fused in (:func:`decode_attention_rope`)."""
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
-from .kernels import get_function
-from .registry import DECODE_ATTENTION_THREADS, DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK
+from .kernels import ctype, get_function, sm_count
+from .registry import DECODE_ATTENTION_THREADS, DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK, DTYPES
 
 
 def decode_head_dim_error(d: int):
@@ -17,9 +20,34 @@ def decode_head_dim_error(d: int):
     return None
 
 
+def decode_smem_bytes(d: int, heads: int, itemsize: int, one_buffer: bool) -> int:
+    """Dynamic shared memory of decode_attention<d, heads, one_buffer, T>, laid out as the kernel
+    says: a tile of K^T (d x TP) and, unless one_buffer, of V (TP x d) in T, then float32 q
+    (d x heads), probabilities (heads x TP) and per-warp maxima (warps x heads); TP =
+    DECODE_ATTENTION_THREADS positions."""
+    tp, warps = DECODE_ATTENTION_THREADS, DECODE_ATTENTION_THREADS // 32
+    return (1 if one_buffer else 2) * d * tp * itemsize + 4 * (d * heads + heads * tp + warps * heads)
+
+
+def one_buffer(blocks: int, d: int, heads: int, itemsize: int, device_id: int) -> bool:
+    """Whether the kernel keeps K and V tiles in one buffer: when the grid of ``blocks`` is larger
+    than one wave of the two-buffer kernel (at d = 128, 66 KB a block: 3 blocks per H100 SM, 396
+    blocks, i.e. batch > 12 with 32 heads). Two buffers overlap the copies of K and V (one memory
+    latency per tile, what a small batch waits on); one buffer fits twice the blocks per SM, which
+    hide each other's latencies when there are enough of them."""
+    per_sm = _smem_per_sm(device_id) // (decode_smem_bytes(d, heads, itemsize, False) + 1024)  # 1 KB: the system's per block
+    return blocks > max(per_sm, 1) * sm_count(device_id)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_per_sm(device_id: int) -> int:
+    import cupy
+    return cupy.cuda.runtime.getDeviceProperties(device_id)["sharedMemPerMultiprocessor"]
+
+
 def decode_attention(q, keys, values, length: int, start=None):
     """Attention of one new token per sequence over its first ``length`` cached positions, in one
-    kernel (cuda/decode_attention.cu; float32 softmax). CuPy float16 arrays:
+    kernel (cuda/decode_attention.cu; float32 softmax). CuPy arrays of one dtype, float16 or bfloat16:
 
     q: (B, n_heads, d); keys (B, n_kv, d, max_len), values (B, n_kv, max_len, d): a layer's
     :class:`KVCache` tensors, C-contiguous, positions >= length not read. d: a multiple of 32 in
@@ -31,6 +59,39 @@ def decode_attention(q, keys, values, length: int, start=None):
         raise ValueError(f"q, keys, values must be 3-D, 4-D, 4-D, got shapes {q.shape}, {keys.shape}, "
                          f"{values.shape}")
     B, nh, d = q.shape
+    _check(keys, values, B, nh, d, length, start, q=q)
+    import cupy
+    return _launch(cupy.ascontiguousarray(q), keys, values, nh, length, start, None, None)
+
+
+def decode_attention_rope(qkv, keys, values, cos, sin, n_heads: int, length: int, start=None):
+    """One Llama decode step's attention with the rotary embedding and the cache write fused in.
+
+    qkv: (B, n_heads + 2 n_kv, d) (or (B, 1, ..., d)), the unrotated q | k | v projection of the new
+    token, whose position is ``length - 1`` (plus ``*start``); cos, sin: (positions, d/2) float32
+    tables (:func:`quickcupy.llama.model.rope_tables`) covering it. The kernel rotates q and k as
+    :func:`quickcupy.llama.ops.rope_cache` does, writes k and v into ``keys``/``values`` at that
+    position, then attends over the first ``length`` positions. Other arguments and the result as
+    :func:`decode_attention`.
+    """
+    if qkv.ndim == 4 and qkv.shape[1] == 1:
+        qkv = qkv.reshape(qkv.shape[0], qkv.shape[2], qkv.shape[3])
+    if qkv.ndim != 3 or keys.ndim != 4 or values.ndim != 4:
+        raise ValueError(f"qkv, keys, values must be 3-D (or (B, 1, heads, d)), 4-D, 4-D, got shapes "
+                         f"{qkv.shape}, {keys.shape}, {values.shape}")
+    B, heads, d = qkv.shape
+    nkv = keys.shape[1]
+    if heads != n_heads + 2 * nkv:
+        raise ValueError(f"qkv has {heads} heads, n_heads + 2 n_kv = {n_heads + 2 * nkv}")
+    _check(keys, values, B, n_heads, d, length, start, q=qkv)
+    if cos.shape != sin.shape or cos.ndim != 2 or cos.shape[1] != d // 2 or cos.dtype != np.float32:
+        raise ValueError(f"cos, sin must be (positions, {d // 2}) float32, got {cos.shape} {cos.dtype}")
+    if not (cos.flags.c_contiguous and sin.flags.c_contiguous and qkv.flags.c_contiguous):
+        raise ValueError("qkv, cos and sin must be C-contiguous")
+    return _launch(qkv, keys, values, n_heads, length, start, cos, sin)
+
+
+def _check(keys, values, B, nh, d, length, start, q):
     nkv, max_len = keys.shape[1], keys.shape[3]
     error = decode_head_dim_error(d)
     if error:
@@ -44,17 +105,29 @@ def decode_attention(q, keys, values, length: int, start=None):
         raise ValueError(f"length={length} must lie in 1..max_len={max_len}")
     if start is not None and (start.dtype != np.int32 or start.size != 1):
         raise ValueError(f"start must be a (1,) int32 device array, got {start.dtype} of size {start.size}")
-    for name, a in (("q", q), ("keys", keys), ("values", values)):
-        if a.dtype != np.float16:
-            raise ValueError(f"{name} must be float16, got {a.dtype}")
+    if q.dtype.name not in DTYPES:
+        raise ValueError(f"q must be {' or '.join(DTYPES)}, got {q.dtype}")
+    for name, a in (("keys", keys), ("values", values)):
+        if a.dtype != q.dtype:
+            raise ValueError(f"{name} must be {q.dtype}, got {a.dtype}: q, keys and values share one dtype")
     if not (keys.flags.c_contiguous and values.flags.c_contiguous):
         raise ValueError("keys and values must be C-contiguous (as KVCache allocates them)")
+
+
+def _launch(q, keys, values, nh, length, start, cos, sin):
     import cupy
-    q = cupy.ascontiguousarray(q)
+    B, d = q.shape[0], q.shape[-1]
+    nkv = keys.shape[1]
     heads = next(g for g in DECODE_HEADS_PER_BLOCK if (nh // nkv) % g == 0)   # heads of one KV head per block
-    fn = get_function(q.device.id, "decode_attention.cu", f"decode_attention<{d}, {heads}>")
-    out = cupy.empty((B, 1, nh * d), np.float16)
-    fn((B * nh // heads,), (DECODE_ATTENTION_THREADS,),
-       (q, keys, values, out, np.int32(nh), np.int32(nkv), np.int32(max_len), np.int32(length),
-        np.uint64(0) if start is None else start))     # 0: a null pointer
+    blocks = B * nh // heads
+    one = one_buffer(blocks, d, heads, q.dtype.itemsize, q.device.id)
+    smem = decode_smem_bytes(d, heads, q.dtype.itemsize, one)
+    name = f"decode_attention<{d}, {heads}, {'true' if one else 'false'}, {ctype(q.dtype)}>"
+    fn = get_function(q.device.id, "decode_attention.cu", name, smem)
+    out = cupy.empty((B, 1, nh * d), q.dtype)
+    null = np.uint64(0)
+    fn((blocks,), (DECODE_ATTENTION_THREADS,),
+       (q, keys, values, out, np.int32(nh), np.int32(nkv), np.int32(keys.shape[3]), np.int32(length),
+        null if start is None else start, null if cos is None else cos, null if sin is None else sin),
+       shared_mem=smem)
     return out

@@ -9,7 +9,7 @@ import pytest
 from conftest import rel_error
 from quickcupy import pack_awq, quantize
 from quickcupy.device import no_gpu_reason
-from quickcupy.attention import decode_attention
+from quickcupy.attention import decode_attention, decode_attention_rope
 from quickcupy.llama import (NORMS, PROJECTIONS, LayerWeights, LlamaConfig, LlamaModel, apply_rope, attention,
                              load_awq_checkpoint, make_linear, random_layers, rms_norm, rope_tables,
                              save_awq_checkpoint)
@@ -183,6 +183,68 @@ def test_linear_factory(rng):
     np.testing.assert_allclose(make_linear("numpy", q)(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="backend='int8' is not one of"):
         make_linear("int8", w)
+
+
+@pytest.mark.parametrize("backend,dtype,match", [
+    ("fp16", "bfloat16", "backend='fp16' runs float16 only, got dtype=bfloat16; use backend='dense'"),
+    ("dense", "float32", "dtype='float32' is not one of float16, bfloat16"),
+    ("numpy", "int8", "dtype='int8' is not one of float16, bfloat16"),
+    ("bf16", "bfloat16", "backend='bf16' is not one of"),
+])
+def test_dtype_is_checked_before_anything_runs(rng, backend, dtype, match):
+    with pytest.raises(ValueError, match=match):
+        LlamaModel(TINY, random_layers(TINY, seed=_seed(rng)), backend, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype,name", [("float16", "float16"), ("bfloat16", "bfloat16"), (np.float16, "float16")])
+def test_dtype_names(dtype, name):
+    assert llama_model.check_dtype("dense", dtype) == llama_model.check_dtype("numpy", dtype) == name
+
+
+def test_numpy_backend_is_float32_whatever_the_dtype(rng):
+    """The reference stays float32: dtype only chooses the GPU activations."""
+    layers = random_layers(TINY, seed=_seed(rng))
+    x = _hidden(rng, 1, 3)
+    y = LlamaModel(TINY, layers, "numpy", dtype="bfloat16")(x)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, LlamaModel(TINY, layers, "numpy")(x))
+
+
+def test_cli_dtype_reaches_the_report(tmp_path, capsys, monkeypatch):
+    """--dtype bf16 is parsed, checked and reported (without a GPU the NumPy path runs)."""
+    from quickcupy.__main__ import main
+    from quickcupy.tools import llama_bench
+    seen = []
+    real = llama_bench.LlamaModel
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(llama_bench, "LlamaModel", spy)
+    monkeypatch.setattr("quickcupy.device.no_gpu_reason", lambda: "no GPU in this test")
+    out_json = tmp_path / "llama.json"
+    assert main(["llama", "--preset", "tiny", "--layers", "1", "--batch", "1", "--prompt", "4", "--gen", "1",
+                 "--dtype", "bf16", "--json", str(out_json)]) == 0
+    assert "bf16 activations" in capsys.readouterr().out
+    assert json.loads(out_json.read_text())["dtype"] == "bfloat16"
+    assert seen[-1] == "bfloat16"      # the timed model (the references before it are float32 NumPy)
+
+
+@pytest.mark.parametrize("shapes,n_heads,match", [
+    (((2, 7, 64), (2, 2, 64, 16), (2, 2, 16, 64)), 4, r"qkv has 7 heads, n_heads \+ 2 n_kv = 8"),
+    (((2, 1, 8, 64), (2, 2, 64, 16), (2, 2, 16, 64)), 4, r"cos, sin must be \(positions, 32\) float32"),
+    (((2, 8), (2, 2, 64, 16), (2, 2, 16, 64)), 4, r"must be 3-D \(or \(B, 1, heads, d\)\), 4-D, 4-D"),
+    (((2, 8, 80), (2, 2, 80, 16), (2, 2, 16, 80)), 4, "head_dim=80 is not a multiple of 32"),
+])
+def test_decode_attention_rope_checks_its_inputs(shapes, n_heads, match):
+    qkv, keys, values = (np.zeros(shape, np.float16) for shape in shapes)
+    cos = np.zeros((16, 16), np.float32)       # wrong width for d = 64 unless the shapes fail first
+    with pytest.raises(ValueError, match=match):
+        decode_attention_rope(qkv, keys, values, cos, cos, n_heads, 3)
+
+
+def test_numpy_kv_cache_keeps_max_len():
+    assert llama_model.KVCache(TINY, 1, 13).max_len == 13          # the GPU's rounds up to a multiple of 8
 
 
 def test_quantized_numpy_stack_within_quantization_error(rng):
@@ -398,8 +460,8 @@ def test_cli_runs(tmp_path, capsys):
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in report["throughput"])
     assert all(a["vs_fp32"] < 5e-2 for a in report["accuracy"])
     if no_gpu_reason() is None:
-        assert {r["backend"] for r in report["throughput"]} == {"fp16", "awq", "quick"}
-        assert {a["backend"] for a in report["accuracy"]} == {"numpy", "fp16", "awq", "quick"}
+        assert {r["backend"] for r in report["throughput"]} == {"dense", "awq", "quick"}
+        assert {a["backend"] for a in report["accuracy"]} == {"numpy", "dense", "awq", "quick"}
 
 
 def test_cli_runs_a_checkpoint(rng, tmp_path, capsys):
@@ -422,6 +484,8 @@ def test_cli_runs_a_checkpoint(rng, tmp_path, capsys):
     (["--group-size", "48"], "--group-size: group_size=48 is not supported"),
     (["--json", "/nonexistent/dir/out.json"], "--json .* does not exist"),
     (["--checkpoint", "/nonexistent/dir"], "--checkpoint: .* has no config.json"),
+    (["--dtype", "fp8"], "--dtype 'fp8' is not one of fp16, bf16"),
+    (["--dtype", "bf16", "--backends", "fp16,awq"], "--backends fp16 is float16 cuBLAS; with --dtype bf16 use dense"),
 ])
 def test_cli_bad_argument(argv, match, capsys):
     from quickcupy.__main__ import main
@@ -473,9 +537,9 @@ def test_gpu_decode_with_cache_equals_full_forward(rng, backend, config, monkeyp
     fused_calls = []
 
     def counted(*args, start=None):    # every decode step of every layer runs the fused kernel
-        fused_calls.append(args[3] + (0 if start is None else int(start.get()[0])))   # the length it attends
-        return decode_attention(*args, start=start)
-    monkeypatch.setattr(llama_model, "decode_attention", counted)
+        fused_calls.append(args[6] + (0 if start is None else int(start.get()[0])))   # the length it attends
+        return decode_attention_rope(*args, start=start)
+    monkeypatch.setattr(llama_model, "decode_attention_rope", counted)
     model = LlamaModel(config, [w.quantized(64) for w in random_layers(config, seed=_seed(rng))], backend)
     x = cupy.asarray(_hidden(rng, 3, 12, config)).astype(np.float16)
     full = model(x)

@@ -1,7 +1,7 @@
 """A Llama decoder stack on 4-bit weights: the end-to-end check and benchmark of the GEMM kernels.
 
 One decoder block, written once against an array module ``xp`` (NumPy float32 on the CPU, CuPy
-float16 on the GPU)::
+float16 or bfloat16 on the GPU: the model's ``dtype``)::
 
     x ──┬─ RMSNorm ─ qkv (one fused linear) ─ rope(q, k) ─ causal GQA attention (+KV cache) ─ o ─(+)─┐
         └──────────────────────────────────────────────────────────────────────────────────────────┘
@@ -9,14 +9,15 @@ float16 on the GPU)::
         └─────────────────────────────────────────────────────────────────────┘
 
 The linear layers come from :func:`make_linear` by backend name: ``"numpy"`` (float32 reference,
-``y = x @ W.T``), ``"fp16"`` (cuBLAS through ``cupy.matmul``), ``"awq"`` and ``"quick"``
+``y = x @ W.T``), ``"dense"`` (16-bit weights in the model's dtype, cuBLAS through ``cupy.matmul``;
+``"fp16"`` is its float16-only name from before bfloat16), ``"awq"`` and ``"quick"``
 (:class:`quickcupy.gemm.QuantLinear` with that layout). The input of the stack is hidden states
 (batch, seq, hidden); there is no embedding and no LM head. Decode attention on the GPU is the
 library kernel :func:`quickcupy.attention.decode_attention`.
 
 Weights are random (:func:`random_layers`) or read from an AutoAWQ checkpoint directory
 (:mod:`quickcupy.llama.checkpoint`). The tool ``python -m quickcupy llama``
-(:mod:`quickcupy.tools.llama_bench`) times prefill and decode for fp16, AWQ and QUICK side by side.
+(:mod:`quickcupy.tools.llama_bench`) times prefill and decode for dense, AWQ and QUICK side by side.
 """
 from __future__ import annotations
 
@@ -29,10 +30,14 @@ from typing import Union
 
 import numpy as np
 
-from ..attention import decode_attention, decode_head_dim_error
+from ..attention import decode_attention, decode_attention_rope, decode_head_dim_error
 from ..quantize import QuantizedWeight, quantize
 
-BACKENDS = ("numpy", "fp16", "awq", "quick", "auto")
+BACKENDS = ("numpy", "dense", "fp16", "awq", "quick", "auto")
+# Backends whose GEMMs are cuBLAS (cupy.matmul on 16-bit weights): "fp16" is "dense" held to float16.
+DENSE_BACKENDS = ("dense", "fp16")
+# Activation dtypes of the GPU backends (NumPy names; "numpy" runs float32 whatever is asked).
+DTYPES = ("float16", "bfloat16")
 # 4-bit backends -> (weight layout, gemm kernel): "awq"/"quick" run their design (the paper's
 # comparison); "auto" runs quickcupy.gemm's choice by M (the decode kernel for small batches).
 QUANTIZED_BACKENDS = {"awq": ("awq", "awq"), "quick": ("quick", "quick"), "auto": ("quick", "auto")}
@@ -266,14 +271,17 @@ class NumpyLinear:
 _BUILDING_GRAPH = [False]
 
 
-class Fp16Linear:
-    """cuBLAS float16 GEMM (float32 accumulation): x (..., K) cupy float16 -> (..., N) float16.
-    Not capturable in a CUDA graph (CuPy raises NotImplementedError for cuBLAS under capture)."""
+class DenseLinear:
+    """cuBLAS GEMM of 16-bit weights (float32 accumulation): x (..., K) cupy ``dtype`` (float16 or
+    bfloat16) -> (..., N) of that dtype. Not capturable in a CUDA graph (CuPy raises
+    NotImplementedError for cuBLAS under capture)."""
 
-    def __init__(self, weight: np.ndarray):
+    def __init__(self, weight: np.ndarray, dtype="float16"):
         import cupy
+        from ..kernels import np_dtype
         # W.T stored (K, N) row-major so the product is x @ W_t with both operands contiguous.
-        self.weight_t = cupy.ascontiguousarray(cupy.asarray(np.asarray(weight, np.float16)).T)
+        w = np.asarray(weight, np.float32).astype(np_dtype(dtype))
+        self.weight_t = cupy.ascontiguousarray(cupy.asarray(w).T)
         self.in_features, self.out_features = self.weight_t.shape
 
     def __call__(self, x):
@@ -282,7 +290,8 @@ class Fp16Linear:
 
 
 class QuantizedLinear:
-    """4-bit GEMM of :mod:`quickcupy.gemm`: x (..., K) cupy float16 -> (..., N) float16."""
+    """4-bit GEMM of :mod:`quickcupy.gemm`: x (..., K) cupy float16 or bfloat16 -> (..., N) of x's
+    dtype (one layer serves both)."""
 
     def __init__(self, q: QuantizedWeight, layout: str, kernel: str):
         from ..gemm import QuantLinear
@@ -307,17 +316,18 @@ class QuantizedLinear:
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def make_linear(backend: str, weight: Weight, group_size: int = 128):
-    """A linear layer ``y = x @ W.T`` of ``weight`` (N, K) on ``backend``.
+def make_linear(backend: str, weight: Weight, group_size: int = 128, dtype="float16"):
+    """A linear layer ``y = x @ W.T`` of ``weight`` (N, K) on ``backend``, for activations of
+    ``dtype`` (the dense backend stores its weights in it; "numpy" is float32).
 
     Float weights are quantized (with ``group_size``) for the 4-bit backends; quantized weights are
-    dequantized for "numpy"/"fp16".
+    dequantized for "numpy" and the dense backends.
     """
-    check_backend(backend)
-    if backend in ("numpy", "fp16"):
+    dtype = check_dtype(backend, dtype)
+    if backend == "numpy" or backend in DENSE_BACKENDS:
         if isinstance(weight, QuantizedWeight):
             weight = weight.dequantize(np.float32)
-        return NumpyLinear(weight) if backend == "numpy" else Fp16Linear(weight)
+        return NumpyLinear(weight) if backend == "numpy" else DenseLinear(weight, dtype)
     if not isinstance(weight, QuantizedWeight):
         weight = quantize(np.asarray(weight, np.float32), group_size)
     return QuantizedLinear(weight, *QUANTIZED_BACKENDS[backend])
@@ -328,13 +338,28 @@ def check_backend(backend: str):
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
 
 
-def array_module(backend: str):
-    """(xp, activation dtype) of a backend: NumPy float32 for "numpy", CuPy float16 otherwise."""
+def check_dtype(backend: str, dtype) -> str:
+    """The activation dtype's NumPy name, checked against the backend: "float16" or "bfloat16"
+    (backend "fp16" takes float16 only: "dense" is its bfloat16-capable name)."""
     check_backend(backend)
+    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", str(dtype))
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if backend == "fp16" and name != "float16":
+        raise ValueError(f"backend='fp16' runs float16 only, got dtype={name}; use backend='dense' "
+                         f"for {name} cuBLAS")
+    return name
+
+
+def array_module(backend: str, dtype="float16"):
+    """(xp, activation dtype) of a backend: NumPy float32 for "numpy", CuPy ``dtype`` otherwise
+    (float16, or bfloat16 as ml_dtypes' NumPy type, which CuPy uses)."""
+    name = check_dtype(backend, dtype)
     if backend == "numpy":
         return np, np.dtype(np.float32)
     import cupy
-    return cupy, np.dtype(np.float16)
+    from ..kernels import np_dtype
+    return cupy, np_dtype(name)
 
 
 # ----------------------------------------------------------------------------------- block pieces
@@ -396,7 +421,8 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool =
     Query head h reads KV head h // (n_heads / n_kv_heads), as Hugging Face's ``repeat_kv``.
     bias: :func:`causal_bias` for these positions ("auto": computed here; a model computes it once
     for all its layers).
-    fused: a decode step on CuPy (S == 1, a float16 cache, head_dim a multiple of 32 in 64..256) runs
+    fused: a decode step on CuPy (S == 1, a float16 or bfloat16 cache of q's dtype, head_dim a multiple
+    of 32 in 64..256) runs
     :func:`decode_attention` (one kernel; bias unused); False, or any other case, runs the batched
     matmuls below, the reference it is tested against.
     written: k and v are already in kv_cache at [start, start + S) (:func:`ops.rope_cache` wrote them).
@@ -412,8 +438,8 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool =
         if not written:
             cache_k[..., start:start + S] = k_t
             cache_v[:, :, start:start + S] = v_t
-        if (fused and S == 1 and xp is not np and q.dtype == cache_k.dtype == cache_v.dtype == np.float16
-                and decode_head_dim_error(d) is None):
+        if (fused and S == 1 and xp is not np and q.dtype == cache_k.dtype == cache_v.dtype
+                and q.dtype.name in DTYPES and decode_head_dim_error(d) is None):
             return decode_attention(q.reshape(B, nh, d), cache_k, cache_v, start + 1)
     if kv_cache is None or start == 0:               # as attended_length() says
         keys, values = xp.ascontiguousarray(k_t), xp.ascontiguousarray(v_t)
@@ -423,9 +449,16 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool =
     if isinstance(bias, str):
         bias = causal_bias(xp, start, S, T)
 
+    def matmul(a, b):
+        # CuPy 14.2 takes bfloat16 for an integer type in batched (ndim > 2) matmul and fails ("data
+        # type 'E' not understood"): such products run on float32 copies, which hold bfloat16 exactly.
+        if xp is not np and a.dtype.name == "bfloat16":
+            return xp.matmul(a.astype(np.float32), b.astype(np.float32))
+        return xp.matmul(a, b)
+
     # The `group` query heads sharing one KV head become rows of one matrix: a batched GEMM per KV head.
     qg = xp.ascontiguousarray(q.transpose(0, 2, 1, 3)).reshape(B, nkv, group * S, d)
-    scores = xp.matmul(qg, keys).astype(np.float32, copy=False)          # (B, nkv, group*S, T)
+    scores = matmul(qg, keys).astype(np.float32, copy=False)             # (B, nkv, group*S, T)
     scores *= np.float32(1 / math.sqrt(d))
     scores = scores.reshape(B, nkv, group, S, T)
     if bias is not None:
@@ -433,9 +466,9 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool =
     scores -= scores.max(axis=-1, keepdims=True)                          # softmax in float32
     xp.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
-    out = xp.matmul(scores.astype(q.dtype).reshape(B, nkv, group * S, T), values)  # (B, nkv, group*S, d)
+    out = matmul(scores.astype(q.dtype).reshape(B, nkv, group * S, T), values)     # (B, nkv, group*S, d)
     out = out.reshape(B, nh, S, d).transpose(0, 2, 1, 3).reshape(B, S, nh * d)
-    return xp.ascontiguousarray(out)
+    return xp.ascontiguousarray(out).astype(q.dtype, copy=False)
 
 
 def silu_mul(gate, up):
@@ -449,6 +482,12 @@ def _xp(a):
     return np if isinstance(a, np.ndarray) else sys.modules["cupy"]
 
 
+def _device(xp, a, dtype):
+    """A float host array (float16 norms, embeddings) on ``xp`` as ``dtype`` (through float32, the
+    one conversion NumPy and ml_dtypes' bfloat16 both have)."""
+    return xp.asarray(np.asarray(a, np.float32).astype(dtype))
+
+
 # ----------------------------------------------------------------------------------------- the stack
 class KVCache:
     """Keys and values of every layer for ``batch`` sequences of up to ``max_len`` positions.
@@ -456,12 +495,16 @@ class KVCache:
     keys[i]: (batch, n_kv_heads, head_dim, max_len), stored transposed so q @ keys is a GEMM on a
     contiguous operand; values[i]: (batch, n_kv_heads, max_len, head_dim). Zero-filled: unwritten
     slots get probability 0, and 0 * garbage could be NaN. ``length``: positions written so far.
+    On the GPU, max_len is rounded up to a multiple of 8, so rows of K^T start 16-byte aligned and
+    the decode attention copies them in 16-byte chunks.
     """
 
     def __init__(self, config: LlamaConfig, batch: int, max_len: int, xp=np, dtype=np.float32,
                  num_layers: int | None = None):
         n = config.num_hidden_layers if num_layers is None else num_layers
         nkv, d = config.num_key_value_heads, config.head_dim
+        if xp is not np:
+            max_len = -(-max_len // 8) * 8
         self.batch, self.max_len, self.length = batch, max_len, 0
         self.keys = [xp.zeros((batch, nkv, d, max_len), dtype) for _ in range(n)]
         self.values = [xp.zeros((batch, nkv, max_len, d), dtype) for _ in range(n)]
@@ -480,20 +523,22 @@ class KVCache:
 
 
 class LlamaBlock:
-    """One decoder layer on one backend. Call with x (B, S, hidden) in the backend's dtype."""
+    """One decoder layer on one backend. Call with x (B, S, hidden) in the backend's dtype
+    (float32 for "numpy", else ``dtype``: float16 or bfloat16)."""
 
     def __init__(self, config: LlamaConfig, weights: LayerWeights, backend: str = "numpy",
-                 group_size: int = 128):
+                 group_size: int = 128, dtype="float16"):
         weights.check(config)
         self.config = config
-        self.xp, self.dtype = array_module(backend)
+        self.xp, self.dtype = array_module(backend, dtype)
+        linear = lambda w: make_linear(backend, w, group_size, dtype)  # noqa: E731
         # q|k|v and gate|up each become one GEMM: one launch and one pass over x instead of three/two.
-        self.qkv_proj = make_linear(backend, fuse([weights.q_proj, weights.k_proj, weights.v_proj]), group_size)
-        self.o_proj = make_linear(backend, weights.o_proj, group_size)
-        self.gate_up_proj = make_linear(backend, fuse([weights.gate_proj, weights.up_proj]), group_size)
-        self.down_proj = make_linear(backend, weights.down_proj, group_size)
-        self.input_norm = self.xp.asarray(np.asarray(weights.input_layernorm, self.dtype))
-        self.post_norm = self.xp.asarray(np.asarray(weights.post_attention_layernorm, self.dtype))
+        self.qkv_proj = linear(fuse([weights.q_proj, weights.k_proj, weights.v_proj]))
+        self.o_proj = linear(weights.o_proj)
+        self.gate_up_proj = linear(fuse([weights.gate_proj, weights.up_proj]))
+        self.down_proj = linear(weights.down_proj)
+        self.input_norm = _device(self.xp, weights.input_layernorm, self.dtype)
+        self.post_norm = _device(self.xp, weights.post_attention_layernorm, self.dtype)
 
     def __call__(self, x, cos, sin, start: int = 0, kv_cache=None, bias="auto"):
         """x (B, S, hidden) at positions start.. -> (B, S, hidden); cos, sin (S, head_dim/2) float32;
@@ -510,10 +555,12 @@ class LlamaBlock:
 
     def step(self, x, delta, tables, start: int, start_dev, kv_cache=None, bias="auto"):
         """The GPU block from fused kernels (:mod:`quickcupy.llama.ops`), returning its output
-        *increment*: x (B, S, hidden) float16 is the residual stream, to which ``delta`` (the
-        previous block's increment, or None) is added in place by the first RMSNorm. tables: the
-        model's full (cos, sin) tables; start_dev: (1,) int32 device array holding ``start``.
-        A decode step (S == 1 with a cache) reads positions only from start_dev: capturable.
+        *increment*: x (B, S, hidden) (float16 or bfloat16) is the residual stream, to which ``delta``
+        (the previous block's increment, or None) is added in place by the first RMSNorm. tables:
+        the model's full (cos, sin) tables; start_dev: (1,) int32 device array holding ``start``.
+        A decode step (S == 1 with a cache) reads positions only from start_dev: capturable; its
+        rotary embedding and cache write run inside the attention kernel (4 launches per layer
+        besides the GEMMs: norm, attention, norm, silu * up).
         """
         from . import ops
         c = self.config
@@ -521,10 +568,10 @@ class LlamaBlock:
         nh, nkv, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
         qkv = self.qkv_proj(ops.add_rms_norm(x, self.input_norm, eps, delta)).reshape(B, S, nh + 2 * nkv, d)
         cache_k, cache_v = (None, None) if kv_cache is None else kv_cache
-        qk = ops.rope_cache(qkv, *tables, start_dev, nh, nkv, cache_k, cache_v)
         if kv_cache is not None and S == 1 and decode_head_dim_error(d) is None:
-            attn = decode_attention(qk[:, 0, :nh], cache_k, cache_v, 1, start=start_dev)
+            attn = decode_attention_rope(qkv, cache_k, cache_v, *tables, nh, 1, start=start_dev)
         else:
+            qk = ops.rope_cache(qkv, *tables, start_dev, nh, nkv, cache_k, cache_v)
             attn = attention(qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:], start, kv_cache, bias,
                              written=True)
         h = ops.add_rms_norm(x, self.post_norm, eps, self.o_proj(attn))
@@ -565,30 +612,32 @@ class LlamaModel:
     :meth:`generate` need.
 
     layers: list of :class:`LayerWeights`, float or quantized (converted as :func:`make_linear`
-    says); its length must equal ``config.num_hidden_layers``. A float LM head stays float16
-    (cuBLAS) on every GPU backend; a quantized one runs the backend's 4-bit GEMM.
+    says); its length must equal ``config.num_hidden_layers``. dtype: the activations' on the GPU,
+    "float16" or "bfloat16" (the NumPy backend computes in float32 whatever is asked). A float LM
+    head stays dense (cuBLAS, in ``dtype``) on every GPU backend; a quantized one runs the backend's
+    4-bit GEMM.
     """
 
     def __init__(self, config: LlamaConfig, layers: list, backend: str = "numpy", group_size: int = 128,
-                 head: HeadWeights | None = None):
+                 head: HeadWeights | None = None, dtype="float16"):
         if len(layers) != config.num_hidden_layers:
             raise ValueError(f"got {len(layers)} layers of weights but num_hidden_layers="
                              f"{config.num_hidden_layers}")
         for i, w in enumerate(layers):
             w.check(config, where=f"layer {i}")
         self.config, self.backend = config, backend
-        self.xp, self.dtype = array_module(backend)
-        self.blocks = [LlamaBlock(config, w, backend, group_size) for w in layers]
+        self.xp, self.dtype = array_module(backend, dtype)
+        self.blocks = [LlamaBlock(config, w, backend, group_size, dtype) for w in layers]
         self._cos = self._sin = None
         self.head = head is not None
         if head is not None:
             head.check(config)
             self.vocab_size = head.embed_tokens.shape[0]
-            self.embed = self.xp.asarray(np.asarray(head.embed_tokens, self.dtype))
-            self.final_norm = self.xp.asarray(np.asarray(head.norm, self.dtype))
+            self.embed = _device(self.xp, head.embed_tokens, self.dtype)
+            self.final_norm = _device(self.xp, head.norm, self.dtype)
             lm = head.embed_tokens if head.lm_head is None else head.lm_head
             self.lm_head = make_linear(backend if isinstance(lm, QuantizedWeight) or backend == "numpy"
-                                       else "fp16", lm, group_size)
+                                       else "dense", lm, group_size, dtype)
         if self.xp is not np:
             self._zero = self.xp.zeros(1, np.int32)     # start_dev of a pass without a cache
         self._graphs = {}     # batch -> DecodeGraph
@@ -685,7 +734,7 @@ class LlamaModel:
         return ops.add_rms_norm(x, self.final_norm, c.rms_norm_eps, delta)
 
     def logits(self, token_ids, cache: KVCache | None = None):
-        """token_ids (B, S) -> logits (B, S, vocab) (float32 on NumPy, float16 on the GPU)."""
+        """token_ids (B, S) -> logits (B, S, vocab) (float32 on NumPy, the model's dtype on the GPU)."""
         ids = self._check_ids(token_ids)
         S = ids.shape[1]
         if cache is not None:
@@ -793,7 +842,7 @@ class DecodeGraph:
     intermediate buffer stays the graph's. The step reads the token ids from ``ids`` (B, 1) and
     the position from ``cache.start_dev``, advances the position as its last node, and leaves the
     normed hidden states in ``hidden`` (B, 1, hidden). The LM head and sampling run after it
-    (a float16 LM head is cuBLAS). Replays on the current stream; the caller adds 1 to cache.length.
+    (a dense LM head is cuBLAS). Replays on the current stream; the caller adds 1 to cache.length.
     """
 
     def __init__(self, model: LlamaModel, cache: KVCache):
@@ -805,6 +854,8 @@ class DecodeGraph:
         if error:
             raise ValueError(f"a decode graph needs the fused decode attention: {error}")
         self.cache = cache
+        model._rope(0, cache.max_len)
+        self.tables = (model._cos, model._sin)     # kept alive: the graph reads them
         self.ids = cupy.zeros((cache.batch, 1), np.int64)
         self.pool = cupy.cuda.MemoryPool()
         self.stream = cupy.cuda.Stream(non_blocking=True)

@@ -1,5 +1,5 @@
-"""The Llama layer's small ops as single kernels (cuda/llama_ops.cu), for CuPy float16 (or
-bfloat16) arrays; the model runs float16.
+"""The Llama layer's small ops as single kernels (cuda/llama_ops.cu), for CuPy float16 or bfloat16
+arrays (the instance of the array's dtype runs; the math is float32).
 
 Each op is one launch with no host synchronization and no allocation besides its output, so a decode
 step built from them can be captured in a CUDA graph. Positions are read from device memory
@@ -28,11 +28,12 @@ def _contiguous(name: str, a):
 
 
 def add_rms_norm(x, weight, eps: float, delta=None, out=None):
-    """RMSNorm of the rows of x (..., H) float16 with weight (H,) of x's dtype, statistics in float32.
+    """RMSNorm of the rows of x (..., H) float16 or bfloat16 with weight (H,) of x's dtype,
+    statistics in float32.
 
-    delta: None, or (..., H) float16 added to x first, in place (x becomes the residual stream
-    x + delta, rounded to float16), so the residual add costs no launch of its own.
-    Returns out (..., H) float16 (new unless given).
+    delta: None, or (..., H) of x's dtype added to x first, in place (x becomes the residual stream
+    x + delta, rounded to x's dtype), so the residual add costs no launch of its own.
+    Returns out (..., H) of x's dtype (new unless given).
     """
     import cupy
     H = x.shape[-1]
@@ -51,7 +52,7 @@ def add_rms_norm(x, weight, eps: float, delta=None, out=None):
 def rope_cache(qkv, cos, sin, start, n_heads: int, n_kv: int, cache_k=None, cache_v=None, out=None):
     """Rotary embedding of the q and k heads of qkv, fused with the KV-cache write.
 
-    qkv: (B, S, n_heads + 2 n_kv, d) float16, C-contiguous; cos, sin: (positions, d/2) float32 tables
+    qkv: (B, S, n_heads + 2 n_kv, d) float16 or bfloat16, C-contiguous; cos, sin: (positions, d/2) float32 tables
     (:func:`quickcupy.llama.model.rope_tables`); start: (1,) int32 device array, the position of
     token s is start + s. cache_k (B, n_kv, d, max_len) and cache_v (B, n_kv, max_len, d): a layer's
     :class:`KVCache` tensors, written at those positions (both None: no cache). The caller keeps
@@ -80,7 +81,8 @@ def rope_cache(qkv, cos, sin, start, n_heads: int, n_kv: int, cache_k=None, cach
                 raise ValueError(f"{name} must be {qkv.dtype}, got {c.dtype}")
     out = cupy.empty((B, S, n_heads + n_kv, d), qkv.dtype) if out is None else out
     null = np.uint64(0)
-    _fn(qkv, "rope_cache")((B * S,), (LLAMA_OPS_THREADS,),
+    pairs = (n_heads + 2 * n_kv) * (d // 2)        # one thread per rotated (or copied) pair of a token
+    _fn(qkv, "rope_cache")((B * S, -(-pairs // LLAMA_OPS_THREADS)), (LLAMA_OPS_THREADS,),
                            (qkv, cos, sin, start, out, null if cache_k is None else cache_k,
                             null if cache_v is None else cache_v, np.int32(S), np.int32(n_heads),
                             np.int32(n_kv), np.int32(d), np.int32(max_len)))
@@ -88,21 +90,22 @@ def rope_cache(qkv, cos, sin, start, n_heads: int, n_kv: int, cache_k=None, cach
 
 
 def silu_mul(gate_up, out=None):
-    """gate_up (..., 2I) float16 = [gate | up] -> silu(gate) * up (..., I) float16 (float32 math)."""
+    """gate_up (..., 2I) float16 or bfloat16 = [gate | up] -> silu(gate) * up (..., I) of its dtype
+    (float32 math)."""
     import cupy
     _contiguous("gate_up", gate_up)
     two_i = gate_up.shape[-1]
     if two_i % 2:
         raise ValueError(f"gate_up's last axis {two_i} must be even (gate | up)")
     out = cupy.empty(gate_up.shape[:-1] + (two_i // 2,), gate_up.dtype) if out is None else out
-    n = out.size
-    blocks = max(1, min(-(-n // LLAMA_OPS_THREADS), 4096))
-    _fn(gate_up, "silu_mul")((blocks,), (LLAMA_OPS_THREADS,), (gate_up, out, np.int32(two_i // 2), np.int64(n)))
+    rows, I = gate_up.size // two_i, two_i // 2
+    if rows:
+        _fn(gate_up, "silu_mul")((rows, -(-I // LLAMA_OPS_THREADS)), (LLAMA_OPS_THREADS,), (gate_up, out, np.int32(I)))
     return out
 
 
 def argmax_rows(logits, out=None):
-    """logits (rows, V) float16 -> (rows,) int64: the first index of each row's maximum."""
+    """logits (rows, V) float16 or bfloat16 -> (rows,) int64: the first index of each row's maximum."""
     import cupy
     _contiguous("logits", logits)
     rows, V = logits.shape

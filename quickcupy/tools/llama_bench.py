@@ -1,5 +1,6 @@
-"""``python -m quickcupy llama``: prefill and decode tokens/s of a Llama decoder stack on fp16, AWQ
-and QUICK linears, with the accuracy of each against the float32 NumPy stack.
+"""``python -m quickcupy llama``: prefill and decode tokens/s of a Llama decoder stack on dense
+(cuBLAS), AWQ and QUICK linears, in float16 or bfloat16 (``--dtype``), with the accuracy of each
+against the float32 NumPy stack.
 
 Two clocks. Wall: each forward launched from Python, one CuPy call per operation, as the runner
 really runs. GPU: each forward queued behind a spin kernel (quickcupy.tools.timing), so the events
@@ -16,6 +17,10 @@ import numpy as np
 from ..llama.checkpoint import load_awq_checkpoint
 from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
                            random_layers)
+
+# --dtype values -> the activation dtype's NumPy name.
+DTYPE_FLAGS = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}
+SHORT = {"float16": "fp16", "bfloat16": "bf16"}
 from ..quantize import effective_group_size
 from ..reference import rel_error
 from .common import (Progress, UsageError, check_output_path, parse_group_size, parse_int, parse_int_list,
@@ -39,6 +44,7 @@ class Settings:
     command: str
     prompt_text: str | None = None
     vocab: int | None = None
+    dtype: str = "float16"     # activations on the GPU: "float16" or "bfloat16"
 
 
 DEFAULT_PRESET_LAYERS = 4
@@ -46,7 +52,7 @@ DEFAULT_PRESET_LAYERS = 4
 
 def add_parser(subparsers):
     p = subparsers.add_parser(
-        "llama", help="Llama decoder blocks: prefill/decode tokens/s of fp16, AWQ and QUICK",
+        "llama", help="Llama decoder blocks: prefill/decode tokens/s of dense (cuBLAS), AWQ and QUICK in fp16 or bf16",
         description="Times a stack of Llama decoder blocks (prefill of batch x prompt tokens, then gen "
                     "tokens one at a time with a KV cache) per backend, and checks the output against "
                     "the float32 NumPy reference.")
@@ -58,8 +64,12 @@ def add_parser(subparsers):
     p.add_argument("--batch", default="1,16,64,256", help="comma-separated batch sizes (default 1,16,64,256)")
     p.add_argument("--prompt", default="128", help="prompt tokens per sequence (default 128)")
     p.add_argument("--gen", default="128", help="tokens decoded one at a time after the prompt (default 128)")
-    p.add_argument("--backends", default="fp16,awq,quick",
-                   help=f"comma-separated, from {', '.join(BACKENDS)} (default fp16,awq,quick)")
+    p.add_argument("--backends", default="dense,awq,quick",
+                   help=f"comma-separated, from {', '.join(BACKENDS)} (default dense,awq,quick; dense = cuBLAS "
+                        f"on 16-bit weights in --dtype, fp16 = the same held to float16)")
+    p.add_argument("--dtype", default="fp16",
+                   help="activations (and dense weights) on the GPU: fp16 or bf16 (default fp16); the NumPy "
+                        "reference is float32")
     p.add_argument("--group-size", default=None,
                    help="-1 or a multiple of 32 for random weights (default 128; a checkpoint brings its own)")
     p.add_argument("--seed", default="0", help="seed of the random weights and inputs (default 0)")
@@ -67,7 +77,7 @@ def add_parser(subparsers):
                    help="tokens of the batch-1 prefill compared with the NumPy reference (default 8; 0 skips)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--vocab", default=None,
-                   help="time the whole model instead (embedding, the blocks, final norm, an fp16 LM head of "
+                   help="time the whole model instead (embedding, the blocks, final norm, a dense LM head of "
                         "this many tokens, greedy sampling; decode as one CUDA graph per step on the 4-bit "
                         "backends; random weights, one layer's copied to every layer)")
     p.add_argument("--prompt-text", metavar="TEXT",
@@ -86,12 +96,18 @@ def settings(args) -> Settings:
         config = LlamaConfig.preset(args.preset) if args.checkpoint is None else None
         ks = (config.hidden_size, config.intermediate_size) if config else ()
         group_size = parse_group_size("--group-size", args.group_size, ks)
+    dtype = DTYPE_FLAGS.get(str(getattr(args, "dtype", "fp16")).lower())
+    if dtype is None:
+        raise UsageError(f"--dtype {args.dtype!r} is not one of fp16, bf16")
+    backends = tuple(parse_names("--backends", args.backends, BACKENDS))
+    if dtype != "float16" and "fp16" in backends:
+        raise UsageError(f"--backends fp16 is float16 cuBLAS; with --dtype {SHORT[dtype]} use dense")
     return Settings(
-        checkpoint=args.checkpoint, preset=args.preset,
+        checkpoint=args.checkpoint, preset=args.preset, dtype=dtype,
         layers=None if args.layers is None else parse_int("--layers", args.layers, 1),
         batches=tuple(parse_int_list("--batch", args.batch, 1)),
         prompt=parse_int("--prompt", args.prompt, 1), gen=parse_int("--gen", args.gen, 0),
-        backends=tuple(parse_names("--backends", args.backends, BACKENDS)), group_size=group_size,
+        backends=backends, group_size=group_size,
         seed=parse_int("--seed", args.seed, 0), check_tokens=parse_int("--check-tokens", args.check_tokens, 0),
         json=args.json, command=getattr(args, "command_line", None) or "python -m quickcupy llama",
         prompt_text=getattr(args, "prompt_text", None),
@@ -224,13 +240,13 @@ def run(args) -> int:
     for backend in backends:
         progress.note(f"[{backend}] building {config.num_hidden_layers} blocks")
         layers = quant_layers if backend in QUANTIZED_BACKENDS else (float_layers or quant_layers)
-        model = LlamaModel(config, layers, backend, group_size)
+        model = LlamaModel(config, layers, backend, group_size, dtype=s.dtype)
         if gpu and s.check_tokens:
             y = model(x_check)
             same = refs["deq"] if backend in QUANTIZED_BACKENDS else refs["fp32"]
             accuracy.append({"backend": backend,
                              "weights": f"int4 g{group_size}" if backend in QUANTIZED_BACKENDS else
-                             ("fp16" if float_layers else "fp16, dequantized int4"),
+                             (SHORT[s.dtype] if float_layers else f"{SHORT[s.dtype]}, dequantized int4"),
                              "vs_fp32": rel_error(y, refs["fp32"]),
                              "vs_same_weights": rel_error(y, same)})
         for batch in s.batches:
@@ -245,7 +261,7 @@ def run(args) -> int:
     report = {
         "command": s.command, "versions": versions(), "device": device_info() if gpu else
         {"available": False, "reason": reason}, "config": config.to_dict(), "source": source,
-        "group_size": group_size, "prompt": s.prompt, "gen": s.gen,
+        "group_size": group_size, "prompt": s.prompt, "gen": s.gen, "dtype": s.dtype,
         "throughput": results, "accuracy": accuracy,
     }
     print(_format_report(report, backends))
@@ -275,7 +291,7 @@ def generate_text(s: Settings) -> int:
     backend = s.backends[0] if reason is None else "numpy"
     if reason is not None:
         print(f"{reason}: running the NumPy float32 path on the CPU")
-    model = LlamaModel(ckpt.config, ckpt.layers, backend, ckpt.group_size, head=ckpt.head)
+    model = LlamaModel(ckpt.config, ckpt.layers, backend, ckpt.group_size, head=ckpt.head, dtype=s.dtype)
     new = model.generate(np.asarray([ids]), max(s.gen, 1))[0]
     print(f"[{backend}] {s.prompt_text}{tokenizer.decode(new.tolist())}")
     return 0
@@ -368,7 +384,8 @@ def _format_report(r: dict, backends: list) -> str:
         f"command: {r['command']}",
         f"device:  {dev['name'] if dev.get('available') else 'CPU (' + dev['reason'] + ')'}; "
         f"quickcupy {r['versions']['quickcupy']}, cupy {r['versions'].get('cupy')}, numpy {r['versions']['numpy']}",
-        f"model:   {c.num_hidden_layers} Llama blocks ({_describe(c)}), {r['source']}, group size {r['group_size']}",
+        f"model:   {c.num_hidden_layers} Llama blocks ({_describe(c)}), {r['source']}, group size {r['group_size']}, "
+        f"{SHORT[r.get('dtype', 'float16')]} activations",
         f"run:     prefill batch x {r['prompt']} tokens, then {r['gen']} decode steps with the KV cache",
     ]
     by = {(t["backend"], t["batch"]): t for t in r["throughput"]}
@@ -454,8 +471,8 @@ def _without_gemms(model: LlamaModel) -> LlamaModel:
     return bare
 
 
-def _whole_model(config: LlamaConfig, layer, head, backend: str, group_size: int) -> LlamaModel:
-    one = LlamaModel(config.replace(num_hidden_layers=1), [layer], backend, group_size, head=head)
+def _whole_model(config: LlamaConfig, layer, head, backend: str, group_size: int, dtype: str) -> LlamaModel:
+    one = LlamaModel(config.replace(num_hidden_layers=1), [layer], backend, group_size, head=head, dtype=dtype)
     one.blocks += [_copy_block(one.blocks[0]) for _ in range(config.num_hidden_layers - 1)]
     one.config = config
     return one
@@ -463,7 +480,7 @@ def _whole_model(config: LlamaConfig, layer, head, backend: str, group_size: int
 
 def _time_generation(model: LlamaModel, backend: str, batch: int, s: Settings, progress) -> dict:
     """Prefill of batch x prompt token ids (logits of the last position), then ``gen`` greedy decode
-    steps fed back on the GPU (CUDA graph replays on the 4-bit backends, eager fp16), on both clocks:
+    steps fed back on the GPU (CUDA graph replays on the 4-bit backends, eager dense), on both clocks:
     wall (perf_counter around the synchronized loop) and GPU (each call behind a spin kernel)."""
     import cupy
     from ..llama import ops
@@ -569,7 +586,8 @@ def run_model(s: Settings) -> int:
             progress.note(f"quantizing (group size {group_size})")
             quantized = layer.quantized(group_size)
         progress.note(f"[{backend}] building {config.num_hidden_layers} blocks")
-        model = _whole_model(config, quantized if backend in QUANTIZED_BACKENDS else layer, head, backend, group_size)
+        model = _whole_model(config, quantized if backend in QUANTIZED_BACKENDS else layer, head, backend, group_size,
+                             s.dtype)
         for batch in s.batches:
             results.append(_time_generation(model, backend, batch, s, progress))
         if backend in QUANTIZED_BACKENDS:
@@ -580,7 +598,7 @@ def run_model(s: Settings) -> int:
         cupy.get_default_memory_pool().free_all_blocks()
     progress.close()
     report = {"command": s.command, "versions": versions(), "device": device_info(), "config": config.to_dict(),
-              "vocab": s.vocab, "group_size": group_size, "prompt": s.prompt, "gen": s.gen,
+              "vocab": s.vocab, "group_size": group_size, "prompt": s.prompt, "gen": s.gen, "dtype": s.dtype,
               "source": f"random weights (seed {s.seed}), one layer's copied to every layer",
               "generation": results, "decode_step_batch1": overhead}
     print(_format_model_report(report))
@@ -593,10 +611,11 @@ def _format_model_report(r: dict) -> str:
     c = LlamaConfig(**r["config"])
     lines = [f"command: {r['command']}",
              f"device:  {r['device']['name']}; quickcupy {r['versions']['quickcupy']}, cupy {r['versions'].get('cupy')}",
-             f"model:   embedding + {c.num_hidden_layers} Llama blocks ({_describe(c)}) + final norm + fp16 LM head "
-             f"(vocab {r['vocab']}), {r['source']}, group size {r['group_size']}",
+             f"model:   embedding + {c.num_hidden_layers} Llama blocks ({_describe(c)}) + final norm + dense LM head "
+             f"(vocab {r['vocab']}), {r['source']}, group size {r['group_size']}, "
+             f"{SHORT[r.get('dtype', 'float16')]} activations",
              f"run:     prefill batch x {r['prompt']} tokens, then {r['gen']} greedy decode steps (argmax on the GPU "
-             f"fed back); awq/quick/auto decode steps replay one CUDA graph, fp16 runs eagerly (cuBLAS)", ""]
+             f"fed back); awq/quick/auto decode steps replay one CUDA graph, dense/fp16 run eagerly (cuBLAS)", ""]
     rows = [[g["backend"], g["batch"], f"{1e3 * g['prefill_s']:.1f}", f"{1e3 * g['prefill_gpu_s']:.1f}",
              f"{g['decode_tokens_per_s']:,.0f}", f"{g['decode_gpu_tokens_per_s']:,.0f}",
              f"{g['wall_over_gpu_decode']:.2f}", "" if g["gpu_time_exact"] else "upper bound"]
