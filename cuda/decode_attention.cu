@@ -18,10 +18,9 @@
 // are read once per block. It walks the positions in tiles of TP = THREADS with an online softmax
 // (running max and sum, rescaled per tile). Each tile of K^T (D x TP) and V (TP x D) is copied to
 // shared memory in bursts of cp.async (16-byte chunks when max_len % 8 == 0 and the caches are
-// 16-byte aligned, else element by element), so a tile costs one memory latency, not D dependent loads.
-// ONE_BUFFER (template): V is copied into the K tile's place once the scores are done, instead of
-// beside it while K is in flight: a second latency per tile, but half the shared memory, so twice
-// the blocks per SM (quickcupy/attention.py picks it when the grid is larger than one wave).
+// 16-byte aligned, else element by element), V's copy in flight while the scores use K, so a tile
+// costs one memory latency, not D dependent loads. (One buffer for both, V after K, fits twice the
+// blocks per SM but measured slower on the H100 from batch 64 on: results/h100/llama_attention_variants.txt.)
 //   scores:       thread i owns position tile + i (a warp reads 32 consecutive elements of a row of K^T);
 //   weighted sum: warp w owns positions tile + w, w + WARPS, ...; lane l owns d elements
 //                 [l * D/32, (l + 1) * D/32) (a warp reads one whole row of V); warps add up at the end.
@@ -96,7 +95,7 @@ __device__ __forceinline__ void load_v(const T* __restrict__ V, T* Vs, int t0, i
 
 }  // namespace decode
 
-template <int D, int HEADS, bool ONE_BUFFER, typename T>
+template <int D, int HEADS, typename T>
 __global__ void __launch_bounds__(decode::THREADS)
 decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ values, T* __restrict__ out,
                  int n_heads, int n_kv, int max_len, int length, const int* __restrict__ start,
@@ -108,8 +107,8 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
   constexpr int E = D / 32;                        // d elements per lane in the weighted sum
   extern __shared__ __align__(16) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem);                            // D x TP: the tile of K^T
-  T* Vs = ONE_BUFFER ? Ks : Ks + D * TP;                         // TP x D: the tile of V
-  float* q_s = reinterpret_cast<float*>(Ks + (ONE_BUFFER ? 1 : 2) * D * TP);   // D x HEADS: q * log2(e) / sqrt(D)
+  T* Vs = Ks + D * TP;                                           // TP x D: the tile of V
+  float* q_s = reinterpret_cast<float*>(Vs + TP * D);            // D x HEADS: q * log2(e) / sqrt(D)
   float* p_s = q_s + D * HEADS;                                  // HEADS x TP: the tile's probabilities
   float* red_s = p_s + HEADS * TP;                               // WARPS x HEADS: maxima, then sums
   float* sum_s = reinterpret_cast<float*>(smem);                 // WARPS x HEADS x D, after the loop
@@ -167,9 +166,9 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
   for (int t0 = 0; t0 < length; t0 += TP) {
     const int n = min(TP, length - t0);
     load_k<D>(K, Ks, max_len, t0, n, vec);
-    if (!ONE_BUFFER) load_v<D>(V, Vs, t0, n, vec);
-    qc::cp_async_wait<ONE_BUFFER ? 0 : 1>();   // this thread's K chunks (V may still be in flight)
-    __syncthreads();                           // everyone's K chunks, and q_s
+    load_v<D>(V, Vs, t0, n, vec);
+    qc::cp_async_wait<1>();   // this thread's K chunks (V may still be in flight)
+    __syncthreads();          // everyone's K chunks, and q_s
 
     // Scores of position t0 + tid (-inf past length).
     float s[HEADS];
@@ -188,10 +187,6 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
     for (int g = 0; g < HEADS; ++g) {
       const float w = warp_reduce<true>(s[g]);
       if (lane == 0) red_s[warp * HEADS + g] = w;
-    }
-    if (ONE_BUFFER) {
-      __syncthreads();        // every score read of the K tile is done: V takes its place
-      load_v<D>(V, Vs, t0, n, vec);
     }
     qc::cp_async_wait<0>();   // this thread's V chunks
     __syncthreads();          // everyone's V chunks and tile maxima

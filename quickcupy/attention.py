@@ -3,11 +3,9 @@ the Llama model (:mod:`quickcupy.llama.model`) calls for S = 1 with a KV cache o
 rotary embedding and the cache write of the new token fused in (:func:`decode_attention_rope`)."""
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
-from .kernels import ctype, get_function, sm_count
+from .kernels import ctype, get_function
 from .registry import DECODE_ATTENTION_THREADS, DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK, DTYPES
 
 
@@ -20,29 +18,12 @@ def decode_head_dim_error(d: int):
     return None
 
 
-def decode_smem_bytes(d: int, heads: int, itemsize: int, one_buffer: bool) -> int:
-    """Dynamic shared memory of decode_attention<d, heads, one_buffer, T>, laid out as the kernel
-    says: a tile of K^T (d x TP) and, unless one_buffer, of V (TP x d) in T, then float32 q
-    (d x heads), probabilities (heads x TP) and per-warp maxima (warps x heads); TP =
-    DECODE_ATTENTION_THREADS positions."""
+def decode_smem_bytes(d: int, heads: int, itemsize: int) -> int:
+    """Dynamic shared memory of decode_attention<d, heads, T>, laid out as the kernel says: a tile of
+    K^T (d x TP) and of V (TP x d) in T, then float32 q (d x heads), probabilities (heads x TP) and
+    per-warp maxima (warps x heads); TP = DECODE_ATTENTION_THREADS positions."""
     tp, warps = DECODE_ATTENTION_THREADS, DECODE_ATTENTION_THREADS // 32
-    return (1 if one_buffer else 2) * d * tp * itemsize + 4 * (d * heads + heads * tp + warps * heads)
-
-
-def one_buffer(blocks: int, d: int, heads: int, itemsize: int, device_id: int) -> bool:
-    """Whether the kernel keeps K and V tiles in one buffer: when the grid of ``blocks`` is larger
-    than one wave of the two-buffer kernel (at d = 128, 66 KB a block: 3 blocks per H100 SM, 396
-    blocks, i.e. batch > 12 with 32 heads). Two buffers overlap the copies of K and V (one memory
-    latency per tile, what a small batch waits on); one buffer fits twice the blocks per SM, which
-    hide each other's latencies when there are enough of them."""
-    per_sm = _smem_per_sm(device_id) // (decode_smem_bytes(d, heads, itemsize, False) + 1024)  # 1 KB: the system's per block
-    return blocks > max(per_sm, 1) * sm_count(device_id)
-
-
-@functools.lru_cache(maxsize=None)
-def _smem_per_sm(device_id: int) -> int:
-    import cupy
-    return cupy.cuda.runtime.getDeviceProperties(device_id)["sharedMemPerMultiprocessor"]
+    return 2 * d * tp * itemsize + 4 * (d * heads + heads * tp + warps * heads)
 
 
 def decode_attention(q, keys, values, length: int, start=None):
@@ -120,10 +101,8 @@ def _launch(q, keys, values, nh, length, start, cos, sin):
     nkv = keys.shape[1]
     heads = next(g for g in DECODE_HEADS_PER_BLOCK if (nh // nkv) % g == 0)   # heads of one KV head per block
     blocks = B * nh // heads
-    one = one_buffer(blocks, d, heads, q.dtype.itemsize, q.device.id)
-    smem = decode_smem_bytes(d, heads, q.dtype.itemsize, one)
-    name = f"decode_attention<{d}, {heads}, {'true' if one else 'false'}, {ctype(q.dtype)}>"
-    fn = get_function(q.device.id, "decode_attention.cu", name, smem)
+    smem = decode_smem_bytes(d, heads, q.dtype.itemsize)
+    fn = get_function(q.device.id, "decode_attention.cu", f"decode_attention<{d}, {heads}, {ctype(q.dtype)}>", smem)
     out = cupy.empty((B, 1, nh * d), q.dtype)
     null = np.uint64(0)
     fn((blocks,), (DECODE_ATTENTION_THREADS,),

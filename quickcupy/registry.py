@@ -221,9 +221,8 @@ LAYOUTS = tuple(dict.fromkeys(d.layout for d in DESIGNS.values()))
 SPLITK_REDUCE_THREADS = 128
 DECODE_ATTENTION_THREADS = 128
 DEQUANT_THREADS = 128
-# decode_attention<head_dim, heads per block, one buffer, T>: a block takes the largest of these that
-# divides the GQA group; head_dim a multiple of 32 (a warp spans it) between the least and greatest of
-# these; one buffer for K and V, or two (quickcupy/attention.py chooses by the grid).
+# decode_attention<head_dim, heads per block, T>: a block takes the largest of these that divides the
+# GQA group; head_dim a multiple of 32 (a warp spans it) between the least and greatest of these.
 DECODE_HEAD_DIMS = (64, 96, 128, 256)
 DECODE_HEADS_PER_BLOCK = (8, 4, 2, 1)
 # cuda/llama_ops.cu: the Llama layer's small ops (quickcupy/llama/ops.py), one instance per activation dtype.
@@ -237,9 +236,8 @@ SOURCES = {s.filename: s for s in (
       for d in DESIGNS.values()),
     Source("splitk_reduce.cu", tuple(f"splitk_reduce<{c}>" for c in DTYPES.values()),
            {"SPLITK_REDUCE_THREADS": SPLITK_REDUCE_THREADS}),
-    Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}, {one}, {c}>" for c in DTYPES.values()
-                                        for d in DECODE_HEAD_DIMS for g in DECODE_HEADS_PER_BLOCK
-                                        for one in ("false", "true")),
+    Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}, {c}>" for c in DTYPES.values()
+                                        for d in DECODE_HEAD_DIMS for g in DECODE_HEADS_PER_BLOCK),
            {"DECODE_ATTENTION_THREADS": DECODE_ATTENTION_THREADS}),
     Source("dequant.cu", tuple(f"dequant_quick<{c}>" for c in DTYPES.values()),
            {"DEQUANT_THREADS": DEQUANT_THREADS}),

@@ -165,19 +165,14 @@ def test_gpu_logits_match_numpy(rng, backend, dtype):
 @pytest.mark.parametrize("nh,nkv,d", [(32, 32, 128), (8, 2, 64), (16, 1, 96), (4, 4, 256)])
 @pytest.mark.parametrize("max_len,length", [(160, 129), (301, 300), (8, 1), (264, 257)])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("one_buffer", [False, True], ids=["two_buffers", "one_buffer"])
-def test_decode_attention_rope_equals_rope_cache_then_attention(rng, nh, nkv, d, max_len, length, dtype, one_buffer,
-                                                                monkeypatch):
+def test_decode_attention_rope_equals_rope_cache_then_attention(rng, nh, nkv, d, max_len, length, dtype):
     """The fused decode step (rope + cache write + attention, one kernel) against rope_cache then
     decode_attention, bit for bit (output and caches), and against float64; max_len 301 takes the
     element-by-element copies (rows of K^T at odd addresses), the others 16-byte cp.async. Positions
-    past the new one are NaN in the caches: never read, never written. Both kernel variants (K and V
-    tiles in two buffers, small grids; in one, large grids) are forced in turn."""
+    past the new one are NaN in the caches: never read, never written."""
     import cupy
-    from quickcupy import attention
     from quickcupy.attention import decode_attention, decode_attention_rope
     from quickcupy.llama import ops
-    monkeypatch.setattr(attention, "one_buffer", lambda *args: one_buffer)
     B, p = 3, length - 1
     nd = _np_dtype(dtype)
     config = LlamaConfig(hidden_size=nh * d, intermediate_size=8, num_attention_heads=nh, num_key_value_heads=nkv,
