@@ -1,7 +1,7 @@
-// QUICK decode: small-M (1..32, fastest for M <= 16) GEMM C = A x W (+ bias) on the packed QUICK
-// layout (pack_quick), built to stream the weights at memory speed. Weights go global -> registers ->
-// mma fragments and never touch shared memory; shared memory holds only the block's slice of the
-// activations (and, at the very end, the fp32 sums of warps that split K inside the block).
+// QUICK decode: small-M (1..16) GEMM C = A x W (+ bias) on the packed QUICK layout (pack_quick),
+// built to stream the weights at memory speed. No dequantized weight is ever written to shared
+// memory: the packed words go global -> registers (S = 0) or global -> a cp.async ring in shared
+// memory, still packed (S >= 2) -> registers, and are dequantized into mma fragments there.
 //
 // Roles are swapped against quick_gemm.cu: the mma computes C^T = W^T A^T, so the dequantized
 // weights are the mma A operand (16 output columns) and the activations the B operand (8 rows of
@@ -10,50 +10,76 @@
 // a3 = word 2i+1 reg 1), so the same packed words feed it and M <= 8 costs half the mma of the
 // normal orientation (8 instead of 16 rows computed per mma).
 //
-// Pipeline: weights stream in batches of U chunks (U 16-byte loads per lane, with the batch's
-// scales/zeros: lane t loads those of chunks t*U/4 .. and the lanes of a column group trade them
-// with shuffles). Two register buffers: batch b+1 is issued as soon as batch b has arrived and is in
-// flight while batch b is dequantized and multiplied. The issue of batch b+1 is tied to the arrival
-// of batch b by a fake data dependency (address + (last word & 0)): ptxas tracks all global loads of
-// a warp on one scoreboard, so a prefetch issued earlier would be waited for together with the
-// batch in use, and a deeper register ring (tried: 3 stages) degenerates to one batch per memory
-// round trip. So each warp keeps U * 512 bytes in flight at all times; occupancy (16 warps/SM at
-// <= 128 registers) supplies the rest. The block's activations (M rows x its K slice) are copied to
-// shared memory once, with cp.async, while the first batch flies; after that one __syncthreads the
-// main loop has no barrier.
+// Rounds: a block's K slice is cut into rounds of KW * U chunks (32 k each); in round r warp (wn, wk)
+// takes the U chunks r * KW * U + wk * U .. of its tile column.
 //
-// K is split twice. Inside a block, KW warps share a tile column and take the batches of the
-// block's K slice round robin (neighbouring addresses at any time); at the end they add their fp32
-// sums through shared memory in warp order (two __syncthreads). Across blocks (gridDim.y = splits >
-// 1), each block's sums go to partial[split][M][N] and counters[tile column] counts the arrivals; the
-// warp that arrives last sums all splits in split order (deterministic), adds bias, writes fp16 and
-// resets the counter to 0 (splitk_warp_arrive / splitk_reduce_strip32 in quant_common.cuh): one
-// launch, CUDA-graph safe, bit-identical from run to run.
+// S = 0, register pipeline (the first decode design; M <= 8): the block's activations (M rows x its
+// K slice) go to shared memory once, by cp.async, while the first batch of weights flies; after that
+// one __syncthreads the main loop has no barrier. Two register batches: batch b + 1 is issued as
+// soon as batch b has arrived (a fake data dependency: ptxas waits for all of a warp's global loads
+// on one scoreboard, so an earlier prefetch would be waited for with the batch in use), U * 512
+// bytes per warp in flight; occupancy (16 warps/SM at <= 128 registers) supplies the rest.
 //
-// Launch (scratch/decode_proto.py: plan_decode, choose_decode): grid (ceil(N / 32 / (NWARPS / KW)),
-// splits), block NWARPS * 32 threads, dynamic shared memory max(2 * (M * (32 * chunks_per_split + 8)
-// + 8), (KW - 1) * (NWARPS / KW) * MB * 1024) bytes; chunks_per_split a multiple of U * KW;
-// M <= 8 * MB; K % 32 == 0, N % 32 == 0, group_size % 32 == 0, K % group_size == 0; counters: N / 32
-// uint32 zeroed once by the host; partial: splits * M * N fp32 (unused, may be null, when splits == 1).
+// S >= 2, shared ring (M >= 3 where measured faster; M 9..16 always): each warp owns S slots of U
+// chunks (packed words: one 16-byte cp.async per lane and chunk; scales and zeros: 5 lanes x 16
+// bytes per scale block), the block S slots of activations (M rows x the round's chunks). Round
+// r + S - 1 is issued (one commit group per thread) while round r is computed, so S - 1 rounds of
+// weights are in flight at all times and the activations stream with them instead of arriving in
+// one piece before the first mma (what made M = 4..16 slow in the register pipeline: up to 200 KB
+// of activations per block at M = 8). One __syncthreads per round makes round r's activations
+// (copied by every thread) visible and frees slot (r - 1) % S for reuse. Registers stay <= 128
+// at M 9..16 too (no register batches), so 16 warps per SM.
+//
+// K is split twice. Inside a block, KW warps share a tile column (neighbouring addresses at any
+// time); at the end they add their fp32 sums through shared memory in warp order (two
+// __syncthreads). Across blocks (gridDim.y = splits > 1), each block's sums go to
+// partial[split][M][N] and counters[tile column] counts the arrivals; the warp that arrives last sums
+// all splits in split order (deterministic), adds bias, writes T and resets the counter to 0
+// (splitk_warp_arrive / splitk_reduce_strip32 in quant_common.cuh): one launch, CUDA-graph safe,
+// bit-identical from run to run.
+//
+// Launch (quickcupy.kernels._plan_decode): grid (ceil(N / 32 / (NWARPS / KW)), splits), block
+// NWARPS * 32 threads, dynamic shared memory (kernels._decode_smem) max(NWARPS * S *
+// sizeof(DecodeSlot<U>) + M * pitch * 2 * max(S, 1) + 16, (KW - 1) * (NWARPS / KW) * MB * 1024) bytes,
+// pitch = 32 * chunks_per_split + 8 (S = 0) or 32 * KW * U + 8 (S >= 2); chunks_per_split a multiple
+// of KW * U; M <= 8 * MB; K % 32 == 0, N % 32 == 0, group_size % 32 == 0, K % group_size == 0;
+// counters: N / 32 uint32 zeroed once by the host; partial: splits * M * N fp32 (unused, may be
+// null, when splits == 1).
 #include "quant_common.cuh"
 
 using namespace qc;
 
+// One warp's slot of the weight ring: U chunks of packed codes and the scale blocks they need. Lane
+// L writes (cp.async) and reads back w[c][L] only; the scale/zero rows are read by every lane after
+// a barrier.
+template <int U>
+struct DecodeSlot {
+  uint4 w[U][32];            // packed codes: chunk c of the slot, lane L (columns 8 j + L / 4 of word j)
+  uint2 s[U][8];             // scales (fp16 x 4, sub-tiles j = 0..3) of scale block q, column group g
+  unsigned short z[U][8];    // zero points (nibbles j = 0..3) of scale block q, column group g
+};
+static_assert(sizeof(DecodeSlot<4>) == 4 * 592, "kernels.DECODE_SLOT_BYTES per chunk");
+
+// One warp's batch in registers (S = 0): U chunks of packed codes, one 16-byte load per lane and
+// chunk, and the scales/zeros lane t loads for chunks t * U / 4 + i (traded by shuffles).
 template <int U>
 struct DecodeBatch {
-  uint4 w[U];       // packed codes of U consecutive 32-deep chunks, one 16-byte load each
-  uint2 s[U / 4];   // scales (fp16 x 4) of chunks (lane % 4) * U / 4 + i of the batch, this lane's g
-  u32 z[U / 4];     // zero points (nibbles 0..3) of the same chunks
+  uint4 w[U];
+  uint2 s[U / 4];
+  u32 z[U / 4];
 };
 
 // Block: 32 * NWARPS / KW output columns x all M rows over one K slice (split blockIdx.y). Warp w
-// owns QUICK tile column blockIdx.x * (NWARPS / KW) + w % (NWARPS / KW) (32 columns) over part
-// w / (NWARPS / KW) of the slice; lane (g = lane / 4, t = lane % 4) loads 16 bytes per chunk (columns
-// 8 j + g, k rows 2t + {0,1,8,9,16,17,24,25}) and sums C[m = 8 mb + 2t + {0,1}][n = 16 i + g + {0,8}].
+// owns QUICK tile column blockIdx.x * (NWARPS / KW) + w % (NWARPS / KW) (32 columns) and chunk
+// w / (NWARPS / KW) of each round; lane (g = lane / 4, t = lane % 4) holds the 16 bytes of a chunk
+// for columns 8 j + g, k rows 2t + {0,1,8,9,16,17,24,25}, and sums
+// C[m = 8 mb + 2t + {0,1}][n = 16 i + g + {0,8}].
 template <int NWARPS,   // warps per block; block = 32 * NWARPS threads
           int KW,       // warps along K per tile column (divides NWARPS): NWARPS / KW tile columns per block
           int MB,       // 8-row tiles of activations (mma n8 tiles): the kernel serves M <= 8 * MB
-          int U,        // 32-deep K chunks per batch (4 or 8): U 16-byte weight loads in flight per lane
+          int U,        // 32-deep K chunks per warp and round (2 or 4): U 16-byte cp.async per lane
+          int S,        // weight pipeline: 0 = two register batches (below), >= 2 = shared ring of S slots,
+                        // S - 1 rounds in flight while one is computed
           int GCH,      // chunks per scale/zero change = gcd(group_size / 32, U): divides U
           int MINB,     // blocks per SM the registers must allow (__launch_bounds__): 16 / NWARPS -> <= 128 regs
           typename T>   // activations, bias and C: half or __nv_bfloat16 (Dt<T>); scales are fp16
@@ -65,173 +91,244 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
              int chunks_per_split) {
   static_assert(U % GCH == 0, "GCH must divide U");
   static_assert(NWARPS % KW == 0, "KW must divide NWARPS");
-  static_assert(U == 4 || U == 8, "a batch is 4 or 8 chunks (each lane holds U / 4 scales)");
-  constexpr int SPL = U / 4;                   // chunks whose scales/zeros one lane loads per batch
+  static_assert(S == 0 || S >= 2, "registers (S = 0) or a ring of at least 2 slots");
+  static_assert(S > 0 || U == 4 || U == 8, "a register batch is 4 or 8 chunks (each lane holds U / 4 scales)");
+  static_assert(S == 0 || 5 * (U / GCH) <= 32, "5 lanes copy the scales and zeros of one scale block");
   constexpr int NWN = NWARPS / KW;             // tile columns per block
+  constexpr int RC = KW * U;                   // chunks per round (of each tile column)
+  constexpr int VECS = RC * 4;                 // 16-byte activation vectors per row and round (DEC_A_CP map)
+  constexpr int SR = S > 0 ? S : 1;            // ring slots, for slot arithmetic
   using D = Dt<T>;
+  using Slot = DecodeSlot<U>;
   // one untyped extern array for every instance (extern __shared__ arrays of different types clash)
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* A_s = reinterpret_cast<T*>(smem_raw);     // [M][pitch] activations of the K slice, then 8 zero values
 
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int wn = warp % NWN, wk = warp / NWN;
   const int tiles_n = N / 32, chunks = K / 32, groups = K / group_size, cpg = group_size / 32;
   const int tn = blockIdx.x * NWN + wn;  // this warp's QUICK tile column
   const bool active = tn < tiles_n;      // N % 32 == 0: a tile column is all in or all out
   const int kc0 = blockIdx.y * chunks_per_split;
   const int nch_b = min(chunks, kc0 + chunks_per_split) - kc0;  // chunks of the block's slice (>= 1)
-  // the KW warps of a tile column take the slice's batches of U chunks round robin (warp wk: batches
-  // wk, wk + KW, ...), so at any time they read neighbouring 2-4 KB pieces of the column's stream
-  const int nbat = (nch_b + U - 1) / U;                        // batches in the slice
-  const int nb = nbat > wk ? (nbat - wk + KW - 1) / KW : 0;    // batches of this warp
-  const int pitch = chunks_per_split * 32 + 8;  // halfs per shared row: 16-byte pad, ldmatrix conflict-free
+  const int nrounds = (nch_b + RC - 1) / RC;                    // block-uniform
+  const int nb = active && nch_b > wk * U ? (nch_b - wk * U + RC - 1) / RC : 0;  // rounds with chunks of this warp
+  // activations: S = 0, the whole slice [M][pitch] (copied once); S > 0, a ring of S slots [M][pitch]
+  // of one round each. Rows end in a 16-byte pad: ldmatrix conflict-free.
+  const int pitch = (S == 0 ? chunks_per_split : RC) * 32 + 8;
+  const int aslot = M * pitch;            // halfs per activation slot
 
-  // ---- activations of the slice -> shared memory, once (16-byte cp.async, rows contiguous)
-  {
-    // 16-byte vectors per row: the slice's nch_b chunks, then zeros up to a whole step, so chunks
-    // past the slice's end (zero weights) multiply zeros, never stale shared memory
-    const int VECS = (nch_b + U - 1) / U * U * 4;  // read by the DEC_A_CP map
-    for (int i = threadIdx.x; i < M * VECS; i += NWARPS * 32) {
-      const int r = DEC_A_CP_ROW(i), c = DEC_A_CP_COL(i) / 8;
-      T* dst = A_s + r * pitch + c * 8;
-      if (c < nch_b * 4) cp_async16(dst, A + (size_t)r * K + (size_t)kc0 * 32 + c * 8, true);
-      else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    }
-    cp_async_commit();
-    // row M, columns 0..7: the 16 zero bytes that rows >= M of an ldmatrix point at
-    if (threadIdx.x == 0) *reinterpret_cast<uint4*>(A_s + M * pitch) = make_uint4(0, 0, 0, 0);
-  }
+  Slot* ring = reinterpret_cast<Slot*>(smem_raw) + warp * S;          // this warp's S slots
+  T* A_s = reinterpret_cast<T*>(smem_raw + NWARPS * S * sizeof(Slot));  // activation slot(s), then 8 zeros
+  T* zero_row = A_s + SR * aslot;         // the 16 zero bytes that rows >= M of an ldmatrix point at
 
-  // ---- this warp's streams: tile column tn of each packed tensor, from chunk kc0 on
-  const int t = lane % 4;
   const uint4* wq = qweight + ((size_t)tn * chunks + kc0) * 32 + lane;
-  const uint2* sq = scales + (size_t)tn * groups * 8 + g;
-  const unsigned short* zq = qzeros + (size_t)tn * groups * 8 + g;
+  const size_t sz_row = (size_t)tn * groups;  // first scale/zero row of the tile column
   // group of chunk kc = kc / cpg by multiply-high: exact for kc * cpg < 2^32
   const u32 gmagic = cpg == 1 ? 0u : 0xffffffffu / (u32)cpg + 1u;
-  const u32 zero_rt = (u32)M >> 31;  // 0 at run time, unknown to the compiler (fake dependency)
 
-  // loads of batch b (predicated per chunk: a batch past the end loads nothing, without a branch)
-  auto load_batch = [&](int b, DecodeBatch<U>& r, u32 dep) {
-    const int rcb = (b * KW + wk) * U;                  // first chunk of the batch in the slice
-    const uint4* wb = wq + (size_t)rcb * 32 + dep;      // dep == 0: ties the issue to the previous batch
+  // weights of round r into slot r % S: this warp's U chunks (zeros past the slice) and their
+  // scale blocks
+  auto issue_w = [&](int r) {
+    Slot& sl = ring[r % SR];
+    const int rcb = r * RC + wk * U;      // first chunk of this warp's batch in the slice
 #pragma unroll
-    for (int c = 0; c < U; ++c)  // L1::no_allocate: read once
-      r.w[c] = ld_stream16<1>(wb + c * 32, active && rcb + c < nch_b);
-#pragma unroll
-    for (int i = 0; i < SPL; ++i) {
-      const int rc = rcb + t * SPL + i;
+    for (int c = 0; c < U; ++c) {
+      const bool ok = active && rcb + c < nch_b;
+      cp_async16(&sl.w[c][lane], ok ? wq + (size_t)(rcb + c) * 32 : qweight, ok);
+    }
+    if (lane < 5 * (U / GCH)) {            // lane 5 q + p: 16 bytes p of scale block q (p = 4: zeros)
+      const int q = lane / 5, p = lane % 5, rc = rcb + q * GCH;
       const bool ok = active && rc < nch_b;
       const u32 kc = (u32)(kc0 + rc);
-      const u32 grp = cpg == 1 ? kc : __umulhi(kc, gmagic);
-      r.s[i] = ok ? __ldg(sq + (size_t)grp * 8) : make_uint2(0, 0);
-      r.z[i] = ok ? (u32)__ldg(zq + (size_t)grp * 8) : 0u;
+      const size_t row = sz_row + (cpg == 1 ? kc : __umulhi(kc, gmagic));
+      const void* src = p < 4 ? (const void*)(scales + row * 8 + 2 * p) : (const void*)(qzeros + row * 8);
+      void* dst = p < 4 ? (void*)&sl.s[q][2 * p] : (void*)&sl.z[q][0];
+      cp_async16(dst, ok ? src : (const void*)qweight, ok);
+    }
+  };
+  // the block's activations of round r (all threads together) into slot r % S, zeros past the slice
+  auto issue_a = [&](int r) {
+    for (int i = threadIdx.x; i < M * VECS; i += NWARPS * 32) {
+      const int row = DEC_A_CP_ROW(i), col = DEC_A_CP_COL(i);  // col: halfs into the round
+      const bool ok = r * RC + col / 32 < nch_b;
+      cp_async16(A_s + (r % SR) * aslot + row * pitch + col,
+                 ok ? A + (size_t)row * K + (size_t)(kc0 + r * RC) * 32 + col : A, ok);
+    }
+  };
+  // the whole slice (S = 0): the block's rounds, zeros past the slice
+  auto issue_a_whole = [&]() {
+    const int VECS = RC * 4 * nrounds;    // a row of the slice's rounds, read by the DEC_A_CP map
+    for (int i = threadIdx.x; i < M * VECS; i += NWARPS * 32) {
+      const int row = DEC_A_CP_ROW(i), col = DEC_A_CP_COL(i);  // col: halfs into the slice
+      const bool ok = col / 32 < nch_b;
+      cp_async16(A_s + row * pitch + col, ok ? A + (size_t)row * K + (size_t)kc0 * 32 + col : A, ok);
     }
   };
 
-  DecodeBatch<U> buf[2];  // indexed only by unrolled constants: stays in registers
-  load_batch(0, buf[0], 0u);
-
-  cp_async_wait<0>();
-  __syncthreads();  // activations are in shared memory; no barrier in the main loop
+  if (threadIdx.x == 0) *reinterpret_cast<uint4*>(zero_row) = make_uint4(0, 0, 0, 0);
 
   float acc[2][MB][4];   // acc[i][mb][e]: C[m = 8 mb + 2t + e % 2][n = 32 tn + 16 i + g + 8 (e / 2)]
+  float accg[2][MB][4];  // the same, over the current scale block, unscaled
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][mb][e] = 0.f;
+      for (int e = 0; e < 4; ++e) acc[i][mb][e] = accg[i][mb][e] = 0.f;
 
-  if (active) {
-    // ldmatrix.x4 (non-transposed) of 8 rows x 32 k of A: lane L gives row 8 mb + L % 8 at k 8 (L / 8)
-    // of the chunk, so register q = (k-step q / 2, B register q % 2). Rows >= M read the zero vector.
-    u32 a_addr[MB];  // shared address of the lane's row at the warp's first chunk
-    u32 a_step[MB];  // bytes to the next chunk: 64, or 0 for the zero vector
+  // ldmatrix.x4 (non-transposed) of 8 rows x 32 k of A: lane L gives row 8 mb + L % 8 at k 8 (L / 8)
+  // of the chunk, so register q = (k-step q / 2, B register q % 2). Rows >= M read the zero vector.
+  u32 a_addr[MB];  // shared address of the lane's row at the warp's first chunk (of slot 0)
+  u32 a_live[MB];  // S = 0: bytes per chunk (64, 0 for the zero vector); S > 0: ~0 or 0, an offset mask
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb) {
-      const int row = DEC_A_LDSM_ROW(lane, mb, 0);  // chunk rc adds 32 rc halfs (64 bytes) to the column
-      a_addr[mb] = smem_addr(row < M ? A_s + row * pitch + DEC_A_LDSM_COL(lane, mb, 0) : A_s + M * pitch);
-      a_step[mb] = row < M ? 64 : 0;
+  for (int mb = 0; mb < MB; ++mb) {
+    const int row = DEC_A_LDSM_ROW(lane, mb, 0);
+    a_addr[mb] = smem_addr(row < M ? A_s + row * pitch + wk * U * 32 + DEC_A_LDSM_COL(lane, mb, 0) : zero_row);
+    a_live[mb] = row >= M ? 0u : S == 0 ? 64u : 0xffffffffu;
+  }
+
+  // The mma multiplies exact (code - zero) values (fp16 or bf16 alike); the fp32 sums of each scale
+  // block (GCH chunks, one group) are scaled into acc at its end: one multiply per weight pair less
+  // than scaling the weights, and no rounding of code * scale to T, so bf16 loses nothing here but
+  // the output rounding.
+  half2 sc[4];  // fp16 scales of the current scale block: only widened to fp32 (exact) for its sums
+  typename D::Zero zp[4];
+  // a scale block starts: column 8 j + g of the tile has zero nibble j of zw, scale j of s01 / s23
+  auto set_group = [&](u32 s01, u32 s23, u32 zw) {
+    typename D::T2 z[4];
+    D::codes8(zw, z);  // pair j = (zero of sub-tile j, 0)
+    sc[0] = __low2half2(as_half2(s01)); sc[1] = __high2half2(as_half2(s01));
+    sc[2] = __low2half2(as_half2(s23)); sc[3] = __high2half2(as_half2(s23));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) zp[j] = D::make_zero(D::low2(z[j]));
+  };
+  // chunk c of a batch: packed words wv; activations at a_off, the chunk's index in the slice (S = 0)
+  // or its bytes past the warp's first chunk of slot 0 (S > 0)
+  auto mma_chunk = [&](const uint4 wv, int c, u32 a_off) {
+    u32 act[MB][4];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+      ldmatrix_x4_addr(act[mb], a_addr[mb] + (S == 0 ? a_off * a_live[mb] : a_live[mb] & a_off));
+    const u32 words[4] = {wv.x, wv.y, wv.z, wv.w};
+    // 16-column tile i takes words 2i, 2i + 1. The ring dequantizes one tile at a time (fewer
+    // registers live: what lets 16-row tiles fit 128); the register pipeline keeps the first decode
+    // design's order, all four words first (its measured speed at M = 1, 2).
+    constexpr int TILES = S == 0 ? 2 : 1;   // 16-column tiles dequantized together
+#pragma unroll
+    for (int i0 = 0; i0 < 2; i0 += TILES) {
+      u32 b[2 * TILES][4];  // b[h][2 s + q]: register q of k16 step s for n8 sub-tile 2 i0 + h
+#pragma unroll
+      for (int h = 0; h < 2 * TILES; ++h) {
+        const typename D::Zero zj[4] = {zp[2 * i0 + h], zp[2 * i0 + h], zp[2 * i0 + h], zp[2 * i0 + h]};
+        D::dequant8_unscaled(words[2 * i0 + h], zj, b[h]);
+      }
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int i = i0; i < i0 + TILES; ++i) {
+          const int h = 2 * (i - i0);
+          const u32 wa[4] = {b[h][2 * s], b[h + 1][2 * s], b[h][2 * s + 1], b[h + 1][2 * s + 1]};
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) D::mma(accg[i][mb], wa, act[mb][2 * s], act[mb][2 * s + 1]);
+        }
     }
-    // The mma multiplies exact (code - zero) values (fp16 or bf16 alike); the fp32 sums of each scale
-    // block (GCH chunks, one group) are scaled into acc at its end: one multiply per weight pair less
-    // than scaling the weights, and no rounding of code * scale to T (measured: equal or faster at
-    // every shape), so bf16 loses nothing here but the output rounding.
-    float accg[2][MB][4];
+    if (c % GCH == GCH - 1) {  // end of a scale block: acc += scale * block sums
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < 2; ++i) {
+        const float s_lo = __low2float(sc[2 * i]), s_hi = __low2float(sc[2 * i + 1]);  // rows g, g + 8
 #pragma unroll
-      for (int mb = 0; mb < MB; ++mb)
+        for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) accg[i][mb][e] = 0.f;
+          for (int e = 0; e < 4; ++e) {
+            acc[i][mb][e] = fmaf(accg[i][mb][e], e < 2 ? s_lo : s_hi, acc[i][mb][e]);
+            accg[i][mb][e] = 0.f;
+          }
+      }
+    }
+  };
 
-    auto compute = [&](int b, const DecodeBatch<U>& r) {
-      typename D::Zero zp[4];
-      half2 sc[4];  // fp16 scales: only widened to fp32 (exact) for the block sums
+  if constexpr (S == 0) {
+    // ---- register pipeline: batch b + 1 is issued once batch b has arrived (a fake data
+    // dependency: address + (last word & 0)), then flies while batch b is computed. ptxas tracks all
+    // global loads of a warp on one scoreboard, so an earlier prefetch would be waited for together
+    // with the batch in use. U * 512 bytes in flight per warp; occupancy supplies the rest.
+    const uint2* sq = scales + sz_row * 8 + g;
+    const unsigned short* zq = qzeros + sz_row * 8 + g;
+    const u32 zero_rt = (u32)M >> 31;  // 0 at run time, unknown to the compiler
+    auto load_batch = [&](int b, DecodeBatch<U>& rb, u32 dep) {  // predicated per chunk, no branch
+      const int rcb = b * RC + wk * U;
+      const uint4* wb = wq + (size_t)rcb * 32 + dep;
 #pragma unroll
-      for (int c = 0; c < U; ++c) {
-        const int rc = (b * KW + wk) * U + c;  // chunks past nch_b hold zero weights and zero activations
-        if (c % GCH == 0) {  // column 8 j + g of the tile: zero nibble j, scale j, from lane 4 g + c / SPL
-          const int src = (lane & ~3) | (c / SPL);
-          const u32 s01 = __shfl_sync(0xffffffffu, r.s[c % SPL].x, src);
-          const u32 s23 = __shfl_sync(0xffffffffu, r.s[c % SPL].y, src);
-          const u32 zw = __shfl_sync(0xffffffffu, r.z[c % SPL], src);
-          typename D::T2 z[4];
-          D::codes8(zw, z);  // pair j = (zero of sub-tile j, 0)
-          sc[0] = __low2half2(as_half2(s01)); sc[1] = __high2half2(as_half2(s01));
-          sc[2] = __low2half2(as_half2(s23)); sc[3] = __high2half2(as_half2(s23));
+      for (int c = 0; c < U; ++c) rb.w[c] = ld_stream16<1>(wb + c * 32, active && rcb + c < nch_b);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) zp[j] = D::make_zero(D::low2(z[j]));
-        }
-        u32 act[MB][4];
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb) ldmatrix_x4_addr(act[mb], a_addr[mb] + rc * a_step[mb]);
-        const u32 words[4] = {r.w[c].x, r.w[c].y, r.w[c].z, r.w[c].w};
-        u32 b[4][4];  // b[j][2 s + q]: register q of k16 step s for n8 sub-tile j (quick_gemm's B fragment)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const typename D::Zero zj[4] = {zp[j], zp[j], zp[j], zp[j]};
-          D::dequant8_unscaled(words[j], zj, b[j]);
-        }
-#pragma unroll
-        for (int s = 0; s < 2; ++s)
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const u32 wa[4] = {b[2 * i][2 * s], b[2 * i + 1][2 * s], b[2 * i][2 * s + 1], b[2 * i + 1][2 * s + 1]};
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb) D::mma(accg[i][mb], wa, act[mb][2 * s], act[mb][2 * s + 1]);
-          }
-        if (c % GCH == GCH - 1) {  // end of a scale block: acc += scale * block sums
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const float s_lo = __low2float(sc[2 * i]), s_hi = __low2float(sc[2 * i + 1]);  // rows g, g + 8
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                acc[i][mb][e] = fmaf(accg[i][mb][e], e < 2 ? s_lo : s_hi, acc[i][mb][e]);
-                accg[i][mb][e] = 0.f;
-              }
-          }
-        }
+      for (int i = 0; i < U / 4; ++i) {
+        const int rc = rcb + t * (U / 4) + i;
+        const bool ok = active && rc < nch_b;
+        const u32 kc = (u32)(kc0 + rc);
+        const u32 grp = cpg == 1 ? kc : __umulhi(kc, gmagic);
+        rb.s[i] = ok ? __ldg(sq + (size_t)grp * 8) : make_uint2(0, 0);
+        rb.z[i] = ok ? (u32)__ldg(zq + (size_t)grp * 8) : 0u;
       }
     };
-
-    // batch b + 1 is issued once batch b has arrived (dep), then flies while batch b is computed
-    // (no branch between the wait and the loads: ptxas would wait again after the merge)
-    for (int b = 0; b < nb; b += 2) {
+    auto compute = [&](int b, const DecodeBatch<U>& rb) {
+#pragma unroll
+      for (int c = 0; c < U; ++c) {
+        if (c % GCH == 0) {  // lane 4 g + c / (U / 4) loaded this chunk's scales for column group g
+          const int src = (lane & ~3) | (c / (U / 4));
+          const u32 s01 = __shfl_sync(0xffffffffu, rb.s[c % (U / 4)].x, src);
+          const u32 s23 = __shfl_sync(0xffffffffu, rb.s[c % (U / 4)].y, src);
+          set_group(s01, s23, __shfl_sync(0xffffffffu, rb.z[c % (U / 4)], src));
+        }
+        mma_chunk(rb.w[c], c, (u32)(b * RC + c));
+      }
+    };
+    DecodeBatch<U> buf[2];  // indexed only by unrolled constants: stays in registers
+    issue_a_whole();
+    cp_async_commit();
+    load_batch(0, buf[0], 0u);
+    cp_async_wait<0>();
+    __syncthreads();  // activations are in shared memory; no barrier in the main loop
+    for (int b = 0; b < nb; b += 2) {  // no branch between a wait and the next loads
       load_batch(b + 1, buf[1], buf[0].w[U - 1].w & zero_rt);
       compute(b, buf[0]);
       load_batch(b + 2, buf[0], buf[1].w[U - 1].w & zero_rt);
       if (b + 1 < nb) compute(b + 1, buf[1]);
     }
+  } else {
+    // ---- shared ring
+    auto compute = [&](int slot) {
+      const Slot& sl = ring[slot];
+#pragma unroll
+      for (int c = 0; c < U; ++c) {
+        if (c % GCH == 0) set_group(sl.s[c / GCH][g].x, sl.s[c / GCH][g].y, (u32)sl.z[c / GCH][g]);
+        mma_chunk(sl.w[c][lane], c, (u32)(slot * aslot * 2 + c * 64));
+      }
+    };
+#pragma unroll
+    for (int r = 0; r < S - 1; ++r) {
+      if (r < nrounds) {
+        issue_w(r);
+        issue_a(r);
+      }
+      cp_async_commit();
+    }
+    for (int r = 0; r < nrounds; ++r) {
+      cp_async_wait<(S > 1 ? S - 2 : 0)>();  // this thread's copies of round r have landed
+      __syncthreads();         // everyone's: round r's activations are visible, slot (r - 1) % S is free
+      if (r + S - 1 < nrounds) {
+        issue_w(r + S - 1);
+        issue_a(r + S - 1);
+      }
+      cp_async_commit();
+      if (r < nb) compute(r % SR);
+    }
+    cp_async_wait<0>();
   }
 
   // ---- the KW warps of a tile column add their sums in warp order (fixed: deterministic)
   if constexpr (KW > 1) {
-    float* red = reinterpret_cast<float*>(A_s);  // reuses the activations' space
-    __syncthreads();                             // every warp is done with the activations
+    float* red = reinterpret_cast<float*>(smem_raw);  // reuses the rings' space
+    __syncthreads();                                 // every warp is done with the rings
     if (wk > 0) {
 #pragma unroll
       for (int i = 0; i < 2; ++i)

@@ -28,7 +28,7 @@ constexpr int LLAMA_OPS_THREADS = 256;
 // cp.async (16 B) of activations (QUICK)
 #define QUICK_A_CP_ROW(lane, warp, i) (((i) * QUICK_THREADS + (warp) * 32 + (lane)) / (BK / 8))
 #define QUICK_A_CP_COL(lane, warp, i) ((((i) * QUICK_THREADS + (warp) * 32 + (lane)) % (BK / 8)) * 8)
-// cp.async / st.shared (16 B) of activations (quick_decode)
+// cp.async (16 B) of activations (quick_decode)
 #define DEC_A_CP_ROW(i) ((i) / VECS)
 #define DEC_A_CP_COL(i) (((i) % VECS) * 8)
 // A fragment rows for ldmatrix.x4 (quick_decode, activations as mma B)

@@ -155,25 +155,49 @@ def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 1
                       M=M, N=N, K=K, group_size=group_size)
 
 
-# Decode planner (cuda/quick_decode.cu), fitted on an H100 sweep of every block shape at the Llama
-# shapes (within 6 % of the best measured shape everywhere, 0.7 % on average).
+# Decode planner (cuda/quick_decode.cu). Fitted on H100 sweeps of every block shape of the registry
+# and split at the seven Llama bench shapes, M = 1..16 (results/h100/bench_decode_sweep.json, two runs):
+# the ring rule below picks, where it applies, a launch within 1.2 % of the best measured ring launch
+# on average (7 % at worst: 11008x4096, M = 4 and 8); the register rule is the first decode design's
+# (within 6 %, 0.7 % on average, of its own sweep).
 SMEM_PER_SM = 228 * 1024          # H100/A100 shared memory per SM (bytes)
 SMEM_PER_BLOCK = 227 * 1024       # the most one block may ask for
 SMEM_RESERVED = 1024              # reserved per block by the system
+DECODE_SLOT_BYTES = 592           # per chunk of a warp's ring slot: sizeof(DecodeSlot<U>) / U (512 + 64 + 16)
+# register pipeline (shapes with stages 0): M <= 8 ...
 SPLIT_PENALTY = 0.2               # score lost by a split-K across blocks (partials, arrival, reduction)
 A_PENALTY = 0.25                  # score lost per M / (8 tile columns per block): activation re-reads
 BLOCK_OVERHEAD_CHUNKS = 16        # a block's start (first DRAM latency, activations) in chunks
+# ... where the ring is not faster: M < RING_MIN_M, or layers of at least WIDE_TILES x SMs tile
+# columns up to M = 8 (many narrow blocks with small activation slices already fill the GPU there)
+RING_MIN_M = 3
+WIDE_TILES = 4
+# shared ring: score = min(RING_WARPS, warps per SM) / RING_WARPS - RING_SPLIT x split-K reduction
+#                      round trips - RING_SHARED [two blocks on an SM] - RING_ROUNDS / rounds per
+#                      warp - RING_WAVE (waves - 1) + RING_SMS x fraction of SMs with a block
+RING_WARPS = 12
+RING_SPLIT = 0.01
+RING_SHARED = 0.05
+RING_ROUNDS = 2.0
+RING_WAVE = 0.5
+RING_SMS = 0.001                  # ties: the launch that keeps more SMs busy
 
 
 def _decode_smem(sh: DecodeShape, M: int, cps: int) -> int:
-    """Activations of the K slice (M rows of 32 cps + 8 halfs, then 16 zero bytes) or, with KW > 1,
+    """Dynamic shared memory of a launch with ``cps`` chunks per split: the warps' ring slots, then the
+    activations (the whole slice, M rows of 32 cps + 8 halfs, for the register pipeline; a ring of S
+    slots of M rows x one round, 32 KW U + 8 halfs, otherwise) and 16 zero bytes; or, with KW > 1,
     the fp32 sums of the upper warps of each tile column, whichever is larger."""
-    return max(2 * (M * (32 * cps + 8) + 8), (sh.kw - 1) * sh.columns * sh.mb * 1024)
+    if sh.stages == 0:
+        acts = M * (32 * cps + 8) * 2
+    else:
+        acts = sh.nwarps * sh.stages * sh.chunks * DECODE_SLOT_BYTES + sh.stages * M * (32 * sh.round_chunks + 8) * 2
+    return max(acts + 16, (sh.kw - 1) * sh.columns * sh.mb * 1024)
 
 
 def _decode_fit(sh: DecodeShape, M: int, K: int, tiles_n: int, sm_count: int, splits: int):
     """(splits, chunks per split, blocks per SM, waves) for a requested split count."""
-    step = sh.chunks * sh.kw                     # each warp of a column gets whole batches
+    step = sh.round_chunks                       # each warp of a column gets whole batches
     chunks = K // 32
     cps = -(-(-(-chunks // splits)) // step) * step
     splits = -(-chunks // cps)
@@ -185,15 +209,27 @@ def _decode_fit(sh: DecodeShape, M: int, K: int, tiles_n: int, sm_count: int, sp
     return splits, cps, per_sm, (-(-blocks // (per_sm * sm_count)) if per_sm else 10 ** 9)
 
 
+def _decode_ring_score(sh: DecodeShape, fit, M: int, tiles_n: int, sm_count: int) -> float:
+    splits, cps, per_sm, waves = fit
+    blocks = -(-tiles_n // sh.columns) * splits
+    resident = min(blocks, per_sm * sm_count)
+    reduce_trips = -(-splits // 4) * -(-M // 8) if splits > 1 else 0   # splitk_reduce_strip32<4> round trips
+    return (min(RING_WARPS, resident * sh.nwarps / sm_count) / RING_WARPS - RING_SPLIT * reduce_trips
+            - RING_SHARED * (resident > sm_count) - RING_ROUNDS * sh.round_chunks / cps - RING_WAVE * (waves - 1)
+            + RING_SMS * min(resident, sm_count) / sm_count)
+
+
 def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_count: int, split_k=None,
                  dtype: str = "float16"):
-    """The decode launch rule. M <= 8: of the shapes with 8-row tiles, each with the largest split
-    that keeps the grid to one wave, the best of
-        score = warps used / (16 SMs) - SPLIT_PENALTY [splits > 1] - A_PENALTY M / (8 tile columns)
-    M 9..16: the 16-row shape, its split capped at K / (32 M) (partials under ~1/4 of the weight)."""
+    """The decode launch rule. The register pipeline for M < RING_MIN_M and for wide layers up to
+    M = 8: of its shapes, each with the largest split that keeps the grid to one wave, the best of
+        score = warps used / (16 SMs) - SPLIT_PENALTY [splits > 1] - A_PENALTY M / (8 tile columns).
+    Otherwise the ring shapes of 8-row (M <= 8) or 16-row tiles, each with the splits that give one
+    block per SM or fill one wave (and half of it), scored by _decode_ring_score."""
     tiles_n, chunks = N // 32, K // 32
     mb = 1 if M <= 8 else 2
-    candidates = [sh for sh in design.shapes if sh.mb == mb]
+    register = mb == 1 and (M < RING_MIN_M or tiles_n >= WIDE_TILES * sm_count)
+    candidates = [sh for sh in design.shapes if sh.mb == mb and (sh.stages == 0) == register]
 
     def best_split(sh):
         fits = [_decode_fit(sh, M, K, tiles_n, sm_count, s) for s in range(1, -(-chunks // sh.chunks) + 1)]
@@ -205,11 +241,7 @@ def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_cou
     if split_k is not None:
         sh = candidates[0]
         fit = _decode_fit(sh, M, K, tiles_n, sm_count, int(split_k))
-    elif mb > 1:
-        sh = candidates[0]
-        fit = best_split(sh)
-        fit = _decode_fit(sh, M, K, tiles_n, sm_count, min(fit[0], max(1, K // (32 * M))))
-    else:
+    elif register:
         scored = []
         for sh in candidates:
             f = best_split(sh)
@@ -220,6 +252,21 @@ def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_cou
                 scored.append((score, sh, f))
         sh, fit = ((candidates[0], best_split(candidates[0])) if not scored else
                    max(scored, key=lambda x: x[0])[1:])
+    else:
+        best = None
+        for sh in candidates:
+            cols = -(-tiles_n // sh.columns)
+            per_sm = _decode_fit(sh, M, K, tiles_n, sm_count, 1)[2]
+            if not per_sm:
+                continue
+            wanted = {per_sm * sm_count // cols, round(sm_count / cols), sm_count // cols,
+                      round(per_sm * sm_count / cols / 2)}
+            for s in sorted(max(1, w) for w in wanted):
+                f = _decode_fit(sh, M, K, tiles_n, sm_count, s)
+                score = _decode_ring_score(sh, f, M, tiles_n, sm_count) if f[2] else -1e9
+                if best is None or score > best[0]:
+                    best = (score, sh, f)
+        _, sh, fit = best
     splits, cps, _, _ = fit
     while _decode_smem(sh, M, cps) > SMEM_PER_BLOCK:       # a long K slice of many rows
         splits, cps, _, _ = _decode_fit(sh, M, K, tiles_n, sm_count, splits + 1)
@@ -375,6 +422,9 @@ def sm_count(device_id: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ launcher
+_CARVED = set()   # (device, decode instance) whose shared-memory carveout was set
+
+
 def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int):
     """Runs plan ``p`` on checked CuPy arrays (no checks here: quickcupy.gemm does them) on the
     current stream: the GEMM kernel, then with split-K the reduction of its fp32 partials.
@@ -387,6 +437,11 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
     M, N, K = p.M, p.N, p.K
     null = np.uint64(0)
     if p.counters:             # split over grid.y, reduced by the kernel; bias added by it
+        if p.shape.stages and (device_id, p.name) not in _CARVED:
+            # all of the SM's L1/shared split as shared memory: the rings of two blocks need up to
+            # 220 KB per SM and read nothing through L1 (the register pipeline keeps the default)
+            fn.preferred_shared_memory_carveout = 100
+            _CARVED.add((device_id, p.name))
         splits = p.grid[1]
         ws = workspace(device_id)
         partial = ws.floats(splits * M * N) if splits > 1 else null

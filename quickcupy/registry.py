@@ -103,20 +103,25 @@ class Design:
 
 @dataclass(frozen=True)
 class DecodeShape:
-    """A block shape of cuda/quick_decode.cu (template <NWARPS, KW, MB, U, GCH, MINB>)."""
+    """A block shape of cuda/quick_decode.cu (template <NWARPS, KW, MB, U, S, GCH, MINB>)."""
     nwarps: int              # warps per block
     kw: int                  # warps along K per 32-column tile (nwarps / kw tile columns per block)
     mb: int                  # 8-row tiles of x: serves M <= 8 * mb
     minb: int                # blocks per SM the registers must allow (__launch_bounds__)
-    chunks: int = 4          # U: 32-deep K chunks per batch of loads
+    chunks: int = 4          # U: 32-deep K chunks per warp and batch (round)
+    stages: int = 0          # S: 0 = two register batches, >= 2 = shared-memory ring of S slots
 
     @property
     def columns(self) -> int:        # 32-column tiles per block
         return self.nwarps // self.kw
 
+    @property
+    def round_chunks(self) -> int:   # chunks of a tile column per round (KW warps x U)
+        return self.kw * self.chunks
+
     def instance(self, gch: int, dtype: str = "float16") -> str:
-        return (f"quick_decode<{self.nwarps}, {self.kw}, {self.mb}, {self.chunks}, {gch}, {self.minb}, "
-                f"{DTYPES[dtype]}>")
+        return (f"quick_decode<{self.nwarps}, {self.kw}, {self.mb}, {self.chunks}, {self.stages}, {gch}, "
+                f"{self.minb}, {DTYPES[dtype]}>")
 
 
 @dataclass(frozen=True)
@@ -172,14 +177,21 @@ DESIGNS["quick_decode"] = Design(
     name="quick_decode", source="quick_decode.cu", function="quick_decode", layout="quick",
     threads=256,             # of the first shape; each DecodeShape launches nwarps * 32 threads
     n_multiple=32, tile_n=(32,), tiles={}, template="", smem_bytes=lambda bm, t: 0,
-    description="QUICK for M <= 16: weights streamed global -> registers as the mma A operand "
-                "(C^T = W^T x^T), split-K reduced in the kernel by the last block",
+    description="QUICK for M <= 16: packed weights streamed global -> registers (or through a "
+                "cp.async ring in shared memory) as the mma A operand (C^T = W^T x^T), split-K reduced "
+                "in the kernel by the last block",
     planner="decode", max_m=16, dtypes=tuple(DTYPES),
-    # M <= 8: the six shapes the launch rule chooses from (16 warps per SM at <= 128 registers);
-    # M 9..16: 16-row tiles need 168-199 registers, so one 8-warp block per SM (no spills).
+    # Register pipeline (stages 0; M <= 8): the six shapes of the first decode design, 16 warps per
+    # SM at <= 128 registers. Shared ring (M >= 3; 16-row tiles for M 9..16 at 109-113 registers):
+    # the shapes that were best at some point of the H100 sweep (results/h100/bench_decode_sweep.json).
     shapes=(DecodeShape(8, 1, 1, 2), DecodeShape(8, 2, 1, 2), DecodeShape(8, 4, 1, 2),
             DecodeShape(8, 8, 1, 2), DecodeShape(16, 8, 1, 1), DecodeShape(16, 16, 1, 1),
-            DecodeShape(8, 1, 2, 1)))
+            DecodeShape(16, 8, 1, 1, stages=3), DecodeShape(16, 4, 1, 1, stages=3),
+            DecodeShape(8, 8, 1, 2, stages=3), DecodeShape(8, 2, 1, 2, stages=4),
+            DecodeShape(8, 1, 1, 2, stages=3),
+            DecodeShape(16, 2, 2, 1, stages=3), DecodeShape(16, 4, 2, 1, stages=3),
+            DecodeShape(8, 2, 2, 2, stages=4), DecodeShape(8, 4, 2, 2, stages=3),
+            DecodeShape(8, 1, 2, 2, stages=3)))
 
 DESIGNS["quick_sm90"] = Design(
     name="quick_sm90", source="quick_sm90.cu", function="quick_sm90", layout="quick", threads=256,

@@ -61,10 +61,10 @@ MAPS = {
     "QUICK_A_CP": IndexMap(("lane", "warp", "i"), "(i * QUICK_THREADS + warp * 32 + lane) / (BK / 8)",
                            "((i * QUICK_THREADS + warp * 32 + lane) % (BK / 8)) * 8",
                            "cp.async (16 B) of activations (QUICK)"),
-    # quick_decode's activations of a K slice, copied once: element i (of M * VECS 16-byte vectors,
-    # VECS per row, the run-time row length) to row i / VECS.
+    # quick_decode's activations, the whole K slice once (register pipeline) or one round into a ring
+    # slot: element i (of M * VECS 16-byte vectors, VECS per row) to row i / VECS.
     "DEC_A_CP": IndexMap(("i",), "i / VECS", "(i % VECS) * 8",
-                         "cp.async / st.shared (16 B) of activations (quick_decode)"),
+                         "cp.async (16 B) of activations (quick_decode)"),
     # quick_decode's ldmatrix.x4 of 8 rows x 32 k of chunk rc: lane L gives row 8 mb + L % 8 at
     # k 8 (L / 8) (rows >= M read a zero row instead).
     "DEC_A_LDSM": IndexMap(("lane", "mb", "rc"), "8 * mb + lane % 8", "32 * rc + 8 * (lane / 8)",

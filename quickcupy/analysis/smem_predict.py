@@ -6,10 +6,10 @@ the grid from the launch planner (:func:`quickcupy.kernels.plan`), and counts wa
 conflicts with :mod:`quickcupy.analysis.banks`. The result uses Nsight Compute's categories:
 
     st      st.shared (STS): AWQ's activation stores and its dequantized-weight write-back;
-            quick_decode's zero fill and its fp32 sums between the warps of a block
-    ld      ld.shared (LDS): quick_decode's reads of those sums
+            quick_decode's zero row and its fp32 sums between the warps of a block
+    ld      ld.shared (LDS): quick_decode's reads of those sums and of its weight ring
     ldsm    ldmatrix (LDSM): A fragments (awq, quick), B fragments (awq), activations (quick_decode)
-    ldgsts  cp.async (LDGSTS): the activation copies of quick and quick_decode
+    ldgsts  cp.async (LDGSTS): the activation copies of quick and quick_decode, quick_decode's ring
 
 Counts are per launch, summed over all warps of all blocks, as ncu reports them.
 """
@@ -101,14 +101,27 @@ def _sm90_instructions(p):
 
 
 def _predict_decode(p) -> dict:
-    """quick_decode, block by block (its K slices differ in length): the activation copy (cp.async,
-    zero-fill st.shared for chunks past the slice, one st of the zero row), one ldmatrix.x4 per chunk
-    and 8-row tile of each batch a warp computes, and with KW > 1 the fp32 sums of the upper warps
-    stored and read back once. Addresses from the DEC_* maps of smem_maps."""
+    """quick_decode, block by block (its K slices differ in length). Shared memory: the warps' ring
+    slots (stages S > 0), then the activations and 16 zero bytes. Activations by cp.async
+    (zero-filling past the slice): the register pipeline (S = 0) copies the whole slice once (rows of
+    32 cps + 8 halfs), the ring one round per round into slot r % S (rows of 32 KW U + 8 halfs); one
+    st of the zero row. Ring, per round and warp: U weight copies and one
+    scale/zero copy (5 lanes per scale block); per chunk a warp computes: one ld.shared.v4 of its
+    weights, one ldmatrix.x4 per 8-row tile, and per scale block the scale (8 bytes) and zero (2 bytes)
+    of column group g. With KW > 1 the fp32 sums of the upper warps stored and read back once.
+    Addresses from the DEC_* maps of smem_maps."""
     sh = p.shape
-    M, U, KW, T = p.M, sh.chunks, sh.kw, 32 * sh.nwarps
-    chunks, cps, pitch = p.K // 32, p.chunks_per_split, p.chunks_per_split * 32 + 8
+    M, U, KW, S, T = p.M, sh.chunks, sh.kw, sh.stages, 32 * sh.nwarps
+    rc = sh.round_chunks
+    chunks, cps = p.K // 32, p.chunks_per_split
+    pitch = 32 * (cps if S == 0 else rc) + 8
     tiles_n = p.N // 32
+    gch = math.gcd(p.group_size // 32, U)
+    slot_bytes = U * kernels.DECODE_SLOT_BYTES
+    a_base = sh.nwarps * S * slot_bytes                # byte offset of the activation slots
+    aslot = M * pitch                                  # halfs per activation slot
+    zero_row = a_base + max(S, 1) * aslot * 2
+    g = LANES // 4
     totals = {op: banks.Wavefronts(0, 0) for op in OPS}
     inst = dict.fromkeys(OPS, 0)
 
@@ -116,48 +129,72 @@ def _predict_decode(p) -> dict:
         totals[op] = totals[op] + count * n
         inst[op] += n
 
+    blocks = p.grid[0]
     for split in range(p.grid[1]):
         nch_b = min(chunks, (split + 1) * cps) - split * cps
-        vecs = -(-nch_b // U) * U * 4
-        consts = {"VECS": vecs}
-        blocks = p.grid[0]
-        for i0 in range(0, M * vecs, T):                       # the copy loop, one pass per i0
-            for w in range(sh.nwarps):
-                i = i0 + 32 * w + LANES
-                live = i < M * vecs
-                if not live.any():
-                    continue
-                row, col = smem_maps.evaluate("DEC_A_CP", consts, i=i)
-                addr = np.where(live, (row * pitch + col) * 2, 0)
-                cp = live & (col < nch_b * 32)
-                for op, mask in (("ldgsts", cp), ("st", live & ~cp)):
-                    if mask.any():
-                        add(op, banks.count_wavefronts(addr, 16, active=mask), blocks)
-        add("st", banks.count_wavefronts(np.zeros(32, np.int64), 16, active=LANES == 0), blocks)
-        nbat = -(-nch_b // U)
-        for w in range(sh.nwarps):                             # warps along N x along K
+        nrounds = -(-nch_b // rc)
+        passes = [(rc * 4 * nrounds, None)] if S == 0 else [(rc * 4, r) for r in range(nrounds)]
+        for vecs, r in passes:                           # the activation copy loops
+            for i0 in range(0, M * vecs, T):
+                for w in range(sh.nwarps):
+                    i = i0 + 32 * w + LANES
+                    live = i < M * vecs
+                    if not live.any():
+                        continue
+                    row, col = smem_maps.evaluate("DEC_A_CP", {"VECS": vecs}, i=i)
+                    slot = 0 if r is None else r % S
+                    addr = np.where(live, a_base + (slot * aslot + row * pitch + col) * 2, 0)
+                    add("ldgsts", banks.count_wavefronts(addr, 16, active=live), blocks)
+        add("st", banks.count_wavefronts(np.full(32, zero_row), 16, active=LANES == 0), blocks)
+        for w in range(sh.nwarps):                     # warps along N x along K
             wn, wk = w % sh.columns, w // sh.columns
             active_blocks = sum(1 for cb in range(blocks) if cb * sh.columns + wn < tiles_n)
-            nb = -(-(nbat - wk) // KW) if nbat > wk else 0
-            rcs = np.array([(b * KW + wk) * U + c for b in range(nb) for c in range(U)], np.int64)
+            nb = -(-(nch_b - wk * U) // rc) if nch_b > wk * U else 0
+            if S:                                      # ring copies: every warp, every round
+                for r in range(nrounds):
+                    base = (w * S + r % S) * slot_bytes
+                    for c in range(U):
+                        add("ldgsts", banks.count_wavefronts(base + c * 512 + 16 * LANES, 16), blocks)
+                    q, part = LANES // 5, LANES % 5
+                    addr = base + np.where(part < 4, U * 512 + q * 64 + 16 * part, U * 576 + q * 16)
+                    add("ldgsts", banks.count_wavefronts(np.where(LANES < 5 * (U // gch), addr, 0), 16,
+                                                         active=LANES < 5 * (U // gch)), blocks)
+            rounds = np.arange(nb)
+            if not len(rounds) or not active_blocks:
+                continue
+            if S:                                      # reads of the ring: weights, scale blocks
+                for r in rounds:
+                    base = (w * S + r % S) * slot_bytes
+                    for c in range(U):
+                        add("ld", banks.count_wavefronts(base + c * 512 + 16 * LANES, 16, load=True),
+                            active_blocks)
+                        if c % gch == 0:
+                            q = c // gch
+                            add("ld", banks.count_wavefronts(base + U * 512 + q * 64 + 8 * g, 8, load=True),
+                                active_blocks)
+                            add("ld", banks.count_wavefronts(base + U * 576 + q * 16 + 2 * g, 2, load=True),
+                                active_blocks)
+            slots = np.zeros_like(rounds) if S == 0 else rounds % S
+            first = rounds * rc if S == 0 else np.zeros_like(rounds)   # chunk of round r in its row
             for mb in range(sh.mb):
-                if not len(rcs):
-                    break
-                row, col = smem_maps.evaluate("DEC_A_LDSM", {}, lane=LANES[None, :], mb=mb, rc=rcs[:, None])
-                row = np.broadcast_to(row, col.shape)
-                addr = np.where(row < M, (row * pitch + col) * 2, M * pitch * 2)   # rows >= M: zero row
-                totals["ldsm"] = totals["ldsm"] + banks.count_ldmatrix_many(addr, 4).sum() * active_blocks
-                inst["ldsm"] += active_blocks * len(rcs)
-            if KW > 1:                                         # fp32 sums: stored by wk > 0, read by wk == 0
+                cs = np.arange(U)
+                row, col = smem_maps.evaluate("DEC_A_LDSM", {}, lane=LANES[None, None, :], mb=mb,
+                                              rc=(first[:, None] + wk * U + cs[None, :])[:, :, None])
+                row = np.broadcast_to(row, (len(rounds), U, 32))
+                col = np.broadcast_to(col, (len(rounds), U, 32))
+                addr = np.where(row < M, a_base + (slots[:, None, None] * aslot + row * pitch + col) * 2, zero_row)
+                totals["ldsm"] = totals["ldsm"] + banks.count_ldmatrix_many(addr.reshape(-1, 32), 4).sum() * active_blocks
+                inst["ldsm"] += active_blocks * len(rounds) * U
+            if KW > 1:                                 # fp32 sums: stored by wk > 0, read by wk == 0
                 words = 2 * sh.mb * 4
                 for v in range(words):
                     if wk > 0:
-                        r, c = smem_maps.evaluate("DEC_RED", {}, lane=LANES, w=(wk - 1) * sh.columns + wn, v=v)
-                        add("st", banks.count_wavefronts((r * 256 * sh.mb + c) * 4, 4), blocks)
+                        r_, c_ = smem_maps.evaluate("DEC_RED", {}, lane=LANES, w=(wk - 1) * sh.columns + wn, v=v)
+                        add("st", banks.count_wavefronts((r_ * 256 * sh.mb + c_) * 4, 4), blocks)
                     else:
                         for k2 in range(1, KW):
-                            r, c = smem_maps.evaluate("DEC_RED", {}, lane=LANES, w=(k2 - 1) * sh.columns + wn, v=v)
-                            add("ld", banks.count_wavefronts((r * 256 * sh.mb + c) * 4, 4, load=True), blocks)
+                            r_, c_ = smem_maps.evaluate("DEC_RED", {}, lane=LANES, w=(k2 - 1) * sh.columns + wn, v=v)
+                            add("ld", banks.count_wavefronts((r_ * 256 * sh.mb + c_) * 4, 4, load=True), blocks)
     out = {"tile_m": p.bm, "split_k": p.grid[1]}
     for op in OPS:
         out[f"{op}_inst"] = inst[op]
