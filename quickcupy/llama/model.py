@@ -309,7 +309,8 @@ class QuantizedLinear:
             # CuPy cannot capture cuBLAS: where auto would dequantize + cupy.matmul (large M), run
             # the quick GEMM instead (decode batches rarely get there).
             from .. import dispatch, registry
-            kernel = dispatch.kernel_for(x2.shape[0], self.out_features, self.in_features, self.layer.device)
+            kernel = dispatch.kernel_for(x2.shape[0], self.out_features, self.in_features, self.layer.device,
+                                         x2.dtype.name)
             if registry.VARIANTS[kernel].path == "dequant":
                 kernel = "quick"
         y = self.layer(x2, kernel=kernel)

@@ -89,8 +89,9 @@ def run(args) -> int:
     import cupy
     from ..kernels import unsupported_reason
     dev = cupy.cuda.Device().id
-    skipped = [f"{k}: {unsupported_reason(k, dev)}" for k in names if unsupported_reason(k, dev)]
-    names = tuple(k for k in names if not unsupported_reason(k, dev))
+    reasons = {k: unsupported_reason(k, dev) for k in names}
+    skipped = [f"{k}: {why}" for k, why in reasons.items() if why]
+    names = tuple(k for k, why in reasons.items() if not why)
     text = measure(K, N, ms, G, names, seed) + "".join(f"\nskipped {s}" for s in skipped)
     head = f"command: {getattr(args, 'command_line', 'python -m quickcupy accuracy')}\n"
     head += f"device: {device.device_info().get('name')}\n"

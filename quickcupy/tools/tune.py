@@ -123,9 +123,12 @@ def _load_points(path: str, dtype: str) -> dict:
         with open(path) as f:
             result = json.load(f)
         measured = result["settings"].get("dtype", "float16")
-        result["points"], result["device"]["name"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        missing = [k for k in ("points", "device") if k not in result] or \
+            ([] if "name" in result["device"] else ["device.name"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"--points: {path} is not a readable bench JSON ({exc})") from exc
+    if missing:
+        raise UsageError(f"--points: {path} is not a readable bench JSON (no {', '.join(missing)})")
     if measured != dtype:
         raise UsageError(f"--points: {path} was measured with {measured} activations, not --dtype {dtype}")
     return result
