@@ -20,9 +20,10 @@
 // on one scoreboard, so an earlier prefetch would be waited for with the batch in use), U * 512
 // bytes per warp in flight; occupancy (16 warps/SM at <= 128 registers) supplies the rest.
 //
-// S >= 2, shared ring (M >= 3 where measured faster; M 9..16 always): each warp owns S slots of U
-// chunks (packed words: one 16-byte cp.async per lane and chunk; scales and zeros: 5 lanes x 16
-// bytes per scale block), the block S slots of activations (M rows x the round's chunks). Round
+// S >= 2, shared ring (M >= 2 where measured faster; M 9..16 always): each warp owns S slots of U
+// chunks (packed words: one 16-byte cp.async per lane and chunk, with the L2 evict-first policy;
+// scales and zeros: 5 lanes x 16 bytes per scale block), the block S slots of activations (M rows
+// x the round's chunks). The copies' addresses are computed once, a round only adds offsets. Round
 // r + S - 1 is issued (one commit group per thread) while round r is computed, so S - 1 rounds of
 // weights are in flight at all times and the activations stream with them instead of arriving in
 // one piece before the first mma (what made M = 4..16 slow in the register pipeline: up to 200 KB
@@ -126,35 +127,6 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
   // group of chunk kc = kc / cpg by multiply-high: exact for kc * cpg < 2^32
   const u32 gmagic = cpg == 1 ? 0u : 0xffffffffu / (u32)cpg + 1u;
 
-  // weights of round r into slot r % S: this warp's U chunks (zeros past the slice) and their
-  // scale blocks
-  auto issue_w = [&](int r) {
-    Slot& sl = ring[r % SR];
-    const int rcb = r * RC + wk * U;      // first chunk of this warp's batch in the slice
-#pragma unroll
-    for (int c = 0; c < U; ++c) {
-      const bool ok = active && rcb + c < nch_b;
-      cp_async16(&sl.w[c][lane], ok ? wq + (size_t)(rcb + c) * 32 : qweight, ok);
-    }
-    if (lane < 5 * (U / GCH)) {            // lane 5 q + p: 16 bytes p of scale block q (p = 4: zeros)
-      const int q = lane / 5, p = lane % 5, rc = rcb + q * GCH;
-      const bool ok = active && rc < nch_b;
-      const u32 kc = (u32)(kc0 + rc);
-      const size_t row = sz_row + (cpg == 1 ? kc : __umulhi(kc, gmagic));
-      const void* src = p < 4 ? (const void*)(scales + row * 8 + 2 * p) : (const void*)(qzeros + row * 8);
-      void* dst = p < 4 ? (void*)&sl.s[q][2 * p] : (void*)&sl.z[q][0];
-      cp_async16(dst, ok ? src : (const void*)qweight, ok);
-    }
-  };
-  // the block's activations of round r (all threads together) into slot r % S, zeros past the slice
-  auto issue_a = [&](int r) {
-    for (int i = threadIdx.x; i < M * VECS; i += NWARPS * 32) {
-      const int row = DEC_A_CP_ROW(i), col = DEC_A_CP_COL(i);  // col: halfs into the round
-      const bool ok = r * RC + col / 32 < nch_b;
-      cp_async16(A_s + (r % SR) * aslot + row * pitch + col,
-                 ok ? A + (size_t)row * K + (size_t)(kc0 + r * RC) * 32 + col : A, ok);
-    }
-  };
   // the whole slice (S = 0): the block's rounds, zeros past the slice
   auto issue_a_whole = [&]() {
     const int VECS = RC * 4 * nrounds;    // a row of the slice's rounds, read by the DEC_A_CP map
@@ -295,32 +267,77 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
       if (b + 1 < nb) compute(b + 1, buf[1]);
     }
   } else {
-    // ---- shared ring
+    // ---- shared ring. Everything a round's copies share is computed once here; a round adds only
+    // its offsets (r RC chunks in global memory, its slot's bytes in shared memory), and slots
+    // advance by wrap-around adds, not r % S.
+    constexpr int NT = NWARPS * 32;               // threads per block
+    constexpr int IA = (8 * MB * VECS + NT - 1) / NT;  // activation copies per thread and round, at most
+    constexpr int AROWS = NT / VECS;              // rows between a thread's activation copies j and j + 1
+    static_assert(NT % VECS == 0 && DEC_A_CP_ROW(NT) == AROWS && DEC_A_CP_COL(NT) == 0,
+                  "activation copy j of a thread is copy 0 moved AROWS rows down (the DEC_A_CP map)");
+    constexpr u32 SLOT_B = sizeof(Slot);          // bytes per warp slot
+    // weights: lane's word of chunk c of a slot at w_dst + c * 512; its source of round r at
+    // w_src + r * RC * 32 + c * 32
+    const u32 w_dst = smem_addr(&ring[0].w[0][lane]);
+    const uint4* w_src = wq + wk * U * 32;
+    const unsigned long long w_policy = l2_evict_first_policy();  // weights are read once: evict them first
+    // scales and zeros: lane 5 q + p (< 5 U / GCH) copies 16 bytes p of scale block q (p = 4: zeros)
+    const int sq = lane / 5, sp = lane % 5;
+    const bool s_lane = lane < 5 * (U / GCH);
+    const u32 s_dst = smem_addr(sp < 4 ? (void*)&ring[0].s[sq % U][2 * sp] : (void*)&ring[0].z[sq % U][0]);
+    const char* s_src = sp < 4 ? (const char*)(scales + sz_row * 8 + 2 * sp) : (const char*)(qzeros + sz_row * 8);
+    const u32 s_pitch = sp < 4 ? 8 * sizeof(uint2) : 8 * sizeof(unsigned short);  // bytes per scale / zero row
+    // activations: copy j of this thread is DEC_A_CP(threadIdx.x + j NT), row a_row + j AROWS
+    const int a_row = DEC_A_CP_ROW((int)threadIdx.x), a_col = DEC_A_CP_COL((int)threadIdx.x);
+    const T* a_src = A + (size_t)a_row * K + (size_t)kc0 * 32 + a_col;
+    const size_t a_step = (size_t)AROWS * K;      // elements between copies j and j + 1
+    const u32 a_dst = smem_addr(A_s + a_row * pitch + a_col);
+    const u32 aslot_b = (u32)aslot * sizeof(T);   // bytes per activation slot
+
+    // round r into the slot at byte offsets wo (this warp's weight slot) and ao (activation slot)
+    auto issue = [&](int r, u32 wo, u32 ao) {
+      const int rcb = r * RC + wk * U;            // first chunk of this warp's batch in the slice
+      const int left = active ? nch_b - rcb : 0;  // its chunks in the slice (the batch is whole if >= U)
+      const uint4* ws = w_src + (size_t)r * RC * 32;
+#pragma unroll
+      for (int c = 0; c < U; ++c) cp_async16(w_dst + wo + c * 512, c < left ? ws + c * 32 : qweight, c < left, w_policy);
+      if (s_lane) {
+        const int rc = rcb + sq * GCH;
+        const u32 kc = (u32)(kc0 + rc);
+        const u32 row = cpg == 1 ? kc : __umulhi(kc, gmagic);
+        const bool ok = active && rc < nch_b;
+        cp_async16(s_dst + wo, ok ? (const void*)(s_src + (size_t)row * s_pitch) : (const void*)qweight, ok);
+      }
+      const bool a_ok = r * RC + a_col / 32 < nch_b;
+      const T* as = a_src + (size_t)r * RC * 32;
+#pragma unroll
+      for (int j = 0; j < IA; ++j)
+        if (a_row + j * AROWS < M) cp_async16(a_dst + ao + j * AROWS * pitch * (int)sizeof(T), a_ok ? as + j * a_step : A, a_ok);
+    };
+    // round of slot s: the slot's U chunks (scale blocks from the slot's rows)
     auto compute = [&](int slot) {
       const Slot& sl = ring[slot];
 #pragma unroll
       for (int c = 0; c < U; ++c) {
         if (c % GCH == 0) set_group(sl.s[c / GCH][g].x, sl.s[c / GCH][g].y, (u32)sl.z[c / GCH][g]);
-        mma_chunk(sl.w[c][lane], c, (u32)(slot * aslot * 2 + c * 64));
+        mma_chunk(sl.w[c][lane], c, (u32)slot * aslot_b + c * 64);
       }
     };
+    // slot s's bytes: s SLOT_B (weights), s aslot_b (activations)
 #pragma unroll
     for (int r = 0; r < S - 1; ++r) {
-      if (r < nrounds) {
-        issue_w(r);
-        issue_a(r);
-      }
+      if (r < nrounds) issue(r, r * SLOT_B, r * aslot_b);
       cp_async_commit();
     }
+    int cs = 0, is = S - 1;                      // slots of rounds r and r + S - 1
     for (int r = 0; r < nrounds; ++r) {
       cp_async_wait<(S > 1 ? S - 2 : 0)>();  // this thread's copies of round r have landed
       __syncthreads();         // everyone's: round r's activations are visible, slot (r - 1) % S is free
-      if (r + S - 1 < nrounds) {
-        issue_w(r + S - 1);
-        issue_a(r + S - 1);
-      }
+      if (r + S - 1 < nrounds) issue(r + S - 1, is * SLOT_B, (u32)is * aslot_b);
       cp_async_commit();
-      if (r < nb) compute(r % SR);
+      if (r < nb) compute(cs);
+      cs = cs + 1 == S ? 0 : cs + 1;
+      is = is + 1 == S ? 0 : is + 1;
     }
     cp_async_wait<0>();
   }
