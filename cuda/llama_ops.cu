@@ -13,19 +13,23 @@ constexpr int THREADS = LLAMA_OPS_THREADS;  // every kernel here is launched wit
 constexpr int WARPS = THREADS / 32;
 using qc::u32;
 
-// 8 elements of T in a 16-byte chunk: T(a + b) per element (one rounding of the exact sum).
-template <typename T>
-__device__ __forceinline__ uint4 add8(uint4 a, uint4 b) {
+// 8 elements of T in each of two 16-byte chunks, pair by pair: word k of the result is
+// f(pair k of a, pair k of b), the pairs widened to fp32 and f returning a pair of T.
+template <typename T, typename F>
+__device__ __forceinline__ uint4 map8(uint4 a, uint4 b, F f) {
   const u32* x = &a.x;
   const u32* y = &b.x;
   uint4 r;
   u32* z = &r.x;
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 u = qc::Dt<T>::to_float2(x[k]), v = qc::Dt<T>::to_float2(y[k]);
-    z[k] = qc::Dt<T>::from_float2(u.x + v.x, u.y + v.y);
-  }
+  for (int k = 0; k < 4; ++k) z[k] = f(qc::Dt<T>::to_float2(x[k]), qc::Dt<T>::to_float2(y[k]));
   return r;
+}
+
+// T(a + b) per element (one rounding of the exact sum).
+template <typename T>
+__device__ __forceinline__ uint4 add8(uint4 a, uint4 b) {
+  return map8<T>(a, b, [](float2 u, float2 v) { return qc::Dt<T>::from_float2(u.x + v.x, u.y + v.y); });
 }
 
 // Sum of squares of 8 elements of T (fp32).
@@ -45,17 +49,10 @@ __device__ __forceinline__ float sum_sq8(uint4 a) {
 // T(T(x * inv_rms) * w) for 8 elements, the roundings of add_rms_norm.
 template <typename T>
 __device__ __forceinline__ uint4 norm8(uint4 a, uint4 w, float inv_rms) {
-  const u32* x = &a.x;
-  const u32* y = &w.x;
-  uint4 r;
-  u32* z = &r.x;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 u = qc::Dt<T>::to_float2(x[k]), v = qc::Dt<T>::to_float2(y[k]);
+  return map8<T>(a, w, [inv_rms](float2 u, float2 v) {
     const float2 n = qc::Dt<T>::to_float2(qc::Dt<T>::from_float2(u.x * inv_rms, u.y * inv_rms));
-    z[k] = qc::Dt<T>::from_float2(n.x * v.x, n.y * v.y);
-  }
-  return r;
+    return qc::Dt<T>::from_float2(n.x * v.x, n.y * v.y);
+  });
 }
 
 // Sum over the block; every thread gets the result. red: WARPS floats of shared memory.

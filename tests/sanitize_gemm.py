@@ -41,7 +41,9 @@ CASES = [  # (M, K, N, group_size, tile_m, split_k)
 def main() -> int:
     no_cublas = "--no-cublas" in sys.argv[1:]
     dtype = kernels.np_dtype(sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv else "float16")
-    names = ("awq", "quick", "quick_decode", "quick_sm90", "dequant")
+    # every kernel design of the registry plus the dequant path (variants that only re-plan a design,
+    # like quick_m16, or choose one, like auto, run no code of their own)
+    names = tuple(registry.DESIGNS) + tuple(v.name for v in registry.VARIANTS.values() if v.path == "dequant")
     if "--kernels" in sys.argv:
         wanted = sys.argv[sys.argv.index("--kernels") + 1].split(",")
         if set(wanted) - set(names):
