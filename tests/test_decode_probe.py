@@ -1,0 +1,41 @@
+"""quickcupy.tools.decode_probe's source variants (CPU): the anchors they edit are still in
+cuda/quick_decode.cu exactly once, and the edited sources compile (NVRTC, as the loader would)."""
+import pytest
+
+from quickcupy import kernels
+from quickcupy.tools import decode_probe
+
+INSTANCES = ("quick_decode<16, 8, 1, 4, 0, 4, 1, half>",   # register pipeline
+             "quick_decode<16, 2, 2, 4, 3, 4, 1, half>")   # shared ring
+
+
+def _source():
+    return (kernels.cuda_dir() / decode_probe.SOURCE).read_text()
+
+
+@pytest.mark.parametrize("make, tag, marks", [
+    (decode_probe.timestamped_source, "ts", ("probe_ts[0][probe_b] = probe_now()", "atomicMax(&probe_ts[1]")),
+    (decode_probe.evict_moved_source, "evict", ("probe_ld_evict_first(wb", ", c < left);")),
+])
+def test_variant_compiles(make, tag, marks):
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    text = make(_source())
+    for mark in marks:
+        assert mark in text
+    with decode_probe.variant(tag, text) as name:
+        assert (kernels.cuda_dir() / name).is_file()
+        cubin, lowered, _ = kernels.nvrtc_compile(name, "sm_90", list(INSTANCES))
+    assert not (kernels.cuda_dir() / name).exists()
+    assert len(cubin) > 0 and set(lowered) == set(INSTANCES)
+
+
+def test_variant_refuses_a_missing_anchor():
+    with pytest.raises(RuntimeError, match="no longer has exactly one"):
+        decode_probe.timestamped_source(_source().replace("using namespace qc;\n", ""))
+
+
+def test_cli_parses_shapes():
+    args = decode_probe.parser().parse_args(["shapes", "--block-shapes", "8:2:2:2:8:3", "--shapes", "4096x4096",
+                                             "--m", "16", "--splits", "1,4"])
+    assert args.block_shapes[0].chunks == 8 and args.block_shapes[0].stages == 3
+    assert args.shapes == [(4096, 4096)] and args.ms == [16] and args.splits == [1, 4]
