@@ -142,6 +142,17 @@ def test_derive_points():
     assert points[3]["speedup_vs_awq"] is None and points[3]["speedup_vs_fp16"] is None
 
 
+def test_derive_points_stream_time():
+    raw = [dict(_raw("quick", 1, 10.0), stream_s=6e-6), _raw("quick", 4, 12.0)]
+    points = bench_report.derive_points(raw, 2.0e12)
+    floor = bench_report.moved_bytes("quick", 1, 1024, 2048, 128) / 2.0e12
+    assert points[0]["stream_us"] == pytest.approx(6.0)
+    assert points[0]["stream_over_floor"] == pytest.approx(6e-6 / floor)
+    assert points[1]["stream_us"] is None and points[1]["stream_over_floor"] is None
+    assert "stream/floor" in bench_report.format_table(points)
+    assert "stream/floor" not in bench_report.format_table(bench_report.derive_points(raw[1:], 2.0e12))
+
+
 # ----------------------------------------------------------------------------------- formatting
 def test_format_table():
     raw = [_raw(k, m, t) for m in (1, 16) for k, t in (("fp16", 20.0), ("awq", 40.0), ("quick", 10.0))]
@@ -275,6 +286,10 @@ def test_time_gpu_positive():
     assert math.isfinite(t) and 0 < t < 1
     samples = timing.time_gpu_samples(timing.rotating(lambda b: b * 2, [a, a.copy()]), 1, 4, queue_ahead=False)
     assert samples.shape == (4,) and (samples > 0).all()
+    per_call = timing.time_gpu_stream(timing.rotating(lambda b: b * 2, [a, a.copy()]), 8)
+    assert math.isfinite(per_call) and 0 < per_call < 1
+    with pytest.raises(ValueError, match="calls=0"):
+        timing.time_gpu_stream(lambda: None, 0)
 
 
 def _check_json(path, kernels):

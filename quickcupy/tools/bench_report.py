@@ -27,6 +27,8 @@ POINT_FIELDS = (
     "bound_tflops",       # 2*M*N*K / floor: the TFLOP/s a kernel at the memory floor would reach
     "speedup_vs_fp16",    # fp16 time / this time (null if fp16 was not run)
     "speedup_vs_awq",     # awq time / this time (null if awq was not run)
+    "stream_us",          # per call when the repeats run back to back between one event pair (null if not measured)
+    "stream_over_floor",  # stream_us / floor_us
     "copies",             # weight copies rotated over
     "max_rel_err",        # max |y - y_fp16| / max |y_fp16|, y_fp16 from the dequantized weight
 )
@@ -87,6 +89,8 @@ def derive_points(raw, bytes_per_s: float) -> list:
             "bound_tflops": flops(M, K, N) / floor / 1e12,
             "speedup_vs_fp16": None if t_fp16 is None else t_fp16 / t,
             "speedup_vs_awq": None if t_awq is None else t_awq / t,
+            "stream_us": None if r.get("stream_s") is None else r["stream_s"] * 1e6,
+            "stream_over_floor": None if r.get("stream_s") is None else r["stream_s"] / floor,
             "copies": r.get("copies"),
             "max_rel_err": r.get("max_rel_err"),
         })
@@ -103,8 +107,8 @@ def _column_widths(title: str, names) -> list:
 
 def format_table(points) -> str:
     """One block per (K, N, group_size): a row per M, columns grouped as time (us), TFLOP/s,
-    speedup over fp16, speedup over awq, time over the memory floor and achieved GB/s, one column
-    per kernel."""
+    speedup over fp16, speedup over awq, time over the memory floor (and, where measured, the
+    back-to-back time over it) and achieved GB/s, one column per kernel."""
     if not points:
         return "(no points)"
     kernels = ordered_unique(p["kernel"] for p in points)
@@ -114,6 +118,8 @@ def format_table(points) -> str:
     if REFERENCE_INT4 in kernels:
         sections.append((f"x {REFERENCE_INT4}", [k for k in kernels if k != REFERENCE_INT4], "speedup_vs_awq"))
     sections.append(("time/floor", kernels, "time_over_floor"))
+    if any(p.get("stream_over_floor") is not None for p in points):
+        sections.append(("stream/floor", kernels, "stream_over_floor"))
     sections.append(("GB/s", kernels, "gb_per_s"))
     sections = [(title, names, field, _column_widths(title, names)) for title, names, field in sections if names]
     blocks = []

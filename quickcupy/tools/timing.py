@@ -75,6 +75,34 @@ def time_gpu_samples(fn, warmup: int = 10, repeats: int = 50,
     return np.array([cupy.cuda.get_elapsed_time(s, e) * 1e-3 for s, e in zip(starts, ends)])
 
 
+def time_gpu_stream(fn, calls: int = 50) -> float:
+    """GPU seconds per call when ``calls`` calls of ``fn()`` run back to back between ONE event
+    pair, queued behind a spin kernel (as in a CUDA graph of many layers: each call still pays the
+    gap between two kernels, not an event pair's). Call after :func:`time_gpu_samples` (warm).
+    If the host fell behind the spin, the pass runs once more with a longer spin."""
+    import cupy
+    if calls < 1:
+        raise ValueError(f"calls={calls} must be >= 1")
+    stream = cupy.cuda.get_current_stream()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    host_s = 2e-5 * calls
+    for _ in range(2):
+        spin(min(MAX_SPIN_S, 2.0 * host_s + 50e-6))
+        spin_end = cupy.cuda.Event()
+        spin_end.record(stream)
+        t0 = time.perf_counter()
+        start.record(stream)
+        for _ in range(calls):
+            fn()
+        end.record(stream)
+        host_s = time.perf_counter() - t0
+        ahead = not spin_end.done
+        end.synchronize()
+        if ahead:
+            break
+    return cupy.cuda.get_elapsed_time(start, end) * 1e-3 / calls
+
+
 def time_gpu(fn, warmup: int = 10, repeats: int = 50, queue_ahead: bool = True) -> float:
     """Median GPU seconds of one call of ``fn()``; see :func:`time_gpu_samples`."""
     return float(np.median(time_gpu_samples(fn, warmup, repeats, queue_ahead)))
