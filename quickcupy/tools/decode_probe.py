@@ -1,4 +1,4 @@
-"""``python -m quickcupy.tools.decode_probe MODE``: the experiments behind BENCHMARKS "Decode" (what
+r"""``python -m quickcupy.tools.decode_probe MODE``: the experiments behind BENCHMARKS "Decode" (what
 limits ``quick_decode``), each timed like ``bench`` (event pairs behind a spin kernel, weights rotated
 past L2) on random packed QUICK weights made on the GPU (no host quantization: timing only; outputs
 are compared between launches, correctness is the tests' job).
@@ -18,6 +18,11 @@ Modes:
 - ``evict``: the L2 evict-first policy: the current kernel (ring weight copies with the policy) against
   a copy with the policy moved from the ring to the register pipeline's loads.
 - ``shapes --shapes ... --splits ...``: any DecodeShape at chosen split counts, against the plan.
+- ``launch --points KxNxM``: three launches of the plan per point and nothing else, for a profiler,
+  e.g. the stall reasons: ``ncu --clock-control none --launch-skip 2 --launch-count 1 -k
+  regex:quick_decode --section WarpStateStats --metrics
+  regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio python -m
+  quickcupy.tools.decode_probe launch --points 8192x8192x16``.
 
 The instrumented or altered copies are written next to cuda/ as quick_decode_<tag>.cu for the run
 and removed afterwards (the loader compiles a file outside the registry for the device's arch).
@@ -353,6 +358,17 @@ def mode_shapes(args):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
+def mode_launch(args):
+    import cupy
+    for K, N, M in args.points:
+        layer, x = random_layer(K, N, args.group_size), x_of(M, K)
+        p = kernels.plan("quick_decode", M, N, K, args.group_size, kernels.sm_count(0))
+        for _ in range(3):
+            output(p, x, layer)
+        cupy.cuda.Device().synchronize()
+        print(f"{K}x{N} M={M}: 3 launches of {p.name} grid {p.grid}")
+
+
 # ---------------------------------------------------------------------------------------- the CLI
 DEFAULT_SHAPES = "8192x8192,4096x12288,4096x4096,4096x22016,11008x4096,8192x57344,28672x8192"
 
@@ -375,11 +391,11 @@ def _block_shapes(text):   # "16:8:1:1:4:0,..." -> DecodeShape(nwarps, kw, mb, m
 
 def parser():
     ap = argparse.ArgumentParser(prog="python -m quickcupy.tools.decode_probe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=("fixed", "blocks", "ab", "evict", "shapes"))
+    ap.add_argument("mode", choices=("fixed", "blocks", "ab", "evict", "shapes", "launch"))
     ap.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,... (ab, evict, shapes)")
     ap.add_argument("--m", dest="ms", type=_ints, default=[1, 2, 4, 8, 16], help="M values (ab, evict, shapes)")
     ap.add_argument("--points", type=_points, default=_points("8192x8192x1,8192x8192x4,8192x8192x16,28672x8192x1,"
-                                                              "4096x12288x1,8192x57344x1"), help="KxNxM,... (blocks)")
+                                                              "4096x12288x1,8192x57344x1"), help="KxNxM,... (blocks, launch)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--groups", type=_ints, default=[128, 32], help="group sizes (ab)")
     ap.add_argument("--old", help="(ab) the quick_decode.cu to compare against")
@@ -395,7 +411,8 @@ def main(argv=None) -> int:
     if args.mode == "ab" and not args.old:
         parser().error("ab needs --old FILE")
     kernels.require_gpu()
-    {"fixed": mode_fixed, "blocks": mode_blocks, "ab": mode_ab, "evict": mode_evict, "shapes": mode_shapes}[args.mode](args)
+    {"fixed": mode_fixed, "blocks": mode_blocks, "ab": mode_ab, "evict": mode_evict, "shapes": mode_shapes,
+     "launch": mode_launch}[args.mode](args)
     return 0
 
 
