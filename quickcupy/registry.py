@@ -182,8 +182,9 @@ DESIGNS["quick_decode"] = Design(
                 "in the kernel by the last block",
     planner="decode", max_m=16, dtypes=tuple(DTYPES),
     # Register pipeline (stages 0; M <= 8): the six shapes of the first decode design, 16 warps per
-    # SM at <= 128 registers. Shared ring (M >= 2, kernels.RING_MIN_M; 16-row tiles for M 9..16 at 107-113 registers):
-    # the shapes that were best at some point of the H100 sweep (results/h100/bench_decode_sweep.json).
+    # SM at <= 128 registers. Shared ring (M >= kernels.RING_MIN_M = 2; 16-row tiles for M 9..16 at
+    # 107-113 registers): the shapes that were best at some point of the H100 sweep
+    # (results/h100/bench_decode_sweep.json).
     shapes=(DecodeShape(8, 1, 1, 2), DecodeShape(8, 2, 1, 2), DecodeShape(8, 4, 1, 2),
             DecodeShape(8, 8, 1, 2), DecodeShape(16, 8, 1, 1), DecodeShape(16, 16, 1, 1),
             DecodeShape(16, 8, 1, 1, stages=3), DecodeShape(16, 4, 1, 1, stages=3),
