@@ -34,6 +34,28 @@ def rotating(call, items):
     return fn
 
 
+def _behind_spin(enqueue, host_s: float, last, queue_ahead: bool = True):
+    """Runs ``enqueue()`` (work on the current stream that records the event ``last`` at its end),
+    with ``queue_ahead`` queued behind a spin of about twice ``host_s``, and waits for ``last``. If
+    the spin ended before the host had enqueued everything (the host fell behind), runs it once more
+    behind a spin sized from the measured enqueue time."""
+    import cupy
+    stream = cupy.cuda.get_current_stream()
+    for _ in range(2 if queue_ahead else 1):
+        spin_end = None
+        if queue_ahead:
+            spin(min(MAX_SPIN_S, 2.0 * host_s + 50e-6))
+            spin_end = cupy.cuda.Event()
+            spin_end.record(stream)
+        t0 = time.perf_counter()
+        enqueue()
+        host_s = time.perf_counter() - t0
+        ahead = spin_end is None or not spin_end.done
+        last.synchronize()
+        if ahead:
+            return
+
+
 def time_gpu_samples(fn, warmup: int = 10, repeats: int = 50,
                      queue_ahead: bool = True) -> np.ndarray:
     """Seconds of GPU time of each of ``repeats`` calls of ``fn()`` (work on the current stream).
@@ -56,22 +78,13 @@ def time_gpu_samples(fn, warmup: int = 10, repeats: int = 50,
     stream.synchronize()
     starts = [cupy.cuda.Event() for _ in range(repeats)]
     ends = [cupy.cuda.Event() for _ in range(repeats)]
-    for attempt in range(2 if queue_ahead else 1):
-        spin_end = None
-        if queue_ahead:
-            spin(min(MAX_SPIN_S, 2.0 * host_s + 50e-6))
-            spin_end = cupy.cuda.Event()
-            spin_end.record(stream)
-        t0 = time.perf_counter()
+
+    def enqueue():
         for start, end in zip(starts, ends):
             start.record(stream)
             fn()
             end.record(stream)
-        host_s = time.perf_counter() - t0
-        ahead = spin_end is None or not spin_end.done
-        ends[-1].synchronize()
-        if ahead:
-            break
+    _behind_spin(enqueue, host_s, ends[-1], queue_ahead)
     return np.array([cupy.cuda.get_elapsed_time(s, e) * 1e-3 for s, e in zip(starts, ends)])
 
 
@@ -85,21 +98,13 @@ def time_gpu_stream(fn, calls: int = 50) -> float:
         raise ValueError(f"calls={calls} must be >= 1")
     stream = cupy.cuda.get_current_stream()
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    host_s = 2e-5 * calls
-    for _ in range(2):
-        spin(min(MAX_SPIN_S, 2.0 * host_s + 50e-6))
-        spin_end = cupy.cuda.Event()
-        spin_end.record(stream)
-        t0 = time.perf_counter()
+
+    def enqueue():
         start.record(stream)
         for _ in range(calls):
             fn()
         end.record(stream)
-        host_s = time.perf_counter() - t0
-        ahead = not spin_end.done
-        end.synchronize()
-        if ahead:
-            break
+    _behind_spin(enqueue, 2e-5 * calls, end)
     return cupy.cuda.get_elapsed_time(start, end) * 1e-3 / calls
 
 
