@@ -224,15 +224,18 @@ def _decode_ring_score(sh: DecodeShape, fit, M: int, tiles_n: int, sm_count: int
 
 
 def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_count: int, split_k=None,
-                 dtype: str = "float16"):
+                 dtype: str = "float16", ring=None):
     """The decode launch rule. The register pipeline for M < RING_MIN_M and for wide layers up to
     M = 8: of its shapes, each with the largest split that keeps the grid to one wave, the best of
         score = warps used / (16 SMs) - SPLIT_PENALTY [splits > 1] - A_PENALTY M / (8 tile columns).
     Otherwise the ring shapes of 8-row (M <= 8) or 16-row tiles, each with the splits that give one
-    block per SM or fill one wave (and half of it), scored by _decode_ring_score."""
+    block per SM or fill one wave (and half of it), scored by _decode_ring_score. ``ring`` True or
+    False overrides the choice of pipeline (experiments; M > 8 always runs the ring)."""
     tiles_n, chunks = N // 32, K // 32
     mb = 1 if M <= 8 else 2
     register = mb == 1 and (M < RING_MIN_M or tiles_n >= WIDE_TILES * sm_count)
+    if ring is not None:
+        register = mb == 1 and not ring
     candidates = [sh for sh in design.shapes if sh.mb == mb and (sh.stages == 0) == register]
 
     def best_split(sh):

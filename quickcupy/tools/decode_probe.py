@@ -14,7 +14,7 @@ Modes:
   how unevenly the SMs finish.
 - ``ab --old FILE``: the current kernel against another quick_decode.cu (e.g. ``git show
   REV:cuda/quick_decode.cu > FILE``) with the same launch plans, output bit-identity checked; where
-  the plan uses the register pipeline, the ring is timed too (the launch rule with RING_MIN_M = 1).
+  the plan uses the register pipeline, the ring is timed too (the launch rule told to use the ring).
 - ``evict``: the L2 evict-first policy: the current kernel (ring weight copies with the policy) against
   a copy with the policy moved from the ring to the register pipeline's loads.
 - ``shapes --shapes ... --splits ...``: any DecodeShape at chosen split counts, against the plan.
@@ -175,13 +175,8 @@ def shape_plan(sh: DecodeShape, M: int, N: int, K: int, G: int, splits: int):
 
 
 def ring_plan(M: int, N: int, K: int, G: int):
-    """The launch rule's choice with the ring allowed at every M and layer width."""
-    save = kernels.RING_MIN_M, kernels.WIDE_TILES
-    kernels.RING_MIN_M, kernels.WIDE_TILES = 1, 10 ** 9
-    try:
-        return kernels._plan_decode(DESIGN, M, N, K, G, kernels.sm_count(0))
-    finally:
-        kernels.RING_MIN_M, kernels.WIDE_TILES = save
+    """The launch rule's choice with the ring pipeline at every M and layer width."""
+    return kernels._plan_decode(DESIGN, M, N, K, G, kernels.sm_count(0), ring=True)
 
 
 def x_of(M: int, K: int):
