@@ -258,9 +258,10 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pr
 }
 // An L2 cache policy that evicts first what it tags (createpolicy, fraction 1.0): for data read
 // exactly once, a weight stream, so that it does not push activations, scales and split-K partials
-// out of L2. Measured on the H100 (quick_decode's ring, 2026-11-25): 0-4% faster (28672x8192 at
-// M = 4 and 16: 48.9 -> 46.8 and 54.1 -> 51.7 us), never slower; on the register pipeline's
-// ld.global it changed nothing at M = 1, so that path keeps ld_stream16 below.
+// out of L2. Measured on the H100 (quick_decode's ring, 2026-11-25, results/h100/decode_probe_evict.txt):
+// 0-6% faster (28672x8192 at M = 4 and 16: 48.5 -> 45.6 and 54.3 -> 51.6 us), never slower; on the
+// register pipeline's loads (ld_stream16 with a policy, below) it changed nothing at M = 1, so that
+// path keeps ld_stream16<1>.
 __device__ __forceinline__ unsigned long long l2_evict_first_policy() {
   unsigned long long policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
@@ -340,6 +341,18 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p, bool pred) {
                  " @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok));
   }
+  return r;
+}
+
+// ld_stream16<1> with an L2 cache policy (l2_evict_first_policy) for the global read. Not used by
+// the kernels (measured no faster, above); tools/decode_probe's "evict" variant calls it.
+__device__ __forceinline__ uint4 ld_stream16(const void* p, bool pred, unsigned long long policy) {
+  uint4 r;
+  const int ok = pred;
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
+               " mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+               " @p ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %6;\n}\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok), "l"(policy));
   return r;
 }
 

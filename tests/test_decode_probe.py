@@ -15,7 +15,8 @@ def _source():
 
 @pytest.mark.parametrize("make, tag, marks", [
     (decode_probe.timestamped_source, "ts", ("probe_ts[0][probe_b] = probe_now()", "atomicMax(&probe_ts[1]")),
-    (decode_probe.evict_moved_source, "evict", ("probe_ld_evict_first(wb", ", c < left);")),
+    (decode_probe.evict_moved_source, "evict", ("ld_stream16(wb + c * 32, active && rcb + c < nch_b, probe_policy)",
+                                                ", c < left);")),
 ])
 def test_variant_compiles(make, tag, marks):
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
@@ -27,6 +28,13 @@ def test_variant_compiles(make, tag, marks):
         cubin, lowered, _ = kernels.nvrtc_compile(name, "sm_90", list(INSTANCES))
     assert not (kernels.cuda_dir() / name).exists()
     assert len(cubin) > 0 and set(lowered) == set(INSTANCES)
+
+
+def test_plain_read_compiles():
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    with decode_probe.variant("plain_read", decode_probe.PLAIN_READ) as name:
+        cubin, _, _ = kernels.nvrtc_compile(name, "sm_90", ["probe_plain_read", "probe_empty"])
+    assert len(cubin) > 0
 
 
 def test_variant_refuses_a_missing_anchor():

@@ -62,18 +62,7 @@ _START = "  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane
 _LOOP_END = "  // ---- the KW warps of a tile column add their sums in warp order (fixed: deterministic)\n"
 _RING_POLICY = ", c < left, w_policy);"
 _REG_LOAD = "ld_stream16<1>(wb + c * 32, active && rcb + c < nch_b)"
-_REG_EF = r'''
-// decode_probe: the register pipeline's 16-byte loads with the L2 evict-first policy
-__device__ __forceinline__ uint4 probe_ld_evict_first(const void* p, bool pred, unsigned long long policy) {
-  uint4 r;
-  const int ok = pred;
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
-               " mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-               " @p ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %6;\n}\n"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "r"(ok), "l"(policy));
-  return r;
-}
-'''
+
 
 
 def _replace_once(text: str, old: str, new: str, what: str) -> str:
@@ -97,10 +86,9 @@ def evict_moved_source(text: str) -> str:
     """quick_decode.cu with the evict-first policy taken off the ring's weight copies and put on the
     register pipeline's weight loads."""
     text = _replace_once(text, _RING_POLICY, ", c < left);", "ring weight copy with the policy")
-    text = _replace_once(text, _NS, _NS + _REG_EF, "namespace line")
     text = _replace_once(text, _START, _START + "  const unsigned long long probe_policy = l2_evict_first_policy();\n",
                          "kernel start")
-    return _replace_once(text, _REG_LOAD, "probe_ld_evict_first(wb + c * 32, active && rcb + c < nch_b, probe_policy)",
+    return _replace_once(text, _REG_LOAD, "ld_stream16(wb + c * 32, active && rcb + c < nch_b, probe_policy)",
                          "register-pipeline load")
 
 
@@ -186,18 +174,14 @@ def x_of(M: int, K: int):
 
 # ------------------------------------------------------------------------------------------ modes
 PLAIN_READ = r'''
+#include "quant_common.cuh"
 extern "C" __global__ void probe_plain_read(const uint4* __restrict__ p, long long n, unsigned* out) {
   unsigned acc = 0;
   const long long T = (long long)gridDim.x * blockDim.x;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += 4 * T) {
     uint4 v[4];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const long long j = i + u * T;
-      v[u] = make_uint4(0, 0, 0, 0);
-      if (j < n) asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                              : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w) : "l"(p + j));
-    }
+    for (int u = 0; u < 4; ++u) v[u] = qc::ld_stream16<1>(p + i + u * T, i + u * T < n);  // as quick_decode's loads
 #pragma unroll
     for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
   }
@@ -210,7 +194,7 @@ extern "C" __global__ void probe_empty() {}
 def mode_fixed(args):
     import cupy
     from .timing import rotating, time_gpu
-    module = cupy.RawModule(code=PLAIN_READ)
+    module = cupy.RawModule(code=PLAIN_READ, options=kernels.compile_options(kernels.device_arch(0)))
     read, empty = module.get_function("probe_plain_read"), module.get_function("probe_empty")
     sink = cupy.zeros(1, np.uint32)
     sms = kernels.sm_count(0)
