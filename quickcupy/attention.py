@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import ctype, get_function
-from .registry import DECODE_ATTENTION_THREADS, DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK, DTYPES
+from .dtypes import NAMES, ctype
+from .kernels import get_function
+from .registry import DECODE_ATTENTION_THREADS, DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK
 
 
 def decode_head_dim_error(d: int):
@@ -86,8 +87,8 @@ def _check(keys, values, B, nh, d, length, start, q):
         raise ValueError(f"length={length} must lie in 1..max_len={max_len}")
     if start is not None and (start.dtype != np.int32 or start.size != 1):
         raise ValueError(f"start must be a (1,) int32 device array, got {start.dtype} of size {start.size}")
-    if q.dtype.name not in DTYPES:
-        raise ValueError(f"q must be {' or '.join(DTYPES)}, got {q.dtype}")
+    if q.dtype.name not in NAMES:
+        raise ValueError(f"q must be {' or '.join(NAMES)}, got {q.dtype}")
     for name, a in (("keys", keys), ("values", values)):
         if a.dtype != q.dtype:
             raise ValueError(f"{name} must be {q.dtype}, got {a.dtype}: q, keys and values share one dtype")

@@ -23,6 +23,8 @@ import re
 from pathlib import Path
 
 from . import registry
+from .dtypes import NAMES
+from . import kernels
 
 TUNING_DIR = Path(__file__).resolve().parent / "tuning"
 # Without a measured table: QUICK's kernel while the GEMM is memory-bound, cuBLAS on dequantized
@@ -44,10 +46,10 @@ def check_rules(rules, where: str = "rules") -> tuple:
     last = 0
     for i, rule in enumerate(rules):
         kernel, max_m = rule.get("kernel"), rule.get("max_m")
-        v = registry.VARIANTS.get(kernel)
-        if v is None or v.path == "auto" or registry.design_of(kernel).layout != LAYOUT:
+        v = registry.VARIANTS.get(kernel) if isinstance(kernel, str) else None
+        if v is None or v.path == "auto" or v.layout != LAYOUT:
             raise ValueError(f"{where}[{i}]: kernel={kernel!r} is not a {LAYOUT}-layout kernel")
-        design = registry.design_of(kernel)
+        design = v.design
         if design.max_m is not None and (max_m is None or max_m > design.max_m):
             raise ValueError(f"{where}[{i}]: kernel={kernel!r} serves M <= {design.max_m}, the rule max_m={max_m}")
         final = i == len(rules) - 1
@@ -73,9 +75,9 @@ def table_for(device_name: str) -> dict:
         return {"device": device_name, "rules": DEFAULT_RULES, "source": "default (no measured table)"}
     data = json.loads(path.read_text())
     dtypes = {name: _section(d, f"{path} dtype {name}") for name, d in data.get("dtypes", {}).items()}
-    unknown = set(dtypes) - set(registry.DTYPES)
+    unknown = set(dtypes) - set(NAMES)
     if unknown:
-        raise ValueError(f"{path}: dtypes {sorted(unknown)} are not among {tuple(registry.DTYPES)}")
+        raise ValueError(f"{path}: dtypes {sorted(unknown)} are not among {NAMES}")
     return {"device": data.get("device", device_name), **_section(data, str(path)), "dtypes": dtypes,
             "source": str(path)}
 
@@ -108,13 +110,22 @@ def _device_name(device_id: int) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def kernel_for(M: int, N: int, K: int, device_id: int, dtype: str = "float16") -> str:
-    """What ``kernel="auto"`` runs for x (M, K) @ W (K, N) of ``dtype`` on CUDA device
-    ``device_id``; a kernel the device cannot run (a table copied to another GPU) or without
-    instances for ``dtype`` (Design.dtypes) falls back to :data:`DEFAULT_RULES`, whose kernels run
-    every activation dtype."""
-    from .kernels import unsupported_reason
-    kernel = choose(M, rules_for(section_for(table_for(_device_name(device_id)), dtype), N, K))
-    if unsupported_reason(kernel, device_id) is None and dtype in registry.design_of(kernel).dtypes:
-        return kernel
-    return choose(M, DEFAULT_RULES)
+def kernel_for(M: int, N: int, K: int, device_id: int, dtype: str = "float16",
+               capturable: bool = False) -> registry.Variant:
+    """The registry record of the kernel ``kernel="auto"`` runs for x (M, K) @ W (K, N) of
+    ``dtype`` on CUDA device ``device_id``; a kernel the device cannot run (a table copied to
+    another GPU) or without instances for ``dtype`` (Design.dtypes) falls back to
+    :data:`DEFAULT_RULES`, whose kernels run every activation dtype. ``capturable``: the call is
+    being captured in a CUDA graph, where the cuBLAS path cannot run; the table's kernel for the
+    largest M below its dequant crossover (that serves M) runs instead."""
+    rules = rules_for(section_for(table_for(_device_name(device_id)), dtype), N, K)
+    v = registry.VARIANTS[choose(M, rules)]
+    if kernels.unsupported_reason(v, device_id) is not None or dtype not in v.design.dtypes:
+        rules = DEFAULT_RULES
+        v = registry.VARIANTS[choose(M, rules)]
+    if capturable and v.path == "dequant":
+        served = [registry.VARIANTS[r["kernel"]] for r in rules]
+        served = [c for c in served if c.path == "gemm" and (c.design.max_m or M) >= M
+                  and kernels.unsupported_reason(c, device_id) is None and dtype in c.design.dtypes]
+        v = served[-1] if served else registry.VARIANTS["quick"]
+    return v

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 
 from . import dispatch, formats, kernels, registry
-from .layouts import pack_awq, pack_quick, unpack_awq
+from .dtypes import NAMES
+from .layouts import pack_awq, pack_quick, packed_shapes, unpack_awq
 from .quantize import QuantizedWeight, quantize
 
 LAYOUTS = registry.LAYOUTS
@@ -19,9 +20,9 @@ LAYOUTS = registry.LAYOUTS
 KERNELS = {name: v.description for name, v in registry.VARIANTS.items()}
 
 
-def kernel_layout(kernel: str) -> str:
-    """The weight layout a kernel reads ("quick" or "awq")."""
-    return registry.DESIGNS[registry.variant(kernel).design].layout
+def kernel_layout(kernel) -> str:
+    """The weight layout a kernel (name or registry record) reads ("quick" or "awq")."""
+    return registry.variant(kernel).layout
 
 
 def check_layer_shape(layout: str, in_features: int, out_features: int):
@@ -54,19 +55,32 @@ class QuantLinear:
     dtype on first use (:meth:`bias_as`).
     """
 
-    def __init__(self, q: QuantizedWeight, layout: str = "quick", bias=None, perm=None):
+    def __init__(self, qweight, qzeros, scales, *, layout: str, in_features: int, out_features: int,
+                 group_size: int, bias=None, perm=None):
+        """From tensors already packed in ``layout`` (:func:`quickcupy.layouts.packed_shapes`),
+        NumPy (copied to the current GPU) or CuPy (on the current GPU, used as they are); most
+        callers want :meth:`from_quantized` or a checkpoint reader instead."""
         import cupy
-        if not isinstance(q, QuantizedWeight):
-            raise TypeError(f"q must be a QuantizedWeight, got {type(q).__name__}")
-        check_layer_shape(layout, q.in_features, q.out_features)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is unknown; use one of {LAYOUTS}")
+        check_layer_shape(layout, in_features, out_features)
         kernels.require_gpu()
-        packed = pack_quick(q) if layout == "quick" else pack_awq(q)
-        self.layout = layout
-        self.in_features, self.out_features, self.group_size = q.in_features, q.out_features, q.group_size
+        if group_size < 32 or in_features % group_size:
+            raise ValueError(f"group_size={group_size} must divide in_features={in_features}")
+        expected = packed_shapes(layout, in_features, out_features, group_size)
         self.device = cupy.cuda.Device().id
-        self.qweight = cupy.asarray(packed.qweight)
-        self.qzeros = cupy.asarray(packed.qzeros)
-        self.scales = cupy.asarray(packed.scales)
+        for name, arr, shape, dtype in zip(expected._fields, (qweight, qzeros, scales), expected,
+                                           (np.int32, np.int32, np.float16)):
+            if tuple(arr.shape) != shape or arr.dtype != dtype:
+                raise ValueError(f"{name} must be {np.dtype(dtype).name} of shape {shape} for a {layout} "
+                                 f"layer of in_features={in_features}, out_features={out_features}, "
+                                 f"group_size={group_size}; got {arr.dtype} {tuple(arr.shape)}")
+            if isinstance(arr, cupy.ndarray) and arr.device.id != self.device:
+                raise ValueError(f"{name} is on device {arr.device.id}, not the current device {self.device}")
+        self.layout = layout
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.qweight, self.qzeros, self.scales = (cupy.ascontiguousarray(cupy.asarray(t))
+                                                  for t in (qweight, qzeros, scales))
         self.bias = None
         if bias is not None:
             bias = bias.get() if hasattr(bias, "get") else np.asarray(bias)
@@ -85,17 +99,34 @@ class QuantLinear:
                 raise ValueError(f"perm must be a permutation of range(in_features={self.in_features}), "
                                  f"got shape {perm.shape} {perm.dtype}")
             self.perm = cupy.asarray(perm.astype(np.int64))
+        # the kernel a call without kernel= runs: auto for the layout auto chooses in, else the layout's own
+        self.default_kernel = registry.variant("auto" if layout == dispatch.LAYOUT else layout)
+
+    @classmethod
+    def from_packed(cls, qweight, qzeros, scales, *, layout: str, in_features: int, out_features: int,
+                    group_size: int, bias=None, perm=None) -> "QuantLinear":
+        """From tensors already packed in ``layout`` (see :meth:`__init__`)."""
+        return cls(qweight, qzeros, scales, layout=layout, in_features=in_features,
+                   out_features=out_features, group_size=group_size, bias=bias, perm=perm)
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, layout: str = "quick", bias=None, perm=None) -> "QuantLinear":
-        return cls(q, layout, bias, perm)
+        """Packs ``q`` in ``layout`` ("quick" or "awq") and copies it to the current GPU."""
+        if not isinstance(q, QuantizedWeight):
+            raise TypeError(f"q must be a QuantizedWeight, got {type(q).__name__}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is unknown; use one of {LAYOUTS}")
+        check_layer_shape(layout, q.in_features, q.out_features)
+        packed = pack_quick(q) if layout == "quick" else pack_awq(q)
+        return cls.from_packed(*packed, layout=layout, in_features=q.in_features, out_features=q.out_features,
+                               group_size=q.group_size, bias=bias, perm=perm)
 
     @classmethod
     def from_awq(cls, qweight, qzeros, scales, bias=None, layout: str = "quick", group_size=None) -> "QuantLinear":
         """From the three tensors of an AutoAWQ checkpoint (NumPy or CuPy): qweight (K, N/8) int32,
         qzeros (K/G, N/8) int32, scales (K/G, N) float16."""
         host = [t.get() if hasattr(t, "get") else t for t in (qweight, qzeros, scales)]
-        return cls(unpack_awq(*host, group_size=group_size), layout, bias)
+        return cls.from_quantized(unpack_awq(*host, group_size=group_size), layout, bias)
 
     @classmethod
     def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, layout: str = "quick",
@@ -106,7 +137,7 @@ class QuantLinear:
         see :mod:`quickcupy.formats.gptq`."""
         host = [t.get() if hasattr(t, "get") else t for t in (qweight, qzeros, scales, g_idx)]
         q, perm = formats.unpack_gptq(*host, checkpoint_format=checkpoint_format)
-        return cls(q, layout, bias, perm)
+        return cls.from_quantized(q, layout, bias, perm)
 
     @classmethod
     def from_compressed_tensors(cls, weight_packed, weight_scale, weight_shape=None, weight_zero_point=None,
@@ -118,22 +149,20 @@ class QuantLinear:
         host = [t.get() if hasattr(t, "get") else t
                 for t in (weight_packed, weight_scale, weight_shape, weight_zero_point, weight_g_idx)]
         q, perm = formats.unpack_compressed_tensors(*host)
-        return cls(q, layout, bias, perm)
+        return cls.from_quantized(q, layout, bias, perm)
 
     @classmethod
     def from_float(cls, weight, group_size: int = 128, layout: str = "quick", bias=None) -> "QuantLinear":
         """Quantizes a float16/float32 weight of shape (out_features, in_features) on the way."""
         if hasattr(weight, "get"):
             weight = weight.get()
-        return cls(quantize(weight, group_size), layout, bias)
+        return cls.from_quantized(quantize(weight, group_size), layout, bias)
 
     def copy(self) -> "QuantLinear":
         """A second layer with its own device buffers (e.g. to rotate weights in benchmarks)."""
-        new = object.__new__(QuantLinear)
-        new.__dict__.update(self.__dict__)
-        for name in ("qweight", "qzeros", "scales"):
-            setattr(new, name, getattr(self, name).copy())
-        return new
+        return self.from_packed(self.qweight.copy(), self.qzeros.copy(), self.scales.copy(), layout=self.layout,
+                                in_features=self.in_features, out_features=self.out_features,
+                                group_size=self.group_size, bias=self.bias, perm=self.perm)
 
     def bias_as(self, dtype):
         """The bias (N,) as ``dtype`` (x's: float16 or bfloat16), converted once and kept; None
@@ -187,8 +216,19 @@ def _as_cupy(arg, name: str):
                     f"__cuda_array_interface__ such as a CUDA torch.Tensor), got {type(arg).__name__}")
 
 
+class _StreamHandle:
+    """A raw ``cudaStream_t`` (and the object that owns it, kept alive) in the CUDA stream protocol,
+    which ``cupy.cuda.Stream.from_external`` takes."""
+
+    def __init__(self, handle: int, owner):
+        self.handle, self.owner = handle, owner
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
 def _as_stream(stream, device: int):
-    """The CuPy stream to launch on: None (the current stream), a CuPy Stream/ExternalStream, a raw
+    """The CuPy stream to launch on: None (the current stream), a CuPy Stream, a raw
     ``cudaStream_t`` handle (int) or an object with one in ``.cuda_stream`` (``torch.cuda.Stream``)."""
     import cupy
     if stream is None:
@@ -200,9 +240,19 @@ def _as_stream(stream, device: int):
         return stream
     handle = getattr(stream, "cuda_stream", stream)
     if isinstance(handle, bool) or not isinstance(handle, (int, np.integer)) or handle < 0:
-        raise TypeError(f"stream must be a cupy.cuda.Stream/ExternalStream, a cudaStream_t handle (int >= 0) "
+        raise TypeError(f"stream must be a cupy.cuda.Stream, a cudaStream_t handle (int >= 0) "
                         f"or have one in .cuda_stream, got {type(stream).__name__}")
-    return cupy.cuda.ExternalStream(int(handle), device)
+    return cupy.cuda.Stream.from_external(_StreamHandle(int(handle), stream))
+
+
+def _caller_stream(x, device: int):
+    """The stream of the framework ``x`` comes from, when it has a current stream of its own that
+    CuPy does not know: torch's (so that ``torch.cuda.graph`` and torch's stream order hold without
+    ``stream=``); None for CuPy and other arrays (the current CuPy stream)."""
+    module = type(x).__module__.split(".")[0]
+    if module != "torch" or "torch" not in sys.modules:
+        return None
+    return _as_stream(sys.modules["torch"].cuda.current_stream(device), device)
 
 
 def _check_x(x, layer: QuantLinear):
@@ -211,7 +261,7 @@ def _check_x(x, layer: QuantLinear):
         raise TypeError("x is a NumPy array; move it to the GPU first with cupy.asarray(x)")
     if not isinstance(x, cupy.ndarray):
         raise TypeError(f"x must be a cupy.ndarray, got {type(x).__name__}")
-    if x.dtype.name not in registry.DTYPES:
+    if x.dtype.name not in NAMES:
         raise TypeError(f"x must be float16 or bfloat16, got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != layer.in_features:
         raise ValueError(f"x must have shape (..., {layer.in_features}), got {x.shape}")
@@ -249,13 +299,19 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=No
     (bfloat16 CuPy arrays need ml_dtypes, which CuPy uses for the dtype). A CuPy
     array or any GPU array with DLPack or ``__cuda_array_interface__`` (a CUDA torch.Tensor, a JAX
     array), used without a copy.
-    kernel: a name of :data:`KERNELS`; must read the layer's layout. Default: "auto" for the quick
-    layout (the fastest kernel for M on this GPU, see :mod:`quickcupy.dispatch`), "awq" for awq.
+    kernel: a name of :data:`KERNELS` (or its registry record); must read the layer's layout.
+    Default: "auto" for the quick layout (the fastest kernel for M on this GPU, see
+    :mod:`quickcupy.dispatch`), "awq" for awq.
     out: optional (..., N) GPU array of x's dtype (CuPy or foreign, as x) to write into; it is returned.
-    stream: where to launch (see :func:`_as_stream`); default the current CuPy stream.
+    stream: where to launch (see :func:`_as_stream`); default the current CuPy stream, or torch's
+    current stream when x is a torch tensor.
     ``tile_m``/``split_k`` override the launch plan (tuning, tests).
     Returns (..., N) of x's dtype: ``out`` if given, else a new array of x's type when x came through
     DLPack from an imported module with ``from_dlpack`` (torch), else a CuPy array.
+
+    Under CUDA-graph capture (CuPy's or torch's), every buffer the call uses lives as long as a
+    graph can replay it (:func:`quickcupy.kernels.workspace`), and ``auto`` never picks the cuBLAS
+    path, which CuPy cannot capture.
     """
     import cupy
     if not isinstance(layer, QuantLinear):
@@ -263,7 +319,7 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=No
     if cupy.cuda.runtime.getDevice() != layer.device:
         with cupy.cuda.Device(layer.device):
             return gemm(x, layer, kernel, out, stream=stream, tile_m=tile_m, split_k=split_k)
-    stream = _as_stream(stream, layer.device)
+    stream = _as_stream(stream, layer.device) if stream is not None else _caller_stream(x, layer.device)
     if stream is not None:
         with stream:
             return _gemm(x, layer, kernel, out, tile_m, split_k)
@@ -275,55 +331,59 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k):
     import cupy
     x, to_caller = _as_cupy(x, "x")
     caller_out = out
-    if kernel is None:
-        kernel = "auto" if layer.layout == dispatch.LAYOUT else layer.layout
-    if kernel_layout(kernel) != layer.layout:
-        raise ValueError(f"kernel={kernel!r} reads the {kernel_layout(kernel)} layout but the layer is "
-                         f"packed as {layer.layout!r}; build it with QuantLinear(..., layout="
-                         f"{kernel_layout(kernel)!r})")
+    v = layer.default_kernel if kernel is None else registry.variant(kernel)   # the one name lookup
+    if v.layout != layer.layout:
+        raise ValueError(f"kernel={v.name!r} reads the {v.layout} layout but the layer is packed as "
+                         f"{layer.layout!r}; build it with QuantLinear.from_quantized(..., layout={v.layout!r})")
     _check_x(x, layer)
     N, K = layer.out_features, layer.in_features
     shape = x.shape[:-1] + (N,)
     M = x.size // K
     if out is None:
-        out = cupy.empty(shape, x.dtype)
+        with kernels._allocation_allowed():
+            out = cupy.empty(shape, x.dtype)
     else:
         out, _ = _as_cupy(out, "out")
         _check_out(out, shape, x, layer)
     if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, (int, np.integer))
                                 or split_k < 1):
         raise ValueError(f"split_k={split_k!r} must be a positive int (or None to choose by shape)")
-    if registry.VARIANTS[kernel].path == "auto":
+    dtype = x.dtype.name
+    if v.path == "auto":
         if tile_m is not None or split_k is not None:
             raise ValueError("tile_m/split_k choose one kernel's launch; name that kernel instead of 'auto'")
-        kernel = dispatch.kernel_for(M, N, K, layer.device, x.dtype.name)
-    reason = kernels.unsupported_reason(kernel, layer.device)
-    if reason is not None:
-        raise ValueError(reason)
-    registry.design_of(kernel).check_dtype(x.dtype.name)
+        v = dispatch.kernel_for(M, N, K, layer.device, dtype, capturable=kernels.capturing())
+    else:
+        reason = kernels.unsupported_reason(v, layer.device)
+        if reason is not None:
+            raise ValueError(reason)
+        v.design.check_dtype(dtype)
+    if v.path == "dequant":
+        if tile_m is not None or split_k is not None:
+            raise ValueError(f"tile_m/split_k choose a GEMM kernel's launch; kernel={v.name!r} runs cuBLAS")
+        if kernels.capturing():
+            raise ValueError(f"kernel={v.name!r} runs cuBLAS, which CuPy cannot capture in a CUDA graph; "
+                             f"name another kernel or use 'auto'")
+    else:
+        p = _plan(v, M, N, K, layer.group_size, layer.device, tile_m, split_k, dtype)
     bias = layer.bias_as(x.dtype)
     if layer.perm is not None:           # act-order: the kernels read K sorted by group (formats.act_order)
-        x = cupy.take(x, layer.perm, axis=-1)
-    if registry.VARIANTS[kernel].path == "dequant":
-        if tile_m is not None or split_k is not None:
-            raise ValueError(f"tile_m/split_k choose a GEMM kernel's launch; kernel={kernel!r} runs cuBLAS")
-        launch = kernels.launch_dequant
-        args = (x, layer.qweight, layer.qzeros, layer.scales, bias, out, N, K, layer.group_size,
-                layer.device)
+        gathered = kernels.workspace(layer.device).buffer("gather", x.size, x.dtype)[:x.size].reshape(x.shape)
+        x = cupy.take(x, layer.perm, axis=-1, out=gathered)
+    if v.path == "dequant":
+        y = kernels.launch_dequant(x, layer.qweight, layer.qzeros, layer.scales, bias, out, N, K,
+                                   layer.group_size, layer.device)
     else:
-        launch = kernels.launch
-        p = _plan(kernel, M, N, K, layer.group_size, layer.device, tile_m, split_k, x.dtype.name)
-        args = (p, x, layer.qweight, layer.qzeros, layer.scales, bias, out, layer.device)
-    y = launch(*args)
+        y = kernels.launch(p, x, layer.qweight, layer.qzeros, layer.scales, bias, out, layer.device)
     if caller_out is not None:
         return caller_out
     return to_caller(y) if to_caller is not None else y
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(kernel, M, N, K, group_size, device, tile_m, split_k, dtype):
-    return kernels.plan(kernel, M, N, K, group_size, kernels.sm_count(device), tile_m=tile_m, split_k=split_k,
-                        dtype=dtype)
+def _plan(v: registry.Variant, M, N, K, group_size, device, tile_m, split_k, dtype):
+    return kernels.plan(v, M, N, K, group_size, kernels.device_limits(device), tile_m=tile_m,
+                        split_k=split_k, dtype=dtype)
 
 
 __all__ = ["QuantLinear", "gemm", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape"]

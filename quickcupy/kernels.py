@@ -9,17 +9,22 @@ edit of any header changes the text and recompiles.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import dataclasses
 import functools
 import hashlib
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import registry
-from .registry import DecodeShape, Design, Tile
+from . import device, registry
+from .dtypes import ctype, np_dtype
+from .registry import DecodeDesign, DecodeShape, Design, GemmDesign, Tile
 
 MIN_COMPUTE_CAPABILITY = (8, 0)   # mma.sync m16n8k16, ldmatrix, cp.async
 CUDA_DIR_ENV = "QUICKCUPY_CUDA_DIR"   # development: compile the kernels from another cuda/ folder
@@ -121,24 +126,46 @@ def _split_k(tiles: int, chunks: int, step_chunks: int, target_blocks: int, spli
     return math.ceil(chunks / per), per
 
 
-def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 132,
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What a launch plan needs to know of a GPU (read off the device by :func:`device_limits`)."""
+    sm_count: int
+    smem_per_sm: int             # shared memory per SM (bytes)
+    smem_per_block: int          # the most one block may ask for (opt-in limit)
+    smem_reserved: int = 1024    # reserved per block by the system
+
+
+# Plans made without a GPU (the bank model, CPU tests, tools on a CPU) assume an H100 SXM.
+H100 = DeviceLimits(sm_count=132, smem_per_sm=228 * 1024, smem_per_block=227 * 1024)
+
+
+def plan(kernel, M: int, N: int, K: int, group_size: int, device: DeviceLimits | int = H100,
          tile_m=None, split_k=None, tile: Tile | None = None, dtype: str = "float16") -> LaunchPlan:
-    """Launch plan of ``kernel`` (a design or variant name of :mod:`quickcupy.registry`) for
-    x (M, K) times weight (K, N) with ``group_size`` (the effective size: K for one group per row),
-    ``dtype`` ("float16" or "bfloat16") the activations' (the instance's template type).
+    """Launch plan of ``kernel`` (a :mod:`quickcupy.registry` Variant or Design record, or its
+    name) for x (M, K) times weight (K, N) with ``group_size`` (the effective size: K for one group
+    per row), ``dtype`` ("float16" or "bfloat16") the activations' (the instance's template type),
+    on a GPU of ``device`` limits (an int: an H100's with that many SMs).
 
     ``tile_m``/``split_k`` override the choice by M; ``tile`` overrides the design's Tile (tuning).
     Scales and zeros are reloaded every gcd(group_size / 32, chunks) chunks, so every group size
     that is a multiple of 32 works with every tile."""
+    if isinstance(device, int):
+        device = dataclasses.replace(H100, sm_count=device)
     design = registry.design_of(kernel)
+    fixed = kernel if isinstance(kernel, registry.Variant) else registry.VARIANTS.get(kernel) \
+        if isinstance(kernel, str) else None
+    if tile_m is None and fixed is not None:
+        tile_m = fixed.tile_m
     design.check_m(M)
     design.check_dtype(dtype)
-    if design.planner == "decode":
+    if isinstance(design, DecodeDesign):
         if tile_m is not None or tile is not None:
             raise ValueError(f"tile_m/tile do not apply to {design.name} (it picks its block shape by M)")
-        return _plan_decode(design, M, N, K, group_size, sm_count, split_k, dtype)
-    if tile_m is None and kernel in registry.VARIANTS:
-        tile_m = registry.VARIANTS[kernel].tile_m
+        return _plan_decode(design, M, N, K, group_size, device, split_k, dtype)
+    return _plan_gemm(design, M, N, K, group_size, device, tile_m, split_k, tile, dtype)
+
+
+def _plan_gemm(design: GemmDesign, M, N, K, group_size, device: DeviceLimits, tile_m, split_k, tile, dtype):
     bm = design.tile_m(M) if tile_m is None else tile_m
     if bm not in design.tiles:
         raise ValueError(f"tile_m={bm} is not available for {design.name} {tuple(design.tiles)}")
@@ -149,8 +176,9 @@ def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 1
     gch = math.gcd(group_size // 32, t.chunks)
     chunks = K // 32
     tiles = math.ceil(M / bm) * math.ceil(N / bn)
-    splits, per = _split_k(tiles, chunks, t.chunks, t.blocks_per_sm * sm_count, split_k, design.split_rule)
-    return LaunchPlan(design=design, name=design.instance(bm, bn, gch, tile, dtype), bm=bm, bn=bn, tile=t, grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
+    splits, per = _split_k(tiles, chunks, t.chunks, t.blocks_per_sm * device.sm_count, split_k, design.split_rule)
+    return LaunchPlan(design=design, name=design.instance(bm, bn, gch, tile, dtype), bm=bm, bn=bn, tile=t,
+                      grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
                       shared_bytes=design.smem_bytes(bm, t), chunks_per_split=per,
                       M=M, N=N, K=K, group_size=group_size)
 
@@ -159,10 +187,8 @@ def plan(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int = 1
 # and split at the seven Llama bench shapes, M = 1..16 (results/h100/bench_decode_sweep.json, two runs):
 # the ring rule below picks, where it applies, a launch within 1.2 % of the best measured ring launch
 # on average (7 % at worst: 11008x4096, M = 4 and 8); the register rule is the first decode design's
-# (within 6 %, 0.7 % on average, of its own sweep).
-SMEM_PER_SM = 228 * 1024          # H100/A100 shared memory per SM (bytes)
-SMEM_PER_BLOCK = 227 * 1024       # the most one block may ask for
-SMEM_RESERVED = 1024              # reserved per block by the system
+# (within 6 %, 0.7 % on average, of its own sweep). Shared memory per SM and per block come from
+# the device (DeviceLimits).
 DECODE_SLOT_BYTES = 592           # per chunk of a warp's ring slot: sizeof(DecodeSlot<U>) / U (512 + 64 + 16)
 # register pipeline (shapes with stages 0): M <= 8 ...
 SPLIT_PENALTY = 0.2               # score lost by a split-K across blocks (partials, arrival, reduction)
@@ -170,10 +196,9 @@ A_PENALTY = 0.25                  # score lost per M / (8 tile columns per block
 BLOCK_OVERHEAD_CHUNKS = 16        # a block's start (first DRAM latency, activations) in chunks
 # ... where the ring is not faster: M < RING_MIN_M, or layers of at least WIDE_TILES x SMs tile
 # columns up to M = 8 (many narrow blocks with small activation slices already fill the GPU there).
-# M = 2 moved to the ring after its per-round copy arithmetic was cut (fifth session, A/B on the
-# H100, results/h100/ab_decode_issue.txt): faster on 8192x8192, 4096x12288 and 4096x4096 (18.4 vs
-# 18.9, 15.9 vs 17.1, 9.2 vs 10.4 us), within 1% on 28672x8192 and 11008x4096; at M = 1 the
-# register pipeline stays faster on 6 of the 7 shapes.
+# M = 2 runs the ring: in an A/B on the H100 it was faster on 8192x8192, 4096x12288 and 4096x4096
+# (18.4 vs 18.9, 15.9 vs 17.1, 9.2 vs 10.4 us) and within 1% on 28672x8192 and 11008x4096; at M = 1
+# the register pipeline stays faster on 6 of the 7 shapes (docs/decode.md).
 RING_MIN_M = 2
 WIDE_TILES = 4
 # shared ring: score = min(RING_WARPS, warps per SM) / RING_WARPS - RING_SPLIT x split-K reduction
@@ -199,16 +224,17 @@ def _decode_smem(sh: DecodeShape, M: int, cps: int) -> int:
     return max(acts + 16, (sh.kw - 1) * sh.columns * sh.mb * 1024)
 
 
-def _decode_fit(sh: DecodeShape, M: int, K: int, tiles_n: int, sm_count: int, splits: int):
+def _decode_fit(sh: DecodeShape, M: int, K: int, tiles_n: int, device: DeviceLimits, splits: int):
     """(splits, chunks per split, blocks per SM, waves) for a requested split count."""
+    sm_count = device.sm_count
     step = sh.round_chunks                       # each warp of a column gets whole batches
     chunks = K // 32
     cps = -(-(-(-chunks // splits)) // step) * step
     splits = -(-chunks // cps)
     smem = _decode_smem(sh, M, cps)
     regs = 65536 // (sh.minb * sh.nwarps * 32)   # what __launch_bounds__ allows
-    per_sm = 0 if smem > SMEM_PER_BLOCK else min(65536 // (regs * 32 * sh.nwarps), 64 // sh.nwarps,
-                                                  SMEM_PER_SM // (smem + SMEM_RESERVED))
+    per_sm = 0 if smem > device.smem_per_block else min(65536 // (regs * 32 * sh.nwarps), 64 // sh.nwarps,
+                                                         device.smem_per_sm // (smem + device.smem_reserved))
     blocks = -(-tiles_n // sh.columns) * splits
     return splits, cps, per_sm, (-(-blocks // (per_sm * sm_count)) if per_sm else 10 ** 9)
 
@@ -223,14 +249,15 @@ def _decode_ring_score(sh: DecodeShape, fit, M: int, tiles_n: int, sm_count: int
             + RING_SMS * min(resident, sm_count) / sm_count)
 
 
-def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_count: int, split_k=None,
-                 dtype: str = "float16", ring=None):
+def _plan_decode(design: DecodeDesign, M: int, N: int, K: int, group_size: int, device: DeviceLimits,
+                 split_k=None, dtype: str = "float16", ring=None):
     """The decode launch rule. The register pipeline for M < RING_MIN_M and for wide layers up to
     M = 8: of its shapes, each with the largest split that keeps the grid to one wave, the best of
         score = warps used / (16 SMs) - SPLIT_PENALTY [splits > 1] - A_PENALTY M / (8 tile columns).
     Otherwise the ring shapes of 8-row (M <= 8) or 16-row tiles, each with the splits that give one
     block per SM or fill one wave (and half of it), scored by _decode_ring_score. ``ring`` True or
     False overrides the choice of pipeline (experiments; M > 8 always runs the ring)."""
+    sm_count = device.sm_count
     tiles_n, chunks = N // 32, K // 32
     mb = 1 if M <= 8 else 2
     register = mb == 1 and (M < RING_MIN_M or tiles_n >= WIDE_TILES * sm_count)
@@ -239,7 +266,7 @@ def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_cou
     candidates = [sh for sh in design.shapes if sh.mb == mb and (sh.stages == 0) == register]
 
     def best_split(sh):
-        fits = [_decode_fit(sh, M, K, tiles_n, sm_count, s) for s in range(1, -(-chunks // sh.chunks) + 1)]
+        fits = [_decode_fit(sh, M, K, tiles_n, device, s) for s in range(1, -(-chunks // sh.chunks) + 1)]
         one_wave = [f for f in fits if f[3] <= 1]
         if one_wave:
             return max(one_wave, key=lambda f: f[0])
@@ -247,7 +274,7 @@ def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_cou
 
     if split_k is not None:
         sh = candidates[0]
-        fit = _decode_fit(sh, M, K, tiles_n, sm_count, int(split_k))
+        fit = _decode_fit(sh, M, K, tiles_n, device, int(split_k))
     elif register:
         scored = []
         for sh in candidates:
@@ -263,41 +290,24 @@ def _plan_decode(design: Design, M: int, N: int, K: int, group_size: int, sm_cou
         best = None
         for sh in candidates:
             cols = -(-tiles_n // sh.columns)
-            per_sm = _decode_fit(sh, M, K, tiles_n, sm_count, 1)[2]
+            per_sm = _decode_fit(sh, M, K, tiles_n, device, 1)[2]
             if not per_sm:
                 continue
             wanted = {per_sm * sm_count // cols, round(sm_count / cols), sm_count // cols,
                       round(per_sm * sm_count / cols / 2)}
             for s in sorted(max(1, w) for w in wanted):
-                f = _decode_fit(sh, M, K, tiles_n, sm_count, s)
+                f = _decode_fit(sh, M, K, tiles_n, device, s)
                 score = _decode_ring_score(sh, f, M, tiles_n, sm_count) if f[2] else -1e9
                 if best is None or score > best[0]:
                     best = (score, sh, f)
         _, sh, fit = best
     splits, cps, _, _ = fit
-    while _decode_smem(sh, M, cps) > SMEM_PER_BLOCK:       # a long K slice of many rows
-        splits, cps, _, _ = _decode_fit(sh, M, K, tiles_n, sm_count, splits + 1)
+    while _decode_smem(sh, M, cps) > device.smem_per_block:       # a long K slice of many rows
+        splits, cps, _, _ = _decode_fit(sh, M, K, tiles_n, device, splits + 1)
     return LaunchPlan(design=design, name=sh.instance(math.gcd(group_size // 32, sh.chunks), dtype), bm=8 * sh.mb,
                       bn=32 * sh.columns, tile=Tile(chunks=sh.chunks), grid=(-(-tiles_n // sh.columns), splits, 1),
                       shared_bytes=_decode_smem(sh, M, cps), chunks_per_split=cps, M=M, N=N, K=K,
                       group_size=group_size, threads=32 * sh.nwarps, counters=True, shape=sh)
-
-
-def np_dtype(dtype):
-    """The NumPy dtype of an activation dtype name or dtype ("float16", "bfloat16"): bfloat16 is
-    ml_dtypes' (what CuPy 14 uses for bfloat16 arrays; NumPy has none)."""
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    if name not in registry.DTYPES:
-        raise ValueError(f"dtype {name} is not an activation dtype; use one of {tuple(registry.DTYPES)}")
-    if name == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def ctype(dtype) -> str:
-    """The C++ template argument of an activation dtype (name or dtype): "half", "__nv_bfloat16"."""
-    return registry.DTYPES[np_dtype(dtype).name]
 
 
 def all_instances():
@@ -347,8 +357,7 @@ def nvrtc_compile(source: str, arch: str, names, extra_options=()):
 # -------------------------------------------------------------------------------------- loader
 def require_gpu():
     """The current CuPy device, checked to be sm_80 or newer; clear RuntimeError otherwise."""
-    from .device import no_gpu_reason
-    reason = no_gpu_reason()
+    reason = device.no_gpu_reason()
     if reason is not None:
         raise RuntimeError(f"quickcupy kernels need a CUDA GPU: {reason}")
     import cupy
@@ -368,15 +377,16 @@ def device_arch(device_id: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def unsupported_reason(kernel: str, device_id: int):
-    """Why gemm kernel ``kernel`` cannot run on CUDA device ``device_id`` (a design built for one
-    architecture only, e.g. wgmma's sm_90a), or None when it can."""
-    arch = registry.design_of(kernel).arch
-    if arch is None:
+def unsupported_reason(kernel, device_id: int):
+    """Why gemm kernel ``kernel`` (a name or a registry record) cannot run on CUDA device
+    ``device_id`` (a design built for one architecture only, e.g. wgmma's sm_90a), or None when it can."""
+    design = registry.design_of(kernel)
+    if design.arch is None:
         return None
     have = device_arch(device_id)
-    if have != arch.rstrip("a"):
-        return f"kernel={kernel!r} is built for {arch} only (Hopper wgmma); device {device_id} is {have}"
+    if have != design.arch.rstrip("a"):
+        name = kernel if isinstance(kernel, str) else kernel.name
+        return f"kernel={name!r} is built for {design.arch} only (Hopper wgmma); device {device_id} is {have}"
     return None
 
 
@@ -407,10 +417,14 @@ def get_function(device_id: int, source: str, name: str, shared_bytes: int = 0):
 _RAISED = set()
 
 
+# First calls may come from several threads at once: one compiles, the others wait for its module.
+_COMPILE_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def _get_function(device_id: int, source: str, name: str, code_digest: str):
     import cupy
-    with cupy.cuda.Device(device_id):
+    with _COMPILE_LOCK, cupy.cuda.Device(device_id):
         known = registry.SOURCES.get(source)     # None: a file outside the registry (a test's probe)
         arch = (known.arch if known else None) or device_arch(device_id)
         return _module(device_id, arch, source, name, code_digest).get_function(name)
@@ -424,26 +438,39 @@ def _digest_once() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def sm_count(device_id: int) -> int:
+def device_limits(device_id: int) -> DeviceLimits:
+    """The :class:`DeviceLimits` of CUDA device ``device_id``, read once."""
     import cupy
-    return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    return DeviceLimits(sm_count=props["multiProcessorCount"],
+                        smem_per_sm=props.get("sharedMemPerMultiprocessor", H100.smem_per_sm),
+                        smem_per_block=props.get("sharedMemPerBlockOptin", H100.smem_per_block),
+                        smem_reserved=props.get("reservedSharedMemPerBlock", H100.smem_reserved))
+
+
+def sm_count(device_id: int) -> int:
+    return device_limits(device_id).sm_count
 
 
 # ------------------------------------------------------------------------------------ launcher
-_CARVED = set()   # (device, decode instance) whose shared-memory carveout was set
+# (device, instance) whose shared-memory carveout was set. Two threads may both set it the first
+# time: the attribute is the same either way.
+_CARVED = set()
 
 
 def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int):
     """Runs plan ``p`` on checked CuPy arrays (no checks here: quickcupy.gemm does them) on the
-    current stream: the GEMM kernel, then with split-K the reduction of its fp32 partials.
+    current stream: the GEMM kernel, then with split-K the reduction of its fp32 partials. Scratch
+    (partials, arrival counters) comes from :func:`workspace`, never from a per-call allocation, so
+    a launch captured in a CUDA graph keeps its buffers for as long as the graph can replay.
 
     Argument order of every GEMM design: (A, qweight, qzeros, scales, bias, C, partial, M, N, K,
     group_size, chunks_per_split); bias and partial may be null; a design with ``x_tensor_map``
     takes the TMA map of A (:func:`x_tensor_map`) before them."""
-    import cupy
     fn = get_function(device_id, p.source, p.name, p.shared_bytes)
     M, N, K = p.M, p.N, p.K
     null = np.uint64(0)
+    ws = workspace(device_id)
     if p.counters:             # split over grid.y, reduced by the kernel; bias added by it
         if p.shape.stages and (device_id, p.name) not in _CARVED:
             # all of the SM's L1/shared split as shared memory: the rings of two blocks need up to
@@ -451,14 +478,13 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
             fn.preferred_shared_memory_carveout = 100
             _CARVED.add((device_id, p.name))
         splits = p.grid[1]
-        ws = workspace(device_id)
-        partial = ws.floats(splits * M * N) if splits > 1 else null
+        partial = ws.buffer("partials", splits * M * N, np.float32) if splits > 1 else null
         fn(p.grid, p.block, (x, qweight, qzeros, scales, null if bias is None else bias, out, partial,
                              ws.counters(N // 32), np.int32(M), np.int32(N), np.int32(K),
                              np.int32(p.group_size), np.int32(p.chunks_per_split)), shared_mem=p.shared_bytes)
         return out
     splits = p.split_k
-    partial = cupy.empty((splits, M, N), np.float32) if splits > 1 else null
+    partial = ws.buffer("partials", splits * M * N, np.float32) if splits > 1 else null
     args = (x, qweight, qzeros, scales, bias if splits == 1 and bias is not None else null, out, partial,
             np.int32(M), np.int32(N), np.int32(K), np.int32(p.group_size), np.int32(p.chunks_per_split))
     if p.design.x_tensor_map:
@@ -511,39 +537,134 @@ def x_tensor_map(ptr: int, M: int, K: int, box_rows: int, dtype: str = "float16"
 
 
 class Workspace:
-    """Persistent buffers of kernels that reduce split-K themselves, one per (device, stream):
-    fp32 partials and uint32 arrival counters (zeroed once; the kernels leave them at 0). Buffers
-    only grow and old ones are kept alive, so a CUDA graph that captured a launch stays valid."""
+    """Scratch of the launches that share one stream (or one capture sequence of it): named
+    buffers (split-K partials, the act-order gather of x) and uint32 arrival counters (zeroed
+    once; the kernels leave them at 0). Launches on one stream run one after another, so they may
+    share a buffer. Buffers only grow, and an outgrown one is kept alive with the workspace: a
+    CUDA graph that captured a launch keeps reading and writing the memory it captured."""
 
     def __init__(self):
-        self._floats, self._counters, self._old = None, None, []
+        self._buffers, self._old = {}, []
 
-    def floats(self, n: int):
-        import cupy
-        if self._floats is None or self._floats.size < n:
-            self._old.append(self._floats)
-            self._floats = cupy.empty(max(n, 2 * (0 if self._floats is None else self._floats.size)), np.float32)
-        return self._floats
+    def buffer(self, name: str, n: int, dtype):
+        """A buffer of at least ``n`` elements of ``dtype`` (CuPy, 1-D), kept for later calls."""
+        key = (name, np.dtype(dtype))
+        have = self._buffers.get(key)
+        if have is None or have.size < n:
+            import cupy
+            with _allocation_allowed():
+                new = cupy.empty(max(n, 0 if have is None else 2 * have.size), dtype)
+            if have is not None:
+                self._old.append(have)
+            self._buffers[key] = have = new
+        return have
 
     def counters(self, n: int):
-        import cupy
-        if self._counters is None or self._counters.size < n:
-            self._old.append(self._counters)
-            self._counters = cupy.zeros(max(n, 2 * (0 if self._counters is None else self._counters.size)),
-                                        np.uint32)
-        return self._counters
+        """At least ``n`` uint32 counters, zero between launches."""
+        have = self._buffers.get("counters")
+        if have is None or have.size < n:
+            import cupy
+            with _allocation_allowed():   # zeroed on the current stream (in a capture: by the graph)
+                new = cupy.zeros(max(n, 0 if have is None else 2 * have.size), np.uint32)
+            if have is not None:
+                self._old.append(have)
+            self._buffers["counters"] = have = new
+        return have
 
 
+# Workspaces by (device, stream handle, capture id or None). A stream handle is reused by CUDA only
+# after the destroyed stream's work has finished, so a new stream with an old handle may take the
+# old workspace over. Each capture sequence gets its own workspace, kept for the life of the
+# process (a graph may replay at any later time, concurrently with eager calls and with other
+# graphs captured on the same stream); :func:`using_workspace` lets an owner of graphs (the Llama
+# decode graph) tie their scratch to its own lifetime instead.
 _WORKSPACES = {}
+_WORKSPACES_LOCK = threading.Lock()
+_LOCAL = threading.local()
 
 
 def workspace(device_id: int) -> Workspace:
-    """The workspace of the current stream on ``device_id``: two streams never share counters."""
+    """The workspace of launches on the current stream of ``device_id`` (see :data:`_WORKSPACES`),
+    or the one :func:`using_workspace` set for this thread."""
+    owned = getattr(_LOCAL, "workspace", None)
+    if owned is not None:
+        return owned
     import cupy
-    key = (device_id, cupy.cuda.get_current_stream().ptr)
-    if key not in _WORKSPACES:
-        _WORKSPACES[key] = Workspace()
-    return _WORKSPACES[key]
+    stream = cupy.cuda.get_current_stream()
+    key = (device_id, stream.ptr, capture_id(stream))
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        with _WORKSPACES_LOCK:
+            ws = _WORKSPACES.setdefault(key, Workspace())
+    return ws
+
+
+@contextlib.contextmanager
+def using_workspace(ws: Workspace):
+    """Within the block, this thread's launches take their scratch from ``ws`` (whose owner keeps
+    it as long as a graph captured in the block can replay)."""
+    before = getattr(_LOCAL, "workspace", None)
+    _LOCAL.workspace = ws
+    try:
+        yield ws
+    finally:
+        _LOCAL.workspace = before
+
+
+# ----------------------------------------------------------------------------- stream capture
+_CAPTURE_ACTIVE = 1                # CU_STREAM_CAPTURE_STATUS_ACTIVE
+_CAPTURE_MODE_RELAXED = 2          # CU_STREAM_CAPTURE_MODE_RELAXED
+
+
+@functools.lru_cache(maxsize=1)
+def _driver():
+    """The CUDA driver library (there wherever CuPy runs kernels), for the capture queries CuPy
+    does not wrap."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuStreamGetCaptureInfo_v2.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
+                                              ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p,
+                                              ctypes.c_void_p, ctypes.c_void_p]
+    lib.cuThreadExchangeStreamCaptureMode.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    return lib
+
+
+def capture_id(stream):
+    """The id of the capture sequence CuPy ``stream`` is in, or None when it is not capturing."""
+    try:
+        if not stream.is_capturing():
+            return None
+    except Exception:           # the legacy stream while another stream captures: that launch fails anyway
+        return None
+    status, ident = ctypes.c_int(0), ctypes.c_uint64(0)
+    res = _driver().cuStreamGetCaptureInfo_v2(ctypes.c_void_p(stream.ptr), ctypes.byref(status),
+                                              ctypes.byref(ident), None, None, None)
+    if res != 0:
+        raise RuntimeError(f"cuStreamGetCaptureInfo failed (CUresult {res})")
+    return int(ident.value) if status.value == _CAPTURE_ACTIVE else None
+
+
+def capturing() -> bool:
+    """True when the current CuPy stream is being captured into a CUDA graph."""
+    import cupy
+    return capture_id(cupy.cuda.get_current_stream()) is not None
+
+
+@contextlib.contextmanager
+def _allocation_allowed():
+    """Lets a cudaMalloc through while this thread's stream is captured in the global mode (what
+    ``torch.cuda.graph`` uses, which forbids it): the thread's capture mode is relaxed for the block.
+    The memory is not part of the graph; the workspace keeps it alive."""
+    if not capturing():
+        yield
+        return
+    mode = ctypes.c_int(_CAPTURE_MODE_RELAXED)
+    res = _driver().cuThreadExchangeStreamCaptureMode(ctypes.byref(mode))
+    if res != 0:
+        raise RuntimeError(f"cuThreadExchangeStreamCaptureMode failed (CUresult {res})")
+    try:
+        yield
+    finally:
+        _driver().cuThreadExchangeStreamCaptureMode(ctypes.byref(mode))
 
 
 def dequantize(qweight, qzeros, scales, N: int, K: int, group_size: int, device_id: int, out=None,

@@ -59,6 +59,18 @@ class PackedWeight(NamedTuple):
     scales: np.ndarray
 
 
+def packed_shapes(layout: str, K: int, N: int, group_size: int) -> PackedWeight:
+    """The shapes of (qweight, qzeros, scales) of a (K, N) layer with ``group_size`` (effective)
+    in ``layout`` ("awq" or "quick"), as :func:`pack_awq` / :func:`pack_quick` write them."""
+    G = K // group_size
+    if layout == "awq":
+        return PackedWeight((K, N // AWQ_PACK), (G, N // AWQ_PACK), (G, N))
+    if layout == "quick":
+        tn = N // QUICK_TILE_N
+        return PackedWeight((tn, K // QUICK_TILE_K, WARP, QUICK_WORDS), (tn, G, 4), (tn, G, 8, 4))
+    raise ValueError(f"layout={layout!r} is unknown; use 'awq' or 'quick'")
+
+
 # ----------------------------------------------------------------------------------------- helpers
 def _nibbles_to_int32(nibbles: np.ndarray) -> np.ndarray:
     """(..., 8) codes 0..15 -> (...) int32 with nibble i = nibbles[..., i]."""

@@ -1,9 +1,11 @@
 """Every CUDA kernel of quickcupy, described once.
 
 A :class:`Design` is one GEMM kernel source, ``cuda/<source>``: the weight layout it reads, its
-threads per block, its tiles (template instances) and how much dynamic shared memory a tile needs.
-A :class:`Variant` is a name users pass as ``quickcupy.gemm(..., kernel=NAME)``: a design plus
-fixed choices (``quick_m16`` = the quick design held at 16-row tiles). A :class:`Source` lists the
+threads per block and its template instances. It is of one of two kinds, each with its own
+planner in :func:`quickcupy.kernels.plan`: a :class:`GemmDesign` (tiles of M x N, split-K summed
+by a second kernel) or a :class:`DecodeDesign` (block shapes for few rows, split-K summed inside).
+A :class:`Variant` is a name users pass as ``quickcupy.gemm(..., kernel=NAME)``: a design record
+plus fixed choices (``quick_m16`` = the quick design held at 16-row tiles). A :class:`Source` lists the
 instances of one ``.cu`` file that the loader may compile, for the helper kernels too
 (split-K reduction, decode attention, spin).
 
@@ -13,7 +15,7 @@ kernel-name filter, the bank model's per-design walk, and the thread-count const
 generated ``cuda/smem_maps.cuh`` (which ``__launch_bounds__`` uses).
 
 Adding a design: write ``cuda/<name>.cu`` (same argument list as the others, see
-:func:`quickcupy.kernels.launch`), add one :class:`Design` to :data:`DESIGNS` and one
+:func:`quickcupy.kernels.launch`), add one :class:`GemmDesign` to :data:`DESIGNS` and one
 :class:`Variant` to :data:`VARIANTS`; run ``python -m quickcupy.smem_maps`` to regenerate the header
 if it names a new thread count.
 """
@@ -22,14 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+# A design lists the activation dtypes it has instances for in Design.dtypes and puts "{ctype}" in
+# its template; instances() covers every (tile, dtype), so CI compiles them all.
+from .dtypes import CTYPES, NAMES
+
 # Shared-memory row padding in halfs (16 bytes): 8-row ldmatrix reads of a padded tile hit 8
 # distinct 16-byte bank groups. Used by the kernels' shared arrays and the bank model.
 SMEM_PAD = 8
 
-# Activation dtypes (NumPy names) -> the C++ type a kernel template takes for them (Dt<T> in
-# cuda/quant_common.cuh). A design lists the dtypes it has instances for in Design.dtypes and puts
-# "{ctype}" in its template; instances() covers every (tile, dtype), so CI compiles them all.
-DTYPES = {"float16": "half", "bfloat16": "__nv_bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -41,28 +43,22 @@ class Tile:
     blocks_per_sm: int = 1   # resident blocks per SM (registers allow): sets the split-K target
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class Design:
-    """One GEMM kernel design (one ``.cu`` file)."""
+    """What every GEMM kernel design (one ``.cu`` file) has; a design is a :class:`GemmDesign`
+    (grid of M tiles x N tiles x K splits, split-K reduced by a second kernel) or a
+    :class:`DecodeDesign` (block shapes for small M, split-K reduced inside the kernel)."""
     name: str                # "awq", "quick"
     source: str              # file in cuda/
     function: str            # kernel template name in the source (also the ncu filter)
     layout: str              # packed weight layout it reads (quickcupy.layouts): "awq" or "quick"
-    threads: int             # threads per block; generated into cuda/smem_maps.cuh as <NAME>_THREADS
+    threads: int             # threads per block (of a GemmDesign: generated into cuda/smem_maps.cuh)
     n_multiple: int          # out_features must be a multiple of this
-    tile_n: tuple            # columns per block, first that divides N wins (the last if none does)
-    tiles: dict              # rows per block (bm) -> Tile
-    template: str            # instance name, formatted with bm, bn, chunks, gch, stages, wstages, ctype
-    smem_bytes: Callable     # (bm, Tile) -> dynamic shared memory bytes of a block
     description: str
     k_multiple: int = 32     # in_features must be a multiple of this
-    planner: str = "gemm"    # "gemm": grid (M tiles, N tiles, splits); "decode": see DecodeShape
     max_m: int | None = None     # most rows of x the design serves (None: any)
-    shapes: tuple = ()       # planner "decode": the DecodeShapes (block shapes) it may launch
     arch: str | None = None  # the one NVRTC target it builds for (e.g. "sm_90a": wgmma), else the device's
-    dtypes: tuple = ("float16",)   # activation dtypes (keys of DTYPES) it has instances for
-    split_rule: str = "nearest"  # split-K by M tiles: "nearest" one wave, or "fill": most splits within one wave
-    x_tensor_map: bool = False   # takes a TMA tensor map of x (box bm x 64, 128B swizzle) as its first argument
+    dtypes: tuple = NAMES    # activation dtypes (quickcupy.dtypes) it has instances for
 
     def check_dtype(self, dtype: str):
         if dtype not in self.dtypes:
@@ -71,6 +67,26 @@ class Design:
     def check_m(self, M: int):
         if self.max_m is not None and M > self.max_m:
             raise ValueError(f"kernel {self.name} serves M <= {self.max_m} rows, got M={M}")
+
+    def instances(self) -> list:
+        """Every template instance the planner can ask for (what CI compiles)."""
+        raise NotImplementedError
+
+    def thread_constants(self) -> dict:
+        """Constant name -> threads, for the generated cuda/smem_maps.cuh."""
+        return {}
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class GemmDesign(Design):
+    """A design launched on a grid of (M tiles, N tiles, K splits); with splits, its fp32
+    partials are summed by cuda/splitk_reduce.cu."""
+    tile_n: tuple            # columns per block, first that divides N wins (the last if none does)
+    tiles: dict              # rows per block (bm) -> Tile
+    template: str            # instance name, formatted with bm, bn, chunks, gch, stages, wstages, ctype
+    smem_bytes: Callable     # (bm, Tile) -> dynamic shared memory bytes of a block
+    split_rule: str = "nearest"  # split-K by M tiles: "nearest" one wave, or "fill": most splits within one wave
+    x_tensor_map: bool = False   # takes a TMA tensor map of x (box bm x 64, 128B swizzle) as its first argument
 
     def tile_m(self, M: int) -> int:
         """Rows per block chosen for M: the smallest tile that covers M, else the largest."""
@@ -84,12 +100,9 @@ class Design:
         and ``dtype`` activations."""
         t = self.tiles[bm] if tile is None else tile
         return self.template.format(bm=bm, bn=bn, chunks=t.chunks, gch=gch, stages=t.stages,
-                                    wstages=t.wstages, ctype=DTYPES[dtype])
+                                    wstages=t.wstages, ctype=CTYPES[dtype])
 
     def instances(self) -> list:
-        """Every template instance the planner can ask for (what CI compiles)."""
-        if self.planner == "decode":
-            return [sh.instance(gch, dt) for dt in self.dtypes for sh in self.shapes for gch in divisors(sh.chunks)]
         out = []
         for dt in self.dtypes:
             for bm, t in self.tiles.items():
@@ -99,6 +112,20 @@ class Design:
                         if name not in out:
                             out.append(name)
         return out
+
+    def thread_constants(self) -> dict:
+        return {f"{self.name.upper()}_THREADS": self.threads}
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DecodeDesign(Design):
+    """A design for few rows (cuda/quick_decode.cu): one of several block shapes, chosen by the
+    decode launch rule (:func:`quickcupy.kernels.plan`), split-K across blocks summed in the kernel
+    by the last block to arrive (arrival counters in the per-stream workspace)."""
+    shapes: tuple            # the DecodeShapes it may launch; each sets its threads (nwarps * 32)
+
+    def instances(self) -> list:
+        return [sh.instance(gch, dt) for dt in self.dtypes for sh in self.shapes for gch in divisors(sh.chunks)]
 
 
 @dataclass(frozen=True)
@@ -121,18 +148,23 @@ class DecodeShape:
 
     def instance(self, gch: int, dtype: str = "float16") -> str:
         return (f"quick_decode<{self.nwarps}, {self.kw}, {self.mb}, {self.chunks}, {self.stages}, {gch}, "
-                f"{self.minb}, {DTYPES[dtype]}>")
+                f"{self.minb}, {CTYPES[dtype]}>")
 
 
 @dataclass(frozen=True)
 class Variant:
     """A kernel name of ``quickcupy.gemm``: a design with fixed plan choices, or (path "dequant")
-    the weight dequantized to fp16 by cuda/dequant.cu and multiplied by cuBLAS."""
+    the weight dequantized by cuda/dequant.cu and multiplied by cuBLAS, or (path "auto") the
+    choice of a measured table (:mod:`quickcupy.dispatch`) among the others of its layout."""
     name: str
-    design: str              # key of DESIGNS: the kernel that runs, or whose layout is dequantized
+    design: Design           # the kernel that runs, or whose layout is dequantized
     description: str
     tile_m: int | None = None   # rows per block, None = chosen by M
-    path: str = "gemm"       # "gemm", "dequant", or "auto" (a table picks one of the others by M)
+    path: str = "gemm"       # "gemm", "dequant", or "auto"
+
+    @property
+    def layout(self) -> str:
+        return self.design.layout
 
 
 @dataclass(frozen=True)
@@ -150,16 +182,16 @@ def divisors(n: int) -> list:
 
 # ----------------------------------------------------------------------------------------- designs
 DESIGNS = {
-    "awq": Design(
+    "awq": GemmDesign(
         name="awq", source="awq_gemm.cu", function="awq_gemm", layout="awq", threads=64,
         n_multiple=64, tile_n=(128, 64),
         # One 32-deep K step per iteration, AutoAWQ's tiles; 64-thread blocks, 8 per SM (as many
         # threads in flight as 2 quick blocks).
         tiles={bm: Tile(blocks_per_sm=8) for bm in (16, 32, 64)},
-        template="awq_gemm<{bm}, {bn}, {ctype}>", dtypes=tuple(DTYPES),
+        template="awq_gemm<{bm}, {bn}, {ctype}>",
         smem_bytes=lambda bm, t: 0,       # static __shared__ arrays
         description="AutoAWQ design: dequantized weights written back to shared memory"),
-    "quick": Design(
+    "quick": GemmDesign(
         name="quick", source="quick_gemm.cu", function="quick_gemm", layout="quick", threads=128,
         n_multiple=32, tile_n=(128,),
         # Chosen from a sweep on the H100 at K = N = 8192 (BENCHMARKS.md, "Tuning"); blocks_per_sm
@@ -168,19 +200,19 @@ DESIGNS = {
                32: Tile(chunks=4, stages=3, wstages=2, blocks_per_sm=3),
                64: Tile(chunks=4, stages=3, wstages=2, blocks_per_sm=2),
                128: Tile(chunks=2, stages=3, wstages=3, blocks_per_sm=2)},
-        template="quick_gemm<{bm}, {chunks}, {gch}, {stages}, {wstages}, {ctype}>", dtypes=tuple(DTYPES),
+        template="quick_gemm<{bm}, {chunks}, {gch}, {stages}, {wstages}, {ctype}>",
         smem_bytes=lambda bm, t: t.stages * bm * (32 * t.chunks + SMEM_PAD) * 2,   # activation ring
         description="QUICK interleaved weights loaded straight into mma registers"),
 }
 
-DESIGNS["quick_decode"] = Design(
+DESIGNS["quick_decode"] = DecodeDesign(
     name="quick_decode", source="quick_decode.cu", function="quick_decode", layout="quick",
     threads=256,             # of the first shape; each DecodeShape launches nwarps * 32 threads
-    n_multiple=32, tile_n=(32,), tiles={}, template="", smem_bytes=lambda bm, t: 0,
+    n_multiple=32,
     description="QUICK for M <= 16: packed weights streamed global -> registers (or through a "
                 "cp.async ring in shared memory) as the mma A operand (C^T = W^T x^T), split-K reduced "
                 "in the kernel by the last block",
-    planner="decode", max_m=16, dtypes=tuple(DTYPES),
+    max_m=16,
     # Register pipeline (stages 0; M <= 8): the six shapes of the first decode design, 16 warps per
     # SM at <= 128 registers. Shared ring (M >= kernels.RING_MIN_M = 2; 16-row tiles for M 9..16 at
     # 107-113 registers): the shapes that were best at some point of the H100 sweep
@@ -194,13 +226,13 @@ DESIGNS["quick_decode"] = Design(
             DecodeShape(8, 2, 2, 2, stages=4), DecodeShape(8, 4, 2, 2, stages=3),
             DecodeShape(8, 1, 2, 2, stages=3)))
 
-DESIGNS["quick_sm90"] = Design(
+DESIGNS["quick_sm90"] = GemmDesign(
     name="quick_sm90", source="quick_sm90.cu", function="quick_sm90", layout="quick", threads=256,
     n_multiple=32, tile_n=(256,),
     # Two warpgroups of 128 output features share the activation tile: 256 features x bm tokens
     # per block, K steps of 64 (chunks=2), one block per SM (bm fp32 accumulators per thread).
     tiles={64: Tile(chunks=2, stages=6, blocks_per_sm=1), 128: Tile(chunks=2, stages=5, blocks_per_sm=1)},
-    template="quick_sm90<{bm}, {stages}, {gch}, {ctype}>", dtypes=tuple(DTYPES),
+    template="quick_sm90<{bm}, {stages}, {gch}, {ctype}>",
     # a ring of K steps on a 1024-byte boundary after 2 mbarriers (8 bytes) per stage; a slot holds
     # the swizzled activations (bm x 128 bytes), the packed weights (8 KB) and scales/zeros (2 KB)
     smem_bytes=lambda bm, t: t.stages * (bm * 128 + 8192 + 2048 + 16) + 1024,
@@ -213,17 +245,17 @@ DESIGNS["quick_sm90"] = Design(
     arch="sm_90a")
 
 VARIANTS = {v.name: v for v in (
-    Variant("awq", "awq", "AutoAWQ design: dequantized weights written back to shared memory, 16-row tiles",
+    Variant("awq", DESIGNS["awq"], "AutoAWQ design: dequantized weights written back to shared memory, 16-row tiles",
             tile_m=16),
-    Variant("quick", "quick", "QUICK interleaved weights loaded straight into mma registers; tile rows by M"),
-    Variant("quick_m16", "quick", "QUICK with AutoAWQ's 16-row tile (like-for-like with awq)", tile_m=16),
-    Variant("quick_decode", "quick_decode", "QUICK decode kernel for M <= 16 (weights as the mma A "
+    Variant("quick", DESIGNS["quick"], "QUICK interleaved weights loaded straight into mma registers; tile rows by M"),
+    Variant("quick_m16", DESIGNS["quick"], "QUICK with AutoAWQ's 16-row tile (like-for-like with awq)", tile_m=16),
+    Variant("quick_decode", DESIGNS["quick_decode"], "QUICK decode kernel for M <= 16 (weights as the mma A "
             "operand, in-kernel split-K)"),
-    Variant("quick_sm90", "quick_sm90", "QUICK for Hopper (sm_90a): wgmma with the weights as the "
+    Variant("quick_sm90", DESIGNS["quick_sm90"], "QUICK for Hopper (sm_90a): wgmma with the weights as the "
             "register A operand; tile rows by M"),
-    Variant("dequant", "quick", "QUICK weights dequantized to an fp16/bf16 scratch buffer (x's dtype), "
+    Variant("dequant", DESIGNS["quick"], "QUICK weights dequantized to an fp16/bf16 scratch buffer (x's dtype), "
             "then cuBLAS (cupy.matmul): the large-M path", path="dequant"),
-    Variant("auto", "quick", "the fastest quick-layout kernel for M on this GPU, from a measured table "
+    Variant("auto", DESIGNS["quick"], "the fastest quick-layout kernel for M on this GPU, from a measured table "
             "(quickcupy.dispatch)", path="auto"),
 )}
 
@@ -241,18 +273,16 @@ DECODE_HEADS_PER_BLOCK = (8, 4, 2, 1)
 # cuda/llama_ops.cu: the Llama layer's small ops (quickcupy/llama/ops.py), one instance per activation dtype.
 LLAMA_OPS_THREADS = 256
 LLAMA_OPS = tuple(f"{op}<{c}>" for op in ("add_rms_norm", "rope_cache", "silu_mul", "argmax_rows")
-                  for c in DTYPES.values()) + ("advance_position",)
+                  for c in CTYPES.values()) + ("advance_position",)
 
 SOURCES = {s.filename: s for s in (
-    *(Source(d.source, tuple(d.instances()),
-             {f"{d.name.upper()}_THREADS": d.threads} if d.planner == "gemm" else {}, d.arch)
-      for d in DESIGNS.values()),
-    Source("splitk_reduce.cu", tuple(f"splitk_reduce<{c}>" for c in DTYPES.values()),
+    *(Source(d.source, tuple(d.instances()), d.thread_constants(), d.arch) for d in DESIGNS.values()),
+    Source("splitk_reduce.cu", tuple(f"splitk_reduce<{c}>" for c in CTYPES.values()),
            {"SPLITK_REDUCE_THREADS": SPLITK_REDUCE_THREADS}),
-    Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}, {c}>" for c in DTYPES.values()
+    Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}, {c}>" for c in CTYPES.values()
                                         for d in DECODE_HEAD_DIMS for g in DECODE_HEADS_PER_BLOCK),
            {"DECODE_ATTENTION_THREADS": DECODE_ATTENTION_THREADS}),
-    Source("dequant.cu", tuple(f"dequant_quick<{c}>" for c in DTYPES.values()),
+    Source("dequant.cu", tuple(f"dequant_quick<{c}>" for c in CTYPES.values()),
            {"DEQUANT_THREADS": DEQUANT_THREADS}),
     Source("spin.cu", ("quickcupy_spin",)),
     Source("llama_ops.cu", LLAMA_OPS, {"LLAMA_OPS_THREADS": LLAMA_OPS_THREADS}),
@@ -262,19 +292,25 @@ SOURCES = {s.filename: s for s in (
 NCU_KERNEL_REGEX = "|".join([d.function for d in DESIGNS.values()] + ["splitk_reduce"])
 
 
-def variant(name: str) -> Variant:
-    """The record of gemm kernel ``name``; ValueError listing the names otherwise."""
+def variant(kernel) -> Variant:
+    """The record of gemm kernel ``kernel`` (a name, or a :class:`Variant`, returned as it is):
+    where a name becomes its record, once per call at the API boundary; ValueError listing the
+    names otherwise."""
+    if isinstance(kernel, Variant):
+        return kernel
     try:
-        return VARIANTS[name]
+        return VARIANTS[kernel]
     except (KeyError, TypeError):
-        raise ValueError(f"kernel={name!r} is unknown; available: {', '.join(VARIANTS)}") from None
+        raise ValueError(f"kernel={kernel!r} is unknown; available: {', '.join(VARIANTS)}") from None
 
 
-def design_of(kernel: str) -> Design:
-    """The design that runs gemm kernel ``kernel`` (a variant name or a design name)."""
-    if kernel in DESIGNS:
+def design_of(kernel) -> Design:
+    """The design that runs gemm kernel ``kernel`` (a variant name or record, a design name or record)."""
+    if isinstance(kernel, Design):
+        return kernel
+    if isinstance(kernel, str) and kernel in DESIGNS:
         return DESIGNS[kernel]
-    return DESIGNS[variant(kernel).design]
+    return variant(kernel).design
 
 
 def layout_rules(layout: str) -> tuple:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
+from .kernels import cuda_dir
 
 PAD = registry.SMEM_PAD          # halfs of padding per shared row (16 bytes)
 HEADER = "smem_maps.cuh"         # in cuda/
@@ -104,7 +105,6 @@ def header_text() -> str:
 
 
 def header_path() -> Path:
-    from .kernels import cuda_dir
     return cuda_dir() / HEADER
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes (a quickcupy dependency) is not installed")
 
 from conftest import rel_error  # noqa: E402
-from quickcupy import dispatch, kernels, reference_gemm, registry  # noqa: E402
+from quickcupy import dispatch, dtypes, kernels, reference_gemm, registry  # noqa: E402
 from quickcupy.__main__ import main  # noqa: E402
 from quickcupy.tools import accuracy  # noqa: E402
 from test_fuzz import random_quantized  # noqa: E402
@@ -72,12 +72,12 @@ def test_every_bf16_plan_is_a_compiled_instance():
         for M in (1, 16, 100):
             if M > (registry.design_of(kernel).max_m or M):
                 continue
-            names = {dt: kernels.plan(kernel, M, 4096, 4096, 128, dtype=dt).name for dt in registry.DTYPES}
+            names = {dt: kernels.plan(kernel, M, 4096, 4096, 128, dtype=dt).name for dt in dtypes.NAMES}
             assert names["float16"] != names["bfloat16"] and "__nv_bfloat16" in names["bfloat16"]
             for dt, name in names.items():
                 assert name in registry.SOURCES[registry.design_of(kernel).source].instances, (dt, name)
     for helper in ("splitk_reduce.cu", "dequant.cu"):
-        assert {n[n.index("<") + 1:-1] for n in registry.SOURCES[helper].instances} == set(registry.DTYPES.values())
+        assert {n[n.index("<") + 1:-1] for n in registry.SOURCES[helper].instances} == set(dtypes.CTYPES.values())
 
 
 def test_dtype_rules():
@@ -85,24 +85,26 @@ def test_dtype_rules():
     for name in fp16_only:
         with pytest.raises(ValueError, match=f"kernel {name} runs float16 activations, got bfloat16"):
             registry.DESIGNS[name].check_dtype("bfloat16")
-    with pytest.raises(ValueError, match="dtype float32 is not an activation dtype"):
-        kernels.np_dtype(np.float32)
-    assert kernels.np_dtype("bfloat16") == BF16 and kernels.ctype(BF16) == "__nv_bfloat16"
-    assert kernels.ctype(np.float16) == "half"
+    with pytest.raises(ValueError, match="dtype=<class 'numpy.float32'> is not an activation dtype"):
+        dtypes.np_dtype(np.float32)
+    assert dtypes.np_dtype("bfloat16") == BF16 and dtypes.ctype(BF16) == "__nv_bfloat16"
+    assert dtypes.ctype(np.float16) == "half"
+    assert dtypes.name("bf16") == dtypes.name("BFloat16") == "bfloat16" and dtypes.name("fp16") == "float16"
 
 
 def test_auto_falls_back_when_the_table_kernel_lacks_the_dtype(monkeypatch):
     """A table kernel without bf16 instances (here: quick, declared fp16-only for the test) gives way
     to DEFAULT_RULES for bf16 calls and still runs fp16 ones."""
     import dataclasses
-    monkeypatch.setitem(registry.DESIGNS, "quick", dataclasses.replace(registry.DESIGNS["quick"], dtypes=("float16",)))
+    fp16_only = dataclasses.replace(registry.DESIGNS["quick"], dtypes=("float16",))
+    monkeypatch.setitem(registry.VARIANTS, "quick", dataclasses.replace(registry.VARIANTS["quick"], design=fp16_only))
     table = {"device": "test", "rules": ({"max_m": None, "kernel": "quick"},), "source": "test"}
     monkeypatch.setattr(dispatch, "_device_name", lambda device_id: "test")
     monkeypatch.setattr(dispatch, "table_for", lambda name: table)
     monkeypatch.setattr(kernels, "unsupported_reason", lambda kernel, device_id: None)
     choose = dispatch.kernel_for.__wrapped__
-    assert choose(512, 4096, 4096, 0, "float16") == "quick"
-    assert choose(512, 4096, 4096, 0, "bfloat16") == dispatch.choose(512, dispatch.DEFAULT_RULES) != "quick"
+    assert choose(512, 4096, 4096, 0, "float16").name == "quick"
+    assert choose(512, 4096, 4096, 0, "bfloat16").name == dispatch.choose(512, dispatch.DEFAULT_RULES) != "quick"
 
 
 # ---------------------------------------------------------------------------------------- GPU

@@ -53,7 +53,7 @@ def test_launch_rule_pipeline_and_its_override():
     """quick_decode's rule: registers at M = 1 (M < RING_MIN_M), the ring from M = 2 and for M > 8;
     ``ring=`` overrides it up to M = 8 (what the probe's 'ab' mode times) and cannot take M > 8 off it."""
     design = decode_probe.DESIGN
-    stages = lambda M, **kw: kernels._plan_decode(design, M, 8192, 8192, 128, 132, **kw).shape.stages
+    stages = lambda M, **kw: kernels._plan_decode(design, M, 8192, 8192, 128, kernels.H100, **kw).shape.stages
     assert kernels.RING_MIN_M == 2
     assert stages(1) == 0 and stages(2) > 0 and stages(16) > 0
     assert stages(1, ring=True) > 0 and stages(4, ring=False) == 0 and stages(16, ring=False) > 0

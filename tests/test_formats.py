@@ -253,7 +253,7 @@ def test_quant_linear_rejects_a_bad_perm(rng):
     from quickcupy import QuantLinear, quantize
     q = quantize(rng.standard_normal((64, 128)).astype(np.float32), 32)
     with pytest.raises(ValueError, match=r"perm must be a permutation of range\(in_features=128\)"):
-        QuantLinear(q, perm=np.zeros(128, np.int64))
+        QuantLinear.from_quantized(q, perm=np.zeros(128, np.int64))
 
 
 # ------------------------------------------------------------------------- quantization_config

@@ -33,7 +33,7 @@ def test_argument_rules_without_a_gpu():
         _as_cupy(_HostDLPack(), "x")
     assert _as_stream(None, 0) is None
     for bad in (True, "stream", 1.5, -1):
-        with pytest.raises(TypeError, match="stream must be a cupy.cuda.Stream/ExternalStream, a cudaStream_t"):
+        with pytest.raises(TypeError, match="stream must be a cupy.cuda.Stream, a cudaStream_t"):
             _as_stream(bad, 0)
 
 
@@ -113,6 +113,16 @@ def test_torch_bad_inputs_raise(rng):
         gemm(x.cuda(), layer, out=torch.empty(4, 256, dtype=torch.float16))
 
 
+class _Handle:
+    """A raw stream handle in the CUDA stream protocol (what cupy.cuda.Stream.from_external takes)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("how", ["torch", "int", "cupy"])
 def test_caller_stream_is_respected(how, rng):
@@ -128,7 +138,7 @@ def test_caller_stream_is_respected(how, rng):
     out = torch.full((7, 256), float("nan"), dtype=torch.float16, device="cuda")
     side = torch.cuda.Stream()                         # PyTorch's pool streams are non-blocking
     stream = {"torch": side, "int": side.cuda_stream,
-              "cupy": cupy.cuda.ExternalStream(side.cuda_stream)}[how]
+              "cupy": cupy.cuda.Stream.from_external(_Handle(side.cuda_stream))}[how]
     gemm(src, layer, out=torch.empty_like(out), stream=stream)   # compile and allocate the stream's
     torch.cuda.synchronize()                                     # workspace first: the call below only launches
     with torch.cuda.stream(side):

@@ -68,10 +68,10 @@ def test_registry_is_the_one_list():
     for d in registry.DESIGNS.values():
         assert d.function in registry.NCU_KERNEL_REGEX
         assert d.source in registry.SOURCES and (kernels.cuda_dir() / d.source).is_file()
-        if d.planner == "gemm":             # decode shapes set their threads as template parameters
+        if isinstance(d, registry.GemmDesign):   # decode shapes set their threads as template parameters
             assert smem_maps.constants()[f"{d.name.upper()}_THREADS"] == d.threads
     for v in registry.VARIANTS.values():
-        assert v.design in registry.DESIGNS
+        assert v.design is registry.DESIGNS[v.design.name]
 
 
 @pytest.mark.parametrize("kernel", ("awq", "quick"))

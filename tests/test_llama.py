@@ -187,8 +187,8 @@ def test_linear_factory(rng):
 
 @pytest.mark.parametrize("backend,dtype,match", [
     ("fp16", "bfloat16", "backend='fp16' runs float16 only, got dtype=bfloat16; use backend='dense'"),
-    ("dense", "float32", "dtype='float32' is not one of float16, bfloat16"),
-    ("numpy", "int8", "dtype='int8' is not one of float16, bfloat16"),
+    ("dense", "float32", "dtype='float32' is not an activation dtype; use one of bf16, bfloat16, f16"),
+    ("numpy", "int8", "dtype='int8' is not an activation dtype"),
     ("bf16", "bfloat16", "backend='bf16' is not one of"),
 ])
 def test_dtype_is_checked_before_anything_runs(rng, backend, dtype, match):

@@ -23,7 +23,7 @@ EPS = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 
 
 def _np_dtype(dtype):
-    from quickcupy.kernels import np_dtype
+    from quickcupy.dtypes import np_dtype
     return np_dtype(dtype)
 
 

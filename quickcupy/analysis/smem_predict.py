@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import kernels, smem_maps
 from ..quantize import effective_group_size
+from ..registry import DecodeDesign
 from . import banks
 
 OPS = ("st", "ld", "ldsm", "ldgsts")
@@ -215,7 +216,7 @@ def predict(kernel: str, M: int, N: int, K: int, group_size: int, sm_count: int 
     "tile_m" and "split_k" of the plan. ValueError for a design the model has no walk for.
     """
     p = kernels.plan(kernel, M, N, K, effective_group_size(group_size, K), sm_count, **plan_args)
-    if p.design.planner == "decode":
+    if isinstance(p.design, DecodeDesign):
         return _predict_decode(p)
     if p.design.name not in WALKS:
         raise ValueError(f"the bank model has no walk of the {p.design.name} design")

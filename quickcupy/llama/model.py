@@ -30,14 +30,16 @@ from typing import Union
 
 import numpy as np
 
+from .. import dtypes, kernels
 from ..attention import decode_attention, decode_attention_rope, decode_head_dim_error
+from ..gemm import QuantLinear
 from ..quantize import QuantizedWeight, quantize
+from . import ops
 
 BACKENDS = ("numpy", "dense", "fp16", "awq", "quick", "auto")
 # Backends whose GEMMs are cuBLAS (cupy.matmul on 16-bit weights): "fp16" is "dense" held to float16.
 DENSE_BACKENDS = ("dense", "fp16")
-# Activation dtypes of the GPU backends (NumPy names; "numpy" runs float32 whatever is asked).
-DTYPES = ("float16", "bfloat16")
+# Activation dtypes of the GPU backends: quickcupy.dtypes.NAMES ("numpy" runs float32 whatever is asked).
 # 4-bit backends -> (weight layout, gemm kernel): "awq"/"quick" run their design (the paper's
 # comparison); "auto" runs quickcupy.gemm's choice by M (the decode kernel for small batches).
 QUANTIZED_BACKENDS = {"awq": ("awq", "awq"), "quick": ("quick", "quick"), "auto": ("quick", "auto")}
@@ -267,10 +269,6 @@ class NumpyLinear:
         return (x.reshape(-1, self.in_features) @ self.weight.T).reshape(*x.shape[:-1], self.out_features)
 
 
-# True while DecodeGraph runs and captures a step: the linear layers must not call cuBLAS then.
-_BUILDING_GRAPH = [False]
-
-
 class DenseLinear:
     """cuBLAS GEMM of 16-bit weights (float32 accumulation): x (..., K) cupy ``dtype`` (float16 or
     bfloat16) -> (..., N) of that dtype. Not capturable in a CUDA graph (CuPy raises
@@ -278,9 +276,8 @@ class DenseLinear:
 
     def __init__(self, weight: np.ndarray, dtype="float16"):
         import cupy
-        from ..kernels import np_dtype
         # W.T stored (K, N) row-major so the product is x @ W_t with both operands contiguous.
-        w = np.asarray(weight, np.float32).astype(np_dtype(dtype))
+        w = np.asarray(weight, np.float32).astype(dtypes.np_dtype(dtype))
         self.weight_t = cupy.ascontiguousarray(cupy.asarray(w).T)
         self.in_features, self.out_features = self.weight_t.shape
 
@@ -291,10 +288,10 @@ class DenseLinear:
 
 class QuantizedLinear:
     """4-bit GEMM of :mod:`quickcupy.gemm`: x (..., K) cupy float16 or bfloat16 -> (..., N) of x's
-    dtype (one layer serves both)."""
+    dtype (one layer serves both). Under CUDA-graph capture ``auto`` keeps to the kernels a graph
+    can hold (:func:`quickcupy.gemm`)."""
 
     def __init__(self, q: QuantizedWeight, layout: str, kernel: str):
-        from ..gemm import QuantLinear
         self.layer = QuantLinear.from_quantized(q, layout=layout)
         self.kernel = kernel
         self.out_features, self.in_features = q.out_features, q.in_features
@@ -304,16 +301,7 @@ class QuantizedLinear:
         x2 = cupy.ascontiguousarray(x.reshape(-1, self.in_features))
         if x2.data.ptr % 16:                 # the kernels load 16-byte vectors; a view may be offset
             x2 = x2.copy()
-        kernel = self.kernel
-        if kernel == "auto" and _BUILDING_GRAPH[0]:
-            # CuPy cannot capture cuBLAS: where auto would dequantize + cupy.matmul (large M), run
-            # the quick GEMM instead (decode batches rarely get there).
-            from .. import dispatch, registry
-            kernel = dispatch.kernel_for(x2.shape[0], self.out_features, self.in_features, self.layer.device,
-                                         x2.dtype.name)
-            if registry.VARIANTS[kernel].path == "dequant":
-                kernel = "quick"
-        y = self.layer(x2, kernel=kernel)
+        y = self.layer(x2, kernel=self.kernel)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -343,9 +331,7 @@ def check_dtype(backend: str, dtype) -> str:
     """The activation dtype's NumPy name, checked against the backend: "float16" or "bfloat16"
     (backend "fp16" takes float16 only: "dense" is its bfloat16-capable name)."""
     check_backend(backend)
-    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", str(dtype))
-    if name not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    name = dtypes.name(dtype)
     if backend == "fp16" and name != "float16":
         raise ValueError(f"backend='fp16' runs float16 only, got dtype={name}; use backend='dense' "
                          f"for {name} cuBLAS")
@@ -359,8 +345,7 @@ def array_module(backend: str, dtype="float16"):
     if backend == "numpy":
         return np, np.dtype(np.float32)
     import cupy
-    from ..kernels import np_dtype
-    return cupy, np_dtype(name)
+    return cupy, dtypes.np_dtype(name)
 
 
 # ----------------------------------------------------------------------------------- block pieces
@@ -440,7 +425,7 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool =
             cache_k[..., start:start + S] = k_t
             cache_v[:, :, start:start + S] = v_t
         if (fused and S == 1 and xp is not np and q.dtype == cache_k.dtype == cache_v.dtype
-                and q.dtype.name in DTYPES and decode_head_dim_error(d) is None):
+                and q.dtype.name in dtypes.NAMES and decode_head_dim_error(d) is None):
             return decode_attention(q.reshape(B, nh, d), cache_k, cache_v, start + 1)
     if kv_cache is None or start == 0:               # as attended_length() says
         keys, values = xp.ascontiguousarray(k_t), xp.ascontiguousarray(v_t)
@@ -563,7 +548,6 @@ class LlamaBlock:
         rotary embedding and cache write run inside the attention kernel (4 launches per layer
         besides the GEMMs: norm, attention, norm, silu * up).
         """
-        from . import ops
         c = self.config
         B, S, _ = x.shape
         nh, nkv, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
@@ -730,7 +714,6 @@ class LlamaModel:
         x = self.xp.take(self.embed, ids, axis=0)               # (B, S, hidden), a new array
         if self.xp is np:
             return rms_norm(self._stack_numpy(x.astype(np.float32), cache), self.final_norm, c.rms_norm_eps)
-        from . import ops
         x, delta = self._stack_gpu(x, cache, fill_start)
         return ops.add_rms_norm(x, self.final_norm, c.rms_norm_eps, delta)
 
@@ -751,8 +734,7 @@ class LlamaModel:
         if temperature == 0:
             if xp is np:
                 return np.argmax(logits, axis=-1)
-            from . import ops
-            return ops.argmax_rows(xp.ascontiguousarray(logits), out)
+                return ops.argmax_rows(xp.ascontiguousarray(logits), out)
         scaled = logits.astype(np.float32) / np.float32(temperature)
         if top_k:
             kth = xp.sort(scaled, axis=-1)[:, -top_k][:, None]
@@ -837,10 +819,10 @@ class LlamaModel:
 class DecodeGraph:
     """One decode step of the whole model, embedding to final norm (all layers), as a CUDA graph.
 
-    Captured on a non-default stream with its own memory pool: one eager step first (compiles,
-    fills the pool and the split-K workspace of the stream), then the same step under capture,
-    whose allocations the pool serves from its cached blocks; the pool is never shared, so every
-    intermediate buffer stays the graph's. The step reads the token ids from ``ids`` (B, 1) and
+    Captured on a non-default stream with its own memory pool and GEMM workspace: one eager step
+    first (compiles, fills the pool and the workspace), then the same step under capture, whose
+    allocations the pool serves from its cached blocks; neither is shared, so every intermediate
+    and scratch buffer stays the graph's for as long as it lives. The step reads the token ids from ``ids`` (B, 1) and
     the position from ``cache.start_dev``, advances the position as its last node, and leaves the
     normed hidden states in ``hidden`` (B, 1, hidden). The LM head and sampling run after it
     (a dense LM head is cuBLAS). Replays on the current stream; the caller adds 1 to cache.length.
@@ -848,7 +830,6 @@ class DecodeGraph:
 
     def __init__(self, model: LlamaModel, cache: KVCache):
         import cupy
-        from . import ops
         if model.backend not in QUANTIZED_BACKENDS:
             raise ValueError(f"backend={model.backend!r} cannot be captured (cuBLAS); use awq, quick or auto")
         error = decode_head_dim_error(model.config.head_dim)
@@ -859,22 +840,19 @@ class DecodeGraph:
         self.tables = (model._cos, model._sin)     # kept alive: the graph reads them
         self.ids = cupy.zeros((cache.batch, 1), np.int64)
         self.pool = cupy.cuda.MemoryPool()
+        self.workspace = kernels.Workspace()       # the GEMMs' scratch, as long-lived as the graph
         self.stream = cupy.cuda.Stream(non_blocking=True)
         cupy.cuda.get_current_stream().synchronize()       # cache and ids are ready before the side stream reads them
-        _BUILDING_GRAPH[0] = True
-        try:
-            with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
-                # The warm-up writes the cache at the current position, which the first replay rewrites.
-                model._normed_hidden(self.ids, cache, fill_start=False)
-                self.stream.synchronize()
-                self.stream.begin_capture()
-                try:
-                    self.hidden = model._normed_hidden(self.ids, cache, fill_start=False)
-                    ops.advance_position(cache.start_dev)
-                finally:
-                    self.graph = self.stream.end_capture()
-        finally:
-            _BUILDING_GRAPH[0] = False
+        with cupy.cuda.using_allocator(self.pool.malloc), self.stream, kernels.using_workspace(self.workspace):
+            # The warm-up writes the cache at the current position, which the first replay rewrites.
+            model._normed_hidden(self.ids, cache, fill_start=False)
+            self.stream.synchronize()
+            self.stream.begin_capture()
+            try:
+                self.hidden = model._normed_hidden(self.ids, cache, fill_start=False)
+                ops.advance_position(cache.start_dev)
+            finally:
+                self.graph = self.stream.end_capture()
 
     def replay(self):
         import cupy

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..dtypes import CTYPES, NAMES
 from ..kernels import get_function
-from ..registry import DTYPES, LLAMA_OPS_THREADS
+from ..registry import LLAMA_OPS_THREADS
 
 
 def _fn(a, name: str):
     try:
-        ctype = DTYPES[a.dtype.name]       # registry.LLAMA_OPS instantiates each op for each
+        ctype = CTYPES[a.dtype.name]       # registry.LLAMA_OPS instantiates each op for each
     except KeyError:
-        raise ValueError(f"llama ops take {' or '.join(DTYPES)} arrays, got {a.dtype}") from None
+        raise ValueError(f"llama ops take {' or '.join(NAMES)} arrays, got {a.dtype}") from None
     return get_function(a.device.id, "llama_ops.cu", f"{name}<{ctype}>")
 
 

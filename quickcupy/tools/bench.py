@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import device as _device
 from ..llama.model import MODELS
-from ..kernels import np_dtype
+from ..dtypes import np_dtype
 from ..registry import VARIANTS, design_of
 from .bench_report import (BASELINE, CLOCK_FIELDS, SCHEMA, derive_points, format_header,
                            format_table, rotation_copies, weight_bytes, write_csv, write_plot)

@@ -188,7 +188,7 @@ def source_tables(exe: str, report: str, launches: list, grouped: list, kernels,
                            (None, None))
         if call is None:
             continue
-        function = registry.DESIGNS[registry.VARIANTS[kernel].design].function
+        function = registry.variant(kernel).design.function
         first = group[0]
         skip = sum(1 for l in launches if l.process_id == first.process_id and l.id < first.id
                    and short_kernel_name(l.name).split("<")[0] == function)

@@ -17,7 +17,7 @@ import math
 import os
 
 from .. import device as _device
-from .. import dispatch, registry
+from .. import dispatch, dtypes, registry
 from . import bench
 from .common import UsageError, check_output_path, parse_names, table, write_json
 
@@ -37,7 +37,7 @@ def add_parser(subparsers):
     p.add_argument("--out", metavar="PATH", default=None,
                    help="where to write the table; default: quickcupy/tuning/<gpu>.json")
     p.add_argument("--json", metavar="PATH", help="also write every measured point (bench's JSON)")
-    p.add_argument("--dtype", choices=tuple(registry.DTYPES), default="float16",
+    p.add_argument("--dtype", choices=dtypes.NAMES, default="float16",
                    help="activation dtype the rules are for; default: %(default)s")
     p.add_argument("--points", metavar="PATH",
                    help="make the rules from this bench/tune JSON's points instead of measuring")
