@@ -1,0 +1,251 @@
+"""CUDA graphs and streams: a captured gemm call owns its scratch for as long as the graph can replay,
+the per-stream workspace survives streams coming and going, and first calls from many threads agree.
+
+Every check runs on fresh random data against the float64 reference, outputs poisoned before each
+replay, and arrays allocated after the capture (the memory a freed scratch buffer would come back as)
+filled with a sentinel and checked untouched after the replays.
+"""
+import importlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import rel_error
+from quickcupy import kernels, quantize, reference_gemm, registry
+
+gemm_module = importlib.import_module("quickcupy.gemm")   # the module (quickcupy.gemm is also the function)
+TOL = 1e-2
+SENTINEL = 12345.0
+
+
+# ---------------------------------------------------------------------------------------- CPU
+def test_one_gemm_call_resolves_its_kernel_name_once(monkeypatch):
+    """gemm turns the kernel name into its registry record once, before any check, and passes the
+    record down: the planner and the launcher never look a name up again."""
+    seen = []
+    for name in ("variant", "design_of"):
+        real = getattr(registry, name)
+
+        def counting(kernel, real=real):
+            if isinstance(kernel, str):
+                seen.append(kernel)
+            return real(kernel)
+        monkeypatch.setattr(registry, name, counting)
+    monkeypatch.setattr(kernels, "device_limits", lambda device_id: kernels.H100)
+    p = gemm_module._plan.__wrapped__(registry.VARIANTS["quick_m16"], 5, 256, 512, 128, 0, None, None, "float16")
+    assert seen == [] and p.bm == 16
+
+    class Layer:                        # what _gemm reads of a QuantLinear before its checks
+        layout = "quick"
+        default_kernel = registry.VARIANTS["auto"]
+
+    def stop(*args):
+        raise StopIteration
+    monkeypatch.setattr(gemm_module, "_as_cupy", lambda x, name: (x, None))
+    monkeypatch.setattr(gemm_module, "_check_x", stop)
+    with pytest.raises(StopIteration):
+        gemm_module._gemm(None, Layer(), "quick", None, None, None)
+    assert seen == ["quick"]
+    with pytest.raises(StopIteration):
+        gemm_module._gemm(None, Layer(), None, None, None, None)     # the layer's default: a record
+    assert seen == ["quick"]
+    with pytest.raises(ValueError, match="kernel='awq' reads the awq layout but the layer is packed as 'quick'"):
+        gemm_module._gemm(None, Layer(), "awq", None, None, None)
+
+
+def test_plans_take_the_device_limits():
+    """The decode rule reads shared memory per SM and per block from the device's limits: an
+    A100-sized SM (164 KB) fits fewer ring blocks than an H100's."""
+    a100 = kernels.DeviceLimits(sm_count=108, smem_per_sm=164 * 1024, smem_per_block=163 * 1024)
+    for M in (2, 8, 16):
+        for limits in (kernels.H100, a100):
+            p = kernels.plan("quick_decode", M, 8192, 8192, 128, limits)
+            assert p.shared_bytes <= limits.smem_per_block
+    assert kernels.plan("quick", 64, 8192, 8192, 128, 132) == kernels.plan("quick", 64, 8192, 8192, 128)
+
+
+# ---------------------------------------------------------------------------------------- GPU
+def _case(rng, kernel, M, K=2048, N=512, act_order=False):
+    """(layer, x, reference) of one captured call; act_order gives the layer a random permutation."""
+    import cupy
+    from quickcupy import QuantLinear
+    q = quantize((rng.standard_normal((N, K)) * 0.02).astype(np.float16), 128)
+    perm = rng.permutation(K) if act_order else None
+    layer = QuantLinear.from_quantized(q, layout=registry.variant(kernel).layout, perm=perm)
+    x_host = rng.standard_normal((M, K)).astype(np.float16)
+    ref = reference_gemm(x_host[:, perm] if act_order else x_host, q)
+    return layer, cupy.asarray(x_host), ref
+
+
+CASES = [("quick", 64, 4, False), ("quick_decode", 1, None, False), ("quick_decode", 16, None, False),
+         ("quick_sm90", 64, 2, False), ("awq", 64, 4, False), ("auto", 64, None, False),
+         ("quick_decode", 1, None, True), ("quick", 64, 4, True)]
+
+
+def _skip_unsupported(kernel):
+    import cupy
+    reason = kernels.unsupported_reason(kernel, cupy.cuda.Device().id) if kernel != "auto" else None
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel,M,split_k,act_order", CASES)
+def test_capture_owns_its_scratch(kernel, M, split_k, act_order, rng):
+    """Capture a call (no buffer of its own kept by the caller but x and out), drop every other
+    reference, allocate and fill new arrays the size of its scratch, replay: the new arrays keep
+    their values and the output is right."""
+    import cupy
+    _skip_unsupported(kernel)
+    layer, x, ref = _case(rng, kernel, M, act_order=act_order)
+    if kernel not in ("auto",) and registry.variant(kernel).path == "gemm":
+        p = kernels.plan(kernel, M, layer.out_features, layer.in_features, 128,
+                         kernels.device_limits(layer.device), split_k=split_k)
+        assert (p.grid[1] if p.counters else p.split_k) > 1 or act_order, "the case must use partials"
+    out = cupy.empty((M, layer.out_features), np.float16)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        gemm_module.gemm(x, layer, kernel, out, split_k=split_k)     # compile outside the capture
+        stream.synchronize()
+        stream.begin_capture()
+        gemm_module.gemm(x, layer, kernel, out, split_k=split_k)
+        graph = stream.end_capture()
+    partial_words = 4 * M * out.shape[1]
+    fresh = [cupy.full(n, SENTINEL, np.float32) for n in (partial_words, partial_words, M * 2048)]
+    for _ in range(3):
+        out.fill(np.nan)
+        graph.launch(stream)
+        stream.synchronize()
+        assert rel_error(out.get(), ref) < TOL
+    for a in fresh:
+        assert bool((a == SENTINEL).all()), "a replay wrote into memory allocated after the capture"
+
+
+@pytest.mark.gpu
+def test_two_graphs_captured_on_one_stream_replay_concurrently(rng):
+    """Two calls captured on one stream (split-K partials and decode counters each) replay at the
+    same time on two streams, many times, without sharing scratch."""
+    import cupy
+    cases = [_case(rng, "quick", 64), _case(rng, "quick_decode", 4, K=4096)]
+    kinds = [("quick", 4), ("quick_decode", None)]
+    outs = [cupy.empty((x.shape[0], layer.out_features), np.float16) for layer, x, _ in cases]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    graphs = []
+    with stream:
+        for (layer, x, _), out, (kernel, split_k) in zip(cases, outs, kinds):
+            gemm_module.gemm(x, layer, kernel, out, split_k=split_k)
+            stream.synchronize()
+            stream.begin_capture()
+            gemm_module.gemm(x, layer, kernel, out, split_k=split_k)
+            graphs.append(stream.end_capture())
+    streams = [cupy.cuda.Stream(non_blocking=True) for _ in graphs]
+    for _ in range(20):
+        for out in outs:
+            out.fill(np.nan)
+        cupy.cuda.Device().synchronize()
+        for _ in range(5):
+            for graph, s in zip(graphs, streams):
+                graph.launch(s)
+        cupy.cuda.Device().synchronize()
+        for (_, _, ref), out in zip(cases, outs):
+            assert rel_error(out.get(), ref) < TOL
+
+
+@pytest.mark.gpu
+def test_a_new_stream_with_a_destroyed_streams_handle(rng):
+    """CUDA may hand a destroyed stream's handle to a new stream (only once its work is done): the
+    workspace keyed on the handle serves the new stream correctly."""
+    import cupy
+    layer, x, ref = _case(rng, "quick_decode", 4, K=4096)
+    old = cupy.cuda.Stream(non_blocking=True)
+    handle = old.ptr
+    with old:
+        y = layer(x, kernel="quick_decode")
+    assert rel_error(y.get(), ref) < TOL
+    del old, y
+    kept = []
+    for _ in range(64):
+        s = cupy.cuda.Stream(non_blocking=True)
+        if s.ptr == handle:
+            break
+        kept.append(s)
+    else:
+        pytest.skip("CUDA did not reuse the handle within 64 new streams")
+    with s:
+        out = cupy.full((4, layer.out_features), np.nan, np.float16)
+        layer(x, out=out, kernel="quick_decode")
+        s.synchronize()
+    assert rel_error(out.get(), ref) < TOL
+
+
+@pytest.mark.gpu
+def test_first_calls_from_many_threads():
+    """A fresh process whose first gemm calls come from 8 threads at once (each on its stream, the
+    kernels not yet loaded): every result is right."""
+    script = textwrap.dedent("""
+        import threading, numpy as np, cupy
+        from quickcupy import QuantLinear, quantize, reference_gemm, rel_error
+        rng = np.random.default_rng(7)
+        cases = []
+        for i, (kernel, M) in enumerate([("quick", 64), ("quick_decode", 1), ("quick_decode", 9), ("auto", 33),
+                                         ("quick_m16", 16), ("awq", 32), ("quick", 5), ("auto", 1)] ):
+            q = quantize((rng.standard_normal((256, 1024)) * 0.02).astype(np.float16), 128)
+            layer = QuantLinear.from_quantized(q, layout="awq" if kernel == "awq" else "quick")
+            x = rng.standard_normal((M, 1024)).astype(np.float16)
+            cases.append((kernel, layer, cupy.asarray(x), reference_gemm(x, q)))
+        errors = [None] * len(cases)
+        barrier = threading.Barrier(len(cases))
+        def run(i):
+            kernel, layer, x, ref = cases[i]
+            with cupy.cuda.Stream(non_blocking=True) as s:
+                barrier.wait()
+                y = layer(x, kernel=kernel)
+                s.synchronize()
+            errors[i] = rel_error(y.get(), ref)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(max(errors))
+        assert max(errors) < 1e-2, errors
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _torch_layer(rng, kernel, M, act_order=False):
+    torch = pytest.importorskip("torch")
+    layer, x, ref = _case(rng, kernel, M, act_order=act_order)
+    return torch, layer, torch.from_dlpack(x), ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel,M,act_order", [("auto", 1, False), ("auto", 16, False), ("auto", 64, False),
+                                                ("quick", 64, False), ("auto", 1, True)])
+def test_torch_cuda_graph_as_pytorch_documents_it(kernel, M, act_order, rng):
+    """Capture exactly as PyTorch's documentation writes it: warm-up on a side stream, then
+    ``with torch.cuda.graph(g):`` on torch's capture stream, no ``stream=`` (gemm launches on
+    torch's current stream). Tensors allocated after the capture keep their values through replays."""
+    torch, layer, x, ref = _torch_layer(rng, kernel, M, act_order)
+    out = torch.empty(M, layer.out_features, dtype=torch.float16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            layer(x, out=out, kernel=kernel)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        layer(x, out=out, kernel=kernel)
+    import cupy
+    after = [torch.full((4 * M * layer.out_features,), SENTINEL, device="cuda") for _ in range(2)]
+    after.append(cupy.full(4 * M * layer.out_features, SENTINEL, np.float32))
+    for _ in range(3):
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_error(out.cpu().numpy(), ref) < TOL
+    for a in after:
+        assert bool((a == SENTINEL).all()), "a replay wrote into memory allocated after the capture"
