@@ -470,7 +470,6 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
     fn = get_function(device_id, p.source, p.name, p.shared_bytes)
     M, N, K = p.M, p.N, p.K
     null = np.uint64(0)
-    ws = workspace(device_id)
     if p.counters:             # split over grid.y, reduced by the kernel; bias added by it
         if p.shape.stages and (device_id, p.name) not in _CARVED:
             # all of the SM's L1/shared split as shared memory: the rings of two blocks need up to
@@ -478,13 +477,14 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
             fn.preferred_shared_memory_carveout = 100
             _CARVED.add((device_id, p.name))
         splits = p.grid[1]
+        ws = workspace(device_id)
         partial = ws.buffer("partials", splits * M * N, np.float32) if splits > 1 else null
         fn(p.grid, p.block, (x, qweight, qzeros, scales, null if bias is None else bias, out, partial,
                              ws.counters(N // 32), np.int32(M), np.int32(N), np.int32(K),
                              np.int32(p.group_size), np.int32(p.chunks_per_split)), shared_mem=p.shared_bytes)
         return out
     splits = p.split_k
-    partial = ws.buffer("partials", splits * M * N, np.float32) if splits > 1 else null
+    partial = workspace(device_id).buffer("partials", splits * M * N, np.float32) if splits > 1 else null
     args = (x, qweight, qzeros, scales, bias if splits == 1 and bias is not None else null, out, partial,
             np.int32(M), np.int32(N), np.int32(K), np.int32(p.group_size), np.int32(p.chunks_per_split))
     if p.design.x_tensor_map:
