@@ -327,3 +327,79 @@ def test_user_tuning_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CONFIG_HOME", "relative/ignored")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert dispatch.user_tuning_dir() == tmp_path / "home" / ".config" / "quickcupy" / "tuning"
+
+
+# ------------------------------------------------------------------ tune: where the table goes
+def test_tune_points_writes_the_user_folder_and_leaves_the_package_untouched(tmp_path, user_dir):
+    """tune --points of the H100's name once replaced the shipped H100 table; now the user's copy."""
+    from quickcupy.__main__ import main
+    before = _package_hashes()
+    assert main(["tune", "--points", _bench_json(tmp_path / "f.json", "float16", H100)]) == 0
+    assert _package_hashes() == before
+    written = user_dir / "nvidia-h100-80gb-hbm3.json"
+    data = json.loads(written.read_text())
+    assert data["schema"] == dispatch.SCHEMA and data["device"] == H100
+    assert data["rules"] == [{"max_m": 1, "kernel": "quick"}, {"max_m": None, "kernel": "dequant"}]
+    shipped = dispatch.load_table(dispatch.TUNING_DIR / "nvidia-h100-80gb-hbm3.json")
+    # the part it did not measure: the shipped table's, so bf16 calls keep their measured rules
+    assert data["dtypes"]["bfloat16"]["rules"] == list(shipped["dtypes"]["bfloat16"]["rules"])
+    assert data["dtypes"]["bfloat16"]["command"].startswith("none measured: copied from the shipped table")
+    table = dispatch.table_for(H100, "sm_90")
+    assert (table["source"], table["path"]) == ("user", str(written))
+
+
+def test_tune_of_a_new_gpu_starts_from_its_architecture_defaults(tmp_path, user_dir):
+    from quickcupy.__main__ import main
+    points = tmp_path / "b.json"
+    _bench_json(points, "bfloat16", "NVIDIA H200")
+    result = json.loads(points.read_text())
+    result["device"]["compute_capability"] = "9.0"
+    points.write_text(json.dumps(result))
+    assert main(["tune", "--dtype", "bfloat16", "--points", str(points)]) == 0
+    data = json.loads((user_dir / "nvidia-h200.json").read_text())
+    assert data["rules"] == list(dispatch.load_table(dispatch.TUNING_DIR / "arch-sm90.json")["rules"])
+    assert "architecture defaults sm_90" in data["command"]
+    assert data["dtypes"]["bfloat16"]["rules"][0] == {"max_m": 1, "kernel": "quick"}
+
+
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+def test_tune_refuses_to_write_inside_the_package(tmp_path, capsys, flag):
+    from quickcupy.__main__ import main
+    before = _package_hashes()
+    inside = dispatch.TUNING_DIR / "nvidia-h100-80gb-hbm3.json"
+    args = ["tune", "--points", _bench_json(tmp_path / "f.json", "float16", H100), flag, str(inside)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {inside} is inside the installed package" in err and "read-only data" in err
+    assert _package_hashes() == before
+
+
+def test_tune_refuses_to_extend_a_bad_table(tmp_path, capsys):
+    from quickcupy.__main__ import main
+    out = _write(tmp_path / "old.json", {"device": "Test GPU", "rules": RULES})      # no schema
+    assert main(["tune", "--points", _bench_json(tmp_path / "f.json", "float16"), "--out", str(out)]) == 2
+    assert "is not a table this quickcupy can extend" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == {"device": "Test GPU", "rules": RULES}
+
+
+# ------------------------------------------------------------------ info: which table auto uses
+def test_info_says_which_table_auto_uses(monkeypatch, capsys, user_dir):
+    from quickcupy.__main__ import main
+    from quickcupy.tools import info
+    monkeypatch.setattr(info, "device_info", lambda: {"available": False, "reason": "no driver"})
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "auto table: none (no GPU)" in out and str(user_dir) in out
+    monkeypatch.setattr(info, "device_info", lambda: {"available": True, "name": "NVIDIA H200",
+                                                      "compute_capability": "9.0"})
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "auto table: architecture defaults sm_90" in out
+    assert "float16: quick_decode to M=16, quick to 32, quick_sm90 to 1024, dequant beyond" in out
+    assert "bfloat16: quick_decode to M=16, quick to 32, quick_sm90 to 512, dequant beyond" in out
+    monkeypatch.setattr(info, "device_info", lambda: {"available": True, "name": H100, "compute_capability": "9.0"})
+    assert main(["info", "--json"]) == 0
+    auto = json.loads(capsys.readouterr().out)["auto"]
+    assert auto["source"] == "package" and auto["path"].endswith("nvidia-h100-80gb-hbm3.json")
+    assert len(auto["dtypes"]["bfloat16"]["shapes"]) == 7
+    assert info.rules_text(dispatch.DEFAULT_RULES) == "quick to M=256, dequant beyond"
