@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from quickcupy import dispatch
 from quickcupy.tools.tune import CANDIDATES, rules_from
@@ -210,6 +211,29 @@ def test_rules_are_checked_fully(rules, match):
 def test_a_malformed_table_is_refused_naming_the_rule(data, match):
     with pytest.raises(ValueError, match=match):
         dispatch.check_table(data, "t.json")
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2, 2 ** 14) | st.sampled_from(
+    ["quick", "dequant", "quick_decode", "awq", "auto", "sm_90", H100, "bfloat16", "float16"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(
+        ["schema", "device", "arch", "targets", "rules", "shapes", "dtypes", "bfloat16", "max_m", "kernel",
+         "K", "N", "x"]), inner, max_size=5), max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.sampled_from([_table(), _table(shapes=[{"K": 64, "N": 64, "rules": RULES}]),
+                             _table(dtypes={"bfloat16": {"rules": RULES}})]),
+       key=st.sampled_from(["schema", "device", "rules", "shapes", "dtypes", "arch", "targets", "note"]),
+       value=_JSON)
+def test_any_json_is_validated_or_refused_with_a_value_error(base, key, value):
+    """What a GEMM call meets in a table file: check_table returns a table or raises ValueError, never
+    another exception (which would escape the fallback)."""
+    for data in ({**base, key: value}, value):
+        try:
+            table = dispatch.check_table(data, "t.json")
+        except ValueError:
+            continue
+        assert dispatch.choose(1, table["rules"]) in CANDIDATES
 
 
 def test_resolution_order_user_then_shipped_then_architecture_then_generic(monkeypatch, user_dir):
