@@ -36,3 +36,5 @@ def test_wheel_ships_cuda_sources(tmp_path):
     from quickcupy.registry import SOURCES
     for src in ("quant_common.cuh", "smem_maps.cuh", *SOURCES):
         assert f"quickcupy/cuda/{src}" in names, sorted(names)
+    from quickcupy.dispatch import TUNING_DIR        # auto's tables, measured and architecture defaults
+    assert {f"quickcupy/tuning/{p.name}" for p in TUNING_DIR.glob("*.json")} <= names, sorted(names)

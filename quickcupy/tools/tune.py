@@ -5,16 +5,23 @@ bench's shapes and a sweep of M, exactly as ``bench`` does, then makes rules (qu
 for each measured shape, the fastest kernel at each M, equal neighbours merged; and over all
 shapes, the kernel with the smallest geometric-mean time (the rules of a table without shapes).
 It prints, per M, each candidate's time relative to the best one at every shape, and writes the
-table (default: quickcupy/tuning/<gpu>.json, which ships with the package): float16's rules at the
-top level, another ``--dtype``'s in the file's "dtypes" section; the other dtypes' parts of an
-existing file are kept. ``--points`` makes the rules from the points of an earlier ``bench`` or
-``tune --json`` run (no GPU needed), e.g. to re-derive a table from a committed sweep.
+table (quickcupy.dispatch's format) to the user's tuning folder, ``<user dir>/<gpu>.json``
+(dispatch.user_tuning_dir: ``$QUICKCUPY_TUNING_DIR``, else ``~/.config/quickcupy/tuning``), which
+``auto`` reads before the tables shipped in the package; ``--out`` writes elsewhere, never into the
+installed package (its tables are read-only data: a table measured to ship is copied there by hand
+and committed). float16's rules go to the top level, another ``--dtype``'s to the file's "dtypes"
+section; the other dtypes' parts of an existing file are kept, and a new file starts from the table
+``auto`` used so far for the parts it does not measure. ``--points`` makes the rules from the points
+of an earlier ``bench`` or ``tune --json`` run (no GPU needed), e.g. to re-derive a table from a
+committed sweep.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+from pathlib import Path
 
 from .. import device as _device
 from .. import dispatch, dtypes, registry
@@ -22,7 +29,7 @@ from . import bench
 from .common import UsageError, check_output_path, parse_names, table, write_json
 
 CANDIDATES = tuple(k for k, v in registry.VARIANTS.items()
-                   if v.path != "auto" and registry.design_of(k).layout == dispatch.LAYOUT and v.tile_m is None)
+                   if v.path != "auto" and v.layout == dispatch.LAYOUT and v.tile_m is None)
 DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096, 8192)
 
 
@@ -35,7 +42,8 @@ def add_parser(subparsers):
     p.add_argument("--kernels", default=None, help=f"candidates, from {', '.join(CANDIDATES)}; default: all")
     p.add_argument("--repeats", default="30", help="timed calls per point (median); default: %(default)s")
     p.add_argument("--out", metavar="PATH", default=None,
-                   help="where to write the table; default: quickcupy/tuning/<gpu>.json")
+                   help="where to write the table (not inside the installed package); default: "
+                        "<user dir>/<gpu>.json, the user dir $QUICKCUPY_TUNING_DIR or ~/.config/quickcupy/tuning")
     p.add_argument("--json", metavar="PATH", help="also write every measured point (bench's JSON)")
     p.add_argument("--dtype", choices=dtypes.NAMES, default="float16",
                    help="activation dtype the rules are for; default: %(default)s")
@@ -76,6 +84,8 @@ def run(args) -> int:
     if args.points:
         result = _load_points(args.points, args.dtype)
         name = result["device"]["name"]
+        cc = str(result["device"].get("compute_capability", ""))        # "9.0"
+        arch = "sm_" + cc.replace(".", "") if re.fullmatch(r"\d+\.\d+", cc) else None
     else:
         reason = _device.no_gpu_reason()
         if reason is not None:
@@ -86,8 +96,10 @@ def run(args) -> int:
         for k in [k for k in candidates if unsupported_reason(k, device)]:
             print(f"tune: leaving out {k}: {unsupported_reason(k, device)}")
             candidates.remove(k)
-        name = _device.device_info()["name"]
-    out = args.out or str(dispatch.TUNING_DIR / f"{dispatch.device_slug(name)}.json")
+        name, arch = _device.device_info()["name"], dispatch._device_arch(device)
+    out = args.out or _default_out(name)
+    _refuse_package_path("--out", out)
+    _refuse_package_path("--json", args.json)
     check_output_path("--out", out)
     command = getattr(args, "command_line", "python -m quickcupy tune")
     if not args.points:
@@ -106,8 +118,10 @@ def run(args) -> int:
               for K, N in dict.fromkeys((p["K"], p["N"]) for p in points)]
     section = {"command": command, "rules": list(rules), "shapes": shapes,
                "group_size": result["settings"]["group_size"], "per_m": rows}
-    write_json(out, _merged(out, name, args.dtype, section), indent=1)
-    dispatch.table_for.cache_clear()
+    merged = _merged(out, name, arch, args.dtype, section)
+    dispatch.check_table(merged, out)          # never write a table that auto would refuse
+    write_json(out, merged, indent=1)
+    dispatch.clear_caches()
     print(table(list(rows[0]), [["-" if v is None else f"{v:.2f}" if isinstance(v, float) else v
                                  for v in r.values()] for r in rows]))
     print(f"\n{args.dtype} rules over all shapes: {list(rules)}")
@@ -134,19 +148,55 @@ def _load_points(path: str, dtype: str) -> dict:
     return result
 
 
-def _merged(path: str, device_name: str, dtype: str, section: dict) -> dict:
-    """The table file at ``path`` (or a new one) with ``dtype``'s part replaced by ``section``:
-    float16 at the top level, another dtype under "dtypes"; a new file without float16 rules gets
-    dispatch.DEFAULT_RULES there."""
-    data = {"device": device_name, "command": "none measured: quickcupy.dispatch.DEFAULT_RULES",
-            "rules": list(dispatch.DEFAULT_RULES)}
+def _default_out(device_name: str) -> str:
+    """<user dir>/<gpu>.json, the folder made if missing."""
+    folder = dispatch.user_tuning_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot make the tuning folder {folder} ({exc}); set "
+                         f"{dispatch.TUNING_DIR_ENV} or pass --out") from None
+    return str(folder / f"{dispatch.device_slug(device_name)}.json")
+
+
+def _refuse_package_path(flag: str, path):
+    """UsageError for a path inside the installed quickcupy package (its tables are read-only data)."""
+    package = dispatch.TUNING_DIR.parent
+    if path is not None and Path(os.path.abspath(path)).resolve().is_relative_to(package):
+        raise UsageError(f"{flag} {path} is inside the installed package ({package}), whose tables are "
+                         f"read-only data; write elsewhere (the default is {dispatch.user_tuning_dir()})")
+
+
+def _as_json(section: dict, origin: str) -> dict:
+    """A validated table section (dispatch.check_table) as it is written, saying where it came from."""
+    return {"command": f"none measured: copied from the {origin}", "rules": list(section["rules"]),
+            "shapes": [{"K": K, "N": N, "rules": list(rules)} for K, N, rules in section.get("shapes", ())]}
+
+
+def _merged(path: str, device_name: str, arch, dtype: str, section: dict) -> dict:
+    """The table file at ``path`` with ``dtype``'s part replaced by ``section`` (float16 at the top
+    level, another dtype under "dtypes"); a new file starts as a copy of the table ``auto`` uses on
+    this GPU model (of compute capability ``arch``, None if unknown) for the other parts."""
     if os.path.isfile(path):
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            dispatch.check_table(data, path)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--out: {path} is not a table this quickcupy can extend ({exc}); "
+                             f"remove it or write elsewhere") from None
         if data.get("device") != device_name:
-            raise UsageError(f"--out: {path} holds the table of {data.get('device')!r}, not {device_name!r}")
+            raise UsageError(f"--out: {path} holds the table of {data.get('device') or data.get('arch')!r}, "
+                             f"not {device_name!r}")
+    else:
+        base = dispatch.table_for(device_name, arch)
+        origin = dispatch.describe(base)
+        data = {"schema": dispatch.SCHEMA, "device": device_name, **_as_json(base, origin),
+                "dtypes": {d: _as_json(s, origin) for d, s in base["dtypes"].items()}}
     if dtype == "float16":
         data.update(section)
     else:
         data.setdefault("dtypes", {})[dtype] = section
+    if not data.get("dtypes"):
+        data.pop("dtypes", None)
     return data
