@@ -260,13 +260,6 @@ def _device_name(device_id: int) -> str:
     return name.decode() if isinstance(name, bytes) else name
 
 
-@functools.lru_cache(maxsize=None)
-def _device_arch(device_id: int) -> str:
-    """Compute capability of a device as an NVRTC target name, e.g. "sm_90"."""
-    import cupy
-    return "sm_" + str(cupy.cuda.Device(device_id).compute_capability)
-
-
 @functools.lru_cache(maxsize=4096)
 def kernel_for(M: int, N: int, K: int, device_id: int, dtype: str = "float16",
                capturable: bool = False) -> registry.Variant:
@@ -276,7 +269,7 @@ def kernel_for(M: int, N: int, K: int, device_id: int, dtype: str = "float16",
     whose kernels run every activation dtype. ``capturable``: the call is being captured in a CUDA
     graph, where the cuBLAS path cannot run; the table's kernel for the largest M below its dequant
     crossover (that serves M) runs instead."""
-    table = table_for(_device_name(device_id), _device_arch(device_id))
+    table = table_for(_device_name(device_id), kernels.device_arch(device_id))
     rules = rules_for(section_for(table, dtype), N, K)
     v = registry.VARIANTS[choose(M, rules)]
     if kernels.unsupported_reason(v, device_id) is not None or dtype not in v.design.dtypes:

@@ -100,7 +100,7 @@ def test_auto_falls_back_when_the_table_kernel_lacks_the_dtype(monkeypatch):
     monkeypatch.setitem(registry.VARIANTS, "quick", dataclasses.replace(registry.VARIANTS["quick"], design=fp16_only))
     table = {"device": "test", "rules": ({"max_m": None, "kernel": "quick"},), "source": "test"}
     monkeypatch.setattr(dispatch, "_device_name", lambda device_id: "test")
-    monkeypatch.setattr(dispatch, "_device_arch", lambda device_id: "sm_90")
+    monkeypatch.setattr(kernels, "device_arch", lambda device_id: "sm_90")
     monkeypatch.setattr(dispatch, "table_for", lambda name, arch=None: table)
     monkeypatch.setattr(kernels, "unsupported_reason", lambda kernel, device_id: None)
     choose = dispatch.kernel_for.__wrapped__

@@ -100,7 +100,7 @@ def test_a_dtype_section_overrides_float16_rules_for_that_dtype(monkeypatch):
     bf16 = dispatch.check_rules([{"max_m": 256, "kernel": "quick"}, {"max_m": None, "kernel": "dequant"}])
     table = {"rules": fp16, "shapes": (), "dtypes": {"bfloat16": {"rules": bf16, "shapes": ()}}}
     monkeypatch.setattr(dispatch, "_device_name", lambda device_id: "test")
-    monkeypatch.setattr(dispatch, "_device_arch", lambda device_id: "sm_90")
+    monkeypatch.setattr(kernels, "device_arch", lambda device_id: "sm_90")
     monkeypatch.setattr(dispatch, "table_for", lambda name, arch=None: table)
     monkeypatch.setattr(kernels, "unsupported_reason", lambda kernel, device_id: None)
     choose = dispatch.kernel_for.__wrapped__
@@ -168,7 +168,7 @@ def _fake_gpu(monkeypatch, name, arch):
     """kernel_for on CUDA device 0 as GPU model ``name`` of compute capability ``arch``, every kernel runnable."""
     from quickcupy import kernels
     monkeypatch.setattr(dispatch, "_device_name", lambda device_id: name)
-    monkeypatch.setattr(dispatch, "_device_arch", lambda device_id: arch)
+    monkeypatch.setattr(kernels, "device_arch", lambda device_id: arch)
     monkeypatch.setattr(kernels, "unsupported_reason", lambda kernel, device_id: None)
     dispatch.clear_caches()
 

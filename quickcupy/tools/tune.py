@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from .. import device as _device
-from .. import dispatch, dtypes, registry
+from .. import dispatch, dtypes, kernels, registry
 from . import bench
 from .common import UsageError, check_output_path, parse_names, table, write_json
 
@@ -96,7 +96,7 @@ def run(args) -> int:
         for k in [k for k in candidates if unsupported_reason(k, device)]:
             print(f"tune: leaving out {k}: {unsupported_reason(k, device)}")
             candidates.remove(k)
-        name, arch = _device.device_info()["name"], dispatch._device_arch(device)
+        name, arch = _device.device_info()["name"], kernels.device_arch(device)
     out = args.out or _default_out(name)
     _refuse_package_path("--out", out)
     _refuse_package_path("--json", args.json)
