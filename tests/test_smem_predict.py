@@ -53,7 +53,7 @@ def test_counts_are_ints_for_every_op():
     (16, dict(st_inst=16_512, ld_inst=114_688, ldsm_inst=131_072, ldgsts_inst=98_304)),
 ])
 def test_quick_decode_instructions_match_nsight_compute(M, expected):
-    """Counts measured by ncu on the H100 at K = N = 8192, group 128 (results/h100/ncu_decode_ring.txt:
+    """Counts measured by ncu on the H100 at K = N = 8192, group 128 (results/h100/ncu_decode.txt:
     M = 1 the register pipeline, M = 4 and 16 the shared ring)."""
     p = predict("quick_decode", M, 8192, 8192, 128)
     assert {k: p[k] for k in expected} == expected
