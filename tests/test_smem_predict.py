@@ -5,9 +5,10 @@ from quickcupy.analysis.smem_predict import OPS, predict
 
 
 def test_awq_matches_autoawq_measured_on_h100():
-    """../shared/docs/gpu.md: AutoAWQ's kernel at M = 16, K = N = 8192 executed 294,912 shared
-    stores, 1.31 M store wavefronts and 131 k conflicts (Nsight Compute, H100). Our awq kernel
-    keeps AutoAWQ's tiles and index maps, so the model must give exactly that."""
+    """AutoAWQ's own kernel at M = 16, K = N = 8192 executed 294,912 shared stores, 1.31 M store
+    wavefronts and 131 k conflicts (Nsight Compute, H100, 2026-11-24; BENCHMARKS.md, "Shared
+    memory"). Our awq kernel keeps AutoAWQ's tiles and index maps, so the model must give exactly
+    that."""
     p = predict("awq", 16, 8192, 8192, 128)
     assert p["st_inst"] == 294_912
     assert p["st_wavefronts"] == 1_310_720
