@@ -27,6 +27,15 @@ def results_dir() -> Path:
     return Path(env) if env else REPO / "results" / "h100"
 
 
+def shown(path) -> str:
+    """``path`` relative to the checkout when it lies inside it (committed outputs name no machine's
+    folders), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def load_results(name: str, what: str):
     """The parsed JSON file ``name`` of :func:`results_dir`, or None after printing one line that
     says which file is missing and which plot (``what``) is skipped."""

@@ -196,9 +196,10 @@ A_PENALTY = 0.25                  # score lost per M / (8 tile columns per block
 BLOCK_OVERHEAD_CHUNKS = 16        # a block's start (first DRAM latency, activations) in chunks
 # ... where the ring is not faster: M < RING_MIN_M, or layers of at least WIDE_TILES x SMs tile
 # columns up to M = 8 (many narrow blocks with small activation slices already fill the GPU there).
-# M = 2 runs the ring: in an A/B on the H100 it was faster on 8192x8192, 4096x12288 and 4096x4096
-# (18.4 vs 18.9, 15.9 vs 17.1, 9.2 vs 10.4 us) and within 1% on 28672x8192 and 11008x4096; at M = 1
-# the register pipeline stays faster on 6 of the 7 shapes (docs/decode.md).
+# M = 2 moved to the ring after its per-round copy arithmetic was cut (commit 88a2c6a, A/B on the
+# H100, results/h100/decode_ring_m2_ab.txt): faster on 8192x8192, 4096x12288 and 4096x4096 (18.4 vs
+# 18.9, 15.9 vs 17.1, 9.2 vs 10.4 us), within 1% on 28672x8192 and 11008x4096; at M = 1 the
+# register pipeline stays faster on 6 of the 7 shapes.
 RING_MIN_M = 2
 WIDE_TILES = 4
 # shared ring: score = min(RING_WARPS, warps per SM) / RING_WARPS - RING_SPLIT x split-K reduction

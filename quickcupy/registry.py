@@ -194,7 +194,7 @@ DESIGNS = {
     "quick": GemmDesign(
         name="quick", source="quick_gemm.cu", function="quick_gemm", layout="quick", threads=128,
         n_multiple=32, tile_n=(128,),
-        # Chosen from a sweep on the H100 at K = N = 8192 (BENCHMARKS.md, "Tuning"); blocks_per_sm
+        # Chosen from a sweep on the H100 at K = N = 8192 (docs/gemm.md, "QUICK's tiles"); blocks_per_sm
         # is what the register count allows.
         tiles={16: Tile(chunks=4, stages=2, wstages=2, blocks_per_sm=4),
                32: Tile(chunks=4, stages=3, wstages=2, blocks_per_sm=3),

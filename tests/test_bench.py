@@ -102,7 +102,8 @@ def test_moved_bytes_int4_and_fp16():
 
 
 def test_floor_matches_reference_table():
-    # docs/gpu.md: K = N = 8192, group 128, 3.0 TB/s copy bandwidth -> 11.6 us at M=1, 22.7 at M=1024
+    # the floors of the outside-kernel table in BENCHMARKS.md: K = N = 8192, group 128, 3.0 TB/s copy
+    # bandwidth -> 11.6 us at M=1, 22.7 at M=1024
     assert bench_report.floor_seconds("quick", 1, 8192, 8192, 128, 3.0e12) * 1e6 == pytest.approx(11.6, rel=0.01)
     assert bench_report.floor_seconds("quick", 1024, 8192, 8192, 128, 3.0e12) * 1e6 == pytest.approx(22.7, rel=0.01)
     assert bench_report.flops(2, 3, 5) == 60

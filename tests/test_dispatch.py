@@ -271,7 +271,7 @@ def test_the_sm90_defaults_choose_as_the_h100_table_does():
 def test_the_architecture_defaults_are_derived_from_the_committed_h100_points():
     """arch-sm90: the H100's rules over all shapes; arch-sm80: the same points, quick and dequant only."""
     points = {dtype: json.loads((ROOT / "results/h100" / name).read_text())["points"]
-              for dtype, name in (("float16", "tune_points_s5.json"), ("bfloat16", "tune_points_bf16_s5.json"))}
+              for dtype, name in (("float16", "tune_points.json"), ("bfloat16", "tune_points_bf16.json"))}
     h100 = dispatch.table_for(H100, "sm_90")
     for arch, kernels in (("sm_90", CANDIDATES), ("sm_80", ("quick", "dequant"))):
         table = dispatch.load_table(dispatch.TUNING_DIR / f"arch-{arch.replace('_', '')}.json")

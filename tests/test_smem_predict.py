@@ -5,9 +5,10 @@ from quickcupy.analysis.smem_predict import OPS, predict
 
 
 def test_awq_matches_autoawq_measured_on_h100():
-    """../shared/docs/gpu.md: AutoAWQ's kernel at M = 16, K = N = 8192 executed 294,912 shared
-    stores, 1.31 M store wavefronts and 131 k conflicts (Nsight Compute, H100). Our awq kernel
-    keeps AutoAWQ's tiles and index maps, so the model must give exactly that."""
+    """AutoAWQ's own kernel at M = 16, K = N = 8192 executed 294,912 shared stores, 1.31 M store
+    wavefronts and 131 k conflicts (Nsight Compute, H100, 2026-11-24; BENCHMARKS.md, "Shared
+    memory"). Our awq kernel keeps AutoAWQ's tiles and index maps, so the model must give exactly
+    that."""
     p = predict("awq", 16, 8192, 8192, 128)
     assert p["st_inst"] == 294_912
     assert p["st_wavefronts"] == 1_310_720
@@ -53,7 +54,7 @@ def test_counts_are_ints_for_every_op():
     (16, dict(st_inst=16_512, ld_inst=114_688, ldsm_inst=131_072, ldgsts_inst=98_304)),
 ])
 def test_quick_decode_instructions_match_nsight_compute(M, expected):
-    """Counts measured by ncu on the H100 at K = N = 8192, group 128 (results/h100/ncu_decode_ring.txt:
+    """Counts measured by ncu on the H100 at K = N = 8192, group 128 (results/h100/ncu_decode.txt:
     M = 1 the register pipeline, M = 4 and 16 the shared ring)."""
     p = predict("quick_decode", M, 8192, 8192, 128)
     assert {k: p[k] for k in expected} == expected

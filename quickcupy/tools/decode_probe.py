@@ -1,4 +1,4 @@
-r"""``python -m quickcupy.tools.decode_probe MODE``: the experiments behind BENCHMARKS "Decode" (what
+r"""``python -m quickcupy.tools.decode_probe MODE``: the experiments behind docs/decode.md (what
 limits ``quick_decode``), each timed like ``bench`` (event pairs behind a spin kernel, weights rotated
 past L2) on random packed QUICK weights made on the GPU (no host quantization: timing only; outputs
 are compared between launches, correctness is the tests' job).
