@@ -16,6 +16,9 @@ from quickcupy.tools import ncu
 from quickcupy.__main__ import main
 from test_kernels import needs_nvrtc
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
+import ldgsts_probe  # dev/ldgsts_probe.py, outside the package
+
 HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
           '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
 AWQ = ("void awq_gemm<16, 128>(const __half *, const int *, const int *, const __half *, "
@@ -673,7 +676,6 @@ def test_lineinfo_build_names_the_cuda_file(monkeypatch):
 def test_ldgsts_probes_are_conflict_free_for_the_bank_model():
     """Every probe's shared addresses take the ideal 4 wavefronts per warp instruction in the bank
     model, so whatever ncu counts above that is not a bank conflict of the lane addresses."""
-    from quickcupy.tools import ldgsts_probe
     for name, case in ldgsts_probe.CASES.items():
         soff = case[0]
         assert soff.shape[1] % 32 == 0 and soff.max() + 16 <= 8192, name
@@ -682,7 +684,6 @@ def test_ldgsts_probes_are_conflict_free_for_the_bank_model():
 
 def test_ldgsts_probe_results_match_the_cases():
     """The committed H100 probe results cover exactly the probe's cases and print as the table."""
-    from quickcupy.tools import ldgsts_probe
     result = json.loads((Path(__file__).parents[1] / "results/h100/ldgsts_probe.json").read_text())
     assert [c["name"] for c in result["cases"]] == list(ldgsts_probe.CASES)
     assert all(c["predicted"] == ldgsts_probe.predicted(ldgsts_probe.CASES[c["name"]]) for c in result["cases"])
