@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from quickcupy.tools import bench, bench_report, timing
-from quickcupy.tools.common import Progress, UsageError
+from quickcupy.tools.common import Progress, UsageError, parse_ms, parse_shapes
 from quickcupy.__main__ import main
 
 TINY = ["--shapes", "1024x1024", "--m", "1,16", "--warmup", "2", "--repeats", "5", "--quiet"]
@@ -21,22 +21,22 @@ def _no_gpu(monkeypatch, reason="test machine without GPU"):
 
 # ------------------------------------------------------------------------------------- parsing
 def test_parse_shapes():
-    assert bench.parse_shapes("8192x8192,4096X12288") == [(8192, 8192), (4096, 12288)]
-    assert bench.parse_shapes(" 4096x4096 ") == [(4096, 4096)]
+    assert parse_shapes("8192x8192,4096X12288") == [(8192, 8192), (4096, 12288)]
+    assert parse_shapes(" 4096x4096 ") == [(4096, 4096)]
 
 
 @pytest.mark.parametrize("text", ["8192", "8192x", "x8192", "8192by8192", "0x128", "4096x4096x2",
                                   "-128x128", "", "128x128,", "128x128,128x128"])
 def test_parse_shapes_rejects(text):
     with pytest.raises(ValueError, match="--shapes"):
-        bench.parse_shapes(text)
+        parse_shapes(text)
 
 
 def test_parse_ms_and_kernels():
-    assert bench.parse_ms("1,16,128") == [1, 16, 128]
+    assert parse_ms("1,16,128") == [1, 16, 128]
     for bad in ("0", "-4", "a", "1,,2"):
         with pytest.raises(ValueError, match="--m"):
-            bench.parse_ms(bad)
+            parse_ms(bad)
 
 
 def test_models_expand_to_their_fused_gemm_shapes():

@@ -35,8 +35,9 @@ from ..kernels import np_dtype
 from ..registry import VARIANTS, design_of
 from .bench_report import (BASELINE, CLOCK_FIELDS, SCHEMA, derive_points, format_header,
                            format_table, rotation_copies, weight_bytes, write_csv, write_plot)
-from .common import (Progress, UsageError, check_output_path, format_rows, jsonable, now, ordered_unique,
-                     parse_group_size, parse_int, parse_int_list, parse_items, parse_names, write_json)
+from .common import (DTYPE_HELP, Progress, UsageError, check_output_path, format_rows, jsonable, now,
+                     ordered_unique, parse_dtype, parse_group_size, parse_int, parse_ms, parse_names,
+                     parse_shapes, write_json)
 from .timing import rotating, time_gpu, time_gpu_samples, time_gpu_stream
 
 DEFAULT_SHAPES = ((8192, 8192),                                                  # K x N
@@ -85,8 +86,8 @@ def add_parser(subparsers):
     p.add_argument("--group-size", default=str(DEFAULT_GROUP_SIZE),
                    help="quantization group size: -1 (whole rows) or a multiple of 32 dividing K; "
                         "default: %(default)s")
-    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"),
-                   help="activation dtype of every kernel and of the cuBLAS baseline; default: %(default)s")
+    p.add_argument("--dtype", default="fp16",
+                   help=DTYPE_HELP + ", of every kernel and of the cuBLAS baseline; default: %(default)s")
     p.add_argument("--warmup", default="10", help="untimed calls per point; default: %(default)s")
     p.add_argument("--repeats", default="50", help="timed calls per point, the median is reported; default: %(default)s")
     p.add_argument("--seed", default="0", help="seed of the random weights and activations; default: %(default)s")
@@ -98,20 +99,6 @@ def add_parser(subparsers):
     return p
 
 
-def parse_shapes(text: str) -> list:
-    """``"8192x8192,4096x4096"`` -> [(K, N), ...]; UsageError naming the bad item."""
-    shapes = []
-    for item in parse_items("--shapes", text):
-        parts = item.lower().split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise UsageError(f"--shapes: {item!r} is not KxN with two positive integers (e.g. 4096x12288)")
-        K, N = (int(p) for p in parts)
-        if K < 1 or N < 1:
-            raise UsageError(f"--shapes: {item!r} has a zero dimension; K and N must be >= 1")
-        shapes.append((K, N))
-    return shapes
-
-
 def model_shapes(text: str) -> list:
     """``"llama3-8b,qwen2.5-7b"`` -> the (K, N) of their fused GEMMs, first occurrence order."""
     from ..llama.model import LlamaConfig, gemm_shapes
@@ -119,11 +106,6 @@ def model_shapes(text: str) -> list:
     for name in parse_names("--models", text, MODELS):
         shapes += gemm_shapes(LlamaConfig(**MODELS[name])).values()
     return list(dict.fromkeys(shapes))
-
-
-def parse_ms(text: str) -> list:
-    """``"1,16,128"`` -> [1, 16, 128]; every M >= 1."""
-    return parse_int_list("--m", text, 1)
 
 
 def settings(args) -> Settings:
@@ -148,7 +130,7 @@ def settings(args) -> Settings:
                     repeats=parse_int("--repeats", args.repeats, 1), seed=parse_int("--seed", args.seed, 0),
                     json=args.json, csv=args.csv, plot=args.plot, quiet=args.quiet,
                     command=getattr(args, "command_line", None) or "python -m quickcupy bench",
-                    dtype=getattr(args, "dtype", "float16"))
+                    dtype=parse_dtype(getattr(args, "dtype", "float16")))
 
 
 def shape_refusal(kernel: str, K: int, N: int, M: int | None = None, dtype: str | None = None,

@@ -19,7 +19,8 @@ import os
 from .. import device as _device
 from .. import dispatch, registry
 from . import bench
-from .common import UsageError, check_output_path, parse_names, table, write_json
+from .common import (DTYPE_HELP, UsageError, check_output_path, parse_dtype, parse_int, parse_ms, parse_names,
+                     parse_shapes, table, write_json)
 
 CANDIDATES = tuple(k for k, v in registry.VARIANTS.items()
                    if v.path != "auto" and registry.design_of(k).layout == dispatch.LAYOUT and v.tile_m is None)
@@ -37,8 +38,7 @@ def add_parser(subparsers):
     p.add_argument("--out", metavar="PATH", default=None,
                    help="where to write the table; default: quickcupy/tuning/<gpu>.json")
     p.add_argument("--json", metavar="PATH", help="also write every measured point (bench's JSON)")
-    p.add_argument("--dtype", choices=tuple(registry.DTYPES), default="float16",
-                   help="activation dtype the rules are for; default: %(default)s")
+    p.add_argument("--dtype", default="fp16", help=DTYPE_HELP + ", the one the rules are for; default: %(default)s")
     p.add_argument("--points", metavar="PATH",
                    help="make the rules from this bench/tune JSON's points instead of measuring")
     p.set_defaults(func=run)
@@ -73,8 +73,11 @@ def rules_from(points, candidates) -> tuple:
 
 def run(args) -> int:
     candidates = parse_names("--kernels", args.kernels, CANDIDATES)
+    dtype = parse_dtype(args.dtype)
+    shapes, ms = parse_shapes(args.shapes), parse_ms(args.m)
+    repeats = parse_int("--repeats", args.repeats, 1)
     if args.points:
-        result = _load_points(args.points, args.dtype)
+        result = _load_points(args.points, dtype)
         name = result["device"]["name"]
     else:
         reason = _device.no_gpu_reason()
@@ -91,10 +94,10 @@ def run(args) -> int:
     check_output_path("--out", out)
     command = getattr(args, "command_line", "python -m quickcupy tune")
     if not args.points:
-        s = bench.Settings(shapes=tuple(bench.parse_shapes(args.shapes)), ms=tuple(bench.parse_ms(args.m)),
+        s = bench.Settings(shapes=tuple(shapes), ms=tuple(ms),
                            kernels=tuple(candidates), group_size=bench.DEFAULT_GROUP_SIZE, warmup=5,
-                           repeats=int(args.repeats), seed=0, json=args.json, csv=None, plot=None, quiet=True,
-                           command=command, dtype=args.dtype)
+                           repeats=repeats, seed=0, json=args.json, csv=None, plot=None, quiet=True,
+                           command=command, dtype=dtype)
         check_output_path("--json", s.json)
         result = bench.measure(s, bench.new_result(s, None))
         if s.json:
@@ -106,11 +109,11 @@ def run(args) -> int:
               for K, N in dict.fromkeys((p["K"], p["N"]) for p in points)]
     section = {"command": command, "rules": list(rules), "shapes": shapes,
                "group_size": result["settings"]["group_size"], "per_m": rows}
-    write_json(out, _merged(out, name, args.dtype, section), indent=1)
+    write_json(out, _merged(out, name, dtype, section), indent=1)
     dispatch.table_for.cache_clear()
     print(table(list(rows[0]), [["-" if v is None else f"{v:.2f}" if isinstance(v, float) else v
                                  for v in r.values()] for r in rows]))
-    print(f"\n{args.dtype} rules over all shapes: {list(rules)}")
+    print(f"\n{dtype} rules over all shapes: {list(rules)}")
     for e in shapes:
         print(f"rules at K={e['K']} N={e['N']}: {e['rules']}")
     print(f"wrote {out}")
