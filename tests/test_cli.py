@@ -1,5 +1,6 @@
 """``python -m quickcupy``: the options every tool spells alike (quickcupy.tools.common's parsers)."""
 import json
+import re
 
 import pytest
 
@@ -80,3 +81,27 @@ def test_accuracy_old_shape_spelling_is_read_with_a_note(capsys):
 def test_ncu_defaults_match_the_shared_spelling():
     s = ncu.settings(build_parser().parse_args(["ncu"]))
     assert s.M == tuple(common.parse_ms(ncu.DEFAULT_MS)) and [(s.K, s.N)] == common.parse_shapes(ncu.DEFAULT_SHAPE)
+
+
+REST = re.compile(r"``|:(mod|func|data|class|meth):`")   # reST markup, meant for docstrings
+
+
+@pytest.mark.parametrize("command", [None, "info", "bench", "ncu", "llama", "tune", "accuracy"])
+def test_help_is_plain_text_with_a_description(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(([command] if command else []) + ["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert not REST.search(out), out
+    description = out.split("\n\n")[1]           # the paragraph after the usage lines
+    assert description[0].isupper() and description.rstrip().endswith("."), description
+
+
+def test_every_command_has_its_own_one_line_help():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    assert set(helps) == set(sub.choices)
+    for name, text in helps.items():
+        assert text and "\n" not in text and not REST.search(text), name
+        description = sub.choices[name].description
+        assert description and not REST.search(description), name

@@ -65,7 +65,11 @@ DEFAULT_SHAPES = "4096x4096"
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("accuracy", help="relative error vs float64 of every kernel, fp16 and bf16")
+    p = subparsers.add_parser(
+        "accuracy", help="relative error vs float64 of every kernel, fp16 and bf16",
+        description="For each weight shape and M, every kernel's relative error against float64 of the same "
+                    "rounded inputs, in fp16 and in bf16, next to the error of rounding the exact result to the "
+                    "dtype (the floor no kernel can beat). Needs a GPU.")
     p.add_argument("--shapes", default=None, help=f"comma-separated KxN weight shapes; default: {DEFAULT_SHAPES}")
     p.add_argument("--shape", default=None, help=argparse.SUPPRESS)     # deprecated spelling of --shapes
     p.add_argument("--m", default="1,16,256", help="comma-separated M values (rows of x); default: %(default)s")

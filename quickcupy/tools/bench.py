@@ -70,8 +70,10 @@ class Settings:
 # ------------------------------------------------------------------------------ argument parsing
 def add_parser(subparsers):
     p = subparsers.add_parser(
-        "bench", help="time the GEMM kernels against cuBLAS fp16 and the memory floor",
-        description=__doc__.splitlines()[0].split(": ", 1)[1])
+        "bench", help="time the GEMM kernels against cuBLAS and the memory floor",
+        description="Times y = x @ W of every GEMM kernel (and of cuBLAS on a dense weight) over weight shapes and "
+                    "a sweep of M, with weights rotated past L2, each point next to the memory floor measured in the "
+                    "same run. Without a GPU it prints the bank-conflict model's predictions instead.")
     # Values are strings parsed in settings(), so that a bad one gives one line (UsageError).
     p.add_argument("--shapes", default=None,
                    help="comma-separated KxN weight shapes (x is M x K, W is K x N); default: "

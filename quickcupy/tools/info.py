@@ -7,7 +7,10 @@ from ..device import device_info, versions
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("info", help="versions and the CUDA device")
+    p = subparsers.add_parser("info", help="versions and the CUDA device",
+                              description="Prints the versions of quickcupy and what it runs on (Python, NumPy, "
+                                          "CuPy, CUDA) and the CUDA device (name, driver, memory, clocks), or why "
+                                          "there is none.")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 

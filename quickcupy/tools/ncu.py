@@ -372,7 +372,9 @@ def add_parser(subparsers):
     """Registers ``ncu`` on the ``python -m quickcupy`` command line."""
     p = subparsers.add_parser(
         "ncu", help="Nsight Compute shared-memory counters of the AWQ and QUICK GEMM kernels",
-        description=__doc__.splitlines()[0])
+        description="Runs GEMM calls under Nsight Compute (ncu) and prints each kernel's shared-memory and DRAM "
+                    "counters side by side (awq, quick, their ratio), next to the bank model's predictions. "
+                    "Needs a GPU and ncu.")
     p.add_argument("--kernels", nargs="+", default=None, metavar="NAMES",
                    help=f"comma-separated kernels to profile, from {', '.join(GEMM_KERNELS)} (default: "
                         f"{','.join(KERNELS)})")

@@ -28,8 +28,11 @@ DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("tune", help="measure the quick-layout kernels and write kernel='auto''s table",
-                              description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = subparsers.add_parser(
+        "tune", help="measure the quick-layout kernels and write the table of kernel=\"auto\"",
+        description="Times every quick-layout kernel over weight shapes and a sweep of M and writes the table "
+                    "kernel=\"auto\" reads (the fastest kernel per M; default quickcupy/tuning/<gpu>.json). "
+                    "With --points it makes the table from an earlier bench or tune JSON, without a GPU.")
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in bench.DEFAULT_SHAPES),
                    help="comma-separated KxN shapes; default: the bench's")
     p.add_argument("--m", default=",".join(map(str, DEFAULT_MS)), help="comma-separated M values")
