@@ -345,7 +345,7 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p, bool pred) {
 }
 
 // ld_stream16<1> with an L2 cache policy (l2_evict_first_policy) for the global read. Not used by
-// the kernels (measured no faster, above); tools/decode_probe's "evict" variant calls it.
+// the kernels (measured no faster, above); dev/decode_probe.py's "evict" variant calls it.
 __device__ __forceinline__ uint4 ld_stream16(const void* p, bool pred, unsigned long long policy) {
   uint4 r;
   const int ok = pred;

@@ -1,7 +1,8 @@
 """Command line: ``python -m quickcupy {info,bench,ncu,llama,tune,accuracy} ...``.
 
 Each tool of :mod:`quickcupy.tools` exposes ``add_parser(subparsers)``, which registers a subcommand
-whose ``func(args) -> int`` runs it. Bad values raise ``quickcupy.tools.common.UsageError`` and give
+with a plain one-line ``help`` and a ``description`` (not its reST docstring), whose ``func(args) -> int``
+runs it. Bad values raise ``quickcupy.tools.common.UsageError`` and give
 one line, not a traceback. ``args.command_line`` is the command the tools record with their results.
 """
 from __future__ import annotations
@@ -16,9 +17,14 @@ from .tools.common import UsageError
 TOOLS = (info, bench, ncu, llama_bench, tune, accuracy)
 
 
+DESCRIPTION = ("The tools of quickcupy: versions and the GPU, GEMM benchmarks, Nsight Compute counters, "
+               "Llama throughput, kernel=\"auto\"'s tuning and kernel accuracy.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m quickcupy", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="python -m quickcupy", description=DESCRIPTION,
+                                     epilog="python -m quickcupy COMMAND --help describes a command and its options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for tool in TOOLS:
         tool.add_parser(sub)
     return parser

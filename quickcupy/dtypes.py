@@ -14,6 +14,8 @@ import numpy as np
 # Canonical name -> the C++ type a kernel template takes for it (Dt<T> in cuda/quant_common.cuh).
 CTYPES = {"float16": "half", "bfloat16": "__nv_bfloat16"}
 NAMES = tuple(CTYPES)
+# The short name tables and command lines print for each.
+SHORT = {"float16": "fp16", "bfloat16": "bf16"}
 # What a user or a command line may write for each.
 SPELLINGS = {"float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
              "bfloat16": "bfloat16", "bf16": "bfloat16"}

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from quickcupy.tools import bench, bench_report, timing
-from quickcupy.tools.common import Progress, UsageError
+from quickcupy.tools.common import Progress, UsageError, parse_ms, parse_shapes
 from quickcupy.__main__ import main
 
 TINY = ["--shapes", "1024x1024", "--m", "1,16", "--warmup", "2", "--repeats", "5", "--quiet"]
@@ -21,22 +21,22 @@ def _no_gpu(monkeypatch, reason="test machine without GPU"):
 
 # ------------------------------------------------------------------------------------- parsing
 def test_parse_shapes():
-    assert bench.parse_shapes("8192x8192,4096X12288") == [(8192, 8192), (4096, 12288)]
-    assert bench.parse_shapes(" 4096x4096 ") == [(4096, 4096)]
+    assert parse_shapes("8192x8192,4096X12288") == [(8192, 8192), (4096, 12288)]
+    assert parse_shapes(" 4096x4096 ") == [(4096, 4096)]
 
 
 @pytest.mark.parametrize("text", ["8192", "8192x", "x8192", "8192by8192", "0x128", "4096x4096x2",
                                   "-128x128", "", "128x128,", "128x128,128x128"])
 def test_parse_shapes_rejects(text):
     with pytest.raises(ValueError, match="--shapes"):
-        bench.parse_shapes(text)
+        parse_shapes(text)
 
 
 def test_parse_ms_and_kernels():
-    assert bench.parse_ms("1,16,128") == [1, 16, 128]
+    assert parse_ms("1,16,128") == [1, 16, 128]
     for bad in ("0", "-4", "a", "1,,2"):
         with pytest.raises(ValueError, match="--m"):
-            bench.parse_ms(bad)
+            parse_ms(bad)
 
 
 def test_models_expand_to_their_fused_gemm_shapes():
@@ -240,35 +240,61 @@ def test_progress_on_terminal_rewrites_one_line():
 def test_no_gpu_path_one_line_then_the_model(capsys, monkeypatch, tmp_path):
     _no_gpu(monkeypatch)
     path = tmp_path / "pred.json"
-    assert main(["bench", "--shapes", "8192x8192", "--m", "1,16", "--json", str(path)]) == 0
+    assert main(["bench", "--shapes", "8192x8192,1024x1024", "--m", "1,16", "--json", str(path)]) == 0
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench: no GPU (test machine without GPU)")
-    model, host = out.strip().split("\n\n")
-    rows = model.splitlines()
-    assert rows[0].split()[:6] == ["K", "N", "M", "kernel", "tile_m", "split_k"]
-    assert len(rows) == 1 + 4 * 2                      # (awq, quick, quick_m16, quick_sm90) x (M = 1, 16)
-    assert host.splitlines()[1].split() == ["K", "N", "quantize_s", "pack_awq_s", "pack_quick_s"]
+    model, host, summary = out.strip().split("\n\n")
     data = json.loads(path.read_text())
-    assert data["device"]["available"] is False and len(data["predictions"]) == 8
-    awq16 = next(r for r in data["predictions"] if r["kernel"] == "awq" and r["M"] == 16)
+    assert data["device"]["available"] is False and len(data["predictions"]) == 16
+    awq16 = next(r for r in data["predictions"] if r["kernel"] == "awq" and r["M"] == 16 and r["K"] == 8192)
     assert awq16["st_inst"] == 294_912                 # AutoAWQ's measured count (gpu.md)
     assert data["schema"] == bench_report.SCHEMA and data["command"]
     assert data["host"][0]["K"] == 8192 and data["host"][0]["quantize_s"] > 0
+    # the short table: the first shape, a row per kernel, a column per M, predicted conflicts per launch
+    title, header, *rows = model.splitlines()
+    assert title.startswith("bank-conflict model at K=8192 N=8192") and header.split() == ["kernel", "M=1", "M=16"]
+    conflicts = {r.split()[0]: [int(v) for v in r.split()[1:]] for r in rows}
+    assert list(conflicts) == ["awq", "quick", "quick_m16", "quick_sm90"]
+    assert conflicts["awq"][1] == sum(v for k, v in awq16.items() if k.endswith("_conflicts")) > 0
+    assert conflicts["quick"] == [0, 0]
+    assert host.splitlines()[1].split() == ["K", "N", "quantize_s", "pack_awq_s", "pack_quick_s"]
+    # one summary line, its numbers those of the predictions
+    quick16 = next(r for r in data["predictions"] if r["kernel"] == "quick" and r["M"] == 16 and r["K"] == 8192)
+    assert "\n" not in summary and summary.startswith("no CUDA device, nothing timed")
+    assert "predictions for 16 launches (kernels x M values x shapes: 4 x 2 x 2)" in summary
+    assert summary.endswith(f"at K=8192 N=8192 M=16 quick executes {quick16['st_inst']} st.shared (0 bank "
+                            f"conflicts), awq 294912 ({conflicts['awq'][1]})")
+
+
+def test_no_gpu_path_verbose_prints_every_counter(capsys, monkeypatch):
+    _no_gpu(monkeypatch)
+    assert main(["bench", "--shapes", "8192x8192", "--m", "1,4", "--kernels", "awq,quick", "--verbose"]) == 0
+    model, host, summary = capsys.readouterr().out.strip().split("\n\n")
+    rows = model.splitlines()
+    assert rows[0].split()[:7] == ["K", "N", "M", "kernel", "tile_m", "split_k", "st_inst"]
+    assert len(rows) == 1 + 2 * 2 and "at K=8192 N=8192 M=1 quick" in summary   # no M = 16: the first M
 
 
 def test_no_gpu_path_honours_kernels_skips_shapes_and_writes_csv(capsys, monkeypatch, tmp_path):
     _no_gpu(monkeypatch)
     table = tmp_path / "pred.csv"
-    argv = ["bench", "--shapes", "4096x96,4096x4000", "--m", "1", "--kernels", "awq,quick",
-            "--csv", str(table), "--plot", str(tmp_path / "p.png")]
+    argv = ["bench", "--shapes", "4096x96,4096x4000", "--m", "1", "--kernels", "awq,quick", "--csv", str(table)]
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "skipping awq at K=4096 N=96: ValueError: out_features=96 is not a multiple of 64" in err
-    assert "skipping awq at K=4096 N=4000" in err and "no plot written" in err
+    assert "skipping awq at K=4096 N=4000" in err
     with open(table) as f:
         rows = list(csv.DictReader(f))
     assert [(r["N"], r["kernel"]) for r in rows] == [("96", "quick"), ("4000", "quick")]
+
+
+def test_no_gpu_path_writes_no_plot(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    _no_gpu(monkeypatch)
+    plot = tmp_path / "p.png"
+    assert main(["bench", "--shapes", "4096x4096", "--m", "1", "--kernels", "quick", "--plot", str(plot)]) == 0
+    assert "no plot written" in capsys.readouterr().err and not plot.exists()
 
 
 @pytest.mark.parametrize("flag", ["--json", "--csv", "--plot"])

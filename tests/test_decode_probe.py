@@ -1,9 +1,16 @@
-"""quickcupy.tools.decode_probe's source variants (CPU): the anchors they edit are still in
-cuda/quick_decode.cu exactly once, and the edited sources compile (NVRTC, as the loader would)."""
+"""dev/decode_probe.py's source variants (CPU): the anchors they edit are still in
+cuda/quick_decode.cu exactly once, the edited sources compile (NVRTC, as the loader would), and they
+are written to a temporary copy of cuda/, never into the package's."""
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
 from quickcupy import kernels
-from quickcupy.tools import decode_probe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
+import decode_probe
 
 INSTANCES = ("quick_decode<16, 8, 1, 4, 0, 4, 1, half>",   # register pipeline
              "quick_decode<16, 2, 2, 4, 3, 4, 1, half>")   # shared ring
@@ -23,11 +30,30 @@ def test_variant_compiles(make, tag, marks):
     text = make(_source())
     for mark in marks:
         assert mark in text
+    package = kernels.cuda_dir()
     with decode_probe.variant(tag, text) as name:
-        assert (kernels.cuda_dir() / name).is_file()
+        assert kernels.cuda_dir() != package and (kernels.cuda_dir() / name).read_text() == text
+        assert not (package / name).exists()
         cubin, lowered, _ = kernels.nvrtc_compile(name, "sm_90", list(INSTANCES))
-    assert not (kernels.cuda_dir() / name).exists()
+    assert kernels.cuda_dir() == package and not (package / name).exists()
     assert len(cubin) > 0 and set(lowered) == set(INSTANCES)
+
+
+def test_variant_restores_the_sources_folder(monkeypatch, tmp_path):
+    """The variant leaves $QUICKCUPY_CUDA_DIR as it found it (set or not) and removes its copy, also
+    when the run inside fails."""
+    monkeypatch.delenv(kernels.CUDA_DIR_ENV, raising=False)
+    package = kernels.cuda_dir()
+    with pytest.raises(KeyError), decode_probe.variant("x", "// probe\n") as name:
+        copy = kernels.cuda_dir()
+        assert (copy / name).read_text() == "// probe\n"
+        assert (copy / decode_probe.SOURCE).read_text() == (package / decode_probe.SOURCE).read_text()
+        raise KeyError("inside")
+    assert kernels.CUDA_DIR_ENV not in os.environ and not copy.exists()
+    monkeypatch.setenv(kernels.CUDA_DIR_ENV, str(package))
+    with decode_probe.variant("x", "// probe\n"):
+        assert kernels.cuda_dir() != package
+    assert kernels.cuda_dir() == package
 
 
 def test_plain_read_compiles():

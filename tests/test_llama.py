@@ -1,5 +1,6 @@
 """quickcupy.llama: the decoder block against itself (cache vs full pass, GQA vs MHA), checkpoints,
 the command line; on a GPU, the fp16/AWQ/QUICK blocks against the float32 NumPy block."""
+import importlib.util
 import json
 import re
 
@@ -483,8 +484,10 @@ def test_cli_runs_a_checkpoint(rng, tmp_path, capsys):
     (["--group-size", "100"], "--group-size: group_size=100 is not supported"),
     (["--group-size", "48"], "--group-size: group_size=48 is not supported"),
     (["--json", "/nonexistent/dir/out.json"], "--json .* does not exist"),
-    (["--checkpoint", "/nonexistent/dir"], "--checkpoint: .* has no config.json"),
-    (["--dtype", "fp8"], "--dtype 'fp8' is not one of fp16, bf16"),
+    pytest.param(["--checkpoint", "/nonexistent/dir"], "--checkpoint: .* has no config.json",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("safetensors") is None,
+                                          reason="needs safetensors (pip install 'quickcupy[llama]')")),
+    (["--dtype", "fp8"], "--dtype 'fp8' is not one of float16, fp16, half, f16, bfloat16, bf16"),
     (["--dtype", "bf16", "--backends", "fp16,awq"], "--backends fp16 is float16 cuBLAS; with --dtype bf16 use dense"),
 ])
 def test_cli_bad_argument(argv, match, capsys):

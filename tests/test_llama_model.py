@@ -86,6 +86,7 @@ def test_head_shapes_are_checked(rng):
 
 @pytest.mark.parametrize("lm_head", ["float", "quantized", "tied"])
 def test_checkpoint_with_head_round_trip(rng, tmp_path, lm_head):
+    pytest.importorskip("safetensors")
     layers, head = random_layers(TINY, seed=_seed(rng)), random_head(TINY, VOCAB, _seed(rng))
     head.lm_head = {"float": head.lm_head.astype(np.float16), "quantized": quantize(head.lm_head, 64),
                     "tied": None}[lm_head]
@@ -112,6 +113,7 @@ def test_checkpoint_with_head_round_trip(rng, tmp_path, lm_head):
 
 
 def test_checkpoint_without_lm_head_and_untied_is_refused(rng, tmp_path):
+    pytest.importorskip("safetensors")
     head = random_head(TINY, VOCAB, _seed(rng))
     head.lm_head = None
     save_awq_checkpoint(tmp_path, TINY, random_layers(TINY, seed=1), group_size=64, head=head)
@@ -123,6 +125,7 @@ def test_checkpoint_without_lm_head_and_untied_is_refused(rng, tmp_path):
 
 
 def test_checkpoint_without_head_has_none(rng, tmp_path):
+    pytest.importorskip("safetensors")
     save_awq_checkpoint(tmp_path, TINY, random_layers(TINY, seed=_seed(rng)), group_size=64)
     assert load_awq_checkpoint(tmp_path).head is None
 
@@ -162,6 +165,7 @@ def test_load_tokenizer_names_the_missing_file(tmp_path):
 
 
 def test_cli_prompt_text_generates(rng, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("safetensors")
     monkeypatch.setattr("quickcupy.device.no_gpu_reason", lambda: "no GPU in this test")
     tok = _train_tokenizer(tmp_path)
     layers, head = random_layers(TINY, seed=_seed(rng)), random_head(TINY, VOCAB, _seed(rng))

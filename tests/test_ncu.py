@@ -16,6 +16,9 @@ from quickcupy.tools import ncu
 from quickcupy.__main__ import main
 from test_kernels import needs_nvrtc
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
+import ldgsts_probe  # dev/ldgsts_probe.py, outside the package
+
 HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
           '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
 AWQ = ("void awq_gemm<16, 128>(const __half *, const int *, const int *, const __half *, "
@@ -260,17 +263,20 @@ def test_find_ncu_explicit(tmp_path):
 def test_cli_missing_ncu(monkeypatch, tmp_path, capsys):
     _no_ncu_anywhere(monkeypatch, tmp_path)
     monkeypatch.setattr(ncu, "no_gpu_reason", lambda: None)
-    assert main(["ncu", "--M", "16"]) == 1
+    assert main(["ncu", "--m", "16"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert err.startswith("python -m quickcupy ncu: error: ncu (Nsight Compute) not found")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--M", "0"], "--M 0 must be positive"),
-    (["--K", "1000"], "in_features=1000 is not a multiple of group_size=128"),
-    (["--K", "-8"], "--K -8 must be positive"),
-    (["--N", "0"], "--N 0 must be positive"),
+    (["--m", "0"], "--m=0 must be >= 1"),
+    (["--m", "16,16"], "--m: '16,16' repeats an item"),
+    (["--shapes", "1000x1000"], "in_features=1000 is not a multiple of group_size=128"),
+    (["--shapes=-8x8"], "--shapes: '-8x8' is not KxN with two positive integers"),
+    (["--shapes", "8192x0"], "--shapes: '8192x0' has a zero dimension"),
+    (["--shapes", "4096x4096,8192x8192"], "ncu profiles one KxN shape per run, got 2"),
+    (["--kernels", "awq,bogus"], "--kernels: unknown 'bogus'"),
     (["--group-size", "100"], "group_size=100 is not supported"),
     (["--group-size", "16"], "group_size=16 is not supported"),
     (["--repeats", "0"], "--repeats 0 must be at least 1"),
@@ -291,10 +297,28 @@ def test_cli_argument_defaults():
     s = ncu.settings(args)
     assert (s.kernels, s.M, s.K, s.N, s.group_size) == (("awq", "quick"), (16, 128), 8192, 8192, 128)
     assert s.kernel_regex == ncu.KERNEL_REGEX and args.func is ncu.run
-    args = build_parser().parse_args(["ncu", "--M", "1", "1", "32", "--K", "4096", "--N", "11008",
-                                      "--kernels", "quick", "quick"])
+    args = build_parser().parse_args(["ncu", "--m", "1,32", "--shapes", "4096x11008", "--kernels", "quick,awq"])
     s = ncu.settings(args)
-    assert (s.M, s.N, s.kernels) == ((1, 32), 11008, ("quick",))
+    assert (s.M, s.K, s.N, s.kernels) == ((1, 32), 4096, 11008, ("quick", "awq"))
+
+
+def test_cli_old_spellings_still_read(capsys):
+    """--M 1 16, --K/--N and space-separated --kernels give the same settings as --m, --shapes and a
+    comma list, each with one deprecation line on stderr; mixed with the new spelling they are refused."""
+    from quickcupy.__main__ import build_parser
+    old = ncu.settings(build_parser().parse_args(["ncu", "--M", "1", "1", "32", "--K", "4096", "--N", "11008",
+                                                  "--kernels", "quick", "quick"]))
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["python -m quickcupy ncu: --kernels quick quick is deprecated; use --kernels quick,quick",
+                   "python -m quickcupy ncu: --M 1 1 32 is deprecated; use --m 1,1,32",
+                   "python -m quickcupy ncu: --K 4096 --N 11008 is deprecated; use --shapes 4096x11008"]
+    new = ncu.settings(build_parser().parse_args(["ncu", "--m", "1,32", "--shapes", "4096x11008",
+                                                  "--kernels", "quick"]))
+    assert old == new and capsys.readouterr().err == ""
+    n_only = ncu.settings(build_parser().parse_args(["ncu", "-N", "4096"]))
+    assert (n_only.K, n_only.N) == (8192, 4096)
+    assert main(["ncu", "--K", "4096", "--shapes", "4096x4096"]) == 2
+    assert "give --shapes only" in capsys.readouterr().err
 
 
 def test_cli_no_gpu(monkeypatch, tmp_path, capsys):
@@ -363,7 +387,7 @@ def fake_ncu(monkeypatch, tmp_path):
 def test_cli_ncu_failures(fake_ncu, monkeypatch, capsys, mode, message):
     exe, _ = fake_ncu
     monkeypatch.setenv("FAKE_NCU_MODE", mode)
-    assert main(["ncu", "--ncu", str(exe), "--M", "16"]) == 1
+    assert main(["ncu", "--ncu", str(exe), "--m", "16"]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
@@ -394,7 +418,7 @@ def test_cli_end_to_end_with_fake_ncu(fake_ncu, tmp_path, capsys):
     exe, data = fake_ncu
     _write_fake_run(data)
     out = tmp_path / "results" / "ncu_m16.json"
-    assert main(["ncu", "--ncu", str(exe), "--M", "16", "--repeats", "2", "--out", str(out)]) == 0
+    assert main(["ncu", "--ncu", str(exe), "--m", "16", "--repeats", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Version 2025.3.1.0" in text and "NVIDIA H100 80GB HBM3 (sm_90)" in text
     assert "M=16 N=8192 K=8192 group_size=128" in text
@@ -467,7 +491,7 @@ def test_ncu_tool_on_the_gpu(tmp_path, capsys):
     except ncu.NcuError as exc:
         pytest.skip(str(exc))
     out = tmp_path / "ncu"
-    rc = main(["ncu", "--M", "16", "--K", "1024", "--N", "1024", "--repeats", "2", "--warmup", "1",
+    rc = main(["ncu", "--m", "16", "--shapes", "1024x1024", "--repeats", "2", "--warmup", "1",
                "--timeout", "400", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -499,7 +523,7 @@ def test_ncu_lineinfo_on_the_gpu(tmp_path, capsys):
         ncu.find_ncu()
     except ncu.NcuError as exc:
         pytest.skip(str(exc))
-    rc = main(["ncu", "--M", "16", "--K", "1024", "--N", "1024", "--repeats", "1", "--lineinfo",
+    rc = main(["ncu", "--m", "16", "--shapes", "1024x1024", "--repeats", "1", "--lineinfo",
                "--timeout", "400", "--export", str(tmp_path / "r"), "--out", str(tmp_path / "ncu")])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -584,7 +608,7 @@ def test_cli_lineinfo_and_export_with_fake_ncu(fake_ncu, tmp_path, capsys):
     for function in ("awq_gemm", "quick_gemm"):
         shutil.copy(SOURCE_PAGE, data / f"source_{function}.csv")
     out, rep = tmp_path / "res" / "m16", tmp_path / "rep" / "m16"
-    assert main(["ncu", "--ncu", str(exe), "--M", "16", "--repeats", "2", "--lineinfo",
+    assert main(["ncu", "--ncu", str(exe), "--m", "16", "--repeats", "2", "--lineinfo",
                  "--export", str(rep), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     argv = (data / "argv.txt").read_text().splitlines()
@@ -608,7 +632,7 @@ def test_cli_lineinfo_unreadable_page_is_reported_not_fatal(fake_ncu, tmp_path, 
     _write_fake_run(data)
     for function in ("awq_gemm", "quick_gemm"):
         (data / f"source_{function}.csv").write_text("==ERROR== no source\n")
-    assert main(["ncu", "--ncu", str(exe), "--M", "16", "--repeats", "2", "--lineinfo", "--json"]) == 0
+    assert main(["ncu", "--ncu", str(exe), "--m", "16", "--repeats", "2", "--lineinfo", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "no per-line table for quick" in report["lines"]["quick"]["error"]
     assert report["results"][0]["kernels"]["quick"]["calls"] == 2
@@ -646,7 +670,7 @@ def test_group_by_range_joins_by_name_not_order():
 def test_no_nvtx_attributes_by_launch_order(fake_ncu, tmp_path, capsys):
     exe, data = fake_ncu
     _write_fake_run(data, nvtx=False)
-    assert main(["ncu", "--ncu", str(exe), "--M", "16", "--repeats", "2", "--no-nvtx", "--json"]) == 0
+    assert main(["ncu", "--ncu", str(exe), "--m", "16", "--repeats", "2", "--no-nvtx", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["attribution"] == "launch order" and len(report["launches"]) == 9
     argv = (data / "argv.txt").read_text().splitlines()
@@ -673,7 +697,6 @@ def test_lineinfo_build_names_the_cuda_file(monkeypatch):
 def test_ldgsts_probes_are_conflict_free_for_the_bank_model():
     """Every probe's shared addresses take the ideal 4 wavefronts per warp instruction in the bank
     model, so whatever ncu counts above that is not a bank conflict of the lane addresses."""
-    from quickcupy.tools import ldgsts_probe
     for name, case in ldgsts_probe.CASES.items():
         soff = case[0]
         assert soff.shape[1] % 32 == 0 and soff.max() + 16 <= 8192, name
@@ -682,7 +705,6 @@ def test_ldgsts_probes_are_conflict_free_for_the_bank_model():
 
 def test_ldgsts_probe_results_match_the_cases():
     """The committed H100 probe results cover exactly the probe's cases and print as the table."""
-    from quickcupy.tools import ldgsts_probe
     result = json.loads((Path(__file__).parents[1] / "results/h100/ldgsts_probe.json").read_text())
     assert [c["name"] for c in result["cases"]] == list(ldgsts_probe.CASES)
     assert all(c["predicted"] == ldgsts_probe.predicted(ldgsts_probe.CASES[c["name"]]) for c in result["cases"])

@@ -25,7 +25,7 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
 
 @pytest.mark.slow
 def test_wheel_ships_cuda_sources(tmp_path):
-    """A non-editable install must find the kernels: build the wheel and look inside."""
+    """A non-editable install must find the kernels (and carries no dev/ probe): build the wheel and look inside."""
     pytest.importorskip("setuptools")
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
@@ -38,3 +38,6 @@ def test_wheel_ships_cuda_sources(tmp_path):
         assert f"quickcupy/cuda/{src}" in names, sorted(names)
     from quickcupy.dispatch import TUNING_DIR        # auto's tables, measured and architecture defaults
     assert {f"quickcupy/tuning/{p.name}" for p in TUNING_DIR.glob("*.json")} <= names, sorted(names)
+    # The experiments of dev/ stay out of the wheel.
+    probes = {p.name for p in (ROOT / "dev").glob("*.py")}
+    assert probes and not [n for n in names if n.rsplit("/", 1)[-1] in probes], sorted(names)

@@ -11,9 +11,12 @@ naive zero-point path, code * s - zero * s with s, both products and the differe
 """
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
-from .common import UsageError, check_output_path, parse_group_size, parse_int, parse_int_list, parse_names, table
+from .common import (UsageError, check_output_path, deprecated, parse_group_size, parse_int, parse_ms, parse_names,
+                     parse_shapes, table)
 
 def _bf16():
     import ml_dtypes
@@ -58,10 +61,18 @@ def emulated_bf16_weights(q) -> dict:
                 _round_bf16(_round_bf16(codes * s_bf16) - _round_bf16(zeros * s_bf16)).reshape(N, K)}
 
 
+DEFAULT_SHAPES = "4096x4096"
+
+
 def add_parser(subparsers):
-    p = subparsers.add_parser("accuracy", help="relative error vs float64 of every kernel, fp16 and bf16")
-    p.add_argument("--shape", default="4096x4096", help="KxN; default: %(default)s")
-    p.add_argument("--m", default="1,16,256", help="rows of x, comma-separated; default: %(default)s")
+    p = subparsers.add_parser(
+        "accuracy", help="relative error vs float64 of every kernel, fp16 and bf16",
+        description="For each weight shape and M, every kernel's relative error against float64 of the same "
+                    "rounded inputs, in fp16 and in bf16, next to the error of rounding the exact result to the "
+                    "dtype (the floor no kernel can beat). Needs a GPU.")
+    p.add_argument("--shapes", default=None, help=f"comma-separated KxN weight shapes; default: {DEFAULT_SHAPES}")
+    p.add_argument("--shape", default=None, help=argparse.SUPPRESS)     # deprecated spelling of --shapes
+    p.add_argument("--m", default="1,16,256", help="comma-separated M values (rows of x); default: %(default)s")
     p.add_argument("--group-size", default="128", help="default: %(default)s")
     p.add_argument("--kernels", default=None,
                    help="comma-separated kernels; default: every gemm kernel this GPU can run")
@@ -73,12 +84,15 @@ def add_parser(subparsers):
 def run(args) -> int:
     from .. import device
     from ..gemm import KERNELS as ALL
-    parts = args.shape.lower().split("x")
-    if len(parts) != 2 or not all(t.isdigit() and int(t) > 0 for t in parts):
-        raise UsageError(f"--shape: {args.shape!r} is not KxN with two positive integers")
-    K, N = int(parts[0]), int(parts[1])
-    ms = parse_int_list("--m", args.m, 1)
-    G = parse_group_size("--group-size", args.group_size, [K])
+    if args.shape is None:
+        shapes = parse_shapes(DEFAULT_SHAPES if args.shapes is None else args.shapes)
+    elif args.shapes is not None:
+        raise UsageError("--shape is the old spelling of --shapes; give --shapes only")
+    else:
+        deprecated("accuracy", f"--shape {args.shape}", f"--shapes {args.shape}")
+        shapes = parse_shapes(args.shape, "--shape")
+    ms = parse_ms(args.m)
+    G = parse_group_size("--group-size", args.group_size, [K for K, _ in shapes])
     names = tuple(ALL) if args.kernels is None else parse_names("--kernels", args.kernels, tuple(ALL))
     seed = parse_int("--seed", args.seed, 0)
     check_output_path("--out", args.out)
@@ -92,7 +106,8 @@ def run(args) -> int:
     reasons = {k: unsupported_reason(k, dev) for k in names}
     skipped = [f"{k}: {why}" for k, why in reasons.items() if why]
     names = tuple(k for k, why in reasons.items() if not why)
-    text = measure(K, N, ms, G, names, seed) + "".join(f"\nskipped {s}" for s in skipped)
+    text = "\n\n".join(measure(K, N, ms, G, names, seed) for K, N in shapes)
+    text += "".join(f"\nskipped {s}" for s in skipped)
     head = f"command: {getattr(args, 'command_line', 'python -m quickcupy accuracy')}\n"
     head += f"device: {device.device_info().get('name')}\n"
     print(head + text)

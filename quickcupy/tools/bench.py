@@ -19,7 +19,9 @@ How it measures:
   back to back between one event pair (weights still rotating), ``stream_us`` per call, as the layers
   of a CUDA-graph decode step run. ``stream_over_floor`` = stream_us / floor.
 
-Without a GPU it says so in one line and prints what a CPU can: the bank-conflict model's predictions.
+Without a GPU it says so in one line and prints what a CPU can: the bank-conflict model's predictions
+(a table of conflicts per kernel and M at the first shape; ``--verbose``: every counter of every shape,
+as ``--json``/``--csv`` write them), the host's quantize/pack times, and one summary line.
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ from ..dtypes import np_dtype
 from ..registry import VARIANTS, design_of
 from .bench_report import (BASELINE, CLOCK_FIELDS, SCHEMA, derive_points, format_header,
                            format_table, rotation_copies, weight_bytes, write_csv, write_plot)
-from .common import (Progress, UsageError, check_output_path, format_rows, jsonable, now, ordered_unique,
-                     parse_group_size, parse_int, parse_int_list, parse_items, parse_names, write_json)
+from .common import (DTYPE_HELP, Progress, UsageError, check_output_path, format_rows, jsonable, now,
+                     ordered_unique, parse_dtype, parse_group_size, parse_int, parse_ms, parse_names,
+                     parse_shapes, table, write_json)
 from .timing import rotating, time_gpu, time_gpu_samples, time_gpu_stream
 
 DEFAULT_SHAPES = ((8192, 8192),                                                  # K x N
@@ -64,13 +67,16 @@ class Settings:
     quiet: bool
     command: str
     dtype: str = "float16"   # activations (and the cuBLAS baseline's weight): float16 or bfloat16
+    verbose: bool = False    # without a GPU: every counter of every prediction, not the short table
 
 
 # ------------------------------------------------------------------------------ argument parsing
 def add_parser(subparsers):
     p = subparsers.add_parser(
-        "bench", help="time the GEMM kernels against cuBLAS fp16 and the memory floor",
-        description=__doc__.splitlines()[0].split(": ", 1)[1])
+        "bench", help="time the GEMM kernels against cuBLAS and the memory floor",
+        description="Times y = x @ W of every GEMM kernel (and of cuBLAS on a dense weight) over weight shapes and "
+                    "a sweep of M, with weights rotated past L2, each point next to the memory floor measured in the "
+                    "same run. Without a GPU it prints the bank-conflict model's predictions instead.")
     # Values are strings parsed in settings(), so that a bad one gives one line (UsageError).
     p.add_argument("--shapes", default=None,
                    help="comma-separated KxN weight shapes (x is M x K, W is K x N); default: "
@@ -85,8 +91,8 @@ def add_parser(subparsers):
     p.add_argument("--group-size", default=str(DEFAULT_GROUP_SIZE),
                    help="quantization group size: -1 (whole rows) or a multiple of 32 dividing K; "
                         "default: %(default)s")
-    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"),
-                   help="activation dtype of every kernel and of the cuBLAS baseline; default: %(default)s")
+    p.add_argument("--dtype", default="fp16",
+                   help=DTYPE_HELP + ", of every kernel and of the cuBLAS baseline; default: %(default)s")
     p.add_argument("--warmup", default="10", help="untimed calls per point; default: %(default)s")
     p.add_argument("--repeats", default="50", help="timed calls per point, the median is reported; default: %(default)s")
     p.add_argument("--seed", default="0", help="seed of the random weights and activations; default: %(default)s")
@@ -94,22 +100,11 @@ def add_parser(subparsers):
     p.add_argument("--csv", metavar="PATH", help="write one row per point as CSV")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of TFLOP/s vs M (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress display on stderr")
+    p.add_argument("--verbose", action="store_true",
+                   help="without a GPU: print every counter the bank model predicts per shape, M and kernel "
+                        "(default: a short table of conflicts)")
     p.set_defaults(func=run)
     return p
-
-
-def parse_shapes(text: str) -> list:
-    """``"8192x8192,4096x4096"`` -> [(K, N), ...]; UsageError naming the bad item."""
-    shapes = []
-    for item in parse_items("--shapes", text):
-        parts = item.lower().split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise UsageError(f"--shapes: {item!r} is not KxN with two positive integers (e.g. 4096x12288)")
-        K, N = (int(p) for p in parts)
-        if K < 1 or N < 1:
-            raise UsageError(f"--shapes: {item!r} has a zero dimension; K and N must be >= 1")
-        shapes.append((K, N))
-    return shapes
 
 
 def model_shapes(text: str) -> list:
@@ -119,11 +114,6 @@ def model_shapes(text: str) -> list:
     for name in parse_names("--models", text, MODELS):
         shapes += gemm_shapes(LlamaConfig(**MODELS[name])).values()
     return list(dict.fromkeys(shapes))
-
-
-def parse_ms(text: str) -> list:
-    """``"1,16,128"`` -> [1, 16, 128]; every M >= 1."""
-    return parse_int_list("--m", text, 1)
 
 
 def settings(args) -> Settings:
@@ -148,7 +138,7 @@ def settings(args) -> Settings:
                     repeats=parse_int("--repeats", args.repeats, 1), seed=parse_int("--seed", args.seed, 0),
                     json=args.json, csv=args.csv, plot=args.plot, quiet=args.quiet,
                     command=getattr(args, "command_line", None) or "python -m quickcupy bench",
-                    dtype=getattr(args, "dtype", "float16"))
+                    dtype=parse_dtype(getattr(args, "dtype", "float16")), verbose=getattr(args, "verbose", False))
 
 
 def shape_refusal(kernel: str, K: int, N: int, M: int | None = None, dtype: str | None = None,
@@ -373,10 +363,47 @@ def _run_without_gpu(s: Settings, result: dict, reason: str) -> int:
             writer = csv.DictWriter(f, fieldnames=ordered_unique(k for r in rows for k in r) or ["K"])
             writer.writeheader()
             writer.writerows(jsonable(rows))
-    print(format_rows(jsonable(rows)))
+    print(format_rows(jsonable(rows)) if s.verbose else conflicts_table(rows))
     print("\nhost (this CPU): quantize a float16 weight and pack it, seconds")
     print(format_rows(jsonable(result["host"])))
+    print("\n" + no_gpu_summary(rows, s))
     return 0
+
+
+def _conflicts(row: dict) -> int:
+    """Every bank conflict the model predicts for one launch (stores, loads, ldmatrix, cp.async)."""
+    return sum(v for k, v in row.items() if k.endswith("_conflicts"))
+
+
+def conflicts_table(rows) -> str:
+    """The short view of the predictions: at the first shape, one row per kernel, one column per M,
+    each cell the launch's predicted bank conflicts ("-" where the kernel does not serve that M)."""
+    if not rows:
+        return "(no predictions)"
+    K, N = rows[0]["K"], rows[0]["N"]
+    here = [r for r in rows if (r["K"], r["N"]) == (K, N)]
+    ms = ordered_unique(r["M"] for r in here)
+    cells = {(r["kernel"], r["M"]): _conflicts(r) for r in here}
+    body = [[k] + [cells.get((k, M), "-") for M in ms] for k in ordered_unique(r["kernel"] for r in here)]
+    return (f"bank-conflict model at K={K} N={N}: shared-memory bank conflicts per launch "
+            f"(--verbose: every counter, shape and M)\n" + table(["kernel"] + [f"M={M}" for M in ms], body))
+
+
+def no_gpu_summary(rows, s: Settings) -> str:
+    """The last line of a run without a GPU: what was printed and, when both ran, quick's shared-memory
+    stores against awq's at M = 16 (else the first M), first shape."""
+    count = lambda key: len(ordered_unique(map(key, rows)))
+    line = (f"no CUDA device, nothing timed: the bank-conflict model's predictions for {len(rows)} launches "
+            f"(kernels x M values x shapes: {count(lambda r: r['kernel'])} x {count(lambda r: r['M'])} x "
+            f"{count(lambda r: (r['K'], r['N']))})")
+    at = {(r["kernel"], r["M"]): r for r in rows if (r["K"], r["N"]) == (rows[0]["K"], rows[0]["N"])}
+    both = [M for M in s.ms if ("quick", M) in at and ("awq", M) in at]
+    if both:
+        M = 16 if 16 in both else both[0]
+        q, a = at["quick", M], at["awq", M]
+        line += (f"; at K={q['K']} N={q['N']} M={M} quick executes {q['st_inst']} st.shared "
+                 f"({_conflicts(q)} bank conflicts), awq {a['st_inst']} ({_conflicts(a)})")
+    return line
 
 
 # -------------------------------------------------------------------------------------- entry

@@ -1,5 +1,9 @@
-"""What every tool (bench, ncu, llama) does the same way: option parsing, output paths, progress
-lines, text tables, JSON, the command line and the one-line usage error."""
+"""What every tool (bench, ncu, llama, tune, accuracy) does the same way: option parsing, output
+paths, progress lines, text tables, JSON, the command line and the one-line usage error.
+
+Every tool spells its shared options alike, parsed here: ``--m 1,16`` (M values, comma-separated),
+``--shapes KxN,...`` (weight shapes, x is M x K) and ``--dtype`` (fp16, bf16, float16 or bfloat16,
+normalised to the library's activation dtype names "float16" / "bfloat16")."""
 from __future__ import annotations
 
 import json
@@ -10,6 +14,8 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
+
+from .. import dtypes
 
 
 class UsageError(ValueError):
@@ -40,6 +46,44 @@ def parse_items(flag: str, text: str) -> list:
 
 def parse_int_list(flag: str, text: str, minimum: int = 1) -> list:
     return [parse_int(flag, item, minimum) for item in parse_items(flag, text)]
+
+
+def parse_ms(text, flag: str = "--m") -> list:
+    """``"1,16,128"`` -> [1, 16, 128]; every M >= 1, none repeated."""
+    return parse_int_list(flag, text, 1)
+
+
+def parse_shapes(text, flag: str = "--shapes") -> list:
+    """``"8192x8192,4096x12288"`` -> [(K, N), ...]; UsageError naming the bad item."""
+    shapes = []
+    for item in parse_items(flag, text):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise UsageError(f"{flag}: {item!r} is not KxN with two positive integers (e.g. 4096x12288)")
+        K, N = (int(p) for p in parts)
+        if K < 1 or N < 1:
+            raise UsageError(f"{flag}: {item!r} has a zero dimension; K and N must be >= 1")
+        shapes.append((K, N))
+    return shapes
+
+
+SHORT_DTYPES = dtypes.SHORT
+DTYPE_HELP = "activation dtype: fp16 (= float16) or bf16 (= bfloat16)"
+
+
+def parse_dtype(text, flag: str = "--dtype") -> str:
+    """Any spelling of an activation dtype (quickcupy.dtypes: fp16, float16, half, bf16, bfloat16; any
+    case) -> its canonical name "float16" or "bfloat16"."""
+    try:
+        return dtypes.name(str(text).strip())
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not one of {', '.join(dtypes.SPELLINGS)}") from None
+
+
+def deprecated(tool: str, old: str, new: str):
+    """One line on stderr: an old option spelling of ``python -m quickcupy TOOL`` still works, and
+    what to write instead."""
+    print(f"python -m quickcupy {tool}: {old} is deprecated; use {new}", file=sys.stderr)
 
 
 def parse_names(flag: str, text, available) -> list:

@@ -8,7 +8,10 @@ from ..device import device_info, versions
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("info", help="versions, the CUDA device and kernel='auto''s table")
+    p = subparsers.add_parser("info", help="versions, the CUDA device and the table kernel='auto' uses",
+                              description="Prints the versions of quickcupy and what it runs on (Python, NumPy, "
+                                          "CuPy, CUDA), the CUDA device (name, driver, memory, clocks) or why "
+                                          "there is none, and which tuning table kernel='auto' reads on it.")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 

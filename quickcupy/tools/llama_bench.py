@@ -17,14 +17,10 @@ import numpy as np
 from ..llama.checkpoint import load_awq_checkpoint
 from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
                            random_layers)
-
-# --dtype values -> the activation dtype's NumPy name.
-DTYPE_FLAGS = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}
-SHORT = {"float16": "fp16", "bfloat16": "bf16"}
 from ..quantize import effective_group_size
 from ..reference import rel_error
-from .common import (Progress, UsageError, check_output_path, parse_group_size, parse_int, parse_int_list,
-                     parse_names, table, write_json)
+from .common import (DTYPE_HELP, SHORT_DTYPES, Progress, UsageError, check_output_path, parse_dtype,
+                     parse_group_size, parse_int, parse_int_list, parse_names, table, write_json)
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,7 @@ def add_parser(subparsers):
                    help=f"comma-separated, from {', '.join(BACKENDS)} (default dense,awq,quick; dense = cuBLAS "
                         f"on 16-bit weights in --dtype, fp16 = the same held to float16)")
     p.add_argument("--dtype", default="fp16",
-                   help="activations (and dense weights) on the GPU: fp16 or bf16 (default fp16); the NumPy "
+                   help=DTYPE_HELP + ", also of the dense weights, on the GPU (default fp16); the NumPy "
                         "reference is float32")
     p.add_argument("--group-size", default=None,
                    help="-1 or a multiple of 32 for random weights (default 128; a checkpoint brings its own)")
@@ -96,12 +92,10 @@ def settings(args) -> Settings:
         config = LlamaConfig.preset(args.preset) if args.checkpoint is None else None
         ks = (config.hidden_size, config.intermediate_size) if config else ()
         group_size = parse_group_size("--group-size", args.group_size, ks)
-    dtype = DTYPE_FLAGS.get(str(getattr(args, "dtype", "fp16")).lower())
-    if dtype is None:
-        raise UsageError(f"--dtype {args.dtype!r} is not one of fp16, bf16")
+    dtype = parse_dtype(getattr(args, "dtype", "fp16"))
     backends = tuple(parse_names("--backends", args.backends, BACKENDS))
     if dtype != "float16" and "fp16" in backends:
-        raise UsageError(f"--backends fp16 is float16 cuBLAS; with --dtype {SHORT[dtype]} use dense")
+        raise UsageError(f"--backends fp16 is float16 cuBLAS; with --dtype {SHORT_DTYPES[dtype]} use dense")
     return Settings(
         checkpoint=args.checkpoint, preset=args.preset, dtype=dtype,
         layers=None if args.layers is None else parse_int("--layers", args.layers, 1),
@@ -246,7 +240,7 @@ def run(args) -> int:
             same = refs["deq"] if backend in QUANTIZED_BACKENDS else refs["fp32"]
             accuracy.append({"backend": backend,
                              "weights": f"int4 g{group_size}" if backend in QUANTIZED_BACKENDS else
-                             (SHORT[s.dtype] if float_layers else f"{SHORT[s.dtype]}, dequantized int4"),
+                             (SHORT_DTYPES[s.dtype] if float_layers else f"{SHORT_DTYPES[s.dtype]}, dequantized int4"),
                              "vs_fp32": rel_error(y, refs["fp32"]),
                              "vs_same_weights": rel_error(y, same)})
         for batch in s.batches:
@@ -385,7 +379,7 @@ def _format_report(r: dict, backends: list) -> str:
         f"device:  {dev['name'] if dev.get('available') else 'CPU (' + dev['reason'] + ')'}; "
         f"quickcupy {r['versions']['quickcupy']}, cupy {r['versions'].get('cupy')}, numpy {r['versions']['numpy']}",
         f"model:   {c.num_hidden_layers} Llama blocks ({_describe(c)}), {r['source']}, group size {r['group_size']}, "
-        f"{SHORT[r.get('dtype', 'float16')]} activations",
+        f"{SHORT_DTYPES[r.get('dtype', 'float16')]} activations",
         f"run:     prefill batch x {r['prompt']} tokens, then {r['gen']} decode steps with the KV cache",
     ]
     by = {(t["backend"], t["batch"]): t for t in r["throughput"]}
@@ -613,7 +607,7 @@ def _format_model_report(r: dict) -> str:
              f"device:  {r['device']['name']}; quickcupy {r['versions']['quickcupy']}, cupy {r['versions'].get('cupy')}",
              f"model:   embedding + {c.num_hidden_layers} Llama blocks ({_describe(c)}) + final norm + dense LM head "
              f"(vocab {r['vocab']}), {r['source']}, group size {r['group_size']}, "
-             f"{SHORT[r.get('dtype', 'float16')]} activations",
+             f"{SHORT_DTYPES[r.get('dtype', 'float16')]} activations",
              f"run:     prefill batch x {r['prompt']} tokens, then {r['gen']} greedy decode steps (argmax on the GPU "
              f"fed back); awq/quick/auto decode steps replay one CUDA graph, dense/fp16 run eagerly (cuBLAS)", ""]
     rows = [[g["backend"], g["batch"], f"{1e3 * g['prefill_s']:.1f}", f"{1e3 * g['prefill_gpu_s']:.1f}",

@@ -21,6 +21,7 @@ source page); with ``--out`` also PREFIX_lines_<kernel>.txt.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import math
@@ -35,13 +36,16 @@ from dataclasses import dataclass
 
 from .. import kernels as kernels_mod, registry
 from ..device import no_gpu_reason
-from .common import UsageError, check_output_path, jsonable, parse_group_size
+from .common import (UsageError, check_output_path, deprecated, jsonable, parse_group_size, parse_ms, parse_names,
+                     parse_shapes)
 from .ncu_report import (METRIC_NAMES, METRICS, REDUCE_PATTERN, ROOT_RANGE, KernelLaunch,  # noqa: F401
                          NcuError, call_range, fill_source, format_lines, format_report, group_by_range,
                          group_calls, output_paths, parse_ncu_csv, parse_source_csv, parse_value, per_line,
                          range_of, save_report, short_kernel_name, summarize, SourceRow, kernel_totals)
 
 KERNELS = ("awq", "quick")                   # profiled by default; any of quickcupy.registry.VARIANTS
+GEMM_KERNELS = tuple(k for k, v in registry.VARIANTS.items() if v.path == "gemm")   # what --kernels takes
+DEFAULT_MS, DEFAULT_SHAPE = "16,128", "8192x8192"
 KERNEL_REGEX = registry.NCU_KERNEL_REGEX     # every GEMM design and the split-K reduction
 
 # Where ncu is looked for after PATH.
@@ -368,8 +372,23 @@ def add_parser(subparsers):
     """Registers ``ncu`` on the ``python -m quickcupy`` command line."""
     p = subparsers.add_parser(
         "ncu", help="Nsight Compute shared-memory counters of the AWQ and QUICK GEMM kernels",
-        description=__doc__.splitlines()[0])
-    _add_shape_arguments(p)
+        description="Runs GEMM calls under Nsight Compute (ncu) and prints each kernel's shared-memory and DRAM "
+                    "counters side by side (awq, quick, their ratio), next to the bank model's predictions. "
+                    "Needs a GPU and ncu.")
+    p.add_argument("--kernels", nargs="+", default=None, metavar="NAMES",
+                   help=f"comma-separated kernels to profile, from {', '.join(GEMM_KERNELS)} (default: "
+                        f"{','.join(KERNELS)})")
+    p.add_argument("--m", default=DEFAULT_MS, help="comma-separated M values (rows of x); default: %(default)s")
+    p.add_argument("--shapes", default=None,
+                   help=f"the KxN weight shape (one per run; x is M x K); default: {DEFAULT_SHAPE}")
+    # The old spellings of --m and --shapes: still read, with a note on stderr.
+    p.add_argument("--M", "-M", dest="M", nargs="+", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--K", "-K", dest="K", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--N", "-N", dest="N", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--group-size", type=int, default=128,
+                   help="quantization group size: -1 or a multiple of 32 dividing K (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="profiled calls per kernel and shape (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="calls before those, left out (default 1)")
     p.add_argument("--kernel-regex", default=KERNEL_REGEX,
                    help=f"ncu kernel-name filter (default {KERNEL_REGEX!r}; a split-K reduce kernel "
                         "is counted only if it matches)")
@@ -391,6 +410,7 @@ def add_parser(subparsers):
 
 
 def _add_shape_arguments(p):
+    """The child process's options (what child_argv writes)."""
     p.add_argument("--kernels", nargs="+", default=list(KERNELS),
                    choices=tuple(k for k, v in registry.VARIANTS.items() if v.path == "gemm"),
                    help="kernels to profile (default: awq quick)")
@@ -404,16 +424,49 @@ def _add_shape_arguments(p):
     p.add_argument("--warmup", type=int, default=1, help="calls before those, left out (default 1)")
 
 
-def settings(args) -> Settings:
-    """Checked settings from parsed arguments (N defaults to K); UsageError with the rule."""
-    N = args.K if args.N is None else args.N
-    for name, value in (("K", args.K), ("N", N)):
+def _kernels(tokens) -> tuple:
+    """--kernels awq,quick (the old spelling --kernels awq quick still read)."""
+    if tokens is None:
+        return KERNELS
+    if len(tokens) > 1:
+        deprecated("ncu", f"--kernels {' '.join(tokens)}", f"--kernels {','.join(tokens)}")
+    names = [n for token in tokens for n in parse_names("--kernels", token, GEMM_KERNELS)]
+    return tuple(dict.fromkeys(names))
+
+
+def _shape_options(args) -> tuple:
+    """(Ms, K, N) from --m and --shapes, or from the old spellings --M 16 128, --K, --N (N defaults to K)."""
+    if args.M is None:
+        Ms = tuple(parse_ms(args.m))
+    else:
+        deprecated("ncu", f"--M {' '.join(map(str, args.M))}", f"--m {','.join(map(str, args.M))}")
+        bad = [m for m in args.M if m < 1]
+        if bad:
+            raise UsageError(f"--M {bad[0]} must be positive")
+        Ms = tuple(dict.fromkeys(args.M))
+    if args.K is None and args.N is None:
+        shapes = parse_shapes(DEFAULT_SHAPE if args.shapes is None else args.shapes)
+        if len(shapes) != 1:
+            raise UsageError(f"--shapes {args.shapes}: ncu profiles one KxN shape per run, got {len(shapes)}")
+        (K, N), = shapes
+        return Ms, K, N
+    if args.shapes is not None:
+        raise UsageError("--K/--N are the old spelling of --shapes KxN; give --shapes only")
+    K = int(DEFAULT_SHAPE.split("x")[0]) if args.K is None else args.K
+    N = K if args.N is None else args.N
+    old = " ".join(f"--{name} {v}" for name, v in (("K", args.K), ("N", args.N)) if v is not None)
+    deprecated("ncu", old, f"--shapes {K}x{N}")
+    for name, value in (("K", K), ("N", N)):
         if value < 1:
             raise UsageError(f"--{name} {value} must be positive")
-    bad = [m for m in args.M if m < 1]
-    if bad:
-        raise UsageError(f"--M {bad[0]} must be positive")
-    group_size = parse_group_size("--group-size", args.group_size, [args.K])
+    return Ms, K, N
+
+
+def settings(args) -> Settings:
+    """Checked settings from parsed arguments; UsageError with the rule."""
+    kernels = _kernels(args.kernels)
+    Ms, K, N = _shape_options(args)
+    group_size = parse_group_size("--group-size", args.group_size, [K])
     if args.repeats < 1:
         raise UsageError(f"--repeats {args.repeats} must be at least 1")
     if args.warmup < 0:
@@ -436,7 +489,7 @@ def settings(args) -> Settings:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--out {out}: cannot make its folder ({exc.strerror})") from None
-        for path in output_paths(out) + tuple(lines_paths(out, args.kernels) if getattr(args, "lineinfo", False)
+        for path in output_paths(out) + tuple(lines_paths(out, kernels) if getattr(args, "lineinfo", False)
                                               else ()):
             check_output_path("--out", path)
     export = getattr(args, "export", None)
@@ -448,8 +501,7 @@ def settings(args) -> Settings:
         except OSError as exc:
             raise UsageError(f"--export {export}: cannot make its folder ({exc.strerror})") from None
         check_output_path("--export", export)
-    return Settings(kernels=tuple(dict.fromkeys(args.kernels)), M=tuple(dict.fromkeys(args.M)), N=N,
-                    K=args.K, group_size=group_size, repeats=args.repeats, warmup=args.warmup,
+    return Settings(kernels=kernels, M=Ms, N=N, K=K, group_size=group_size, repeats=args.repeats, warmup=args.warmup,
                     kernel_regex=regex, ncu=getattr(args, "ncu", None), timeout=timeout, out=out,
                     json=getattr(args, "json", False), command=getattr(args, "command_line", None),
                     export=export, nvtx=getattr(args, "nvtx", True), lineinfo=getattr(args, "lineinfo", False))
@@ -517,7 +569,6 @@ def lines_text(report: dict, kernel: str) -> str:
 # ------------------------------------------------------------------------------ child process
 def _child_main(argv) -> int:
     """Makes the GEMM calls (run under ncu) and writes the manifest of calls in order."""
-    import argparse
     import numpy as np
     import cupy as cp
     from .. import QuantLinear, gemm, quantize

@@ -26,7 +26,8 @@ from pathlib import Path
 from .. import device as _device
 from .. import dispatch, dtypes, kernels, registry
 from . import bench
-from .common import UsageError, check_output_path, parse_names, table, write_json
+from .common import (DTYPE_HELP, UsageError, check_output_path, parse_dtype, parse_int, parse_ms, parse_names,
+                     parse_shapes, table, write_json)
 
 CANDIDATES = tuple(k for k, v in registry.VARIANTS.items()
                    if v.path != "auto" and v.layout == dispatch.LAYOUT and v.tile_m is None)
@@ -34,8 +35,11 @@ DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("tune", help="measure the quick-layout kernels and write kernel='auto''s table",
-                              description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = subparsers.add_parser(
+        "tune", help="measure the quick-layout kernels and write the table of kernel=\"auto\"",
+        description="Times every quick-layout kernel over weight shapes and a sweep of M and writes the table "
+                    "kernel=\"auto\" reads (the fastest kernel per M; default quickcupy/tuning/<gpu>.json). "
+                    "With --points it makes the table from an earlier bench or tune JSON, without a GPU.")
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in bench.DEFAULT_SHAPES),
                    help="comma-separated KxN shapes; default: the bench's")
     p.add_argument("--m", default=",".join(map(str, DEFAULT_MS)), help="comma-separated M values")
@@ -45,8 +49,7 @@ def add_parser(subparsers):
                    help="where to write the table (not inside the installed package); default: "
                         "<user dir>/<gpu>.json, the user dir $QUICKCUPY_TUNING_DIR or ~/.config/quickcupy/tuning")
     p.add_argument("--json", metavar="PATH", help="also write every measured point (bench's JSON)")
-    p.add_argument("--dtype", choices=dtypes.NAMES, default="float16",
-                   help="activation dtype the rules are for; default: %(default)s")
+    p.add_argument("--dtype", default="fp16", help=DTYPE_HELP + ", the one the rules are for; default: %(default)s")
     p.add_argument("--points", metavar="PATH",
                    help="make the rules from this bench/tune JSON's points instead of measuring")
     p.set_defaults(func=run)
@@ -81,8 +84,11 @@ def rules_from(points, candidates) -> tuple:
 
 def run(args) -> int:
     candidates = parse_names("--kernels", args.kernels, CANDIDATES)
+    dtype = parse_dtype(args.dtype)
+    shapes, ms = parse_shapes(args.shapes), parse_ms(args.m)
+    repeats = parse_int("--repeats", args.repeats, 1)
     if args.points:
-        result = _load_points(args.points, args.dtype)
+        result = _load_points(args.points, dtype)
         name = result["device"]["name"]
         cc = str(result["device"].get("compute_capability", ""))        # "9.0"
         arch = "sm_" + cc.replace(".", "") if re.fullmatch(r"\d+\.\d+", cc) else None
@@ -103,10 +109,10 @@ def run(args) -> int:
     check_output_path("--out", out)
     command = getattr(args, "command_line", "python -m quickcupy tune")
     if not args.points:
-        s = bench.Settings(shapes=tuple(bench.parse_shapes(args.shapes)), ms=tuple(bench.parse_ms(args.m)),
+        s = bench.Settings(shapes=tuple(shapes), ms=tuple(ms),
                            kernels=tuple(candidates), group_size=bench.DEFAULT_GROUP_SIZE, warmup=5,
-                           repeats=int(args.repeats), seed=0, json=args.json, csv=None, plot=None, quiet=True,
-                           command=command, dtype=args.dtype)
+                           repeats=repeats, seed=0, json=args.json, csv=None, plot=None, quiet=True,
+                           command=command, dtype=dtype)
         check_output_path("--json", s.json)
         result = bench.measure(s, bench.new_result(s, None))
         if s.json:
@@ -118,13 +124,13 @@ def run(args) -> int:
               for K, N in dict.fromkeys((p["K"], p["N"]) for p in points)]
     section = {"command": command, "rules": list(rules), "shapes": shapes,
                "group_size": result["settings"]["group_size"], "per_m": rows}
-    merged = _merged(out, name, arch, args.dtype, section)
+    merged = _merged(out, name, arch, dtype, section)
     dispatch.check_table(merged, out)          # never write a table that auto would refuse
     write_json(out, merged, indent=1)
     dispatch.clear_caches()
     print(table(list(rows[0]), [["-" if v is None else f"{v:.2f}" if isinstance(v, float) else v
                                  for v in r.values()] for r in rows]))
-    print(f"\n{args.dtype} rules over all shapes: {list(rules)}")
+    print(f"\n{dtype} rules over all shapes: {list(rules)}")
     for e in shapes:
         print(f"rules at K={e['K']} N={e['N']}: {e['rules']}")
     print(f"wrote {out}")

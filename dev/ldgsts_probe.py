@@ -1,9 +1,11 @@
-"""``python -m quickcupy.tools.ldgsts_probe``: how Nsight Compute counts the shared-memory
-wavefronts of one warp's 16-byte ``cp.async`` (SASS LDGSTS), for chosen shared and global addresses.
+"""How does Nsight Compute count the shared-memory wavefronts of a warp's 16-byte cp.async (LDGSTS)?
 
-Each probe is one launch of one block (1 or 4 warps) issuing one or two cp.async per lane (byte
-offsets per lane into a shared array and a global array, chosen in :data:`CASES`; optionally a
-wait between the two), under its own NVTX range; ncu reads the LDGSTS counters of each launch. The table puts them next to what the bank model
+    python dev/ldgsts_probe.py [--out PREFIX] [--ncu PATH]     (from the checkout; needs a GPU and ncu)
+
+Each probe is one launch of one block (1 or 4 warps) issuing one or two 16-byte ``cp.async`` (SASS
+LDGSTS) per lane (byte offsets per lane into a shared array and a global array, chosen in
+:data:`CASES`; optionally a wait between the two), under its own NVTX range; ncu reads the LDGSTS
+counters of each launch. The table puts them next to what the bank model
 (:func:`quickcupy.analysis.banks.count_wavefronts`, 16-byte stores) predicts for the same shared
 addresses: the bank model only sees the shared side, so a gap that follows the global addresses or the
 shared alignment shows which rule the hardware adds.
@@ -15,11 +17,14 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
-from ..analysis import banks
-from .ncu import ROOT_RANGE, NcuError, find_ncu, ncu_version, run_ncu
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout's quickcupy
+
+from quickcupy.analysis import banks
+from quickcupy.tools.ncu import ROOT_RANGE, NcuError, find_ncu, ncu_version, run_ncu
 
 KERNEL = "ldgsts_probe"
 # ca keeps the line in L1, cg bypasses it (the kernels use cg); src-size 0 zero-fills.
@@ -127,7 +132,7 @@ def measure(ncu: str | None = None, timeout: float | None = 600) -> dict:
     exe = find_ncu(ncu)
     with tempfile.TemporaryDirectory(prefix="quickcupy-probe-") as tmp:
         manifest = os.path.join(tmp, "cases.json")
-        argv = [sys.executable, "-m", "quickcupy.tools.ldgsts_probe", "--child", manifest]
+        argv = [sys.executable, os.path.abspath(__file__), "--child", manifest]
         launches, _ = run_ncu(argv, KERNEL, METRICS, exe, timeout)
     by_case = {}
     for launch in launches:
@@ -155,7 +160,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quickcupy.tools.ldgsts_probe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python dev/ldgsts_probe.py", description=__doc__.splitlines()[0])
     p.add_argument("--child", default=None, metavar="MANIFEST", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="save PREFIX.txt and PREFIX.json")
     p.add_argument("--ncu", default=None)
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         with open(args.out + ".txt", "w") as f:
-            f.write(f"# command: python -m quickcupy.tools.ldgsts_probe --out {args.out}\n" + text + "\n")
+            f.write(f"# command: python dev/ldgsts_probe.py --out {args.out}\n" + text + "\n")
         with open(args.out + ".json", "w") as f:
             json.dump(result, f, indent=1)
     return 0

@@ -1,7 +1,12 @@
-r"""``python -m quickcupy.tools.decode_probe MODE``: the experiments behind docs/decode.md (what
-limits ``quick_decode``), each timed like ``bench`` (event pairs behind a spin kernel, weights rotated
-past L2) on random packed QUICK weights made on the GPU (no host quantization: timing only; outputs
-are compared between launches, correctness is the tests' job).
+r"""What limits quick_decode at small M: fixed cost, streaming rate, block timing, edited copies?
+
+The experiments behind docs/decode.md, run from the checkout on a GPU:
+
+    python dev/decode_probe.py MODE [options]
+
+Each mode times like ``bench`` (event pairs behind a spin kernel, weights rotated past L2) on random
+packed QUICK weights made on the GPU (no host quantization: timing only; outputs are compared between
+launches, correctness is the tests' job).
 
 Modes:
 
@@ -21,25 +26,32 @@ Modes:
 - ``launch --points KxNxM``: three launches of the plan per point and nothing else, for a profiler,
   e.g. the stall reasons: ``ncu --clock-control none --launch-skip 2 --launch-count 1 -k
   regex:quick_decode --section WarpStateStats --metrics
-  regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio python -m
-  quickcupy.tools.decode_probe launch --points 8192x8192x16``.
+  regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio python
+  dev/decode_probe.py launch --points 8192x8192x16``.
 
-The instrumented or altered copies are written next to cuda/ as quick_decode_<tag>.cu for the run
-and removed afterwards (the loader compiles a file outside the registry for the device's arch).
+The instrumented or altered copies go into a temporary copy of cuda/ as quick_decode_<tag>.cu, and the
+loader is pointed at that copy ($QUICKCUPY_CUDA_DIR) while they run: the package's cuda/ is never
+written (the loader compiles a file outside the registry for the device's arch).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import os
+import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
-from .. import kernels, registry
-from ..registry import DecodeShape
-from .bench_report import moved_bytes, rotation_copies, weight_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout's quickcupy
+
+from quickcupy import kernels, registry
+from quickcupy.registry import DecodeShape
+from quickcupy.tools.bench_report import moved_bytes, rotation_copies, weight_bytes
 
 SOURCE = "quick_decode.cu"
 L2_BYTES = 50 * 2 ** 20            # H100; only sets how many copies rotate
@@ -94,14 +106,25 @@ def evict_moved_source(text: str) -> str:
 
 @contextmanager
 def variant(tag: str, text: str):
-    """Writes ``text`` as cuda/quick_decode_<tag>.cu for the duration; yields its file name."""
+    """For the duration: a temporary copy of the CUDA sources with ``text`` added as
+    quick_decode_<tag>.cu, and $QUICKCUPY_CUDA_DIR pointing the loader at it; yields the file name.
+    The sources the loader used before (the package's cuda/) are only read."""
     name = f"quick_decode_{tag}.cu"
-    path = kernels.cuda_dir() / name
-    path.write_text(text)
-    try:
-        yield name
-    finally:
-        path.unlink()
+    before = os.environ.get(kernels.CUDA_DIR_ENV)
+    with tempfile.TemporaryDirectory(prefix="decode_probe_") as tmp:
+        folder = Path(tmp) / "cuda"
+        folder.mkdir()
+        for path in kernels.cuda_dir().glob("*.cu*"):
+            shutil.copy(path, folder / path.name)
+        (folder / name).write_text(text)
+        os.environ[kernels.CUDA_DIR_ENV] = str(folder)
+        try:
+            yield name
+        finally:
+            if before is None:
+                del os.environ[kernels.CUDA_DIR_ENV]
+            else:
+                os.environ[kernels.CUDA_DIR_ENV] = before
 
 
 # ------------------------------------------------------------------------------------ GPU helpers
@@ -109,7 +132,7 @@ def random_layer(K: int, N: int, G: int):
     """A QuantLinear of random packed QUICK words, fp16 scales in [0.001, 0.011) and random zeros, made
     on the GPU (int4 bytes and speed as a real layer; no quantization)."""
     import cupy
-    from ..gemm import QuantLinear
+    from quickcupy.gemm import QuantLinear
     layer = object.__new__(QuantLinear)
     layer.layout, layer.in_features, layer.out_features, layer.group_size = "quick", K, N, G
     layer.device, layer.bias, layer._bias_as, layer.perm = cupy.cuda.Device().id, None, {}, None
@@ -141,7 +164,7 @@ def launch(plan, x, y, layer):
 
 
 def time_us(plan, x, y, layers, repeats: int = 30) -> float:
-    from .timing import rotating, time_gpu
+    from quickcupy.tools.timing import rotating, time_gpu
     return time_gpu(rotating(lambda layer: launch(plan, x, y, layer), layers), 10, repeats) * 1e6
 
 
@@ -193,7 +216,7 @@ extern "C" __global__ void probe_empty() {}
 
 def mode_fixed(args):
     import cupy
-    from .timing import rotating, time_gpu
+    from quickcupy.tools.timing import rotating, time_gpu
     module = cupy.RawModule(code=PLAIN_READ, options=kernels.compile_options(kernels.device_arch(0)))
     read, empty = module.get_function("probe_plain_read"), module.get_function("probe_empty")
     sink = cupy.zeros(1, np.uint32)
@@ -221,7 +244,7 @@ def mode_fixed(args):
 
 def mode_blocks(args):
     import cupy
-    from .timing import spin
+    from quickcupy.tools.timing import spin
     text = timestamped_source((kernels.cuda_dir() / SOURCE).read_text())
     with variant("ts", text) as src:
         for K, N, M in args.points:
@@ -369,7 +392,7 @@ def _block_shapes(text):   # "16:8:1:1:4:0,..." -> DecodeShape(nwarps, kw, mb, m
 
 
 def parser():
-    ap = argparse.ArgumentParser(prog="python -m quickcupy.tools.decode_probe", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python dev/decode_probe.py", description=__doc__.splitlines()[0])
     ap.add_argument("mode", choices=("fixed", "blocks", "ab", "evict", "shapes", "launch"))
     ap.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="KxN,... (ab, evict, shapes)")
     ap.add_argument("--m", dest="ms", type=_ints, default=[1, 2, 4, 8, 16], help="M values (ab, evict, shapes)")

@@ -1,8 +1,10 @@
-"""A few GEMMs of every kernel for compute-sanitizer (not collected by pytest). Run on a GPU:
+"""Does any kernel access memory out of bounds or race on shared memory (under compute-sanitizer)?
 
-    compute-sanitizer --tool memcheck  python tests/sanitize_gemm.py
-    compute-sanitizer --tool racecheck python tests/sanitize_gemm.py --no-cublas
-    compute-sanitizer --tool memcheck  python tests/sanitize_gemm.py --dtype bfloat16
+A few GEMMs of every kernel, checked against the float64 reference. From the checkout, on a GPU:
+
+    compute-sanitizer --tool memcheck  python dev/sanitize_gemm.py
+    compute-sanitizer --tool racecheck python dev/sanitize_gemm.py --no-cublas
+    compute-sanitizer --tool memcheck  python dev/sanitize_gemm.py --dtype bfloat16
 
 ``--dtype bfloat16``: bf16 activations, bias and output (the kernels without bf16 instances are
 skipped).
@@ -17,9 +19,12 @@ Shapes cover split-K, row tails (M not a multiple of the tile), every tile size,
 32/64/96/128/192/256/512/-1, bias and the warps of a block past N (N % 128 != 0).
 """
 import sys
+from pathlib import Path
 
 import cupy
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout's quickcupy
 
 from quickcupy import QuantLinear, gemm, kernels, quantize, reference_gemm, registry
 from quickcupy.gemm import kernel_layout
