@@ -133,13 +133,11 @@ def random_layer(K: int, N: int, G: int):
     on the GPU (int4 bytes and speed as a real layer; no quantization)."""
     import cupy
     from quickcupy.gemm import QuantLinear
-    layer = object.__new__(QuantLinear)
-    layer.layout, layer.in_features, layer.out_features, layer.group_size = "quick", K, N, G
-    layer.device, layer.bias, layer._bias_as, layer.perm = cupy.cuda.Device().id, None, {}, None
-    layer.qweight = cupy.random.randint(-2 ** 31, 2 ** 31 - 1, (N // 32, K // 32, 32, 4), dtype=np.int64).astype(np.int32)
-    layer.qzeros = cupy.random.randint(-2 ** 31, 2 ** 31 - 1, (N // 32, K // G, 4), dtype=np.int64).astype(np.int32)
-    layer.scales = (cupy.random.random((N // 32, K // G, 8, 4), dtype=np.float32) * 0.01 + 0.001).astype(np.float16)
-    return layer
+    qweight = cupy.random.randint(-2 ** 31, 2 ** 31 - 1, (N // 32, K // 32, 32, 4), dtype=np.int64).astype(np.int32)
+    qzeros = cupy.random.randint(-2 ** 31, 2 ** 31 - 1, (N // 32, K // G, 4), dtype=np.int64).astype(np.int32)
+    scales = (cupy.random.random((N // 32, K // G, 8, 4), dtype=np.float32) * 0.01 + 0.001).astype(np.float16)
+    return QuantLinear.from_packed(qweight, qzeros, scales, layout="quick", in_features=K, out_features=N,
+                                   group_size=G)
 
 
 def rotation(K: int, N: int, G: int) -> list:
@@ -177,7 +175,7 @@ def output(plan, x, layer):
 
 def shape_plan(sh: DecodeShape, M: int, N: int, K: int, G: int, splits: int):
     """LaunchPlan of block shape ``sh`` with ``splits`` K splits (kernels._decode_fit's arithmetic)."""
-    splits, cps, _, _ = kernels._decode_fit(sh, M, K, N // 32, kernels.sm_count(0), splits)
+    splits, cps, _, _ = kernels._decode_fit(sh, M, K, N // 32, kernels.device_limits(0), splits)
     return kernels.LaunchPlan(design=DESIGN, name=sh.instance(math.gcd(G // 32, sh.chunks)), bm=8 * sh.mb,
                               bn=32 * sh.columns, tile=registry.Tile(chunks=sh.chunks),
                               grid=(-(-(N // 32) // sh.columns), splits, 1), shared_bytes=kernels._decode_smem(sh, M, cps),
@@ -187,7 +185,7 @@ def shape_plan(sh: DecodeShape, M: int, N: int, K: int, G: int, splits: int):
 
 def ring_plan(M: int, N: int, K: int, G: int):
     """The launch rule's choice with the ring pipeline at every M and layer width."""
-    return kernels._plan_decode(DESIGN, M, N, K, G, kernels.sm_count(0), ring=True)
+    return kernels._plan_decode(DESIGN, M, N, K, G, kernels.device_limits(0), ring=True)
 
 
 def x_of(M: int, K: int):
@@ -226,7 +224,7 @@ def mode_fixed(args):
     for K in (1024, 2048, 4096, 8192, 16384, 32768):
         layers, x = rotation(K, N, G), x_of(1, K)
         y = cupy.empty((1, N), np.float16)
-        p = kernels.plan("quick_decode", 1, N, K, G, sms)
+        p = kernels.plan("quick_decode", 1, N, K, G, kernels.device_limits(0))
         t_dec = time_us(p, x, y, layers, args.repeats)
         words = layers[0].qweight.nbytes // 16
         t_read = time_gpu(rotating(lambda L: read((4 * sms,), (512,), (L.qweight, np.int64(words), sink)), layers),
@@ -251,7 +249,7 @@ def mode_blocks(args):
             G = args.group_size
             layers, x = rotation(K, N, G), x_of(M, K)
             y = cupy.empty((M, N), np.float16)
-            p = with_source(kernels.plan("quick_decode", M, N, K, G, kernels.sm_count(0)), src)
+            p = with_source(kernels.plan("quick_decode", M, N, K, G, kernels.device_limits(0)), src)
             module = cupy.RawModule(code=kernels.source_code(src), options=kernels.compile_options(kernels.device_arch(0)),
                                     name_expressions=[p.name])
             fn = module.get_function(p.name)
@@ -300,7 +298,7 @@ def mode_ab(args):
                 for M in args.ms:
                     x = x_of(M, K)
                     y = cupy.empty((M, N), np.float16)
-                    p = kernels.plan("quick_decode", M, N, K, G, kernels.sm_count(0))
+                    p = kernels.plan("quick_decode", M, N, K, G, kernels.device_limits(0))
                     q = with_source(p, old)
                     t_new, t_old = time_us(p, x, y, layers, args.repeats), time_us(q, x, y, layers, args.repeats)
                     same = bool(cupy.array_equal(output(p, x, layers[0]), output(q, x, layers[0])))
@@ -321,7 +319,7 @@ def mode_evict(args):
             for M in args.ms:
                 x = x_of(M, K)
                 y = cupy.empty((M, N), np.float16)
-                p = kernels.plan("quick_decode", M, N, K, args.group_size, kernels.sm_count(0))
+                p = kernels.plan("quick_decode", M, N, K, args.group_size, kernels.device_limits(0))
                 q = with_source(p, moved)
                 pairs = [(time_us(p, x, y, layers, args.repeats), time_us(q, x, y, layers, args.repeats)) for _ in range(2)]
                 same = bool(cupy.array_equal(output(p, x, layers[0]), output(q, x, layers[0])))
@@ -340,7 +338,7 @@ def mode_shapes(args):
         for M in args.ms:
             x = x_of(M, K)
             y = cupy.empty((M, N), np.float16)
-            p = kernels.plan("quick_decode", M, N, K, G, kernels.sm_count(0))
+            p = kernels.plan("quick_decode", M, N, K, G, kernels.device_limits(0))
             ref = output(p, x, layers[0])
             print(f"{K}x{N} M={M} plan {p.name} grid {p.grid}: {time_us(p, x, y, layers, args.repeats):.1f} us")
             for sh in args.block_shapes:
@@ -349,7 +347,7 @@ def mode_shapes(args):
                 cells = []
                 for s in args.splits:
                     q = shape_plan(sh, M, N, K, G, s)
-                    if q.grid[1] != s or q.shared_bytes > kernels.SMEM_PER_BLOCK:
+                    if q.grid[1] != s or q.shared_bytes > kernels.device_limits(0).smem_per_block:
                         continue
                     t = time_us(q, x, y, layers, args.repeats)
                     out = output(q, x, layers[0]).astype(np.float32)
@@ -364,7 +362,7 @@ def mode_launch(args):
     import cupy
     for K, N, M in args.points:
         layer, x = random_layer(K, N, args.group_size), x_of(M, K)
-        p = kernels.plan("quick_decode", M, N, K, args.group_size, kernels.sm_count(0))
+        p = kernels.plan("quick_decode", M, N, K, args.group_size, kernels.device_limits(0))
         for _ in range(3):
             output(p, x, layer)
         cupy.cuda.Device().synchronize()

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout's quickcupy
 
-from quickcupy import QuantLinear, gemm, kernels, quantize, reference_gemm, registry
+from quickcupy import QuantLinear, dtypes, gemm, kernels, quantize, reference_gemm, registry
 from quickcupy.gemm import kernel_layout
 
 CASES = [  # (M, K, N, group_size, tile_m, split_k)
@@ -45,7 +45,7 @@ CASES = [  # (M, K, N, group_size, tile_m, split_k)
 
 def main() -> int:
     no_cublas = "--no-cublas" in sys.argv[1:]
-    dtype = kernels.np_dtype(sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv else "float16")
+    dtype = dtypes.np_dtype(sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv else "float16")
     # every kernel design of the registry plus the dequant path (variants that only re-plan a design,
     # like quick_m16, or choose one, like auto, run no code of their own)
     names = tuple(registry.DESIGNS) + tuple(v.name for v in registry.VARIANTS.values() if v.path == "dequant")
@@ -64,7 +64,7 @@ def main() -> int:
         ref = reference_gemm(x.astype(np.float64), q, bias.astype(np.float64))
         for kernel in names:
             if kernels.unsupported_reason(kernel, cupy.cuda.Device().id) or \
-                    dtype.name not in registry.design_of(kernel).dtypes:
+                    dtype.name not in registry.variant(kernel).design.dtypes:
                 continue
             layout = kernel_layout(kernel)
             if layout == "awq" and (N % 64 or tile_m == 128):
