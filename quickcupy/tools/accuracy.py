@@ -15,8 +15,23 @@ import argparse
 
 import numpy as np
 
-from .common import (UsageError, check_output_path, deprecated, parse_group_size, parse_int, parse_ms, parse_names,
-                     parse_shapes, table)
+from .. import device, kernels, registry
+from ..gemm import KERNELS as ALL
+from ..gemm import QuantLinear, gemm
+from ..quantize import quantize
+from ..reference import reference_gemm, rel_error
+from .common import (
+    UsageError,
+    check_output_path,
+    deprecated,
+    parse_group_size,
+    parse_int,
+    parse_ms,
+    parse_names,
+    parse_shapes,
+    table,
+)
+
 
 def _bf16():
     import ml_dtypes
@@ -82,8 +97,6 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from .. import device
-    from ..gemm import KERNELS as ALL
     if args.shape is None:
         shapes = parse_shapes(DEFAULT_SHAPES if args.shapes is None else args.shapes)
     elif args.shapes is not None:
@@ -101,9 +114,8 @@ def run(args) -> int:
         print(f"accuracy needs a CUDA GPU: {reason}")
         return 1
     import cupy
-    from ..kernels import unsupported_reason
     dev = cupy.cuda.Device().id
-    reasons = {k: unsupported_reason(k, dev) for k in names}
+    reasons = {k: kernels.unsupported_reason(k, dev) for k in names}
     skipped = [f"{k}: {why}" for k, why in reasons.items() if why]
     names = tuple(k for k, why in reasons.items() if not why)
     text = "\n\n".join(measure(K, N, ms, G, names, seed) for K, N in shapes)
@@ -120,10 +132,6 @@ def run(args) -> int:
 def measure(K, N, ms, G, names, seed) -> str:
     """The table (text) of every kernel's error for fp16 and bf16 at each M."""
     import cupy
-    from .. import registry
-    from ..gemm import QuantLinear, gemm
-    from ..quantize import quantize
-    from ..reference import reference_gemm, rel_error
     bf16 = _bf16()
     rng = np.random.default_rng(seed)
     q = quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float16), G)

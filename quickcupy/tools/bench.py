@@ -32,14 +32,44 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import device as _device
-from ..llama.model import MODELS
+from .. import kernels
+from ..analysis.smem_predict import WALKS, predict
 from ..dtypes import np_dtype
-from ..registry import VARIANTS, design_of
-from .bench_report import (BASELINE, CLOCK_FIELDS, SCHEMA, derive_points, format_header,
-                           format_table, rotation_copies, weight_bytes, write_csv, write_plot)
-from .common import (DTYPE_HELP, Progress, UsageError, check_output_path, format_rows, jsonable, now,
-                     ordered_unique, parse_dtype, parse_group_size, parse_int, parse_ms, parse_names,
-                     parse_shapes, table, write_json)
+from ..gemm import QuantLinear, check_layer_shape, gemm
+from ..layouts import pack_awq, pack_quick
+from ..llama.model import MODELS, LlamaConfig, gemm_shapes
+from ..quantize import quantize
+from ..registry import VARIANTS, variant
+from .bench_report import (
+    BASELINE,
+    CLOCK_FIELDS,
+    SCHEMA,
+    derive_points,
+    format_header,
+    format_table,
+    rotation_copies,
+    weight_bytes,
+    write_csv,
+    write_plot,
+)
+from .common import (
+    DTYPE_HELP,
+    Progress,
+    UsageError,
+    check_output_path,
+    format_rows,
+    jsonable,
+    now,
+    ordered_unique,
+    parse_dtype,
+    parse_group_size,
+    parse_int,
+    parse_ms,
+    parse_names,
+    parse_shapes,
+    table,
+    write_json,
+)
 from .timing import rotating, time_gpu, time_gpu_samples, time_gpu_stream
 
 DEFAULT_SHAPES = ((8192, 8192),                                                  # K x N
@@ -109,7 +139,6 @@ def add_parser(subparsers):
 
 def model_shapes(text: str) -> list:
     """``"llama3-8b,qwen2.5-7b"`` -> the (K, N) of their fused GEMMs, first occurrence order."""
-    from ..llama.model import LlamaConfig, gemm_shapes
     shapes = []
     for name in parse_names("--models", text, MODELS):
         shapes += gemm_shapes(LlamaConfig(**MODELS[name])).values()
@@ -147,17 +176,16 @@ def shape_refusal(kernel: str, K: int, N: int, M: int | None = None, dtype: str 
     CUDA ``device``: quick_sm90 off Hopper): the library's own message, or None."""
     if kernel == BASELINE:
         return None
-    from ..gemm import check_layer_shape
     if device is not None:
-        from ..kernels import unsupported_reason
-        if unsupported_reason(kernel, device):
-            return f"ValueError: {unsupported_reason(kernel, device)}"
+        if kernels.unsupported_reason(kernel, device):
+            return f"ValueError: {kernels.unsupported_reason(kernel, device)}"
+    v = variant(kernel)
     try:
-        check_layer_shape(design_of(kernel).layout, K, N)
-        if M is not None and VARIANTS[kernel].path == "gemm":
-            design_of(kernel).check_m(M)
+        check_layer_shape(v.layout, K, N)
+        if M is not None and v.path == "gemm":
+            v.design.check_m(M)
         if dtype is not None:
-            design_of(kernel).check_dtype(dtype)
+            v.design.check_dtype(dtype)
     except ValueError as exc:
         return f"ValueError: {exc}"
     return None
@@ -191,8 +219,6 @@ def host_quantize_pack(K: int, N: int, group_size: int, seed: int = 0):
     """Quantizes a random float16 (N, K) weight on the host and packs it both ways, timed.
 
     Returns (QuantizedWeight, {"K", "N", "quantize_s", "pack_awq_s", "pack_quick_s"})."""
-    from ..layouts import pack_awq, pack_quick
-    from ..quantize import quantize
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((N, K), dtype=np.float32) * 0.02).astype(np.float16)
     t0 = time.perf_counter()
@@ -214,7 +240,6 @@ def _weights(K, N, s: Settings, l2_bytes, progress):
     host timings or None). With int4 kernels ONE random weight is quantized on the host and w_fp16
     is its dequantization (so fp16 computes the same product); the copies are made on the GPU."""
     import cupy
-    from ..gemm import QuantLinear
     quantized = [k for k in s.kernels if k != BASELINE and shape_refusal(k, K, N) is None]
     layers, host = {}, None
     if quantized:
@@ -222,7 +247,7 @@ def _weights(K, N, s: Settings, l2_bytes, progress):
         q, host = host_quantize_pack(K, N, s.group_size, s.seed)
         w_fp16 = _dequantized_fp16(q)
         n_int4 = rotation_copies(weight_bytes("int4", K, N, s.group_size), l2_bytes)
-        for layout in ordered_unique(design_of(k).layout for k in quantized):
+        for layout in ordered_unique(variant(k).layout for k in quantized):
             first = QuantLinear.from_quantized(q, layout=layout)
             layers[layout] = [first] + [first.copy() for _ in range(n_int4 - 1)]
     else:
@@ -238,7 +263,6 @@ def _weights(K, N, s: Settings, l2_bytes, progress):
 def _bench_shape(K, N, s: Settings, l2_bytes, progress):
     """(raw measurements, skipped points, host timings) of one (K, N) over every M and kernel."""
     import cupy
-    from ..gemm import gemm
     cupy.random.seed(s.seed)
     w_fp16, fp16_weights, layers, host = _weights(K, N, s, l2_bytes, progress)
     dt = np_dtype(s.dtype)
@@ -269,9 +293,10 @@ def _bench_shape(K, N, s: Settings, l2_bytes, progress):
             progress.step(f"K={K} N={N} M={M} {kernel}")
             if kernel == BASELINE:
                 items, call = fp16_weights, (lambda w, x=x, y=y: cupy.matmul(x, w, out=y))
-            else:
-                items = layers[design_of(kernel).layout]
-                call = (lambda layer, x=x, y=y, kernel=kernel: gemm(x, layer, kernel=kernel, out=y))
+            else:                            # the record, so the timed calls look no name up
+                v = variant(kernel)
+                items = layers[v.layout]
+                call = (lambda layer, x=x, y=y, v=v: gemm(x, layer, kernel=v, out=y))
             samples = time_gpu_samples(rotating(call, items), s.warmup, s.repeats)
             stream_s = time_gpu_stream(rotating(call, items), s.repeats)
             err = float(cupy.abs(y.astype(cupy.float32) - y_ref.astype(cupy.float32)).max()) / ref_max
@@ -329,10 +354,9 @@ def bank_predictions(s: Settings) -> tuple:
     """(rows, skipped) of the bank-conflict model (quickcupy.analysis.smem_predict) for every shape,
     M and int4 kernel of the settings (those that run one of our GEMM designs): per-launch shared-memory instructions, wavefronts and
     conflicts; shapes a kernel cannot hold are skipped with the message the GPU path gives."""
-    from ..analysis.smem_predict import WALKS, predict
     rows, skipped = [], []
     for K, N in s.shapes:
-        for kernel in (k for k in s.kernels if k in VARIANTS and design_of(k).name in WALKS
+        for kernel in (k for k in s.kernels if k in VARIANTS and VARIANTS[k].design.name in WALKS
                        and VARIANTS[k].path == "gemm"):
             reason = shape_refusal(kernel, K, N)
             if reason:

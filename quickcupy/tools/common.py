@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from .. import dtypes
+from ..quantize import effective_group_size
 
 
 class UsageError(ValueError):
@@ -100,7 +101,6 @@ def parse_names(flag: str, text, available) -> list:
 def parse_group_size(flag: str, text, in_features=()) -> int:
     """A group size by the library's one rule (quickcupy.quantize.effective_group_size), checked
     against every in_features it will meet; returns it as given (-1 stays -1)."""
-    from ..quantize import effective_group_size
     value = parse_int(flag, text)
     for K in in_features or (value if value > 0 else 32,):
         try:

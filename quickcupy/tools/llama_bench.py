@@ -14,13 +14,37 @@ from pathlib import Path
 
 import numpy as np
 
-from ..llama.checkpoint import load_awq_checkpoint
-from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
-                           random_layers)
+from .. import device as _device
+from ..llama import ops
+from ..llama.checkpoint import load_awq_checkpoint, load_tokenizer
+from ..llama.model import (
+    BACKENDS,
+    PRESETS,
+    QUANTIZED_BACKENDS,
+    KVCache,
+    LlamaConfig,
+    LlamaModel,
+    projection_shapes,
+    random_head,
+    random_layers,
+)
 from ..quantize import effective_group_size
 from ..reference import rel_error
-from .common import (DTYPE_HELP, SHORT_DTYPES, Progress, UsageError, check_output_path, parse_dtype,
-                     parse_group_size, parse_int, parse_int_list, parse_names, table, write_json)
+from .common import (
+    DTYPE_HELP,
+    SHORT_DTYPES,
+    Progress,
+    UsageError,
+    check_output_path,
+    parse_dtype,
+    parse_group_size,
+    parse_int,
+    parse_int_list,
+    parse_names,
+    table,
+    write_json,
+)
+from .timing import gpu_seconds_behind_spin
 
 
 @dataclass(frozen=True)
@@ -159,7 +183,6 @@ def _random_hidden(xp, seed: int, shape, dtype):
 
 
 def run(args) -> int:
-    from ..device import device_info, no_gpu_reason, versions
 
     s = settings(args)
     if s.prompt_text is not None:
@@ -167,7 +190,7 @@ def run(args) -> int:
     if s.vocab is not None:
         return run_model(s)
     progress = Progress("llama", log_steps=False)
-    reason = no_gpu_reason()
+    reason = _device.no_gpu_reason()
     gpu = reason is None
 
     # --------------------------------------------------------------- model dimensions and weights
@@ -253,7 +276,7 @@ def run(args) -> int:
 
     # ---------------------------------------------------------------------------------- report
     report = {
-        "command": s.command, "versions": versions(), "device": device_info() if gpu else
+        "command": s.command, "versions": _device.versions(), "device": _device.device_info() if gpu else
         {"available": False, "reason": reason}, "config": config.to_dict(), "source": source,
         "group_size": group_size, "prompt": s.prompt, "gen": s.gen, "dtype": s.dtype,
         "throughput": results, "accuracy": accuracy,
@@ -267,8 +290,6 @@ def run(args) -> int:
 def generate_text(s: Settings) -> int:
     """--prompt-text: the checkpoint's tokenizer encodes the text, the model continues it greedily
     by --gen tokens, and the decoded continuation is printed."""
-    from ..device import no_gpu_reason
-    from ..llama.checkpoint import load_tokenizer
     if not s.checkpoint:
         raise UsageError("--prompt-text needs --checkpoint DIR (with tokenizer.json, embedding and LM head)")
     try:
@@ -281,7 +302,7 @@ def generate_text(s: Settings) -> int:
     ids = tokenizer.encode(s.prompt_text).ids
     if not ids:
         raise UsageError("--prompt-text encodes to no tokens")
-    reason = no_gpu_reason()
+    reason = _device.no_gpu_reason()
     backend = s.backends[0] if reason is None else "numpy"
     if reason is not None:
         print(f"{reason}: running the NumPy float32 path on the CPU")
@@ -324,7 +345,6 @@ def _time_one(model: LlamaModel, backend: str, batch: int, s: Settings, progress
     per-launch overhead (C++, CUDA graphs) would see; ``gpu_time_exact`` is False if the host ever
     fell behind the spin (the GPU time is then an upper bound).
     """
-    from .timing import gpu_seconds_behind_spin
     xp, H = model.xp, model.config.hidden_size
     prompt, gen = s.prompt, s.gen
     cache = model.new_cache(batch, prompt + gen)
@@ -477,8 +497,6 @@ def _time_generation(model: LlamaModel, backend: str, batch: int, s: Settings, p
     steps fed back on the GPU (CUDA graph replays on the 4-bit backends, eager dense), on both clocks:
     wall (perf_counter around the synchronized loop) and GPU (each call behind a spin kernel)."""
     import cupy
-    from ..llama import ops
-    from .timing import gpu_seconds_behind_spin
     graph = backend in QUANTIZED_BACKENDS
     rng = np.random.default_rng(s.seed + batch)
     ids = cupy.asarray(rng.integers(0, s.vocab, (batch, s.prompt)))
@@ -533,7 +551,6 @@ def _non_gemm_us_per_layer(model: LlamaModel, s: Settings) -> dict:
     (norms, rope + cache write, attention over prompt positions, silu * up; the embedding and the
     final norm once), beside the full step's."""
     import cupy
-    from .timing import gpu_seconds_behind_spin
     n = model.config.num_hidden_layers
     result = {}
     for name, m in (("full", model), ("no_gemm", _without_gemms(model))):
@@ -555,9 +572,7 @@ def _non_gemm_us_per_layer(model: LlamaModel, s: Settings) -> dict:
 
 def run_model(s: Settings) -> int:
     """--vocab: the whole model's prefill and greedy decode per backend and batch (GPU only)."""
-    from ..device import device_info, no_gpu_reason, versions
-    from ..llama.model import random_head
-    reason = no_gpu_reason()
+    reason = _device.no_gpu_reason()
     if reason is not None:
         raise UsageError(f"--vocab times the whole model on the GPU: {reason}")
     if s.checkpoint:
@@ -591,7 +606,7 @@ def run_model(s: Settings) -> int:
         import cupy
         cupy.get_default_memory_pool().free_all_blocks()
     progress.close()
-    report = {"command": s.command, "versions": versions(), "device": device_info(), "config": config.to_dict(),
+    report = {"command": s.command, "versions": _device.versions(), "device": _device.device_info(), "config": config.to_dict(),
               "vocab": s.vocab, "group_size": group_size, "prompt": s.prompt, "gen": s.gen, "dtype": s.dtype,
               "source": f"random weights (seed {s.seed}), one layer's copied to every layer",
               "generation": results, "decode_step_batch1": overhead}

@@ -34,14 +34,46 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from .. import kernels as kernels_mod, registry
-from ..device import no_gpu_reason
-from .common import (UsageError, check_output_path, deprecated, jsonable, parse_group_size, parse_ms, parse_names,
-                     parse_shapes)
-from .ncu_report import (METRIC_NAMES, METRICS, REDUCE_PATTERN, ROOT_RANGE, KernelLaunch,  # noqa: F401
-                         NcuError, call_range, fill_source, format_lines, format_report, group_by_range,
-                         group_calls, output_paths, parse_ncu_csv, parse_source_csv, parse_value, per_line,
-                         range_of, save_report, short_kernel_name, summarize, SourceRow, kernel_totals)
+from .. import QuantLinear, gemm, quantize, registry
+from .. import kernels as kernels_mod
+from ..analysis.smem_predict import predict
+from ..device import device_info, no_gpu_reason, versions
+from ..gemm import kernel_layout
+from .common import (
+    UsageError,
+    check_output_path,
+    deprecated,
+    jsonable,
+    parse_group_size,
+    parse_ms,
+    parse_names,
+    parse_shapes,
+)
+from .ncu_report import (  # noqa: F401
+    METRIC_NAMES,
+    METRICS,
+    REDUCE_PATTERN,
+    ROOT_RANGE,
+    KernelLaunch,
+    NcuError,
+    SourceRow,
+    call_range,
+    fill_source,
+    format_lines,
+    format_report,
+    group_by_range,
+    group_calls,
+    kernel_totals,
+    output_paths,
+    parse_ncu_csv,
+    parse_source_csv,
+    parse_value,
+    per_line,
+    range_of,
+    save_report,
+    short_kernel_name,
+    summarize,
+)
 
 KERNELS = ("awq", "quick")                   # profiled by default; any of quickcupy.registry.VARIANTS
 GEMM_KERNELS = tuple(k for k, v in registry.VARIANTS.items() if v.path == "gemm")   # what --kernels takes
@@ -322,7 +354,6 @@ def predicted_metrics(kernel: str, M: int, N: int, K: int, group_size: int):
     """Metric values the bank-conflict model predicts for one GEMM call (quickcupy.analysis.smem_predict,
     from the index maps the kernels are compiled with): {ncu metric name: value}, None for a
     kernel the model does not know. A dict adds a "<kernel> predicted" column."""
-    from ..analysis.smem_predict import predict
     try:
         p = predict(kernel, M, N, K, group_size)
     except ValueError:
@@ -569,11 +600,8 @@ def lines_text(report: dict, kernel: str) -> str:
 # ------------------------------------------------------------------------------ child process
 def _child_main(argv) -> int:
     """Makes the GEMM calls (run under ncu) and writes the manifest of calls in order."""
-    import numpy as np
     import cupy as cp
-    from .. import QuantLinear, gemm, quantize
-    from ..device import device_info, versions
-    from ..gemm import kernel_layout
+    import numpy as np
 
     p = argparse.ArgumentParser(prog="python -m quickcupy.tools.ncu --child")
     p.add_argument("--child", action="store_true", required=True)

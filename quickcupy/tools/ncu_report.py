@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ..kernels import cuda_dir
 from .common import write_json
 
 REDUCE_PATTERN = re.compile("reduce", re.IGNORECASE)
@@ -471,7 +472,6 @@ def format_lines(lines: list, totals: dict | None = None, only_shared: bool = Tr
 def fill_source(rows: list, folder=None) -> list:
     """CUDA-line rows take their text from the file of the same name in ``folder`` (default
     quickcupy.kernels.cuda_dir()) where it exists, else keep ncu's; returns the rows."""
-    from ..kernels import cuda_dir
     folder = cuda_dir() if folder is None else folder
     cache = {}
     for r in rows:

@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from ..kernels import get_function
+
 MAX_SPIN_S = 0.2           # longest wait queued ahead of a batch of timed calls
 
 
@@ -17,7 +19,6 @@ def spin(seconds: float):
     """Keeps the current stream busy for ``seconds`` (cuda/spin.cu) so that the calls queued after
     it run back to back."""
     import cupy
-    from ..kernels import get_function
     fn = get_function(cupy.cuda.Device().id, "spin.cu", "quickcupy_spin")
     fn((1,), (1,), (np.uint64(int(seconds * 1e9)),))
 

@@ -24,10 +24,20 @@ import re
 from pathlib import Path
 
 from .. import device as _device
-from .. import dispatch, dtypes, kernels, registry
+from .. import dispatch, kernels, registry
 from . import bench
-from .common import (DTYPE_HELP, UsageError, check_output_path, parse_dtype, parse_int, parse_ms, parse_names,
-                     parse_shapes, table, write_json)
+from .common import (
+    DTYPE_HELP,
+    UsageError,
+    check_output_path,
+    parse_dtype,
+    parse_int,
+    parse_ms,
+    parse_names,
+    parse_shapes,
+    table,
+    write_json,
+)
 
 CANDIDATES = tuple(k for k, v in registry.VARIANTS.items()
                    if v.path != "auto" and v.layout == dispatch.LAYOUT and v.tile_m is None)
@@ -97,10 +107,9 @@ def run(args) -> int:
         if reason is not None:
             raise UsageError(f"tune measures kernels and needs a GPU (or --points): {reason}")
         import cupy
-        from ..kernels import unsupported_reason
         device = cupy.cuda.Device().id
-        for k in [k for k in candidates if unsupported_reason(k, device)]:
-            print(f"tune: leaving out {k}: {unsupported_reason(k, device)}")
+        for k in [k for k in candidates if kernels.unsupported_reason(k, device)]:
+            print(f"tune: leaving out {k}: {kernels.unsupported_reason(k, device)}")
             candidates.remove(k)
         name, arch = _device.device_info()["name"], kernels.device_arch(device)
     out = args.out or _default_out(name)
