@@ -17,14 +17,14 @@ import numpy as np
 from ..llama.checkpoint import load_awq_checkpoint
 from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
                            random_layers)
-
-# --dtype values -> the activation dtype's NumPy name.
-DTYPE_FLAGS = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}
-SHORT = {"float16": "fp16", "bfloat16": "bf16"}
 from ..quantize import effective_group_size
 from ..reference import rel_error
 from .common import (Progress, UsageError, check_output_path, parse_group_size, parse_int, parse_int_list,
                      parse_names, table, write_json)
+
+# --dtype values -> the activation dtype's NumPy name.
+DTYPE_FLAGS = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}
+SHORT = {"float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)
