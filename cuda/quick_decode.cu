@@ -50,6 +50,14 @@
 
 using namespace qc;
 
+// NVRTC 12 (12.9, the last CUDA 12 release) gives ptxas PTX of the register pipeline (S = 0) at one
+// scale block per batch (GCH = U = 4, group size 128) that does not fit the 128 registers of 16 warps
+// per SM: 1-3 loop-invariant integers (the group-index multiplier, the round count) spill, 8-16 bytes
+// on sm_80. ptxas 13 spills that PTX too and not NVRTC 13's, so the front end makes the difference.
+// With NVRTC 12 only (NVRTC12_REGS), the register pipeline folds its block sums every two chunks and
+// bounds its batch loop by the warp's chunks left: no spills, the same sums up to fp32 rounding
+// order. NVRTC 13 compiles the code as measured.
+
 // One warp's slot of the weight ring: U chunks of packed codes and the scale blocks they need. Lane
 // L writes (cp.async) and reads back w[c][L] only; the scale/zero rows are read by every lane after
 // a barrier.
@@ -99,6 +107,7 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
   constexpr int RC = KW * U;                   // chunks per round (of each tile column)
   constexpr int VECS = RC * 4;                 // 16-byte activation vectors per row and round (DEC_A_CP map)
   constexpr int SR = S > 0 ? S : 1;            // ring slots, for slot arithmetic
+  constexpr bool NVRTC12_REGS = __CUDACC_VER_MAJOR__ < 13;  // see the note on NVRTC 12 at the top
   using D = Dt<T>;
   using Slot = DecodeSlot<U>;
   // one untyped extern array for every instance (extern __shared__ arrays of different types clash)
@@ -204,7 +213,8 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
           for (int mb = 0; mb < MB; ++mb) D::mma(accg[i][mb], wa, act[mb][2 * s], act[mb][2 * s + 1]);
         }
     }
-    if (c % GCH == GCH - 1) {  // end of a scale block: acc += scale * block sums
+    constexpr int FOLD = NVRTC12_REGS && S == 0 && GCH > 2 ? 2 : GCH;  // chunks per fold (divides GCH)
+    if (c % FOLD == FOLD - 1) {  // end of a scale block (or half of one): acc += scale * block sums
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const float s_lo = __low2float(sc[2 * i]), s_hi = __low2float(sc[2 * i + 1]);  // rows g, g + 8
@@ -227,6 +237,7 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
     const uint2* sq = scales + sz_row * 8 + g;
     const unsigned short* zq = qzeros + sz_row * 8 + g;
     const u32 zero_rt = (u32)M >> 31;  // 0 at run time, unknown to the compiler
+    const int left = active ? nch_b - wk * U : 0;  // NVRTC12_REGS: batch b is computed if b RC < left
     auto load_batch = [&](int b, DecodeBatch<U>& rb, u32 dep) {  // predicated per chunk, no branch
       const int rcb = b * RC + wk * U;
       const uint4* wb = wq + (size_t)rcb * 32 + dep;
@@ -260,11 +271,12 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
     load_batch(0, buf[0], 0u);
     cp_async_wait<0>();
     __syncthreads();  // activations are in shared memory; no barrier in the main loop
-    for (int b = 0; b < nb; b += 2) {  // no branch between a wait and the next loads
+    // no branch between a wait and the next loads
+    for (int b = 0; NVRTC12_REGS ? b * RC < left : b < nb; b += 2) {
       load_batch(b + 1, buf[1], buf[0].w[U - 1].w & zero_rt);
       compute(b, buf[0]);
       load_batch(b + 2, buf[0], buf[1].w[U - 1].w & zero_rt);
-      if (b + 1 < nb) compute(b + 1, buf[1]);
+      if (NVRTC12_REGS ? (b + 1) * RC < left : b + 1 < nb) compute(b + 1, buf[1]);
     }
   } else {
     // ---- shared ring. Everything a round's copies share is computed once here; a round adds only

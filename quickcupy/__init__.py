@@ -11,3 +11,6 @@ from .quantize import QuantizedWeight, effective_group_size, quantize
 from .layouts import PackedWeight, pack_awq, pack_quick, unpack_awq, unpack_quick
 from .reference import reference_gemm, rel_error
 from .gemm import KERNELS, QuantLinear, gemm
+from ._cupy import warn_if_two_wheels
+
+warn_if_two_wheels()   # once per process (none of the above imports cupy): with two CuPy wheels it is undefined

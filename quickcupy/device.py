@@ -7,13 +7,16 @@ import sys
 import numpy as np
 
 from . import __version__
+from ._cupy import import_cupy
 
 
 def no_gpu_reason():
     """None when a CUDA device is usable, else a one-line reason."""
     try:
-        import cupy
-    except Exception as exc:  # ImportError, or a broken CUDA install
+        cupy = import_cupy()
+    except ImportError as exc:
+        return str(exc)
+    except Exception as exc:  # a broken CUDA install
         return f"CuPy is not importable ({type(exc).__name__}: {exc})"
     try:
         n = cupy.cuda.runtime.getDeviceCount()
@@ -47,7 +50,7 @@ def versions() -> dict:
     out = {"quickcupy": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
            "platform": platform.platform()}
     try:
-        import cupy
+        cupy = import_cupy()
         out["cupy"] = cupy.__version__
         try:
             out["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
@@ -66,7 +69,7 @@ def device_info(index: int = 0) -> dict:
     reason = no_gpu_reason()
     if reason is not None:
         return {"available": False, "reason": reason}
-    import cupy
+    cupy = import_cupy()
     props = cupy.cuda.runtime.getDeviceProperties(index)
     info = {
         "available": True,

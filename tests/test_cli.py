@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from quickcupy import dtypes, registry
+from quickcupy import dtypes
 from quickcupy.__main__ import build_parser, main
 from quickcupy.tools import bench, common, llama_bench, ncu
 from test_dispatch import _bench_json

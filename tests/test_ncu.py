@@ -677,6 +677,32 @@ def test_no_nvtx_attributes_by_launch_order(fake_ncu, tmp_path, capsys):
     assert "--nvtx" not in argv and "--no-nvtx" in argv
 
 
+def _line_table_files(cubin: bytes, folder: bytes) -> list:
+    """File names of the DWARF 2-4 line table whose include folders list ``folder``: after the
+    folders' closing NUL, entries of name NUL + three ULEB128s (folder index, mtime, length) until an
+    empty name. NVRTC 13 writes 0 for mtime and length, NVRTC 12 the source's real ones."""
+    at = cubin.index(b"\0\0", cubin.index(folder + b"\0")) + 2
+    names = []
+    while cubin[at]:
+        end = cubin.index(b"\0", at)
+        names.append(cubin[at:end].decode())
+        at = end + 1
+        for _ in range(3):
+            while cubin[at] & 0x80:       # a ULEB128 byte with the high bit set continues the number
+                at += 1
+            at += 1
+    return names
+
+
+def test_line_table_files_reads_both_nvrtc_layouts():
+    """The two layouts seen: NVRTC 13 (zero mtime and length) and 12 (one-byte to five-byte ULEBs)."""
+    v13 = b"\x01\x01/src/cuda\0\0awq_gemm.cu\0\x01\0\0quant_common.cuh\0\x01\0\0\0\x09"
+    v12 = (b"\x01\x01/src/cuda\0\0awq_gemm.cu\0\x01\xee\x9b\xd9\xd8\x06\xa5\"quant_common.cuh\0\x01"
+           b"\xee\x9b\xd9\xd8\x06\xc5\xb1\x01\0\0")
+    for cubin in (v13, v12):
+        assert _line_table_files(cubin, b"/src/cuda") == ["awq_gemm.cu", "quant_common.cuh"]
+
+
 @needs_nvrtc
 def test_lineinfo_build_names_the_cuda_file(monkeypatch):
     """QUICKCUPY_LINEINFO=1: -lineinfo in the options and line tables naming cuda/awq_gemm.cu."""
@@ -688,9 +714,10 @@ def test_lineinfo_build_names_the_cuda_file(monkeypatch):
         f'#line 1 "{(kernels.cuda_dir() / "awq_gemm.cu").resolve()}"'
     cubin, _, _ = kernels.nvrtc_compile("awq_gemm.cu", "sm_90", [name])
     # The line table stores the folder and the file names (the header's lines too).
-    for text in (b".debug_line", str(kernels.cuda_dir().resolve()).encode(), b"\0awq_gemm.cu\0",
-                 b"\0quant_common.cuh\0"):
+    folder = str(kernels.cuda_dir().resolve()).encode()
+    for text in (b".debug_line", folder):
         assert text in cubin and text not in plain
+    assert {"awq_gemm.cu", "quant_common.cuh"} <= set(_line_table_files(cubin, folder))
 
 
 # ------------------------------------------------------------------------------- LDGSTS probe

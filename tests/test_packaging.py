@@ -1,5 +1,4 @@
 """README's commands are what CI runs; the CUDA sources ship inside the package."""
-import re
 import subprocess
 import sys
 import zipfile
@@ -10,17 +9,31 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+ROUTES = ("cuda13", "cuda12")      # README's first route is the one CI runs last
+
+
 def _readme_commands():
-    return re.findall(r"```\n(python -m pip install .*?)\n```", (ROOT / "README.md").read_text())
+    """The install lines of README's code blocks, in order."""
+    commands, in_block = [], False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            in_block = not in_block
+        elif in_block and line.startswith("python -m pip install"):
+            commands.append(line)
+    return commands
 
 
-def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+def test_readme_has_two_setup_commands_per_route_and_ci_runs_each_test_one():
     commands = _readme_commands()
-    assert len(commands) == 2, commands
-    assert commands[0].endswith("python -m quickcupy bench")
-    assert commands[1].endswith("python -m pytest -q")
+    expected = [f'python -m pip install ".[{route}]" && python -m quickcupy bench' for route in ROUTES]
+    tests = [f'python -m pip install ".[{route},test]" && python -m pytest -q' for route in ROUTES]
+    assert sorted(commands) == sorted(expected + tests), commands
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
-    assert ci[-1] == commands[1], "the last line of .ci/run must be README's test command"
+    for command in tests:
+        assert ci.count(command) == 1, f".ci/run must run README's {command!r} once, as a line of its own"
+    readme_test = next(c for c in commands if c.endswith("python -m pytest -q"))
+    assert readme_test == tests[0] and ci[-1] == readme_test, "the last line of .ci/run must be README's test command"
+    assert "ruff check ." in ci
 
 
 @pytest.mark.slow

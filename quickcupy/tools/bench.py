@@ -25,6 +25,7 @@ as ``--json``/``--csv`` write them), the host's quantize/pack times, and one sum
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -198,7 +199,7 @@ def measure_copy_bandwidth(l2_bytes: int, warmup: int = 5, repeats: int = 20) ->
     nbytes = max(256 * 2 ** 20, 8 * l2_bytes)
     src = cupy.ones(nbytes, cupy.uint8)
     dst = cupy.empty_like(src)
-    t = time_gpu(lambda: dst.data.copy_from_device_async(src.data, nbytes), warmup, repeats)
+    t = time_gpu(functools.partial(dst.data.copy_from_device_async, src.data, nbytes), warmup, repeats)
     del src, dst
     cupy.get_default_memory_pool().free_all_blocks()
     return {"bytes": 2 * nbytes, "time_us": t * 1e6, "bytes_per_s": 2 * nbytes / t, "gb_per_s": 2 * nbytes / t / 1e9}

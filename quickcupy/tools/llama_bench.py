@@ -46,7 +46,6 @@ from .common import (
 )
 from .timing import gpu_seconds_behind_spin
 
-
 @dataclass(frozen=True)
 class Settings:
     """What one ``llama`` run does, parsed and checked once."""
