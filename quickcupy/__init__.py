@@ -1,9 +1,11 @@
 """quickcupy: CuPy kernels for 4-bit weight-only quantized GEMM (QUICK interleaved layout vs AWQ).
 
 The library: :mod:`.quantize` (AutoAWQ's rule), :mod:`.layouts` (AWQ and QUICK packing),
-:mod:`.registry` (every kernel design), :mod:`.kernels` (loader, plans, launch), :mod:`.gemm`
-(:class:`QuantLinear`, :func:`gemm`), :mod:`.attention`, :mod:`.reference`; the Llama model in
-:mod:`.llama`; the bank-conflict model in :mod:`.analysis`; the command-line tools in :mod:`.tools`.
+:mod:`.dtypes` (activation dtypes), :mod:`.registry` (every kernel design), :mod:`.kernels` (loader,
+plans, launch, workspaces), :mod:`.dispatch` (``kernel="auto"``), :mod:`.gemm` (:class:`QuantLinear`,
+:func:`gemm`), :mod:`.formats` (checkpoint readers), :mod:`.attention`, :mod:`.reference`; the Llama
+model in :mod:`.llama`; the bank-conflict model in :mod:`.analysis`; the command-line tools in
+:mod:`.tools`. Experiments live outside the package, in the repository's ``dev/``.
 """
 __version__ = "0.2.0"
 

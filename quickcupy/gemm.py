@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from . import dispatch, formats, kernels, registry
+from ._cupy import import_cupy
 from .dtypes import NAMES
 from .layouts import pack_awq, pack_quick, packed_shapes, unpack_awq
 from .quantize import QuantizedWeight, quantize
@@ -60,7 +61,7 @@ class QuantLinear:
         """From tensors already packed in ``layout`` (:func:`quickcupy.layouts.packed_shapes`),
         NumPy (copied to the current GPU) or CuPy (on the current GPU, used as they are); most
         callers want :meth:`from_quantized` or a checkpoint reader instead."""
-        import cupy
+        cupy = import_cupy()               # without CuPy: an ImportError naming the extra to install
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is unknown; use one of {LAYOUTS}")
         check_layer_shape(layout, in_features, out_features)
@@ -313,7 +314,7 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=No
     graph can replay it (:func:`quickcupy.kernels.workspace`), and ``auto`` never picks the cuBLAS
     path, which CuPy cannot capture.
     """
-    import cupy
+    cupy = import_cupy()
     if not isinstance(layer, QuantLinear):
         raise TypeError(f"layer must be a QuantLinear, got {type(layer).__name__}")
     if cupy.cuda.runtime.getDevice() != layer.device:
