@@ -341,7 +341,7 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k):
     shape = x.shape[:-1] + (N,)
     M = x.size // K
     if out is None:
-        with kernels._allocation_allowed():
+        with kernels.allocation_allowed():
             out = cupy.empty(shape, x.dtype)
     else:
         out, _ = _as_cupy(out, "out")

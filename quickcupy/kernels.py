@@ -553,7 +553,7 @@ class Workspace:
         have = self._buffers.get(key)
         if have is None or have.size < n:
             import cupy
-            with _allocation_allowed():
+            with allocation_allowed():
                 new = cupy.empty(max(n, 0 if have is None else 2 * have.size), dtype)
             if have is not None:
                 self._old.append(have)
@@ -565,7 +565,7 @@ class Workspace:
         have = self._buffers.get("counters")
         if have is None or have.size < n:
             import cupy
-            with _allocation_allowed():   # zeroed on the current stream (in a capture: by the graph)
+            with allocation_allowed():   # zeroed on the current stream (in a capture: by the graph)
                 new = cupy.zeros(max(n, 0 if have is None else 2 * have.size), np.uint32)
             if have is not None:
                 self._old.append(have)
@@ -651,7 +651,7 @@ def capturing() -> bool:
 
 
 @contextlib.contextmanager
-def _allocation_allowed():
+def allocation_allowed():
     """Lets a cudaMalloc through while this thread's stream is captured in the global mode (what
     ``torch.cuda.graph`` uses, which forbids it): the thread's capture mode is relaxed for the block.
     The memory is not part of the graph; the workspace keeps it alive."""
