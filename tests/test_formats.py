@@ -25,10 +25,13 @@ def _words(values, axis):
 
 def write_gptq(codes, zeros, scales, g_idx, checkpoint_format="gptq"):
     """A GPTQ layer from codes (N, K) in 0..15, zeros/scales (N, K/G) and g_idx (K,):
-    qweight (K/8, N) packed along K, qzeros (K/G, N/8) packed along N holding zero - 1 in the classic
-    format, scales (K/G, N) float16."""
-    stored = zeros.astype(np.int64) - (1 if checkpoint_format == "gptq" else 0)
-    return dict(qweight=_words(codes.T, 0), qzeros=_words(stored.T, 1),
+    qweight (K/8, N) packed along K, qzeros (K/G, N/8) packed along N, scales (K/G, N) float16.
+    The classic format subtracts 1 from every nibble of each packed qzeros word at once, as 32-bit
+    arithmetic (a zero of 0 borrows from the nibble above), the way GPTQModel writes v1."""
+    qzeros = _words(zeros.T, 1)
+    if checkpoint_format == "gptq":
+        qzeros = (qzeros.view(np.uint32) - np.uint32(0x11111111)).view(np.int32)   # wraps mod 2**32
+    return dict(qweight=_words(codes.T, 0), qzeros=qzeros,
                 scales=np.ascontiguousarray(scales.T), g_idx=g_idx.astype(np.int32))
 
 
@@ -89,8 +92,9 @@ def _check_read(q, perm, codes, zeros, scales, g_idx, rng):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_gptq_round_trip_exact(checkpoint_format, G, act_order, symmetric, rng):
     N, K = 96, 256
-    zero_range = (1, 16) if checkpoint_format == "gptq" else (0, 16)   # v1 cannot store a zero of 0
-    codes, zeros, scales, g_idx = _layer(rng, N, K, G, act_order, zero_range, symmetric)
+    codes, zeros, scales, g_idx = _layer(rng, N, K, G, act_order, symmetric=symmetric)
+    if not symmetric:                             # whole qzeros words of 0 and of 15, and 0 beside 15
+        zeros[:8, 0], zeros[8:16, 0], zeros[16:24, 0] = 0, 15, [0, 15, 0, 0, 1, 15, 14, 0]
     t = write_gptq(codes, zeros, scales, g_idx, checkpoint_format)
     q, perm = unpack_gptq(**t, checkpoint_format=checkpoint_format)
     assert q.group_size == (K if G == -1 else G)
@@ -110,18 +114,35 @@ def test_gptq_worked_example():
     np.testing.assert_array_equal(q.codes, codes)
 
 
-def test_gptq_v1_zero_16_is_refused(rng):
-    codes, zeros, scales, g_idx = _layer(rng, 32, 64, 32, False, (1, 16))
-    t = write_gptq(codes, zeros, scales, g_idx)
-    t["qzeros"][0, 0] |= 0xF                      # stored 15: zero 16 in the classic format
-    with pytest.raises(ValueError, match="zero 16 in the v1 'gptq' format"):
-        unpack_gptq(**t)
-    q, _ = unpack_gptq(**t, checkpoint_format="gptq_v2")     # the same nibble is zero 15 in v2
-    assert q.zeros[0, 0] == 15
+def test_gptq_v1_zero_of_0_borrows_and_reads_back():
+    """Zeros 0, 5, 3, 8, 8, 8, 8, 8 of columns 0..7: 0x88888350 - 0x11111111 = 0x7777723F, whose
+    nibble 1 (3, not 4) lent to nibble 0; a zero of 0 in the top nibble borrows out of the word."""
+    zeros = np.array([[0], [5], [3], [8], [8], [8], [8], [8],
+                      [8], [8], [8], [8], [8], [8], [8], [0]], np.uint8)
+    codes = np.zeros((16, 32), np.uint8)
+    t = write_gptq(codes, zeros, np.ones((16, 1), np.float16), np.zeros(32, int))
+    np.testing.assert_array_equal(t["qzeros"].view(np.uint32), [[0x7777723F, 0xF7777777]])
+    q, _ = unpack_gptq(**t)
+    np.testing.assert_array_equal(q.zeros, zeros)
+    q, _ = unpack_gptq(**t, checkpoint_format="gptq_v2")     # v2 reads the stored nibbles as they are
+    np.testing.assert_array_equal(q.zeros[:8, 0], [15, 3, 2, 7, 7, 7, 7, 7])
+
+
+def test_gptq_v1_every_word_reads_and_writes_back(rng):
+    """Word-wise reading is a bijection on 32-bit words: any qzeros word is 8 zeros in 0..15 that
+    the writer turns back into the same word."""
+    words = rng.integers(0, 2**32, (4, 16), dtype=np.uint64).astype(np.uint32)
+    words[0, :4] = [0, 0xFFFFFFFF, 0xEEEEEEEF, 0x80000000]
+    t = dict(qweight=np.zeros((32, 128), np.int32), qzeros=words.view(np.int32),
+             scales=np.ones((4, 128), np.float16))
+    q, _ = unpack_gptq(**t)
+    assert q.zeros.dtype == np.uint8 and q.zeros.max() <= 15
+    np.testing.assert_array_equal(write_gptq(q.codes, q.zeros, q.scales, np.zeros(256, int))["qzeros"],
+                                  words.view(np.int32))
 
 
 def test_gptq_bad_inputs(rng):
-    codes, zeros, scales, g_idx = _layer(rng, 64, 128, 32, True, (1, 16))
+    codes, zeros, scales, g_idx = _layer(rng, 64, 128, 32, True)
     t = write_gptq(codes, zeros, scales, g_idx)
     with pytest.raises(TypeError, match="qweight must be int32, got float32"):
         unpack_gptq(**{**t, "qweight": t["qweight"].astype(np.float32)})
@@ -219,7 +240,7 @@ def test_gptq_act_order_gemm_matches_reference(layout, kernel, M, rng):
     if kernel == "quick_decode" and M > 16:
         pytest.skip("quick_decode serves M <= 16")
     N, K = 192, 1024
-    codes, zeros, scales, g_idx = _layer(rng, N, K, 128, True, (1, 16))
+    codes, zeros, scales, g_idx = _layer(rng, N, K, 128, True)
     layer = QuantLinear.from_gptq(**write_gptq(codes, zeros, scales, g_idx), layout=layout)
     assert layer.perm is not None
     x = rng.standard_normal((M, K)).astype(np.float16)
@@ -269,7 +290,7 @@ def test_read_layer_follows_quantization_config(method, rng):
     from quickcupy import pack_awq, QuantizedWeight
     from quickcupy.formats import read_layer
     prefix = "model.layers.3.mlp.down_proj"
-    codes, zeros, scales, g_idx = _layer(rng, 64, 256, 64, method != "awq", (1, 16))
+    codes, zeros, scales, g_idx = _layer(rng, 64, 256, 64, method != "awq")
     if method == "awq":
         p = pack_awq(QuantizedWeight(codes=codes, zeros=zeros, scales=scales, group_size=64))
         t, qc = p._asdict(), {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm"}
@@ -286,7 +307,7 @@ def test_read_layer_follows_quantization_config(method, rng):
 
 def test_read_layer_refuses_what_it_cannot_read(rng):
     from quickcupy.formats import read_layer
-    codes, zeros, scales, g_idx = _layer(rng, 32, 128, 32, False, (1, 16))
+    codes, zeros, scales, g_idx = _layer(rng, 32, 128, 32, False)
     gptq = {f"p.{k}": v for k, v in write_gptq(codes, zeros, scales, g_idx).items()}
     ct = {f"p.{k}": v for k, v in write_compressed_tensors(codes, zeros, scales, True).items()}
     cases = [({"quant_method": "bitsandbytes"}, gptq, "quant_method='bitsandbytes' is not supported"),

@@ -9,11 +9,23 @@ Tensors of one linear layer, K = in_features, N = out_features, G = group_size (
 
     W[n, k] = (code[k, n] - zero[g_idx[k], n]) * scales[g_idx[k], n]
 
-Zeros: the classic format (AutoGPTQ, ``checkpoint_format="gptq"``, what most published checkpoints
-are; GPTQModel calls it v1) stores ``zero - 1`` and every reader adds the 1 back, so a stored nibble
-15 means zero 16, which 4 bits cannot hold (and a zero of 0 could not be stored): that is refused
-here. GPTQModel's ``"gptq_v2"`` stores the zero itself. Symmetric quantization (``sym=True``) has
-zero 8 everywhere (stored as 7 in v1); it needs no special case since qzeros are always stored.
+Zeros: the classic format (``checkpoint_format="gptq"``, what most published checkpoints are;
+GPTQModel calls it v1) stores zero - 1, subtracted from each packed word as a whole::
+
+    qzeros word = (sum_j zero[8c + j] * 16**j) - 0x11111111   mod 2**32
+
+GPTQModel writes v1 so (it packs the zeros, then ``qzeros -= 0x11111111`` on int32 words) and reads
+it back with ``+= 0x11111111``; a zero of 0 stores nibble 15 and borrows one from the nibble above.
+This reader does the same: adding 0x11111111 to each word modulo 2**32, then unpacking, gives back
+every zero 0..15 exactly, and any word decodes to 8 zeros in 0..15, so nothing is refused. Readers
+that add 1 per nibble after unpacking (AutoGPTQ's, exllama's, vLLM's ``gptq_gemm``) agree on every
+word without a zero of 0 (symmetric layers always) and differ on the others, where they read a
+stored 15 as zero 16 and the nibble that lent it as one less. AutoGPTQ's packer subtracts 1 per
+zero before packing: a zero of 0 becomes -1, cast to uint32 (0xFFFFFFFF on x86) and OR-ed in, which
+sets its nibble and every higher one of the word to 15, so those zeros are lost when written,
+whatever reads them. GPTQModel's ``"gptq_v2"`` stores the zero itself. Symmetric quantization
+(``sym=True``) has zero 8 everywhere (stored as 7 in v1); it needs no special case since qzeros are
+always stored.
 
 Act-order (``desc_act=True``): see :mod:`.act_order`; the codes come back permuted along K and the
 permutation is returned beside them.
@@ -23,11 +35,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..layouts import _check_int32, _check_scales, _int32_to_nibbles
-from ..quantize import MAX_CODE, QuantizedWeight
+from ..quantize import QuantizedWeight
 from .act_order import perm_from_g_idx
 
 PACK = 8                                 # 4-bit codes per int32
 FORMATS = ("gptq", "gptq_v2")            # config "checkpoint_format": zero stored minus one / as is
+V1_ZERO_OFFSET = 0x11111111              # one in each nibble: v1 subtracts it from every qzeros word
 
 
 def unpack_gptq(qweight, qzeros, scales, g_idx=None, *, checkpoint_format: str = "gptq"):
@@ -53,17 +66,13 @@ def unpack_gptq(qweight, qzeros, scales, g_idx=None, *, checkpoint_format: str =
                          f"qzeros/scales")
     # (K/8, N, 8) nibbles -> (K/8, 8, N) -> (K, N): row 8i + j is nibble j of row i
     codes = _int32_to_nibbles(qweight).transpose(0, 2, 1).reshape(K, N).T
-    zeros = _int32_to_nibbles(qzeros).reshape(n_groups, N).T.astype(np.int16)
+    words = np.ascontiguousarray(qzeros).view(np.uint32)
     if checkpoint_format == "gptq":
-        zeros += 1
-        if zeros.max() > MAX_CODE:
-            n, g = (int(i) for i in np.argwhere(zeros > MAX_CODE)[0])
-            raise ValueError(f"qzeros holds a stored 15 (zero 16 in the v1 'gptq' format) at out_feature "
-                             f"{n}, group {g}: not a 4-bit zero; if the checkpoint is GPTQModel's v2, "
-                             f"pass checkpoint_format='gptq_v2'")
+        words = words + np.uint32(V1_ZERO_OFFSET)   # uint32 wraps: undoes the writer's borrows exactly
+    zeros = _int32_to_nibbles(words).reshape(n_groups, N).T
     perm = perm_from_g_idx(g_idx, K, n_groups)
     if perm is not None:
         codes = codes[:, perm]
-    q = QuantizedWeight(codes=np.ascontiguousarray(codes), zeros=np.ascontiguousarray(zeros.astype(np.uint8)),
+    q = QuantizedWeight(codes=np.ascontiguousarray(codes), zeros=np.ascontiguousarray(zeros),
                         scales=np.ascontiguousarray(scales.T), group_size=K // n_groups)
     return q, perm
