@@ -154,7 +154,8 @@ class QuantLinear:
 
     @classmethod
     def from_float(cls, weight, group_size: int = 128, layout: str = "quick", bias=None) -> "QuantLinear":
-        """Quantizes a float16/float32 weight of shape (out_features, in_features) on the way."""
+        """Quantizes a float16, bfloat16 or float32 weight (out_features, in_features), NumPy or CuPy,
+        on the way (see :func:`quantize` for what each dtype gives)."""
         if hasattr(weight, "get"):
             weight = weight.get()
         return cls.from_quantized(quantize(weight, group_size), layout, bias)

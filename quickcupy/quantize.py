@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .dtypes import np_dtype
+
 GROUP_MULTIPLE = 32      # the kernels walk K in 32-deep chunks: a group holds whole chunks
 BITS = 4
 MAX_CODE = (1 << BITS) - 1
@@ -151,14 +153,23 @@ def _round_float32_to_float16_precision(a: np.ndarray):
 def quantize(weight: np.ndarray, group_size: int = 128) -> QuantizedWeight:
     """Quantizes a float weight of shape (out_features N, in_features K) with AutoAWQ's rule.
 
-    weight: float16 or float32 NumPy array, finite. group_size: -1 (one group per row) or a
-    multiple of 32 dividing in_features (see :func:`effective_group_size`).
+    weight: finite NumPy array, by dtype:
+
+    - float16: the rule as AutoAWQ computes it on a float16 tensor (every step rounded to float16);
+    - float32: the rule in float32;
+    - bfloat16 (ml_dtypes' type, CuPy 14's): the same result as for ``weight.astype(np.float32)``,
+      which holds every bfloat16 value exactly. AutoAWQ on a bfloat16 tensor would round each step
+      to bfloat16's 8-bit significand instead; the float32 steps are closer to the rule.
+
+    Other dtypes (float64, integers, complex) are refused: cast them first. group_size: -1 (one
+    group per row) or a multiple of 32 dividing in_features (see :func:`effective_group_size`).
     """
     if not isinstance(weight, np.ndarray):
-        raise TypeError(f"weight must be a numpy.ndarray (float16 or float32), got {type(weight).__name__}"
+        raise TypeError(f"weight must be a numpy.ndarray (float16, bfloat16 or float32), got "
+                        f"{type(weight).__name__}"
                         + ("; call .get() on a CuPy array first" if hasattr(weight, "get") else ""))
-    if weight.dtype not in (np.float16, np.float32):
-        raise TypeError(f"weight must be float16 or float32, got {weight.dtype}")
+    if weight.dtype not in (np.float16, np.float32, np_dtype("bfloat16")):
+        raise TypeError(f"weight must be float16, bfloat16 or float32, got {weight.dtype}")
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {weight.shape}")
     N, K = weight.shape
@@ -183,7 +194,8 @@ def _quantize_rows(weight: np.ndarray, G: int):
     """Quantizes rows (n, K) -> codes (n, K) uint8, zeros (n, K/G) uint8, scales (n, K/G) float16.
 
     Arithmetic as AutoAWQ does it on a torch tensor of the weight's dtype: for float16 every
-    operation is computed in float32 and rounded to float16, exactly what numpy's float16 ufuncs do.
+    operation is computed in float32 and rounded to float16, exactly what numpy's float16 ufuncs do;
+    float32 and bfloat16 (cast to float32 exactly, block by block) in float32.
     """
     n, K = weight.shape
     with np.errstate(over="ignore"):  # float16 overflow to inf is part of the rule (constant groups)

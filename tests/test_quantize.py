@@ -1,4 +1,5 @@
 """quickcupy.quantize: AutoAWQ's rule, error bound, and the checks."""
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -31,9 +32,25 @@ def test_matches_awq_rule_bit_for_bit(dtype, G, std, rng):
     assert q.group_size == (512 if G == -1 else G)
 
 
+@pytest.mark.parametrize("G", (32, 128, -1))
+@pytest.mark.parametrize("std", (1e-3, 0.02, 1.0, 30.0))
+def test_bfloat16_is_quantized_as_its_float32_upcast(G, std, rng):
+    """bfloat16 (ml_dtypes', CuPy 14's) gives exactly the float32 result of the same values, which
+    is the rule applied naively in float32."""
+    w = (rng.standard_normal((48, 512)) * std + rng.standard_normal() * std).astype(ml_dtypes.bfloat16)
+    w[0, :32] = 0                                  # a constant group: the 1e-5 floor
+    q, q32 = quantize(w, G), quantize(w.astype(np.float32), G)
+    for got, want in ((q.codes, q32.codes), (q.zeros, q32.zeros), (q.scales, q32.scales)):
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+    codes, zeros, scales = _awq_rule_in_dtype(w.astype(np.float32), 512 if G == -1 else G)
+    np.testing.assert_array_equal(q.codes, codes)
+    np.testing.assert_array_equal(q.zeros, zeros)
+    np.testing.assert_array_equal(q.scales, scales)
+
+
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 12), groups=st.integers(1, 6), G=st.sampled_from([32, 64, 128]),
-       dtype=st.sampled_from([np.float16, np.float32]), seed=st.integers(0, 2**32 - 1),
+       dtype=st.sampled_from([np.float16, ml_dtypes.bfloat16, np.float32]), seed=st.integers(0, 2**32 - 1),
        scale=st.floats(1e-3, 1e3))
 def test_error_within_half_scale(rows, groups, G, dtype, seed, scale):
     """|W - dequant(W)| <= scale / 2, plus the float16 rounding of the stored scale (and of the
@@ -64,8 +81,11 @@ def test_dequantize_shape_and_immutability(rng):
     (np.ones((8, 100), np.float32), 32, ValueError, "in_features=100 is not a multiple of group_size=32"),
     (np.ones((8, 128), np.float32), 48, ValueError, "group_size=48 is not supported"),
     (np.ones((8, 128), np.float32), 32.0, TypeError, "group_size must be an int"),
-    (np.ones((8, 128), np.float64), 32, TypeError, "weight must be float16 or float32, got float64"),
-    (np.ones((8, 128), np.int32), 32, TypeError, "weight must be float16 or float32"),
+    (np.ones((8, 128), np.float64), 32, TypeError, "weight must be float16, bfloat16 or float32, got float64"),
+    (np.ones((8, 128), np.int32), 32, TypeError, "weight must be float16, bfloat16 or float32, got int32"),
+    (np.ones((8, 128), np.int8), 32, TypeError, "weight must be float16, bfloat16 or float32, got int8"),
+    (np.ones((8, 128), np.complex64), 32, TypeError, "weight must be float16, bfloat16 or float32, got complex64"),
+    (np.ones((8, 128), bool), 32, TypeError, "weight must be float16, bfloat16 or float32, got bool"),
     (np.ones((2, 8, 128), np.float32), 32, ValueError, "weight must be 2-D"),
     (np.ones((0, 128), np.float32), 32, ValueError, "must not be empty"),
     ([[1.0] * 32], 32, TypeError, "weight must be a numpy.ndarray"),
@@ -75,9 +95,10 @@ def test_bad_input(weight, G, exc, msg):
         quantize(weight, G)
 
 
+@pytest.mark.parametrize("dtype", (np.float16, ml_dtypes.bfloat16, np.float32))
 @pytest.mark.parametrize("bad", (np.nan, np.inf, -np.inf))
-def test_non_finite_weights_rejected(bad):
-    w = np.ones((4, 64), np.float32)
+def test_non_finite_weights_rejected(bad, dtype):
+    w = np.ones((4, 64), dtype)
     w[2, 17] = bad
     with pytest.raises(ValueError, match=r"NaN or inf values \(first at row 2, column 17\)"):
         quantize(w, 32)
