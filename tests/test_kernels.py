@@ -8,6 +8,7 @@ import sys
 
 import nvrtc_pool
 import pytest
+from conftest import SELECTED
 
 from quickcupy import kernels, registry, smem_maps
 
@@ -26,12 +27,12 @@ def _nvrtc_reason():
 needs_nvrtc = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_reason()))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def nvrtc_builds(request):
-    """The compile pool (tests/nvrtc_pool.py), handed at once every (source, arch) that the run's
-    selected tests ask for, so the workers start on all of them."""
+    """The compile pool (tests/nvrtc_pool.py), handed at once every (source, arch) of this module's
+    selected compile tests, so the workers start on all of them."""
     pool = nvrtc_pool.CompilePool(nvrtc_pool.workers())
-    asked = [item.callspec.params for item in request.session.items
+    asked = [item.callspec.params for item in request.config.stash.get(SELECTED, [])
              if "nvrtc_builds" in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")]
     targets = [(p["source"], nvrtc_pool.target_arch(p["source"], p["arch"])) for p in asked]
     pool.submit([(source, arch) for source, arch in targets if arch])
