@@ -38,7 +38,10 @@ def test_no_committed_file_holds_a_machine_path():
     assert not found, "absolute machine paths:\n" + "\n".join(found[:20])
 
 
+# Words of how the code was made, spelled in two parts so that this file passes its own check.
+HISTORY_WORDS = re.compile(r"\b(" + "ses" + "sions?|helper " + "agents?)\b", re.I)
+
+
 def test_the_repository_speaks_of_the_code():
-    words = re.compile(r"\b(sessions?|helper agents?)\b", re.I)
-    found = [name for name, text in _files() if words.search(text) and name != "tests/test_repository.py"]
+    found = [name for name, text in _files() if HISTORY_WORDS.search(text)]
     assert not found, found

@@ -15,35 +15,21 @@ import argparse
 
 import numpy as np
 
-from .. import device, kernels, registry
+from .. import device, dtypes, kernels, registry
 from ..gemm import KERNELS as ALL
 from ..gemm import QuantLinear, gemm
 from ..quantize import quantize
 from ..reference import reference_gemm, rel_error
-from .common import (
-    UsageError,
-    check_output_path,
-    deprecated,
-    parse_group_size,
-    parse_int,
-    parse_ms,
-    parse_names,
-    parse_shapes,
-    table,
-)
-
-
-def _bf16():
-    import ml_dtypes
-    return np.dtype(ml_dtypes.bfloat16)
+from .common import (UsageError, check_output_path, deprecated, parse_group_size, parse_int, parse_ms, parse_names,
+                     parse_shapes, table)
 
 
 def split_scale_bf16(scales):
     """fp16 scales -> (hi, lo) bf16 arrays with hi + lo == scale exactly (ScaleBf2 in
     cuda/quant_common.cuh: hi the nearest bf16, lo the exact remainder)."""
     s = np.asarray(scales, np.float16).astype(np.float32)
-    hi = s.astype(_bf16())
-    return hi, (s - hi.astype(np.float32)).astype(_bf16())
+    hi = s.astype(dtypes.np_dtype("bfloat16"))
+    return hi, (s - hi.astype(np.float32)).astype(dtypes.np_dtype("bfloat16"))
 
 
 def dequant_bf16(d, scales):
@@ -52,12 +38,12 @@ def dequant_bf16(d, scales):
     so the one bf16 rounding is the fma's)."""
     hi, lo = split_scale_bf16(scales)
     d = np.asarray(d, np.float64)
-    prod_lo = (d * lo.astype(np.float64)).astype(_bf16()).astype(np.float64)
-    return (d * hi.astype(np.float64) + prod_lo).astype(_bf16())
+    prod_lo = (d * lo.astype(np.float64)).astype(dtypes.np_dtype("bfloat16")).astype(np.float64)
+    return (d * hi.astype(np.float64) + prod_lo).astype(dtypes.np_dtype("bfloat16"))
 
 
 def _round_bf16(a):
-    return np.asarray(a, np.float64).astype(_bf16()).astype(np.float64)
+    return np.asarray(a, np.float64).astype(dtypes.np_dtype("bfloat16")).astype(np.float64)
 
 
 def emulated_bf16_weights(q) -> dict:
@@ -132,7 +118,7 @@ def run(args) -> int:
 def measure(K, N, ms, G, names, seed) -> str:
     """The table (text) of every kernel's error for fp16 and bf16 at each M."""
     import cupy
-    bf16 = _bf16()
+    bf16 = dtypes.np_dtype("bfloat16")
     rng = np.random.default_rng(seed)
     q = quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float16), G)
     layers = {}

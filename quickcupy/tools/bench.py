@@ -41,36 +41,10 @@ from ..layouts import pack_awq, pack_quick
 from ..llama.model import MODELS, LlamaConfig, gemm_shapes
 from ..quantize import quantize
 from ..registry import VARIANTS, variant
-from .bench_report import (
-    BASELINE,
-    CLOCK_FIELDS,
-    SCHEMA,
-    derive_points,
-    format_header,
-    format_table,
-    rotation_copies,
-    weight_bytes,
-    write_csv,
-    write_plot,
-)
-from .common import (
-    DTYPE_HELP,
-    Progress,
-    UsageError,
-    check_output_path,
-    format_rows,
-    jsonable,
-    now,
-    ordered_unique,
-    parse_dtype,
-    parse_group_size,
-    parse_int,
-    parse_ms,
-    parse_names,
-    parse_shapes,
-    table,
-    write_json,
-)
+from .bench_report import (BASELINE, CLOCK_FIELDS, SCHEMA, derive_points, format_header, format_table,
+                           rotation_copies, weight_bytes, write_csv, write_plot)
+from .common import (DTYPE_HELP, Progress, UsageError, check_output_path, format_rows, jsonable, now, ordered_unique,
+                     parse_dtype, parse_group_size, parse_int, parse_ms, parse_names, parse_shapes, table, write_json)
 from .timing import rotating, time_gpu, time_gpu_samples, time_gpu_stream
 
 DEFAULT_SHAPES = ((8192, 8192),                                                  # K x N

@@ -17,33 +17,12 @@ import numpy as np
 from .. import device as _device
 from ..llama import ops
 from ..llama.checkpoint import load_awq_checkpoint, load_tokenizer
-from ..llama.model import (
-    BACKENDS,
-    PRESETS,
-    QUANTIZED_BACKENDS,
-    KVCache,
-    LlamaConfig,
-    LlamaModel,
-    projection_shapes,
-    random_head,
-    random_layers,
-)
+from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
+                           random_head, random_layers)
 from ..quantize import effective_group_size
 from ..reference import rel_error
-from .common import (
-    DTYPE_HELP,
-    SHORT_DTYPES,
-    Progress,
-    UsageError,
-    check_output_path,
-    parse_dtype,
-    parse_group_size,
-    parse_int,
-    parse_int_list,
-    parse_names,
-    table,
-    write_json,
-)
+from .common import (DTYPE_HELP, SHORT_DTYPES, Progress, UsageError, check_output_path, parse_dtype, parse_group_size,
+                     parse_int, parse_int_list, parse_names, table, write_json)
 from .timing import gpu_seconds_behind_spin
 
 @dataclass(frozen=True)

@@ -39,16 +39,8 @@ from .. import kernels as kernels_mod
 from ..analysis.smem_predict import predict
 from ..device import device_info, no_gpu_reason, versions
 from ..gemm import kernel_layout
-from .common import (
-    UsageError,
-    check_output_path,
-    deprecated,
-    jsonable,
-    parse_group_size,
-    parse_ms,
-    parse_names,
-    parse_shapes,
-)
+from .common import (UsageError, check_output_path, deprecated, jsonable, parse_group_size, parse_ms, parse_names,
+                     parse_shapes)
 from .ncu_report import (  # noqa: F401
     METRIC_NAMES,
     METRICS,

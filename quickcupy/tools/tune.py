@@ -26,18 +26,8 @@ from pathlib import Path
 from .. import device as _device
 from .. import dispatch, kernels, registry
 from . import bench
-from .common import (
-    DTYPE_HELP,
-    UsageError,
-    check_output_path,
-    parse_dtype,
-    parse_int,
-    parse_ms,
-    parse_names,
-    parse_shapes,
-    table,
-    write_json,
-)
+from .common import (DTYPE_HELP, UsageError, check_output_path, parse_dtype, parse_int, parse_ms, parse_names,
+                     parse_shapes, table, write_json)
 
 CANDIDATES = tuple(k for k, v in registry.VARIANTS.items()
                    if v.path != "auto" and v.layout == dispatch.LAYOUT and v.tile_m is None)
