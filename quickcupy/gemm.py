@@ -219,11 +219,10 @@ def _as_cupy(arg, name: str):
 
 
 class _StreamHandle:
-    """A raw ``cudaStream_t`` (and the object that owns it, kept alive) in the CUDA stream protocol,
-    which ``cupy.cuda.Stream.from_external`` takes."""
+    """A raw ``cudaStream_t`` in the CUDA stream protocol, which ``cupy.cuda.Stream.from_external`` takes."""
 
-    def __init__(self, handle: int, owner):
-        self.handle, self.owner = handle, owner
+    def __init__(self, handle: int):
+        self.handle = handle
 
     def __cuda_stream__(self):
         return (0, self.handle)
@@ -244,7 +243,15 @@ def _as_stream(stream, device: int):
     if isinstance(handle, bool) or not isinstance(handle, (int, np.integer)) or handle < 0:
         raise TypeError(f"stream must be a cupy.cuda.Stream, a cudaStream_t handle (int >= 0) "
                         f"or have one in .cuda_stream, got {type(stream).__name__}")
-    return cupy.cuda.Stream.from_external(_StreamHandle(int(handle), stream))
+    return _external_stream(int(handle))
+
+
+@functools.lru_cache(maxsize=256)
+def _external_stream(handle: int):
+    """A CuPy stream wrapping a raw ``cudaStream_t``, made once per handle: the wrapper owns
+    nothing, and CUDA reuses a handle only for a stream created after the old one's work is done."""
+    import cupy
+    return cupy.cuda.Stream.from_external(_StreamHandle(handle))
 
 
 def _caller_stream(x, device: int):
