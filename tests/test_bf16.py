@@ -162,7 +162,7 @@ def test_bf16_tiles_and_split_k(kernel, split_k, rng):
     design = registry.design_of(kernel)
     bias = rng.standard_normal(N).astype(np.float16)
     layer = _layer(q, kernel, bias)
-    for tile_m in (design.tiles or (None,)):
+    for tile_m in (getattr(design, "tiles", None) or (None,)):     # a DecodeDesign picks its own shape
         M = 13 if design.max_m else 77
         x = _bf16(rng, (M, K))
         plan = dict(split_k=split_k, **({"tile_m": tile_m} if tile_m else {}))

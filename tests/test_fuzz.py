@@ -99,7 +99,7 @@ def gemm_cases(draw):
     lead = draw(st.sampled_from([(), (2,), (3, 1)]))
     M = max(1, M // int(np.prod(lead))) if lead else M
     gemm_path = registry.VARIANTS[kernel].path == "gemm"
-    tile_m = (draw(st.sampled_from([None, *design.tiles]))
+    tile_m = (draw(st.sampled_from([None, *getattr(design, "tiles", ())]))
               if gemm_path and registry.VARIANTS[kernel].tile_m is None else None)
     split_k = draw(st.one_of(st.none(), st.integers(1, 12))) if gemm_path else None
     return dict(kernel=kernel, K=K, N=N, G=G, M=M, lead=lead, tile_m=tile_m, split_k=split_k,

@@ -68,7 +68,7 @@ def test_plans_take_the_device_limits():
 
 
 # ---------------------------------------------------------------------------------------- GPU
-def _case(rng, kernel, M, K=2048, N=512, act_order=False):
+def _case(rng, kernel, M, K=4096, N=512, act_order=False):
     """(layer, x, reference) of one captured call; act_order gives the layer a random permutation."""
     import cupy
     from quickcupy import QuantLinear
@@ -114,7 +114,7 @@ def test_capture_owns_its_scratch(kernel, M, split_k, act_order, rng):
         gemm_module.gemm(x, layer, kernel, out, split_k=split_k)
         graph = stream.end_capture()
     partial_words = 4 * M * out.shape[1]
-    fresh = [cupy.full(n, SENTINEL, np.float32) for n in (partial_words, partial_words, M * 2048)]
+    fresh = [cupy.full(n, SENTINEL, np.float32) for n in (partial_words, partial_words, M * 4096)]
     for _ in range(3):
         out.fill(np.nan)
         graph.launch(stream)
@@ -164,6 +164,7 @@ def test_a_new_stream_with_a_destroyed_streams_handle(rng):
     handle = old.ptr
     with old:
         y = layer(x, kernel="quick_decode")
+        old.synchronize()
     assert rel_error(y.get(), ref) < TOL
     del old, y
     kept = []

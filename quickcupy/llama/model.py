@@ -734,7 +734,7 @@ class LlamaModel:
         if temperature == 0:
             if xp is np:
                 return np.argmax(logits, axis=-1)
-                return ops.argmax_rows(xp.ascontiguousarray(logits), out)
+            return ops.argmax_rows(xp.ascontiguousarray(logits), out)
         scaled = logits.astype(np.float32) / np.float32(temperature)
         if top_k:
             kth = xp.sort(scaled, axis=-1)[:, -top_k][:, None]
