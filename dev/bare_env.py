@@ -65,23 +65,26 @@ def closure(names) -> list:
 
 
 def site_of(dists, folder: Path):
-    """Symlinks every top-level entry (packages, modules, dist-info) of ``dists`` into ``folder``."""
+    """Symlinks the files of ``dists`` into ``folder``: a top-level package of one distribution as a
+    whole, but a folder several wheels share (NVIDIA's ``nvidia/``, whose CUDA 13 wheels all write
+    into ``nvidia/cu13/lib``) file by file, so that only the listed distributions' files appear."""
+    owners = {}
     for dist in dists:
-        tops = {Path(str(f)).parts[0] for f in dist.files or () if not str(f).startswith("..")}
-        for top in tops:
-            src, dst = Path(dist.locate_file(top)), folder / top
-            if top == "nvidia" and dst.exists():          # a namespace folder several wheels share
-                for sub in src.iterdir():
-                    if not (dst / sub.name).exists():
-                        (dst / sub.name).symlink_to(sub)
+        for f in dist.files or ():
+            top = Path(str(f)).parts[0]
+            if not str(f).startswith("..") and top != "__pycache__":
+                owners.setdefault(top, set()).add(dist.metadata["Name"])
+    for dist in dists:
+        for f in dist.files or ():
+            rel = Path(str(f))
+            top = rel.parts[0]
+            if str(f).startswith("..") or top == "__pycache__":
                 continue
-            if src.exists() and not dst.exists() and top != "__pycache__":
-                if top == "nvidia":
-                    dst.mkdir()
-                    for sub in src.iterdir():
-                        (dst / sub.name).symlink_to(sub)
-                else:
-                    dst.symlink_to(src)
+            shared = top == "nvidia" or len(owners[top]) > 1
+            src, dst = Path(dist.locate_file(rel if shared else top)), folder / (rel if shared else top)
+            if src.exists() and not dst.exists() and not dst.is_symlink():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.symlink_to(src)
 
 
 def main() -> int:
