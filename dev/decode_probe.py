@@ -218,7 +218,7 @@ def mode_fixed(args):
     module = cupy.RawModule(code=PLAIN_READ, options=kernels.compile_options(kernels.device_arch(0)))
     read, empty = module.get_function("probe_plain_read"), module.get_function("probe_empty")
     sink = cupy.zeros(1, np.uint32)
-    sms = kernels.sm_count(0)
+    sms = kernels.device_limits(0).sm_count
     print(f"empty kernel: {time_gpu(lambda: empty((1,), (32,), ()), 10, args.repeats) * 1e6:.2f} us")
     N, G, rows = 8192, args.group_size, []
     for K in (1024, 2048, 4096, 8192, 16384, 32768):

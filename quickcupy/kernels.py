@@ -449,10 +449,6 @@ def device_limits(device_id: int) -> DeviceLimits:
                         smem_reserved=props.get("reservedSharedMemPerBlock", H100.smem_reserved))
 
 
-def sm_count(device_id: int) -> int:
-    return device_limits(device_id).sm_count
-
-
 # ------------------------------------------------------------------------------------ launcher
 # (device, instance) whose shared-memory carveout was set. Two threads may both set it the first
 # time: the attribute is the same either way.
@@ -547,30 +543,23 @@ class Workspace:
     def __init__(self):
         self._buffers, self._old = {}, []
 
-    def buffer(self, name: str, n: int, dtype):
-        """A buffer of at least ``n`` elements of ``dtype`` (CuPy, 1-D), kept for later calls."""
-        key = (name, np.dtype(dtype))
+    def buffer(self, name: str, n: int, dtype, zeroed: bool = False):
+        """A buffer of at least ``n`` elements of ``dtype`` (CuPy, 1-D), kept for later calls;
+        ``zeroed``: zero when made (on the current stream: in a capture, by the graph)."""
+        key = (name, dtype)
         have = self._buffers.get(key)
         if have is None or have.size < n:
             import cupy
             with allocation_allowed():
-                new = cupy.empty(max(n, 0 if have is None else 2 * have.size), dtype)
+                new = (cupy.zeros if zeroed else cupy.empty)(max(n, 0 if have is None else 2 * have.size), dtype)
             if have is not None:
                 self._old.append(have)
             self._buffers[key] = have = new
         return have
 
     def counters(self, n: int):
-        """At least ``n`` uint32 counters, zero between launches."""
-        have = self._buffers.get("counters")
-        if have is None or have.size < n:
-            import cupy
-            with allocation_allowed():   # zeroed on the current stream (in a capture: by the graph)
-                new = cupy.zeros(max(n, 0 if have is None else 2 * have.size), np.uint32)
-            if have is not None:
-                self._old.append(have)
-            self._buffers["counters"] = have = new
-        return have
+        """At least ``n`` uint32 arrival counters, zero between launches (the kernels leave them so)."""
+        return self.buffer("counters", n, np.uint32, zeroed=True)
 
 
 # Workspaces by (device, stream handle, capture id or None). A stream handle is reused by CUDA only

@@ -55,12 +55,11 @@ def gemm_instances(names, shapes, ms, group_size: int, dtype: str, limits: kerne
     (K, N) ``shapes`` with ``ms`` rows launch on a GPU of ``limits``, in first-use order. ``choose(M,
     N, K, capturable)`` is auto's choice (a Variant); ``runnable(variant)`` filters what this GPU runs."""
     out = {}
-    for name in names:
+    for named in map(registry.variant, names):
         for K, N in shapes:
             G = effective_group_size(group_size, K)
             for M in ms:
-                v = registry.variant(name)
-                picks = [choose(M, N, K, c) for c in (False, True)] if v.path == "auto" else [v]
+                picks = [choose(M, N, K, c) for c in (False, True)] if named.path == "auto" else [named]
                 for v in picks:
                     if not runnable(v) or dtype not in v.design.dtypes or M > (v.design.max_m or M):
                         continue
