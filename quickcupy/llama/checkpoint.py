@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Mapping
 from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 from ..layouts import pack_awq, unpack_awq
@@ -145,6 +147,39 @@ def _tensor_files(path: Path) -> dict:
     return names
 
 
+class TensorStore(Mapping):
+    """The tensors of a checkpoint directory's safetensors files, read lazily by name: a mapping
+    name -> NumPy array (bfloat16 as ml_dtypes' type), each file opened once and kept open. The
+    mapping :func:`quickcupy.formats.read_layer` reads a layer from. ``files``: name -> Path."""
+
+    def __init__(self, path):
+        _safetensors()
+        self.path = Path(path)
+        self.files = _tensor_files(self.path)
+        self._handles = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        f = self.files[name]
+        if f not in self._handles:
+            self._handles[f] = _open_tensors(f)
+        try:
+            return self._handles[f].get_tensor(name)
+        except Exception as exc:     # bfloat16, which safetensors' NumPy API cannot hold, or a bad file
+            try:
+                return _read_bf16(f, name)
+            except Exception:
+                raise ValueError(f"{name} in {f} cannot be read as NumPy ({exc})") from exc
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __contains__(self, name) -> bool:
+        return name in self.files
+
+
 def _read_json(f: Path) -> dict:
     """A JSON object from ``f``; ValueError naming the file when it is not one."""
     try:
@@ -157,15 +192,18 @@ def _read_json(f: Path) -> dict:
 
 
 def _read_bf16(f: Path, name: str) -> np.ndarray:
-    """A BF16 tensor of safetensors file ``f`` as float32 (NumPy has no bfloat16; the format is an
-    8-byte little-endian header length, a JSON header with dtype/shape/data_offsets, the data)."""
+    """A BF16 tensor of safetensors file ``f`` as ml_dtypes' bfloat16 (safetensors' NumPy API
+    refuses the dtype; the format is an 8-byte little-endian header length, a JSON header with
+    dtype/shape/data_offsets, the data)."""
     with open(f, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
         info = json.loads(fh.read(n))[name]
         start, end = info["data_offsets"]
         fh.seek(8 + n + start)
         raw = np.frombuffer(fh.read(end - start), np.uint16)
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+    if info.get("dtype") != "BF16":
+        raise ValueError(f"{name} has dtype {info.get('dtype')}, which safetensors' NumPy API does not read")
+    return raw.view(ml_dtypes.bfloat16).reshape(info["shape"])
 
 
 def _to_float16(name: str, a: np.ndarray) -> np.ndarray:
@@ -220,7 +258,8 @@ def load_awq_checkpoint(path, num_layers: int | None = None) -> Checkpoint:
                          f"(the checkpoint's num_hidden_layers)")
     config = config.replace(num_hidden_layers=n)
 
-    files = _tensor_files(path)
+    store = TensorStore(path)
+    files = store.files
     wanted = [name for i in range(n) for name in tensor_names(i)]
     # The head is read when both embed_tokens and norm are there (a checkpoint of layers only has none).
     has_head = EMBED in files and FINAL_NORM in files
@@ -229,18 +268,7 @@ def load_awq_checkpoint(path, num_layers: int | None = None) -> Checkpoint:
     missing = [name for name in wanted if name not in files]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensor(s) the model needs, first: {', '.join(missing[:3])}")
-    tensors = {}
-    for f in sorted(set(files[name] for name in wanted)):
-        with _open_tensors(f) as fh:
-            for name in wanted:
-                if files[name] == f:
-                    try:
-                        tensors[name] = fh.get_tensor(name)
-                    except Exception as exc:     # bfloat16, which NumPy cannot hold, or a bad file
-                        try:
-                            tensors[name] = _read_bf16(f, name)
-                        except Exception:
-                            raise ValueError(f"{name} in {f} cannot be read as NumPy ({exc})") from exc
+    tensors = {name: store[name] for name in wanted}
 
     layers = []
     for i in range(n):

@@ -180,6 +180,9 @@ class LayerWeights:
 
     Projections: (out_features, in_features) float NumPy arrays or :class:`QuantizedWeight`.
     Norms: (hidden_size,) float16, as in checkpoints.
+    biases: projection name -> (out_features,) float bias (Qwen2's q/k/v); absent names have none.
+    perms: projection name -> (in_features,) int64 act-order permutation (the projection computes
+    ``x[..., perm] @ W.T``, see :mod:`quickcupy.formats.act_order`); absent names have none.
     """
 
     q_proj: Weight
@@ -191,6 +194,8 @@ class LayerWeights:
     down_proj: Weight
     input_layernorm: np.ndarray
     post_attention_layernorm: np.ndarray
+    biases: dict = dataclasses.field(default_factory=dict)
+    perms: dict = dataclasses.field(default_factory=dict)
 
     def projections(self) -> dict:
         return {name: getattr(self, name) for name in PROJECTIONS}
@@ -218,6 +223,15 @@ class LayerWeights:
             if np.shape(getattr(self, name)) != (config.hidden_size,):
                 raise ValueError(f"{where} {name} has shape {np.shape(getattr(self, name))}, "
                                  f"the config needs ({config.hidden_size},)")
+        shapes = projection_shapes(config)
+        for kind, table, axis in (("bias", self.biases, 0), ("perm", self.perms, 1)):
+            for name, a in table.items():
+                if name not in shapes:
+                    raise ValueError(f"{where} has a {kind} for {name!r}, which is not a projection "
+                                     f"({', '.join(PROJECTIONS)})")
+                if np.shape(a) != (shapes[name][axis],):
+                    raise ValueError(f"{where} {name} {kind} has shape {np.shape(a)}, the config needs "
+                                     f"({shapes[name][axis]},)")
 
 
 def random_layers(config: LlamaConfig, seed: int = 0, std: float = 0.02) -> list:
