@@ -79,6 +79,8 @@ template <typename T>
 __global__ void __launch_bounds__(llama_ops::THREADS)
 add_rms_norm(T* __restrict__ x, const T* __restrict__ delta, const T* __restrict__ weight, T* __restrict__ out,
              int H, float eps) {
+  qc::pdl_trigger();
+  qc::pdl_wait();  // reads what the previous kernel wrote
   using namespace llama_ops;
   using Dt = qc::Dt<T>;
   constexpr int CACHED = 4;
@@ -148,6 +150,8 @@ __global__ void __launch_bounds__(llama_ops::THREADS)
 rope_cache(const T* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
            const int* __restrict__ start, T* __restrict__ qk_out, T* __restrict__ cache_k,
            T* __restrict__ cache_v, int S, int n_heads, int n_kv, int D, int max_len) {
+  qc::pdl_trigger();
+  qc::pdl_wait();  // reads what the previous kernel wrote
   using namespace llama_ops;
   using Dt = qc::Dt<T>;
   const int half_d = D / 2, j = blockIdx.y * THREADS + threadIdx.x;
@@ -183,6 +187,8 @@ rope_cache(const T* __restrict__ qkv, const float* __restrict__ cos_t, const flo
 template <typename T>
 __global__ void __launch_bounds__(llama_ops::THREADS)
 silu_mul(const T* __restrict__ gate_up, T* __restrict__ out, int I) {
+  qc::pdl_trigger();
+  qc::pdl_wait();  // reads what the previous kernel wrote
   using namespace llama_ops;
   using Dt = qc::Dt<T>;
   const int i = blockIdx.y * THREADS + threadIdx.x;
@@ -196,6 +202,8 @@ silu_mul(const T* __restrict__ gate_up, T* __restrict__ out, int I) {
 template <typename T>
 __global__ void __launch_bounds__(llama_ops::THREADS)
 argmax_rows(const T* __restrict__ logits, long long* __restrict__ out, int V) {
+  qc::pdl_trigger();
+  qc::pdl_wait();  // reads what the previous kernel wrote
   using namespace llama_ops;
   __shared__ float best_v[WARPS];
   __shared__ int best_i[WARPS];
@@ -222,4 +230,7 @@ argmax_rows(const T* __restrict__ logits, long long* __restrict__ out, int V) {
 }
 
 // The decode position moves on inside the graph: *start += step (one thread).
-extern "C" __global__ void advance_position(int* start, int step) { *start += step; }
+extern "C" __global__ void advance_position(int* start, int step) {
+  qc::pdl_wait();
+  *start += step;
+}

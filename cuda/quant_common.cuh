@@ -18,6 +18,26 @@ namespace qc {
 
 typedef unsigned int u32;
 
+// ------------------------------------------------------------------- programmatic dependent launch
+// A kernel launched with the programmatic-stream-serialization attribute (quickcupy.kernels.launch_kernel,
+// sm_90+) may start while the previous kernel of its stream still runs. pdl_trigger: this block lets
+// the next such kernel launch (its blocks then take the SMs this kernel's blocks leave). pdl_wait:
+// returns once the previous kernel has completed and its writes are visible. A kernel reads nothing
+// the previous one may write, and writes nothing, before pdl_wait. Both are no-ops below sm_90 and
+// in a kernel launched without the attribute.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Brings the 128-byte line holding p into L2 (no registers held, nothing waits for it).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // ------------------------------------------------------------------------------ dequantization
 // The lop3 / magic-number conversion (FasterTransformer, "Who says elephants can't run"): OR-ing a
 // nibble into the mantissa of fp16 1024.0 (0x6400) gives 1024 + nibble exactly, with no int->float

@@ -146,6 +146,7 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
     }
   };
 
+  pdl_trigger();  // the next kernel's blocks may take the SMs this grid's blocks leave
   if (threadIdx.x == 0) *reinterpret_cast<uint4*>(zero_row) = make_uint4(0, 0, 0, 0);
 
   float acc[2][MB][4];   // acc[i][mb][e]: C[m = 8 mb + 2t + e % 2][n = 32 tn + 16 i + g + 8 (e / 2)]
@@ -266,6 +267,14 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
       }
     };
     DecodeBatch<U> buf[2];  // indexed only by unrolled constants: stays in registers
+    // The weights depend on no earlier kernel: the first two batches are fetched into L2 while the
+    // previous kernel finishes (a prefetch holds no registers; loading them here spills the bf16
+    // instances). Lane l < 8 U: 128-byte line l % 4 of chunk l / 4 of batch 0 or 1 (512 bytes a chunk).
+    if (lane < 8 * U) {
+      const int c = lane / 4 % U, b = lane / (4 * U), rc = b * RC + wk * U + c;
+      if (active && rc < nch_b) prefetch_l2(wq - lane + (size_t)rc * 32 + (lane % 4) * 8);
+    }
+    pdl_wait();  // the activations may be the previous kernel's output
     issue_a_whole();
     cp_async_commit();
     load_batch(0, buf[0], 0u);
@@ -306,8 +315,8 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
     const u32 a_dst = smem_addr(A_s + a_row * pitch + a_col);
     const u32 aslot_b = (u32)aslot * sizeof(T);   // bytes per activation slot
 
-    // round r into the slot at byte offsets wo (this warp's weight slot) and ao (activation slot)
-    auto issue = [&](int r, u32 wo, u32 ao) {
+    // round r's weights, scales and zeros into this warp's slot at byte offset wo
+    auto issue_w = [&](int r, u32 wo) {
       const int rcb = r * RC + wk * U;            // first chunk of this warp's batch in the slice
       const int left = active ? nch_b - rcb : 0;  // its chunks in the slice (the batch is whole if >= U)
       const uint4* ws = w_src + (size_t)r * RC * 32;
@@ -320,6 +329,9 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
         const bool ok = active && rc < nch_b;
         cp_async16(s_dst + wo, ok ? (const void*)(s_src + (size_t)row * s_pitch) : (const void*)qweight, ok);
       }
+    };
+    // round r's activations into the activation slot at byte offset ao
+    auto issue_a = [&](int r, u32 ao) {
       const bool a_ok = r * RC + a_col / 32 < nch_b;
       const T* as = a_src + (size_t)r * RC * 32;
 #pragma unroll
@@ -335,17 +347,27 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
         mma_chunk(sl.w[c][lane], c, (u32)slot * aslot_b + c * 64);
       }
     };
-    // slot s's bytes: s SLOT_B (weights), s aslot_b (activations)
+    // slot s's bytes: s SLOT_B (weights), s aslot_b (activations). The first S - 1 rounds' weights
+    // depend on no earlier kernel: they fly while the previous kernel finishes, the activations
+    // after it. (Commit group r then holds rounds 0 .. S - 2's weights and round r's activations:
+    // waiting for group r waits for round r's copies and more.)
+#pragma unroll
+    for (int r = 0; r < S - 1; ++r)
+      if (r < nrounds) issue_w(r, r * SLOT_B);
+    pdl_wait();
 #pragma unroll
     for (int r = 0; r < S - 1; ++r) {
-      if (r < nrounds) issue(r, r * SLOT_B, r * aslot_b);
+      if (r < nrounds) issue_a(r, r * aslot_b);
       cp_async_commit();
     }
     int cs = 0, is = S - 1;                      // slots of rounds r and r + S - 1
     for (int r = 0; r < nrounds; ++r) {
       cp_async_wait<(S > 1 ? S - 2 : 0)>();  // this thread's copies of round r have landed
       __syncthreads();         // everyone's: round r's activations are visible, slot (r - 1) % S is free
-      if (r + S - 1 < nrounds) issue(r + S - 1, is * SLOT_B, (u32)is * aslot_b);
+      if (r + S - 1 < nrounds) {
+        issue_w(r + S - 1, is * SLOT_B);
+        issue_a(r + S - 1, (u32)is * aslot_b);
+      }
       cp_async_commit();
       if (r < nb) compute(cs);
       cs = cs + 1 == S ? 0 : cs + 1;

@@ -450,6 +450,72 @@ def device_limits(device_id: int) -> DeviceLimits:
 
 
 # ------------------------------------------------------------------------------------ launcher
+PDL_ENV = "QUICKCUPY_PDL"          # "0": never launch with programmatic dependent launch
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6     # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _LaunchAttribute(ctypes.Structure):      # CUlaunchAttribute: an id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):         # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_bytes", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint)]
+
+
+_CTYPES = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.uint32): ctypes.c_uint32,
+           np.dtype(np.int64): ctypes.c_int64, np.dtype(np.uint64): ctypes.c_uint64,
+           np.dtype(np.float32): ctypes.c_float}
+
+
+def _kernel_arg(a):
+    """A kernel argument as a ctypes value: a CuPy array's device pointer, a NumPy scalar as its C
+    type, a NumPy record (a CUtensorMap) as its bytes."""
+    if hasattr(a, "data") and hasattr(a.data, "ptr"):
+        return ctypes.c_uint64(a.data.ptr)
+    if isinstance(a, np.generic) and a.dtype in _CTYPES:
+        return _CTYPES[a.dtype](a.item())
+    if isinstance(a, (np.ndarray, np.void)) and a.dtype.fields:
+        raw = a.tobytes()
+        return (ctypes.c_char * len(raw)).from_buffer_copy(raw)
+    raise TypeError(f"kernel argument of type {type(a).__name__} ({getattr(a, 'dtype', '')}) has no C form here")
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_id: int) -> bool:
+    import cupy
+    return cupy.cuda.Device(device_id).compute_capability >= "90" and os.environ.get(PDL_ENV, "1") != "0"
+
+
+def pdl_active(device_id: int) -> bool:
+    """Whether :func:`launch_kernel` launches with programmatic dependent launch now: on sm_90+
+    while the current stream is captured into a CUDA graph (where the graph keeps the programmatic
+    edges and the launch's host cost is paid once), unless ``QUICKCUPY_PDL=0``."""
+    return _pdl_capable(device_id) and capturing()
+
+
+def launch_kernel(fn, grid, block, args, shared_mem: int = 0, *, pdl: bool = False):
+    """Launches CuPy kernel ``fn`` on the current stream, as ``fn(grid, block, args, shared_mem=...)``
+    does; with ``pdl`` (the kernel calls ``qc::pdl_wait`` before it touches anything the previous
+    kernel writes, see quant_common.cuh) and :func:`pdl_active`, through ``cuLaunchKernelEx`` with
+    the programmatic-stream-serialization attribute, so it starts while the previous kernel ends."""
+    import cupy
+    if not (pdl and pdl_active(cupy.cuda.Device().id)):
+        fn(grid, block, args, shared_mem=shared_mem)
+        return
+    grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+    values = [_kernel_arg(a) for a in args]
+    params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
+                           ctypes.c_void_p(cupy.cuda.get_current_stream().ptr), ctypes.pointer(attr), 1)
+    res = _driver().cuLaunchKernelEx(ctypes.byref(config), ctypes.c_void_p(fn.ptr), params, None)
+    if res != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed (CUresult {res})")
+
+
 # (device, instance) whose shared-memory carveout was set. Two threads may both set it the first
 # time: the attribute is the same either way.
 _CARVED = set()
@@ -476,9 +542,10 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
         splits = p.grid[1]
         ws = workspace(device_id)
         partial = ws.buffer("partials", splits * M * N, np.float32) if splits > 1 else null
-        fn(p.grid, p.block, (x, qweight, qzeros, scales, null if bias is None else bias, out, partial,
-                             ws.counters(N // 32), np.int32(M), np.int32(N), np.int32(K),
-                             np.int32(p.group_size), np.int32(p.chunks_per_split)), shared_mem=p.shared_bytes)
+        launch_kernel(fn, p.grid, p.block, (x, qweight, qzeros, scales, null if bias is None else bias, out,
+                                            partial, ws.counters(N // 32), np.int32(M), np.int32(N), np.int32(K),
+                                            np.int32(p.group_size), np.int32(p.chunks_per_split)),
+                      p.shared_bytes, pdl=True)
         return out
     splits = p.split_k
     partial = workspace(device_id).buffer("partials", splits * M * N, np.float32) if splits > 1 else null
@@ -608,13 +675,15 @@ _CAPTURE_MODE_RELAXED = 2          # CU_STREAM_CAPTURE_MODE_RELAXED
 
 @functools.lru_cache(maxsize=1)
 def _driver():
-    """The CUDA driver library (there wherever CuPy runs kernels), for the capture queries CuPy
-    does not wrap."""
+    """The CUDA driver library (there wherever CuPy runs kernels), for the capture queries and the
+    attributed launch CuPy does not wrap."""
     lib = ctypes.CDLL("libcuda.so.1")
     lib.cuStreamGetCaptureInfo_v2.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
                                               ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p,
                                               ctypes.c_void_p, ctypes.c_void_p]
     lib.cuThreadExchangeStreamCaptureMode.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
     return lib
 
 

@@ -67,6 +67,24 @@ def test_plans_take_the_device_limits():
     assert kernels.plan("quick", 64, 8192, 8192, 128, 132) == kernels.plan("quick", 64, 8192, 8192, 128)
 
 
+def test_attributed_launch_structures_match_cuda_h():
+    """CUlaunchAttribute is 72 bytes (an id, padding, a 64-byte union) and CUlaunchConfig 56 on a
+    64-bit host; kernel arguments take their C types."""
+    import ctypes
+    assert ctypes.sizeof(kernels._LaunchAttribute) == 72
+    assert ctypes.sizeof(kernels._LaunchConfig) == 56
+    assert kernels._LaunchConfig.stream.offset == 32
+    assert kernels._kernel_arg(np.int32(-3)).value == -3
+    assert kernels._kernel_arg(np.uint64(2**63 + 5)).value == 2**63 + 5
+    assert kernels._kernel_arg(np.float32(0.5)).value == 0.5
+    record = np.zeros((), kernels._TENSOR_MAP)
+    record["opaque"][3] = 7
+    raw = kernels._kernel_arg(record)
+    assert ctypes.sizeof(raw) == 128 and bytes(raw)[24] == 7
+    with pytest.raises(TypeError, match="no C form"):
+        kernels._kernel_arg(3)
+
+
 # ---------------------------------------------------------------------------------------- GPU
 def _case(rng, kernel, M, K=4096, N=512, act_order=False):
     """(layer, x, reference) of one captured call; act_order gives the layer a random permutation."""
@@ -250,3 +268,56 @@ def test_torch_cuda_graph_as_pytorch_documents_it(kernel, M, act_order, rng):
         assert rel_error(out.cpu().numpy(), ref) < TOL
     for a in after:
         assert bool((a == SENTINEL).all()), "a replay wrote into memory allocated after the capture"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_programmatic_launch_chain_in_a_graph(dtype, rng, monkeypatch):
+    """A chain of dependent decode GEMMs and Llama ops captured with programmatic dependent launch
+    (each kernel starts while the previous one ends, waiting in the kernel for its inputs): replays
+    equal the eager chain bit for bit, with every intermediate poisoned before each replay, and
+    equal a capture without the attribute."""
+    import cupy
+    from quickcupy import QuantLinear
+    from quickcupy.llama import ops
+    if cupy.cuda.Device().compute_capability < "90":
+        pytest.skip("programmatic dependent launch needs sm_90")
+    dt = np.dtype(dtype) if dtype == "float16" else cupy.dtype("bfloat16")
+    H, I = 1024, 2048
+    layers = [QuantLinear.from_quantized(quantize((rng.standard_normal(shape) * 0.03).astype(np.float32), 128))
+              for shape in ((2 * I, H), (H, I), (H, H))]
+    norm = cupy.asarray((1 + 0.1 * rng.standard_normal(H)).astype(np.float32)).astype(dt)
+
+    def chain(x, keep):
+        h = ops.add_rms_norm(x, norm, 1e-5)
+        g = gemm_module.gemm(h, layers[0], "quick_decode")           # (M, 2I), split-K counters
+        a = ops.silu_mul(g)
+        d = gemm_module.gemm(a, layers[1], "quick_decode")
+        y = gemm_module.gemm(ops.add_rms_norm(x, norm, 1e-5, d), layers[2], "quick_decode")
+        keep.extend([h, g, a, d])
+        return y
+
+    for M in (1, 5, 16):
+        x = cupy.asarray(rng.standard_normal((M, H)).astype(np.float32)).astype(dt)
+        eager = chain(x.copy(), []).get()
+        for pdl in ("1", "0"):
+            monkeypatch.setenv(kernels.PDL_ENV, pdl)
+            kernels._pdl_capable.cache_clear()
+            stream = cupy.cuda.Stream(non_blocking=True)
+            keep = []
+            with stream:
+                xs = x.copy()
+                chain(xs.copy(), [])
+                stream.synchronize()
+                stream.begin_capture()
+                assert kernels.pdl_active(cupy.cuda.Device().id) == (pdl == "1")
+                y = chain(xs, keep)
+                graph = stream.end_capture()
+                for _ in range(3):
+                    xs[...] = x
+                    for a in keep + [y]:
+                        a.fill(np.nan)
+                    graph.launch(stream)
+                    stream.synchronize()
+                    assert np.array_equal(y.get().view(np.uint16), eager.view(np.uint16)), (M, pdl)
+    kernels._pdl_capable.cache_clear()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..dtypes import CTYPES, NAMES
-from ..kernels import get_function
+from ..kernels import get_function, launch_kernel
 from ..registry import LLAMA_OPS_THREADS
 
 
@@ -45,8 +45,8 @@ def add_rms_norm(x, weight, eps: float, delta=None, out=None):
         raise ValueError(f"delta must be C-contiguous {x.shape} {x.dtype}, got {delta.shape} {delta.dtype}")
     out = cupy.empty_like(x) if out is None else out
     rows = x.size // H
-    _fn(x, "add_rms_norm")((rows,), (LLAMA_OPS_THREADS,),
-                           (x, np.uint64(0) if delta is None else delta, weight, out, np.int32(H), np.float32(eps)))
+    launch_kernel(_fn(x, "add_rms_norm"), (rows,), (LLAMA_OPS_THREADS,),
+                  (x, np.uint64(0) if delta is None else delta, weight, out, np.int32(H), np.float32(eps)), pdl=True)
     return out
 
 
@@ -83,10 +83,10 @@ def rope_cache(qkv, cos, sin, start, n_heads: int, n_kv: int, cache_k=None, cach
     out = cupy.empty((B, S, n_heads + n_kv, d), qkv.dtype) if out is None else out
     null = np.uint64(0)
     pairs = (n_heads + 2 * n_kv) * (d // 2)        # one thread per rotated (or copied) pair of a token
-    _fn(qkv, "rope_cache")((B * S, -(-pairs // LLAMA_OPS_THREADS)), (LLAMA_OPS_THREADS,),
-                           (qkv, cos, sin, start, out, null if cache_k is None else cache_k,
-                            null if cache_v is None else cache_v, np.int32(S), np.int32(n_heads),
-                            np.int32(n_kv), np.int32(d), np.int32(max_len)))
+    launch_kernel(_fn(qkv, "rope_cache"), (B * S, -(-pairs // LLAMA_OPS_THREADS)), (LLAMA_OPS_THREADS,),
+                  (qkv, cos, sin, start, out, null if cache_k is None else cache_k,
+                   null if cache_v is None else cache_v, np.int32(S), np.int32(n_heads),
+                   np.int32(n_kv), np.int32(d), np.int32(max_len)), pdl=True)
     return out
 
 
@@ -101,7 +101,8 @@ def silu_mul(gate_up, out=None):
     out = cupy.empty(gate_up.shape[:-1] + (two_i // 2,), gate_up.dtype) if out is None else out
     rows, I = gate_up.size // two_i, two_i // 2
     if rows:
-        _fn(gate_up, "silu_mul")((rows, -(-I // LLAMA_OPS_THREADS)), (LLAMA_OPS_THREADS,), (gate_up, out, np.int32(I)))
+        launch_kernel(_fn(gate_up, "silu_mul"), (rows, -(-I // LLAMA_OPS_THREADS)), (LLAMA_OPS_THREADS,),
+                      (gate_up, out, np.int32(I)), pdl=True)
     return out
 
 
@@ -113,10 +114,11 @@ def argmax_rows(logits, out=None):
     out = cupy.empty(rows, np.int64) if out is None else out
     if out.shape != (rows,) or out.dtype != np.int64:
         raise ValueError(f"out must be ({rows},) int64, got {out.shape} {out.dtype}")
-    _fn(logits, "argmax_rows")((rows,), (LLAMA_OPS_THREADS,), (logits, out, np.int32(V)))
+    launch_kernel(_fn(logits, "argmax_rows"), (rows,), (LLAMA_OPS_THREADS,), (logits, out, np.int32(V)), pdl=True)
     return out
 
 
 def advance_position(start, step: int = 1):
     """start (1,) int32 device array += step, as a kernel (so that a captured graph moves on)."""
-    get_function(start.device.id, "llama_ops.cu", "advance_position")((1,), (1,), (start, np.int32(step)))
+    launch_kernel(get_function(start.device.id, "llama_ops.cu", "advance_position"), (1,), (1,),
+                  (start, np.int32(step)), pdl=True)

@@ -19,7 +19,7 @@ from ..llama import ops
 from ..llama.checkpoint import load_awq_checkpoint, load_tokenizer
 from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
                            random_head, random_layers)
-from ..quantize import effective_group_size
+from ..quantize import effective_group_size, quantize
 from ..reference import rel_error
 from .common import (DTYPE_HELP, SHORT_DTYPES, Progress, UsageError, check_output_path, parse_dtype, parse_group_size,
                      parse_int, parse_int_list, parse_names, table, write_json)
@@ -43,9 +43,11 @@ class Settings:
     prompt_text: str | None = None
     vocab: int | None = None
     dtype: str = "float16"     # activations on the GPU: "float16" or "bfloat16"
+    lm_head: str = "dense"     # --vocab's LM head: "dense" (16-bit, cuBLAS) or "4bit" (the backend's GEMM)
 
 
 DEFAULT_PRESET_LAYERS = 4
+LM_HEADS = ("dense", "4bit")
 
 
 def add_parser(subparsers):
@@ -78,6 +80,9 @@ def add_parser(subparsers):
                    help="time the whole model instead (embedding, the blocks, final norm, a dense LM head of "
                         "this many tokens, greedy sampling; decode as one CUDA graph per step on the 4-bit "
                         "backends; random weights, one layer's copied to every layer)")
+    p.add_argument("--lm-head", default="dense", choices=LM_HEADS,
+                   help="with --vocab: the LM head dense (16-bit weights, cuBLAS; default) or 4bit (quantized "
+                        "with --group-size, run by the 4-bit backends' GEMM)")
     p.add_argument("--prompt-text", metavar="TEXT",
                    help="with --checkpoint (embedding, LM head and tokenizer.json): generate --gen tokens "
                         "greedily after TEXT on the first of --backends (NumPy without a GPU) and print them")
@@ -107,7 +112,8 @@ def settings(args) -> Settings:
         seed=parse_int("--seed", args.seed, 0), check_tokens=parse_int("--check-tokens", args.check_tokens, 0),
         json=args.json, command=getattr(args, "command_line", None) or "python -m quickcupy llama",
         prompt_text=getattr(args, "prompt_text", None),
-        vocab=None if getattr(args, "vocab", None) is None else parse_int("--vocab", args.vocab, 8))
+        vocab=None if getattr(args, "vocab", None) is None else parse_int("--vocab", args.vocab, 8),
+        lm_head=getattr(args, "lm_head", "dense"))
 
 
 class Timer:
@@ -564,6 +570,8 @@ def run_model(s: Settings) -> int:
     layer = random_layers(config.replace(num_hidden_layers=1), seed=s.seed)[0]
     head = random_head(config, s.vocab, seed=s.seed + 1)
     head.lm_head = head.lm_head.astype(np.float16)
+    if s.lm_head == "4bit":
+        head.lm_head = quantize(head.lm_head.astype(np.float32), group_size)
     quantized = None
     results, overhead = [], {}
     for backend in s.backends:
@@ -585,7 +593,7 @@ def run_model(s: Settings) -> int:
         cupy.get_default_memory_pool().free_all_blocks()
     progress.close()
     report = {"command": s.command, "versions": _device.versions(), "device": _device.device_info(), "config": config.to_dict(),
-              "vocab": s.vocab, "group_size": group_size, "prompt": s.prompt, "gen": s.gen, "dtype": s.dtype,
+              "vocab": s.vocab, "lm_head": s.lm_head, "group_size": group_size, "prompt": s.prompt, "gen": s.gen, "dtype": s.dtype,
               "source": f"random weights (seed {s.seed}), one layer's copied to every layer",
               "generation": results, "decode_step_batch1": overhead}
     print(_format_model_report(report))
@@ -598,8 +606,8 @@ def _format_model_report(r: dict) -> str:
     c = LlamaConfig(**r["config"])
     lines = [f"command: {r['command']}",
              f"device:  {r['device']['name']}; quickcupy {r['versions']['quickcupy']}, cupy {r['versions'].get('cupy')}",
-             f"model:   embedding + {c.num_hidden_layers} Llama blocks ({_describe(c)}) + final norm + dense LM head "
-             f"(vocab {r['vocab']}), {r['source']}, group size {r['group_size']}, "
+             f"model:   embedding + {c.num_hidden_layers} Llama blocks ({_describe(c)}) + final norm + "
+             f"{'4-bit' if r.get('lm_head') == '4bit' else 'dense'} LM head (vocab {r['vocab']}), {r['source']}, group size {r['group_size']}, "
              f"{SHORT_DTYPES[r.get('dtype', 'float16')]} activations",
              f"run:     prefill batch x {r['prompt']} tokens, then {r['gen']} greedy decode steps (argmax on the GPU "
              f"fed back); awq/quick/auto decode steps replay one CUDA graph, dense/fp16 run eagerly (cuBLAS)", ""]
