@@ -113,6 +113,8 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
   float* red_s = p_s + HEADS * TP;                               // WARPS x HEADS: maxima, then sums
   float* sum_s = reinterpret_cast<float*>(smem);                 // WARPS x HEADS x D, after the loop
 
+  qc::pdl_trigger();
+  qc::pdl_wait();                // q (or qkv) is the previous kernel's output
   if (start) length += *start;   // a CUDA graph reads the cache length from device memory
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int blocks_per_seq = n_heads / HEADS;

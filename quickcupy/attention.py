@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .dtypes import NAMES, ctype
-from .kernels import get_function
+from .kernels import get_function, launch_kernel
 from .registry import DECODE_ATTENTION_THREADS, DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK
 
 
@@ -106,8 +106,8 @@ def _launch(q, keys, values, nh, length, start, cos, sin):
     fn = get_function(q.device.id, "decode_attention.cu", f"decode_attention<{d}, {heads}, {ctype(q.dtype)}>", smem)
     out = cupy.empty((B, 1, nh * d), q.dtype)
     null = np.uint64(0)
-    fn((blocks,), (DECODE_ATTENTION_THREADS,),
-       (q, keys, values, out, np.int32(nh), np.int32(nkv), np.int32(keys.shape[3]), np.int32(length),
-        null if start is None else start, null if cos is None else cos, null if sin is None else sin),
-       shared_mem=smem)
+    launch_kernel(fn, (blocks,), (DECODE_ATTENTION_THREADS,),
+                  (q, keys, values, out, np.int32(nh), np.int32(nkv), np.int32(keys.shape[3]), np.int32(length),
+                   null if start is None else start, null if cos is None else cos, null if sin is None else sin),
+                  smem, pdl=True)
     return out

@@ -496,7 +496,7 @@ def pdl_active(device_id: int) -> bool:
 
 
 def launch_kernel(fn, grid, block, args, shared_mem: int = 0, *, pdl: bool = False):
-    """Launches CuPy kernel ``fn`` on the current stream, as ``fn(grid, block, args, shared_mem=...)``
+    """Launches ``fn`` (a ``cupy.RawKernel``) on the current stream, as ``fn(grid, block, args, shared_mem=...)``
     does; with ``pdl`` (the kernel calls ``qc::pdl_wait`` before it touches anything the previous
     kernel writes, see quant_common.cuh) and :func:`pdl_active`, through ``cuLaunchKernelEx`` with
     the programmatic-stream-serialization attribute, so it starts while the previous kernel ends."""
@@ -511,7 +511,7 @@ def launch_kernel(fn, grid, block, args, shared_mem: int = 0, *, pdl: bool = Fal
     attr.value[0] = 1
     config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
                            ctypes.c_void_p(cupy.cuda.get_current_stream().ptr), ctypes.pointer(attr), 1)
-    res = _driver().cuLaunchKernelEx(ctypes.byref(config), ctypes.c_void_p(fn.ptr), params, None)
+    res = _driver().cuLaunchKernelEx(ctypes.byref(config), ctypes.c_void_p(fn.kernel.ptr), params, None)
     if res != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed (CUresult {res})")
 
