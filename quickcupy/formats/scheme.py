@@ -26,11 +26,6 @@ class Scheme(NamedTuple):
     zero_points: bool    # every layer stores zero points (False: compressed-tensors' symmetric default)
     config: dict         # the quantization_config itself
 
-    def describe(self) -> str:
-        """E.g. "gptq (gptq_v2), 4-bit, group size 128"."""
-        groups = "one group per row" if self.group_size == -1 else f"group size {self.group_size}"
-        return f"{self.method} ({self.variant}), {BITS}-bit, {groups}"
-
 
 class TensorSpec(NamedTuple):
     """What one checkpoint tensor must be: a safetensors dtype among ``dtypes``, ``shape`` (None: not
