@@ -142,14 +142,22 @@ class TensorStore(Mapping):
         self.path = Path(path)
         self.files = _tensor_files(self.path)
         self._handles = {}
+        self._file_headers = {}      # Path -> (JSON header, data start)
         self._headers = None
+
+    def _header(self, f: Path):
+        if f not in self._file_headers:
+            self._file_headers[f] = _read_header(f)
+        return self._file_headers[f]
 
     @property
     def headers(self) -> dict:
         if self._headers is None:
-            by_file = {f: _read_header(f)[0] for f in dict.fromkeys(self.files.values())}
-            self._headers = {name: (by_file[f][name]["dtype"], tuple(by_file[f][name]["shape"]))
-                             for name, f in self.files.items() if name in by_file[f]}
+            self._headers = {}
+            for name, f in self.files.items():
+                info = self._header(f)[0].get(name)
+                if info is not None:
+                    self._headers[name] = (info["dtype"], tuple(info["shape"]))
         return self._headers
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -160,7 +168,7 @@ class TensorStore(Mapping):
             return self._handles[f].get_tensor(name)
         except Exception as exc:     # bfloat16, which safetensors' NumPy API cannot hold, or a bad file
             try:
-                return _read_bf16(f, name)
+                return _read_bf16(f, name, *self._header(f))
             except Exception:
                 raise ValueError(f"{name} in {f} cannot be read as NumPy ({exc})") from exc
 
@@ -206,10 +214,9 @@ def _read_header(f: Path):
     return header, 8 + n
 
 
-def _read_bf16(f: Path, name: str) -> np.ndarray:
-    """A BF16 tensor of safetensors file ``f`` as ml_dtypes' bfloat16 (safetensors' NumPy API
-    refuses the dtype)."""
-    header, data = _read_header(f)
+def _read_bf16(f: Path, name: str, header: dict, data: int) -> np.ndarray:
+    """A BF16 tensor of safetensors file ``f`` (its header and data start: :func:`_read_header`) as
+    ml_dtypes' bfloat16 (safetensors' NumPy API refuses the dtype)."""
     info = header[name]
     with open(f, "rb") as fh:
         start, end = info["data_offsets"]
@@ -254,10 +261,11 @@ def load_checkpoint(path, num_layers: int | None = None) -> Checkpoint:
     Before any weight is read, the quantization_config is checked against every layer's K, and
     every tensor the model needs against the safetensors headers (present, dtype, shape); then the
     layers are read one at a time. Projections are QuantizedWeight; ``{prefix}.bias`` tensors
-    (Qwen2's q/k/v) become ``LayerWeights.biases`` (float32), act-order permutations
-    ``LayerWeights.perms``. The head: embed_tokens and norm (float16); lm_head float16, 4-bit
-    (read like the layers) or None when tied. The returned config has ``num_hidden_layers`` = the
-    number of layers read. Raises FileNotFoundError / ValueError naming what is missing or unsupported.
+    (Qwen2's q/k/v) become ``LayerWeights.biases`` (float32; all-zero ones are left out),
+    act-order permutations ``LayerWeights.perms``. The head: embed_tokens and norm (float16);
+    lm_head float16, 4-bit (read like the layers) or None when tied. The returned config has
+    ``num_hidden_layers`` = the number of layers read. Raises FileNotFoundError / ValueError naming
+    what is missing or unsupported.
     """
     _safetensors()                   # a clear ImportError before anything else
     path = Path(path)
@@ -339,7 +347,8 @@ def _read_layer(store: TensorStore, scheme: Scheme, config: LlamaConfig, i: int)
             bias = store[f"{prefix}.bias"].astype(np.float32)     # exact from float16 and bfloat16
             if not np.isfinite(bias).all():
                 raise ValueError(f"{prefix}.bias has NaN or inf values")
-            biases[name] = bias
+            if bias.any():          # AutoGPTQ writes a bias of zeros for every layer: no bias at all
+                biases[name] = bias
     for name in NORMS:
         where = f"{_layer_prefix(i, name)}.weight"
         norm = _to_float16(where, store[where])
