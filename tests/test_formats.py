@@ -1,7 +1,8 @@
-"""quickcupy.formats: GPTQ and compressed-tensors checkpoints read bit for bit, act-order included.
+"""quickcupy.formats: GPTQ and compressed-tensors checkpoints read bit for bit, act-order included;
+quantization_config checked before any weight is read.
 
-The writers below are independent statements of each format, written from its documentation
-(integer arithmetic: word = sum of value * 16**position), not inverses of the readers.
+The writers (tests/writers.py) are independent statements of each format, written from its
+documentation, not inverses of the readers.
 """
 import numpy as np
 import pytest
@@ -9,43 +10,9 @@ import pytest
 from conftest import rel_error
 from quickcupy import pack_quick, reference_gemm, unpack_quick
 from quickcupy.formats import perm_from_g_idx, unpack_compressed_tensors, unpack_gptq
+from writers import ct_config, pack_words, write_awq, write_compressed_tensors, write_gptq
 
 TOL = 1e-2
-
-
-def _words(values, axis):
-    """Packs 8 consecutive 4-bit values along ``axis`` into int32 words, the first in the low bits."""
-    v = np.moveaxis(np.asarray(values, np.int64), axis, -1)
-    pad = -v.shape[-1] % 8
-    v = np.concatenate([v, np.zeros(v.shape[:-1] + (pad,), np.int64)], axis=-1)
-    v = v.reshape(v.shape[:-1] + (-1, 8))
-    words = (v * 16 ** np.arange(8, dtype=np.int64)).sum(-1)
-    return np.moveaxis(words.astype(np.uint32).view(np.int32), -1, axis)
-
-
-def write_gptq(codes, zeros, scales, g_idx, checkpoint_format="gptq"):
-    """A GPTQ layer from codes (N, K) in 0..15, zeros/scales (N, K/G) and g_idx (K,):
-    qweight (K/8, N) packed along K, qzeros (K/G, N/8) packed along N, scales (K/G, N) float16.
-    The classic format subtracts 1 from every nibble of each packed qzeros word at once, as 32-bit
-    arithmetic (a zero of 0 borrows from the nibble above), the way GPTQModel writes v1."""
-    qzeros = _words(zeros.T, 1)
-    if checkpoint_format == "gptq":
-        qzeros = (qzeros.view(np.uint32) - np.uint32(0x11111111)).view(np.int32)   # wraps mod 2**32
-    return dict(qweight=_words(codes.T, 0), qzeros=qzeros,
-                scales=np.ascontiguousarray(scales.T), g_idx=g_idx.astype(np.int32))
-
-
-def write_compressed_tensors(codes, zeros, scales, symmetric, g_idx=None):
-    """A pack-quantized layer: signed values q = code - 8 stored as q + 8 along K (N, K/8); signed
-    zero points z = zero - 8 stored as z + 8 along N (N/8, K/G), absent when symmetric."""
-    N, K = codes.shape
-    q_signed = codes.astype(np.int64) - 8
-    out = dict(weight_packed=_words(q_signed + 8, 1), weight_scale=scales, weight_shape=np.array([N, K]))
-    if not symmetric:
-        out["weight_zero_point"] = _words(zeros.astype(np.int64) - 8 + 8, 0)
-    if g_idx is not None:
-        out["weight_g_idx"] = g_idx.astype(np.int32)
-    return out
 
 
 def _layer(rng, N, K, G, act_order, zero_range=(0, 16), symmetric=False):
@@ -215,7 +182,7 @@ def test_compressed_tensors_bad_inputs(rng):
     with pytest.raises(ValueError, match=r"weight_shape=\[64, 256\] does not match weight_packed"):
         unpack_compressed_tensors(**{**t, "weight_shape": np.array([64, 256])})
     with pytest.raises(ValueError, match="weight_zero_point must be packed along out_features"):
-        unpack_compressed_tensors(**{**t, "weight_zero_point": _words(zeros.astype(np.int64), 1)})
+        unpack_compressed_tensors(**{**t, "weight_zero_point": pack_words(zeros.astype(np.int64), 1)})
     with pytest.raises(TypeError, match="weight_scale must be float16, bfloat16 or float32, got int32"):
         unpack_compressed_tensors(**{**t, "weight_scale": scales.astype(np.int32)})
     with pytest.raises(ValueError, match="weight_scale must be"):
@@ -278,28 +245,38 @@ def test_quant_linear_rejects_a_bad_perm(rng):
 
 
 # ------------------------------------------------------------------------- quantization_config
-def _ct_config(G, symmetric, **weights):
-    args = {"num_bits": 4, "type": "int", "symmetric": symmetric,
-            "strategy": "channel" if G == -1 else "group", "group_size": None if G == -1 else G, **weights}
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": args, "input_activations": None}}}
+def test_awq_worked_example():
+    """Codes 1..8 in columns 0..7 of row k = 0 -> nibbles 1, 3, 5, 7, 2, 4, 6, 8 -> 0x86427531
+    (docs: AutoAWQ's GEMM format), read back through read_layer."""
+    from quickcupy.formats import read_layer
+    codes = np.zeros((8, 32), np.uint8)
+    codes[:, 0] = np.arange(1, 9)
+    t = write_awq(codes, np.full((8, 1), 8, np.uint8), np.ones((8, 1), np.float16))
+    assert t["qweight"][0, 0].view(np.uint32) == 0x86427531
+    q, perm = read_layer({"quant_method": "awq", "bits": 4, "group_size": -1}, {f"p.{k}": v for k, v in t.items()}, "p")
+    assert perm is None
+    np.testing.assert_array_equal(q.codes, codes)
 
 
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("method", ["awq", "gptq", "gptq_v2", "compressed-tensors"])
-def test_read_layer_follows_quantization_config(method, rng):
-    from quickcupy import pack_awq, QuantizedWeight
+def test_read_layer_follows_quantization_config(method, scale_dtype, rng):
+    import ml_dtypes
     from quickcupy.formats import read_layer
     prefix = "model.layers.3.mlp.down_proj"
     codes, zeros, scales, g_idx = _layer(rng, 64, 256, 64, method != "awq")
+    if scale_dtype == "bfloat16":     # bfloat16 values (8 significant bits) that float16 holds exactly
+        scales = scales.astype(ml_dtypes.bfloat16).astype(np.float16)
     if method == "awq":
-        p = pack_awq(QuantizedWeight(codes=codes, zeros=zeros, scales=scales, group_size=64))
-        t, qc = p._asdict(), {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm"}
+        t, qc = write_awq(codes, zeros, scales), {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm"}
     elif method.startswith("gptq"):
         t = write_gptq(codes, zeros, scales, g_idx, method)
         qc = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "checkpoint_format": method}
     else:
-        t, qc = write_compressed_tensors(codes, zeros, scales, False, g_idx), _ct_config(64, False)
+        t, qc = write_compressed_tensors(codes, zeros, scales, False, g_idx), ct_config(64, False)
     tensors = {f"{prefix}.{k}": v for k, v in t.items()}
+    scale_name = next(k for k in tensors if k.endswith(("scales", "weight_scale")))
+    tensors[scale_name] = tensors[scale_name].astype(scale_dtype)
     tensors["model.layers.3.mlp.up_proj.weight_packed"] = np.zeros((1, 1), np.int32)   # other layers: ignored
     q, perm = read_layer(qc, tensors, prefix)
     _check_read(q, perm, codes, zeros, scales, g_idx, rng)
@@ -318,12 +295,83 @@ def test_read_layer_refuses_what_it_cannot_read(rng):
               "checkpoint_format='marlin' is not supported"),
              ({"quant_method": "gptq", "bits": 4}, {k: v for k, v in gptq.items() if k != "p.qzeros"},
               "p.qzeros is missing from the checkpoint"),
-             ({**_ct_config(32, True), "format": "float-quantized"}, ct, "format='float-quantized' is not supported"),
-             (_ct_config(32, True, num_bits=8), ct, "num_bits=8 type='int': only 4-bit int weights"),
-             (_ct_config(32, True, strategy="tensor"), ct, "strategy='tensor': only 'group' and 'channel'"),
-             (_ct_config(-1, True), ct, "the tensors have group_size=32, quantization_config says -1")]
+             ({"quant_method": "gptq", "bits": 4, "group_size": 32}, {**gptq, "p.qweight": gptq["p.qweight"][:, :8]},
+              r"p: qzeros has 4 packed columns \(32 outputs\) but qweight has N=8"),
+             ({"quant_method": "gptq", "bits": 4, "group_size": 32},
+              {**gptq, "p.scales": gptq["p.scales"].astype(np.float32) * np.float32(1 + 2**-20)},
+              r"p: scales\[0, 0\] = .* is not exactly representable in float16"),
+             ({**ct_config(32, True), "format": "float-quantized"}, ct, "format='float-quantized' is not supported"),
+             (ct_config(32, True, num_bits=8), ct, "num_bits=8 type='int': only 4-bit int weights"),
+             (ct_config(32, True, strategy="tensor"), ct, "strategy='tensor': only 'group' and 'channel'"),
+             (ct_config(-1, True), ct, "the tensors have group_size=32, quantization_config says -1")]
     for qc, tensors, msg in cases:
         with pytest.raises(ValueError, match=msg):
             read_layer(qc, tensors, "p")
-    q, _ = read_layer(_ct_config(32, True), ct, "p")
+    q, _ = read_layer(ct_config(32, True), ct, "p")
     assert (q.zeros == 8).all()
+
+
+@pytest.mark.parametrize("qc,match", [
+    (None, "quantization_config must be config.json's object"),
+    ({"quant_method": "bitsandbytes", "bits": 4}, r"quant_method='bitsandbytes' is not supported; one of \('awq'"),
+    ({"quant_method": "awq", "bits": 8, "group_size": 128}, r"quantization_config.bits=8 is not supported"),
+    ({"quant_method": "awq", "w_bit": 3, "q_group_size": 128}, r"quantization_config.bits=3 is not supported"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"},
+     "quantization_config.version='gemv' is not supported; only the 'gemm' packing"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False},
+     "quantization_config.zero_point=False is not supported"),
+    ({"quant_method": "awq", "bits": 4, "q_group_size": 48},
+     "quantization_config.q_group_size=48: group_size=48 is not supported"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "quantization_config.group_size=128: in_features=352 "
+     "is not a multiple of group_size=128"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": "128"}, r"quantization_config.group_size='128' must be an int"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "gptq_v3"},
+     r"quantization_config.checkpoint_format='gptq_v3' is not supported; one of \('gptq', 'gptq_v2'\)"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 32, "is_marlin_format": True},
+     "is_marlin_format=true is not supported"),
+    ({**ct_config(32, True), "format": "int-quantized"}, "quantization_config.format='int-quantized' is not supported"),
+    ({**ct_config(32, True), "quantization_status": "frozen"}, "quantization_status='frozen' is not supported"),
+    ({**ct_config(32, True), "kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme is set"),
+    (ct_config(48, True), "config_groups.group_0.weights.group_size=48: group_size=48 is not supported"),
+    (ct_config(None, True), r"config_groups.group_0.weights.group_size=None must be an int"),
+])
+def test_check_quantization_config_names_the_setting(qc, match):
+    from quickcupy.formats import check_quantization_config
+    with pytest.raises(ValueError, match=match):
+        check_quantization_config(qc, in_features=(256, 352))
+
+
+def test_check_quantization_config_returns_the_scheme():
+    from quickcupy.formats import check_quantization_config
+    s = check_quantization_config({"quant_method": "GPTQ", "bits": 4, "group_size": 32}, (256, 352))
+    assert (s.method, s.variant, s.group_size, s.zero_points) == ("gptq", "gptq", 32, True)
+    s = check_quantization_config({"quant_method": "awq", "w_bit": 4}, (256,))     # AutoAWQ's default 128
+    assert (s.method, s.variant, s.group_size) == ("awq", "gemm", 128)
+    s = check_quantization_config(ct_config(-1, False), (256, 352))
+    assert (s.method, s.variant, s.group_size, s.zero_points) == ("compressed-tensors", "pack-quantized", -1, True)
+    assert not check_quantization_config(ct_config(32, True)).zero_points
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "compressed-tensors"])
+def test_layer_tensors_match_the_writers_and_name_a_bad_header(method, rng):
+    """The shapes layer_tensors expects are those the independent writers produce; a missing, wrongly
+    typed or wrongly shaped tensor is named from the headers alone."""
+    from quickcupy.formats import check_quantization_config, check_tensors, layer_tensors
+    N, K, G = 96, 256, 64
+    codes, zeros, scales, g_idx = _layer(rng, N, K, G, method == "gptq")
+    qc, t = {"awq": ({"quant_method": "awq", "bits": 4, "group_size": G}, write_awq(codes, zeros, scales)),
+             "gptq": ({"quant_method": "gptq", "bits": 4, "group_size": G}, write_gptq(codes, zeros, scales, g_idx)),
+             "compressed-tensors": (ct_config(G, False), write_compressed_tensors(codes, zeros, scales, False, g_idx))
+             }[method]
+    names = {"float16": "F16", "int32": "I32", "int64": "I64"}
+    headers = {f"p.{k}": (names[v.dtype.name], v.shape) for k, v in t.items()}
+    specs = layer_tensors(check_quantization_config(qc, (K,)), "p", N, K)
+    assert set(headers) == set(specs)
+    check_tensors(headers, specs)
+    first = next(iter(headers))
+    with pytest.raises(ValueError, match=f"the checkpoint lacks 1 tensor.*first: {first}"):
+        check_tensors({k: v for k, v in headers.items() if k != first}, specs)
+    with pytest.raises(ValueError, match=f"{first} has dtype F32, expected I32 or U32"):
+        check_tensors({**headers, first: ("F32", headers[first][1])}, specs)
+    with pytest.raises(ValueError, match=rf"{first} has shape \(1, 2\), expected \("):
+        check_tensors({**headers, first: ("I32", (1, 2))}, specs)

@@ -12,7 +12,7 @@ from quickcupy import pack_awq, quantize
 from quickcupy.device import no_gpu_reason
 from quickcupy.attention import decode_attention, decode_attention_rope
 from quickcupy.llama import (NORMS, PROJECTIONS, LayerWeights, LlamaConfig, LlamaModel, apply_rope, attention,
-                             load_awq_checkpoint, make_linear, random_layers, rms_norm, rope_tables,
+                             load_checkpoint, make_linear, random_layers, rms_norm, rope_tables,
                              save_awq_checkpoint)
 from quickcupy.llama import model as llama_model
 from quickcupy.llama.model import fuse
@@ -315,10 +315,10 @@ def test_checkpoint_round_trip(rng, tmp_path):
     np.testing.assert_array_equal(tensors["model.layers.2.self_attn.k_proj.qzeros"], packed.qzeros)
     assert tensors["model.layers.2.input_layernorm.weight"].dtype == np.float16
 
-    ckpt = load_awq_checkpoint(tmp_path)
-    assert ckpt.config == config and ckpt.group_size == 64
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.config == config and ckpt.quantization.group_size == 64 and ckpt.quantization.method == "awq"
     _assert_same_layers(layers, ckpt.layers)
-    first = load_awq_checkpoint(tmp_path, num_layers=1)
+    first = load_checkpoint(tmp_path, num_layers=1)
     assert first.config.num_hidden_layers == 1
     _assert_same_layers(layers[:1], first.layers)
     x = _hidden(rng, 1, 5)
@@ -329,8 +329,8 @@ def test_checkpoint_one_group_per_row(rng, tmp_path):
     pytest.importorskip("safetensors")
     layers = random_layers(TINY, seed=_seed(rng))
     save_awq_checkpoint(tmp_path, TINY, layers, group_size=-1)
-    ckpt = load_awq_checkpoint(tmp_path)
-    assert ckpt.group_size == -1 and ckpt.layers[0].down_proj.group_size == TINY.intermediate_size
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.quantization.group_size == -1 and ckpt.layers[0].down_proj.group_size == TINY.intermediate_size
     _assert_same_layers([w.quantized(-1) for w in layers], ckpt.layers)
 
 
@@ -342,13 +342,14 @@ def _edit_config(path, **changes):
 
 @pytest.mark.parametrize("damage,error,match", [
     ("missing tensor", ValueError, "lacks 1 tensor.*model.layers.1.mlp.up_proj.qzeros"),
-    ("gptq", ValueError, "quant_method='gptq' is not supported"),
+    ("bitsandbytes", ValueError, "quant_method='bitsandbytes' is not supported"),
     ("8 bits", ValueError, "bits=8 is not supported"),
     ("gemv", ValueError, "version='gemv' is not supported"),
     ("no quantization_config", ValueError, "no quantization_config"),
     ("no config.json", FileNotFoundError, "has no config.json"),
     ("no safetensors", FileNotFoundError, r"has no \*.safetensors files"),
-    ("wrong dims", ValueError, r"model.layers.0 k_proj has shape \(128, 256\)"),
+    ("wrong dims", ValueError, r"model.layers.0.self_attn.k_proj.qweight has shape \(256, 16\), "
+                               r"expected \(K, N/8\) = \(256, 32\)"),
     ("too many layers", ValueError, "num_layers=3 must lie in 1..2"),
     ("config is a list", ValueError, r"config.json holds a JSON list, not an object"),
     ("config not json", ValueError, r"config.json is not valid JSON"),
@@ -368,8 +369,8 @@ def test_bad_checkpoint_rejected(rng, tmp_path, damage, error, match):
         tensors = load_file(f)
         del tensors["model.layers.1.mlp.up_proj.qzeros"]
         save_file(tensors, f)
-    elif damage == "gptq":
-        _edit_config(tmp_path, quant_method="gptq")
+    elif damage == "bitsandbytes":
+        _edit_config(tmp_path, quant_method="bitsandbytes")
     elif damage == "8 bits":
         _edit_config(tmp_path, bits=8)
     elif damage == "gemv":
@@ -405,7 +406,7 @@ def test_bad_checkpoint_rejected(rng, tmp_path, damage, error, match):
         tensors[name][0, ...] = value
         save_file(tensors, f)
     with pytest.raises(error, match=match):
-        load_awq_checkpoint(tmp_path, num_layers=num_layers)
+        load_checkpoint(tmp_path, num_layers=num_layers)
 
 
 def test_bf16_scales_are_read(rng, tmp_path):
@@ -413,7 +414,7 @@ def test_bf16_scales_are_read(rng, tmp_path):
     pytest.importorskip("safetensors")
     from safetensors.numpy import load_file
     save_awq_checkpoint(tmp_path, TINY, random_layers(TINY, seed=_seed(rng)))
-    before = load_awq_checkpoint(tmp_path)
+    before = load_checkpoint(tmp_path)
     f = tmp_path / "model.safetensors"
     tensors = load_file(str(f))
     # Rewrite the file by hand with every scales tensor as BF16 (the top 16 bits of float32).
@@ -430,7 +431,7 @@ def test_bf16_scales_are_read(rng, tmp_path):
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)
     f.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
-    after = load_awq_checkpoint(tmp_path)
+    after = load_checkpoint(tmp_path)
     s0 = before.layers[0].q_proj.scales.astype(np.float32)
     s1 = after.layers[0].q_proj.scales.astype(np.float32)
     assert np.allclose(s0, s1, rtol=2 ** -7)        # bf16 keeps 8 bits of mantissa
@@ -472,7 +473,7 @@ def test_cli_runs_a_checkpoint(rng, tmp_path, capsys):
     rc = main(["llama", "--checkpoint", str(tmp_path), "--layers", "1", "--batch", "2", "--prompt", "4",
                "--gen", "2"])
     assert rc == 0
-    assert "AutoAWQ checkpoint" in capsys.readouterr().out
+    assert "awq (gemm) checkpoint" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from quickcupy.__main__ import main
-from quickcupy.llama import (HeadWeights, LlamaConfig, LlamaModel, load_awq_checkpoint, random_head, random_layers,
+from quickcupy.llama import (HeadWeights, LlamaConfig, LlamaModel, load_checkpoint, random_head, random_layers,
                              rms_norm, save_awq_checkpoint)
 from quickcupy.llama.checkpoint import EMBED, LM_HEAD, load_tokenizer
 from quickcupy.quantize import quantize
@@ -93,7 +93,7 @@ def test_checkpoint_with_head_round_trip(rng, tmp_path, lm_head):
     save_awq_checkpoint(tmp_path, TINY, layers, group_size=64, head=head)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["vocab_size"] == VOCAB and config["tie_word_embeddings"] == (lm_head == "tied")
-    ckpt = load_awq_checkpoint(tmp_path)
+    ckpt = load_checkpoint(tmp_path)
     np.testing.assert_array_equal(ckpt.head.embed_tokens, head.embed_tokens)
     np.testing.assert_array_equal(ckpt.head.norm, head.norm)
     if lm_head == "quantized":
@@ -121,13 +121,13 @@ def test_checkpoint_without_lm_head_and_untied_is_refused(rng, tmp_path):
     config["tie_word_embeddings"] = False
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"{EMBED} but no {LM_HEAD}.weight"):
-        load_awq_checkpoint(tmp_path)
+        load_checkpoint(tmp_path)
 
 
 def test_checkpoint_without_head_has_none(rng, tmp_path):
     pytest.importorskip("safetensors")
     save_awq_checkpoint(tmp_path, TINY, random_layers(TINY, seed=_seed(rng)), group_size=64)
-    assert load_awq_checkpoint(tmp_path).head is None
+    assert load_checkpoint(tmp_path).head is None
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -173,7 +173,7 @@ def test_cli_prompt_text_generates(rng, tmp_path, capsys, monkeypatch):
     assert main(["llama", "--checkpoint", str(tmp_path), "--prompt-text", "the quick", "--gen", "5"]) == 0
     out = capsys.readouterr().out
     # The continuation printed is the decoded greedy tokens of the NumPy model on the checkpoint.
-    ckpt = load_awq_checkpoint(tmp_path)
+    ckpt = load_checkpoint(tmp_path)
     model = LlamaModel(ckpt.config, ckpt.layers, "numpy", 64, head=ckpt.head)
     expected = tok.decode(model.generate(np.asarray([tok.encode("the quick").ids]), 5)[0].tolist())
     assert f"[numpy] the quick{expected}" in out

@@ -22,27 +22,19 @@ import numpy as np
 from ..layouts import _check_int32, _int32_to_nibbles
 from ..quantize import QuantizedWeight
 from .act_order import perm_from_g_idx
+from .scheme import FLOAT, INT32, INTEGER, Scheme, TensorSpec, check_group_size, n_groups, to_float16_exact
 
 PACK = 8                 # 4-bit values per int32
 SYMMETRIC_ZERO = 8       # the unsigned nibble of the signed zero point 0
+FORMAT = "pack-quantized"
+STRATEGIES = ("group", "channel")
 
 
 def _scales_to_float16(weight_scale, N: int) -> np.ndarray:
-    if not isinstance(weight_scale, np.ndarray):
-        raise TypeError(f"weight_scale must be a numpy.ndarray, got {type(weight_scale).__name__}")
-    if weight_scale.dtype not in (np.float16, np.float32) and weight_scale.dtype.name != "bfloat16":
-        raise TypeError(f"weight_scale must be float16, bfloat16 or float32, got {weight_scale.dtype}")
-    if weight_scale.ndim != 2 or weight_scale.shape[0] != N:
+    s16 = to_float16_exact("weight_scale", weight_scale)
+    if s16.ndim != 2 or s16.shape[0] != N:
         raise ValueError(f"weight_scale must be (out_features, groups) = ({N}, K/G) for the group and "
-                         f"channel strategies, got shape {weight_scale.shape}")
-    s32 = weight_scale.astype(np.float32)
-    with np.errstate(over="ignore"):
-        s16 = s32.astype(np.float16)
-    inexact = s16.astype(np.float32) != s32
-    if inexact.any():
-        n, g = (int(i) for i in np.argwhere(inexact)[0])
-        raise ValueError(f"weight_scale[{n}, {g}] = {s32[n, g]} is not exactly representable in float16, "
-                         f"which the kernels use")
+                         f"channel strategies, got shape {s16.shape}")
     return s16
 
 
@@ -83,3 +75,59 @@ def unpack_compressed_tensors(weight_packed, weight_scale, weight_shape=None, we
     q = QuantizedWeight(codes=np.ascontiguousarray(codes), zeros=np.ascontiguousarray(zeros),
                         scales=scales, group_size=K // n_groups)
     return q, perm
+
+
+def check_config(qc: dict, in_features=()) -> Scheme:
+    """quantization_config of a compressed-tensors checkpoint: one config group of 4-bit int weights,
+    pack-quantized, group or channel strategy, activations and KV cache left unquantized -> Scheme;
+    ValueError naming the setting otherwise."""
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise ValueError("quantization_config.config_groups must hold exactly one group (one scheme for "
+                         f"every quantized layer), got {None if groups is None else len(groups)}")
+    name, group = next(iter(groups.items()))
+    where = f"quantization_config.config_groups.{name}"
+    if not isinstance(group, dict):
+        raise ValueError(f"{where} must be an object, got {type(group).__name__}")
+    fmt, key = (group["format"], f"{where}.format") if group.get("format") else (qc.get("format"), "quantization_config.format")
+    if fmt != FORMAT:
+        raise ValueError(f"{key}={fmt!r} is not supported; only {FORMAT!r} (W4A16) loads")
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise ValueError(f"quantization_config.quantization_status={status!r} is not supported; only "
+                         f"'compressed' (packed) checkpoints load")
+    args = group.get("weights") or {}
+    if args.get("num_bits") != 4 or args.get("type", "int") != "int":
+        raise ValueError(f"{where}.weights num_bits={args.get('num_bits')!r} type={args.get('type')!r}: "
+                         f"only 4-bit int weights load")
+    strategy = args.get("strategy")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{where}.weights strategy={strategy!r}: only 'group' and 'channel' load")
+    for key in ("input_activations", "output_activations"):
+        if group.get(key):
+            raise ValueError(f"{where}.{key} is set: activations are quantized; only weight-only (W4A16) loads")
+    if qc.get("kv_cache_scheme"):
+        raise ValueError("quantization_config.kv_cache_scheme is set: quantized KV caches are not supported")
+    if strategy == "channel":
+        G = check_group_size(-1, f"{where}.weights.group_size", in_features)
+    else:
+        G = check_group_size(args.get("group_size"), f"{where}.weights.group_size", in_features)
+    return Scheme("compressed-tensors", FORMAT, G, not args.get("symmetric", True), qc)
+
+
+def tensor_specs(scheme: Scheme, N: int, K: int) -> dict:
+    """Tensor name suffix -> TensorSpec of a (N, K) layer."""
+    g = n_groups(scheme.group_size, K)
+    return {"weight_packed": TensorSpec(INT32, (N, -(-K // PACK)), "(N, K/8)"),
+            "weight_scale": TensorSpec(FLOAT, None if g is None else (N, g), "(N, K/G)"),
+            "weight_shape": TensorSpec(INTEGER, (2,), "[N, K]"),
+            "weight_zero_point": TensorSpec(INT32, None if g is None else (-(-N // PACK), g), "(N/8, K/G)",
+                                            required=scheme.zero_points),
+            "weight_g_idx": TensorSpec(INTEGER, (K,), "(K,)", required=False)}
+
+
+def read(scheme: Scheme, get):
+    """(QuantizedWeight, perm) from ``get(suffix, required=True)``, one of the layer's tensors."""
+    return unpack_compressed_tensors(get("weight_packed"), get("weight_scale"), get("weight_shape"),
+                                     get("weight_zero_point", required=scheme.zero_points),
+                                     get("weight_g_idx", required=False))

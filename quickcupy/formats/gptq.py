@@ -4,7 +4,7 @@ Tensors of one linear layer, K = in_features, N = out_features, G = group_size (
 
     qweight (K/8, N) int32    packed along K: word [i, n] nibble j (bits 4j..4j+3) = code[k = 8i + j, n]
     qzeros  (K/G, N/8) int32  packed along N: word [g, c] nibble j = stored zero of column 8c + j
-    scales  (K/G, N) float16
+    scales  (K/G, N) float16  (a checkpoint's bfloat16/float32 taken when float16 holds it exactly)
     g_idx   (K,) int32        group of input feature k (optional; act-order when not k // G)
 
     W[n, k] = (code[k, n] - zero[g_idx[k], n]) * scales[g_idx[k], n]
@@ -37,6 +37,8 @@ import numpy as np
 from ..layouts import _check_int32, _check_scales, _int32_to_nibbles
 from ..quantize import QuantizedWeight
 from .act_order import perm_from_g_idx
+from .scheme import (DEFAULT_GROUP_SIZE, FLOAT, INT32, INTEGER, Scheme, TensorSpec, check_bits, check_group_size,
+                     n_groups, to_float16_exact)
 
 PACK = 8                                 # 4-bit codes per int32
 FORMATS = ("gptq", "gptq_v2")            # config "checkpoint_format": zero stored minus one / as is
@@ -76,3 +78,31 @@ def unpack_gptq(qweight, qzeros, scales, g_idx=None, *, checkpoint_format: str =
     q = QuantizedWeight(codes=np.ascontiguousarray(codes), zeros=np.ascontiguousarray(zeros),
                         scales=np.ascontiguousarray(scales.T), group_size=K // n_groups)
     return q, perm
+
+
+def check_config(qc: dict, in_features=()) -> Scheme:
+    """quantization_config of a GPTQ checkpoint -> Scheme; ValueError naming the setting otherwise."""
+    check_bits(qc.get("bits"), "quantization_config.bits")
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt not in FORMATS:
+        raise ValueError(f"quantization_config.checkpoint_format={fmt!r} is not supported; one of {FORMATS}")
+    if qc.get("is_marlin_format"):
+        raise ValueError("quantization_config.is_marlin_format=true is not supported: Marlin-repacked "
+                         "GPTQ tensors are not the GPTQ layout")
+    G = check_group_size(qc.get("group_size", DEFAULT_GROUP_SIZE), "quantization_config.group_size", in_features)
+    return Scheme("gptq", fmt, G, True, qc)
+
+
+def tensor_specs(scheme: Scheme, N: int, K: int) -> dict:
+    """Tensor name suffix -> TensorSpec of a (N, K) layer."""
+    g, n8 = n_groups(scheme.group_size, K), -(-N // PACK)
+    return {"qweight": TensorSpec(INT32, (-(-K // PACK), N), "(K/8, N)"),
+            "qzeros": TensorSpec(INT32, None if g is None else (g, n8), "(K/G, N/8)"),
+            "scales": TensorSpec(FLOAT, None if g is None else (g, N), "(K/G, N)"),
+            "g_idx": TensorSpec(INTEGER, (K,), "(K,)", required=False)}
+
+
+def read(scheme: Scheme, get):
+    """(QuantizedWeight, perm) from ``get(suffix, required=True)``, one of the layer's tensors."""
+    return unpack_gptq(get("qweight"), get("qzeros"), to_float16_exact("scales", get("scales")),
+                       get("g_idx", required=False), checkpoint_format=scheme.variant)

@@ -1,7 +1,7 @@
-"""A Llama decoder stack on quickcupy's 4-bit linears (:mod:`.model`) and AutoAWQ checkpoints of it
-(:mod:`.checkpoint`), with its small ops as kernels (:mod:`.ops`) and whole-model generation
-(:meth:`LlamaModel.generate`, CUDA-graph decode for the 4-bit backends)."""
-from .checkpoint import Checkpoint, TensorStore, load_awq_checkpoint, save_awq_checkpoint, tensor_names
+"""A Llama decoder stack on quickcupy's 4-bit linears (:mod:`.model`) and 4-bit checkpoints of it
+(:mod:`.checkpoint`: AWQ, GPTQ, compressed-tensors), with its small ops as kernels (:mod:`.ops`)
+and whole-model generation (:meth:`LlamaModel.generate`, CUDA-graph decode for the 4-bit backends)."""
+from .checkpoint import Checkpoint, TensorStore, load_checkpoint, save_awq_checkpoint
 from .model import (BACKENDS, NORMS, PRESETS, PROJECTIONS, DecodeGraph, HeadWeights, KVCache, LayerWeights,
                     LlamaBlock, LlamaConfig, LlamaModel, apply_rope, attention, make_linear, projection_shapes,
                     random_head, random_layers, rms_norm, rope_tables, silu_mul)

@@ -1,5 +1,6 @@
-"""AutoAWQ "GEMM" checkpoints of Llama models: a directory of config.json and safetensors files
-(see the format notes in quickcupy.layouts), read into and written from :class:`LayerWeights`."""
+"""4-bit checkpoints of Llama models: a directory of config.json and safetensors files, read into
+:class:`LayerWeights` whatever the format config.json's quantization_config names (AutoAWQ GEMM,
+GPTQ, compressed-tensors pack-quantized: :mod:`quickcupy.formats`), and written as AutoAWQ GEMM."""
 from __future__ import annotations
 
 import json
@@ -10,10 +11,11 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from ..layouts import pack_awq, unpack_awq
-from ..quantize import effective_group_size
-from ..quantize import QuantizedWeight
-from .model import NORMS, PROJECTIONS, HeadWeights, LayerWeights, LlamaConfig
+from .. import formats
+from ..formats.scheme import FLOAT, Scheme, TensorSpec
+from ..layouts import pack_awq
+from ..quantize import QuantizedWeight, effective_group_size
+from .model import NORMS, PROJECTIONS, HeadWeights, LayerWeights, LlamaConfig, projection_shapes
 
 # Hugging Face names of the tensors around the stack; lm_head may also be 4-bit (.qweight etc.).
 EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head"
@@ -21,8 +23,8 @@ EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "
 
 class Checkpoint(NamedTuple):
     config: LlamaConfig
-    layers: list        # of LayerWeights with QuantizedWeight projections and float16 norms
-    group_size: int     # as config.json says (-1: one group per row)
+    layers: list        # of LayerWeights: QuantizedWeight projections, float16 norms, biases, perms
+    quantization: Scheme   # config.json's quantization_config, checked: method, variant, group_size
     head: HeadWeights | None = None   # when the checkpoint has embed_tokens and norm
 
 
@@ -31,7 +33,7 @@ def _safetensors():
         from safetensors import safe_open
         from safetensors.numpy import save_file
     except ImportError as exc:
-        raise ImportError("AutoAWQ checkpoints need the 'safetensors' package: "
+        raise ImportError("checkpoints need the 'safetensors' package: "
                           "pip install 'quickcupy[llama]'") from exc
     return safe_open, save_file
 
@@ -40,17 +42,12 @@ def _layer_prefix(i: int, name: str) -> str:
     return f"model.layers.{i}.{PROJECTIONS[name]}.{name}" if name in PROJECTIONS else f"model.layers.{i}.{name}"
 
 
-def tensor_names(i: int) -> list:
-    """The checkpoint tensor names of layer ``i`` that the block reads."""
-    return ([f"{_layer_prefix(i, p)}.{part}" for p in PROJECTIONS for part in ("qweight", "qzeros", "scales")]
-            + [f"{_layer_prefix(i, n)}.weight" for n in NORMS])
-
-
 def save_awq_checkpoint(path, config: LlamaConfig, layers: list, group_size: int | None = None,
                         shards: int = 1, head: HeadWeights | None = None) -> Path:
     """Writes ``layers`` as an AutoAWQ "GEMM" checkpoint: config.json + ``shards`` safetensors files
     (and model.safetensors.index.json when sharded). Float projections are quantized with
-    ``group_size``. ``head`` (written to the last shard): embed_tokens and norm as float16, lm_head
+    ``group_size``; biases are written as ``{prefix}.bias`` float16; act-order perms are refused
+    (AWQ has none). ``head`` (written to the last shard): embed_tokens and norm as float16, lm_head
     as float16, or packed when it is a QuantizedWeight, or left out when tied. Returns the directory."""
     _, save_file = _safetensors()
     path = Path(path)
@@ -69,6 +66,9 @@ def save_awq_checkpoint(path, config: LlamaConfig, layers: list, group_size: int
         raise ValueError(f"all projections must share one group size, got {sorted(sizes)}")
     for i, w in enumerate(layers):
         w.check(config, where=f"layer {i}")
+        if w.perms:
+            raise ValueError(f"layer {i} has act-order perms ({', '.join(w.perms)}): an AWQ checkpoint "
+                             f"stores none; write the weights with their input features in order")
 
     path.mkdir(parents=True, exist_ok=True)
     shards = max(1, min(int(shards), len(layers)))
@@ -82,6 +82,9 @@ def save_awq_checkpoint(path, config: LlamaConfig, layers: list, group_size: int
                 packed = pack_awq(q)
                 for part in ("qweight", "qzeros", "scales"):
                     tensors[f"{_layer_prefix(i, name)}.{part}"] = np.ascontiguousarray(getattr(packed, part))
+            for name, bias in layers[i].biases.items():
+                where = f"{_layer_prefix(i, name)}.bias"
+                tensors[where] = _to_float16(where, np.asarray(bias))
             for name in NORMS:
                 tensors[f"{_layer_prefix(i, name)}.weight"] = np.asarray(getattr(layers[i], name), np.float16)
         if head is not None and s == shards - 1:
@@ -109,26 +112,6 @@ def save_awq_checkpoint(path, config: LlamaConfig, layers: list, group_size: int
     return path
 
 
-def _check_quantization_config(qc):
-    """Validates config.json's quantization_config; returns its group size (checked by the caller
-    against the layers' in_features)."""
-    if not isinstance(qc, dict):
-        raise ValueError("config.json has no quantization_config: not an AutoAWQ checkpoint")
-    if str(qc.get("quant_method", "")).lower() != "awq":
-        raise ValueError(f"quantization_config.quant_method={qc.get('quant_method')!r} is not supported; "
-                         f"only 'awq' checkpoints load")
-    bits = qc.get("bits", qc.get("w_bit"))
-    if bits != 4:
-        raise ValueError(f"quantization_config.bits={bits!r} is not supported; only 4-bit checkpoints load")
-    version = str(qc.get("version", "gemm")).lower()
-    if version != "gemm":
-        raise ValueError(f"quantization_config.version={qc.get('version')!r} is not supported; "
-                         f"only the 'gemm' packing loads")
-    if qc.get("zero_point", True) is not True:
-        raise ValueError("quantization_config.zero_point=false is not supported; AWQ's zero points are assumed")
-    return qc.get("group_size", qc.get("q_group_size"))
-
-
 def _tensor_files(path: Path) -> dict:
     """Tensor name -> safetensors file, from the index if there is one, else from every file's header."""
     index = path / "model.safetensors.index.json"
@@ -150,13 +133,32 @@ def _tensor_files(path: Path) -> dict:
 class TensorStore(Mapping):
     """The tensors of a checkpoint directory's safetensors files, read lazily by name: a mapping
     name -> NumPy array (bfloat16 as ml_dtypes' type), each file opened once and kept open. The
-    mapping :func:`quickcupy.formats.read_layer` reads a layer from. ``files``: name -> Path."""
+    mapping :func:`quickcupy.formats.read_layer` reads a layer from. ``files``: name -> Path.
+    ``headers``: name -> (safetensors dtype name, shape) from the files' headers alone (no tensor
+    data read), for :func:`quickcupy.formats.check_tensors`."""
 
     def __init__(self, path):
         _safetensors()
         self.path = Path(path)
         self.files = _tensor_files(self.path)
         self._handles = {}
+        self._file_headers = {}      # Path -> (JSON header, data start)
+        self._headers = None
+
+    def _header(self, f: Path):
+        if f not in self._file_headers:
+            self._file_headers[f] = _read_header(f)
+        return self._file_headers[f]
+
+    @property
+    def headers(self) -> dict:
+        if self._headers is None:
+            self._headers = {}
+            for name, f in self.files.items():
+                info = self._header(f)[0].get(name)
+                if info is not None:
+                    self._headers[name] = (info["dtype"], tuple(info["shape"]))
+        return self._headers
 
     def __getitem__(self, name: str) -> np.ndarray:
         f = self.files[name]
@@ -166,7 +168,7 @@ class TensorStore(Mapping):
             return self._handles[f].get_tensor(name)
         except Exception as exc:     # bfloat16, which safetensors' NumPy API cannot hold, or a bad file
             try:
-                return _read_bf16(f, name)
+                return _read_bf16(f, name, *self._header(f))
             except Exception:
                 raise ValueError(f"{name} in {f} cannot be read as NumPy ({exc})") from exc
 
@@ -191,15 +193,34 @@ def _read_json(f: Path) -> dict:
     return value
 
 
-def _read_bf16(f: Path, name: str) -> np.ndarray:
-    """A BF16 tensor of safetensors file ``f`` as ml_dtypes' bfloat16 (safetensors' NumPy API
-    refuses the dtype; the format is an 8-byte little-endian header length, a JSON header with
-    dtype/shape/data_offsets, the data)."""
+def _read_header(f: Path):
+    """(header, data start) of safetensors file ``f``: the JSON header, name -> {"dtype", "shape",
+    "data_offsets"} (offsets from the data start), as the format is an 8-byte little-endian header
+    length, the header, the data. ValueError naming the file when it is not one."""
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist")
     with open(f, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
-        info = json.loads(fh.read(n))[name]
+        try:
+            header = json.loads(fh.read(n)) if n <= f.stat().st_size - 8 else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    ok = isinstance(header, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+        and isinstance(v.get("data_offsets"), list) for k, v in header.items() if k != "__metadata__")
+    if not ok:
+        raise ValueError(f"{f} is not a readable safetensors file (its header is not the format's JSON)")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_bf16(f: Path, name: str, header: dict, data: int) -> np.ndarray:
+    """A BF16 tensor of safetensors file ``f`` (its header and data start: :func:`_read_header`) as
+    ml_dtypes' bfloat16 (safetensors' NumPy API refuses the dtype)."""
+    info = header[name]
+    with open(f, "rb") as fh:
         start, end = info["data_offsets"]
-        fh.seek(8 + n + start)
+        fh.seek(data + start)
         raw = np.frombuffer(fh.read(end - start), np.uint16)
     if info.get("dtype") != "BF16":
         raise ValueError(f"{name} has dtype {info.get('dtype')}, which safetensors' NumPy API does not read")
@@ -231,27 +252,36 @@ def _open_tensors(f: Path):
         raise ValueError(f"{f} is not a readable safetensors file ({exc})") from exc
 
 
-def load_awq_checkpoint(path, num_layers: int | None = None) -> Checkpoint:
-    """Reads the first ``num_layers`` (default: all) decoder layers of an AutoAWQ GEMM checkpoint.
+def load_checkpoint(path, num_layers: int | None = None) -> Checkpoint:
+    """Reads the first ``num_layers`` (default: all) decoder layers, and the head when there is one,
+    of a 4-bit Llama checkpoint directory: config.json + safetensors files (sharded with
+    model.safetensors.index.json or not) in the format its quantization_config names (AutoAWQ GEMM,
+    GPTQ v1/v2 with act-order, compressed-tensors pack-quantized: :mod:`quickcupy.formats`).
 
-    The returned config has ``num_hidden_layers`` = the number of layers read.
-    Raises FileNotFoundError / ValueError naming what is missing or unsupported.
+    Before any weight is read, the quantization_config is checked against every layer's K, and
+    every tensor the model needs against the safetensors headers (present, dtype, shape); then the
+    layers are read one at a time. Projections are QuantizedWeight; ``{prefix}.bias`` tensors
+    (Qwen2's q/k/v) become ``LayerWeights.biases`` (float32; all-zero ones are left out),
+    act-order permutations ``LayerWeights.perms``. The head: embed_tokens and norm (float16);
+    lm_head float16, 4-bit (read like the layers) or None when tied. The returned config has
+    ``num_hidden_layers`` = the number of layers read. Raises FileNotFoundError / ValueError naming
+    what is missing or unsupported.
     """
     _safetensors()                   # a clear ImportError before anything else
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory: it has no config.json")
     raw = _read_json(path / "config.json")
-    group_size = _check_quantization_config(raw.get("quantization_config"))
+    qc = raw.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise ValueError(f"{path / 'config.json'} has no quantization_config: not a 4-bit checkpoint "
+                         f"({', '.join(formats.METHODS)})")
     try:
         config = LlamaConfig.from_dict(raw)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path / 'config.json'}: {exc}") from None
-    for K in (config.hidden_size, config.intermediate_size):
-        try:
-            effective_group_size(group_size, K)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"quantization_config.group_size={group_size!r}: {exc}") from None
+    shapes = projection_shapes(config)
+    scheme = formats.check_quantization_config(qc, sorted({K for _, K in shapes.values()}))
     n = config.num_hidden_layers if num_layers is None else num_layers
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= config.num_hidden_layers:
         raise ValueError(f"num_layers={num_layers!r} must lie in 1..{config.num_hidden_layers} "
@@ -259,58 +289,75 @@ def load_awq_checkpoint(path, num_layers: int | None = None) -> Checkpoint:
     config = config.replace(num_hidden_layers=n)
 
     store = TensorStore(path)
-    files = store.files
-    wanted = [name for i in range(n) for name in tensor_names(i)]
-    # The head is read when both embed_tokens and norm are there (a checkpoint of layers only has none).
-    has_head = EMBED in files and FINAL_NORM in files
-    if has_head:
-        wanted += [EMBED, FINAL_NORM] + [name for name in files if name.startswith(LM_HEAD + ".")]
-    missing = [name for name in wanted if name not in files]
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} tensor(s) the model needs, first: {', '.join(missing[:3])}")
-    tensors = {name: store[name] for name in wanted}
-
-    layers = []
+    headers = store.headers
+    H = config.hidden_size
+    # Everything the model needs, checked from the headers before any tensor is read.
+    specs = {}
     for i in range(n):
-        weights = {}
-        for name in PROJECTIONS:
+        for name, (N, K) in shapes.items():
             prefix = _layer_prefix(i, name)
-            try:
-                scales = _to_float16("scales", tensors[f"{prefix}.scales"])
-                weights[name] = unpack_awq(tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"],
-                                           scales, group_size=group_size)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{prefix}: {exc}") from exc
+            specs.update(formats.layer_tensors(scheme, prefix, N, K))
+            specs[f"{prefix}.bias"] = TensorSpec(FLOAT, (N,), "(out_features,)", required=False)
         for name in NORMS:
-            where = f"{_layer_prefix(i, name)}.weight"
-            norm = _to_float16(where, tensors[where])
-            if not np.isfinite(norm).all():
-                raise ValueError(f"{where} has NaN or inf values")
-            weights[name] = norm
-        layer = LayerWeights(**weights)
-        layer.check(config, where=f"model.layers.{i}")
-        layers.append(layer)
-    head = None
-    if has_head:
-        if f"{LM_HEAD}.qweight" in tensors:
-            try:
-                lm_head = unpack_awq(tensors[f"{LM_HEAD}.qweight"], tensors[f"{LM_HEAD}.qzeros"],
-                                     _to_float16(f"{LM_HEAD}.scales", tensors[f"{LM_HEAD}.scales"]),
-                                     group_size=group_size)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{LM_HEAD}: {exc}") from exc
-        elif f"{LM_HEAD}.weight" in tensors:
-            lm_head = _to_float16(f"{LM_HEAD}.weight", tensors[f"{LM_HEAD}.weight"])
-        elif raw.get("tie_word_embeddings", False):
-            lm_head = None
-        else:
+            specs[f"{_layer_prefix(i, name)}.weight"] = TensorSpec(FLOAT, (H,), "(hidden_size,)")
+    # The head is read when both embed_tokens and norm are there (a checkpoint of layers only has none).
+    lm_head = None
+    if EMBED in headers and FINAL_NORM in headers:
+        shape = headers[EMBED][1]
+        if len(shape) != 2 or shape[1] != H:
+            raise ValueError(f"{EMBED} has shape {shape}, the config needs (vocab_size, hidden_size={H})")
+        V = shape[0]
+        specs[EMBED] = TensorSpec(FLOAT, (V, H), "(vocab_size, hidden_size)")
+        specs[FINAL_NORM] = TensorSpec(FLOAT, (H,), "(hidden_size,)")
+        if f"{LM_HEAD}.weight" in headers:
+            lm_head = "float"
+            specs[f"{LM_HEAD}.weight"] = TensorSpec(FLOAT, (V, H), "(vocab_size, hidden_size)")
+        elif any(name.startswith(LM_HEAD + ".") for name in headers):
+            lm_head = "quantized"
+            specs.update(formats.layer_tensors(scheme, LM_HEAD, V, H))
+        elif not raw.get("tie_word_embeddings", False):
             raise ValueError(f"{path} has {EMBED} but no {LM_HEAD}.weight and tie_word_embeddings is not true")
-        head = HeadWeights(_to_float16(EMBED, tensors[EMBED]), _to_float16(FINAL_NORM, tensors[FINAL_NORM]), lm_head)
+    formats.check_tensors(headers, specs, str(path))
+
+    layers = [_read_layer(store, scheme, config, i) for i in range(n)]
+    head = None
+    if FINAL_NORM in specs:
+        if lm_head == "quantized":
+            lm_head, _ = formats.read_layer(scheme, store, LM_HEAD)
+        elif lm_head == "float":
+            lm_head = _to_float16(f"{LM_HEAD}.weight", store[f"{LM_HEAD}.weight"])
+        head = HeadWeights(_to_float16(EMBED, store[EMBED]), _to_float16(FINAL_NORM, store[FINAL_NORM]), lm_head)
         try:
             head.check(config)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
-    return Checkpoint(config, layers, group_size, head)
+    return Checkpoint(config, layers, scheme, head)
+
+
+def _read_layer(store: TensorStore, scheme: Scheme, config: LlamaConfig, i: int) -> LayerWeights:
+    """Decoder layer ``i``: its 7 projections through :func:`quickcupy.formats.read_layer`, their
+    biases where the checkpoint has them, the two norms."""
+    weights, biases, perms = {}, {}, {}
+    for name in PROJECTIONS:
+        prefix = _layer_prefix(i, name)
+        weights[name], perm = formats.read_layer(scheme, store, prefix)
+        if perm is not None:
+            perms[name] = perm
+        if f"{prefix}.bias" in store.headers:
+            bias = store[f"{prefix}.bias"].astype(np.float32)     # exact from float16 and bfloat16
+            if not np.isfinite(bias).all():
+                raise ValueError(f"{prefix}.bias has NaN or inf values")
+            if bias.any():          # AutoGPTQ writes a bias of zeros for every layer: no bias at all
+                biases[name] = bias
+    for name in NORMS:
+        where = f"{_layer_prefix(i, name)}.weight"
+        norm = _to_float16(where, store[where])
+        if not np.isfinite(norm).all():
+            raise ValueError(f"{where} has NaN or inf values")
+        weights[name] = norm
+    layer = LayerWeights(**weights, biases=biases, perms=perms)
+    layer.check(config, where=f"model.layers.{i}")
+    return layer
 
 
 def load_tokenizer(path):

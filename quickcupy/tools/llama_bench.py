@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import device as _device
 from ..llama import ops
-from ..llama.checkpoint import load_awq_checkpoint, load_tokenizer
+from ..llama.checkpoint import load_checkpoint, load_tokenizer
 from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
                            random_head, random_layers)
 from ..quantize import effective_group_size, quantize
@@ -58,7 +58,8 @@ def add_parser(subparsers):
                     "the float32 NumPy reference.")
     p.add_argument("--preset", default="7b", help=f"model dimensions: {', '.join(PRESETS)} (default 7b)")
     p.add_argument("--checkpoint", metavar="DIR",
-                   help="AutoAWQ checkpoint directory (config.json + *.safetensors) instead of random weights")
+                   help="4-bit checkpoint directory (config.json + *.safetensors; AWQ, GPTQ or "
+                        "compressed-tensors) instead of random weights")
     p.add_argument("--layers", default=None,
                    help=f"decoder blocks to run (default {DEFAULT_PRESET_LAYERS}; all of a checkpoint's)")
     p.add_argument("--batch", default="1,16,64,256", help="comma-separated batch sizes (default 1,16,64,256)")
@@ -182,14 +183,15 @@ def run(args) -> int:
         try:
             if (Path(s.checkpoint) / "config.json").is_file():
                 progress.note(f"reading {s.checkpoint}")
-            ckpt = load_awq_checkpoint(s.checkpoint, num_layers=s.layers)
+            ckpt = load_checkpoint(s.checkpoint, num_layers=s.layers)
         except (OSError, ValueError, ImportError) as exc:
             raise UsageError(f"--checkpoint: {exc}") from None
-        if s.group_size not in (None, ckpt.group_size):
+        group_size = ckpt.quantization.group_size
+        if s.group_size not in (None, group_size):
             raise UsageError(f"--group-size {s.group_size} disagrees with the checkpoint's "
-                             f"group_size={ckpt.group_size}")
-        config, group_size, float_layers, quant_layers = ckpt.config, ckpt.group_size, None, ckpt.layers
-        source = f"AutoAWQ checkpoint {s.checkpoint}"
+                             f"group_size={group_size}")
+        config, float_layers, quant_layers = ckpt.config, None, ckpt.layers
+        source = f"{ckpt.quantization.method} ({ckpt.quantization.variant}) checkpoint {s.checkpoint}"
     else:
         preset = s.preset if gpu else "tiny"
         config = LlamaConfig.preset(preset).replace(num_hidden_layers=s.layers or DEFAULT_PRESET_LAYERS)
@@ -278,7 +280,7 @@ def generate_text(s: Settings) -> int:
         raise UsageError("--prompt-text needs --checkpoint DIR (with tokenizer.json, embedding and LM head)")
     try:
         tokenizer = load_tokenizer(s.checkpoint)
-        ckpt = load_awq_checkpoint(s.checkpoint, num_layers=s.layers)
+        ckpt = load_checkpoint(s.checkpoint, num_layers=s.layers)
     except (OSError, ValueError, ImportError) as exc:
         raise UsageError(f"--checkpoint: {exc}") from None
     if ckpt.head is None:
@@ -290,7 +292,7 @@ def generate_text(s: Settings) -> int:
     backend = s.backends[0] if reason is None else "numpy"
     if reason is not None:
         print(f"{reason}: running the NumPy float32 path on the CPU")
-    model = LlamaModel(ckpt.config, ckpt.layers, backend, ckpt.group_size, head=ckpt.head, dtype=s.dtype)
+    model = LlamaModel(ckpt.config, ckpt.layers, backend, head=ckpt.head, dtype=s.dtype)
     new = model.generate(np.asarray([ids]), max(s.gen, 1))[0]
     print(f"[{backend}] {s.prompt_text}{tokenizer.decode(new.tolist())}")
     return 0
