@@ -151,10 +151,14 @@ def _emulated(config, layers, head, world, backend="numpy", group_size=64, dtype
                    for r in range(world)]
 
 
-@pytest.mark.parametrize("config,world", [(TINY, 2), (TINY, 1), (MHA, 4)], ids=["gqa-2", "one", "mha-4"])
-def test_emulated_ranks_give_the_unsharded_logits(rng, config, world):
+@pytest.mark.parametrize("config,world,int4", [(TINY, 2, False), (TINY, 1, False), (MHA, 4, False), (TINY, 2, True)],
+                         ids=["gqa-2", "one", "mha-4", "gqa-2-int4"])
+def test_emulated_ranks_give_the_unsharded_logits(rng, config, world, int4):
+    """int4: 4-bit layers and LM head, sliced as QuantizedWeights (NumPy runs them dequantized)."""
     layers = _with_biases(rng, random_layers(config, seed=_seed(rng)), config=config)
     head = random_head(config, VOCAB, _seed(rng))
+    if int4:
+        layers, head.lm_head = [w.quantized(64) for w in layers], quantize(head.lm_head, 64)
     ids = rng.integers(0, VOCAB, (2, 9))
     full = LlamaModel(config, layers, "numpy", head=head).logits(ids)
     group, models = _emulated(config, layers, head, world)
