@@ -106,11 +106,28 @@ class QuantizedWeight:
         for name, value in (("dim", dim), ("rank", rank), ("world", world)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if dim not in (0, 1):
-            raise ValueError(f"dim={dim} must be 0 (out_features) or 1 (in_features)")
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank={rank} must lie in 0..world-1 for world={world} >= 1")
         N, K, G = self.out_features, self.in_features, self.group_size
+        n, k, new_g = self.shard_shape(N, K, G, dim, world)
+        if dim == 0:
+            rows = slice(rank * n, (rank + 1) * n)
+            return QuantizedWeight(codes=self.codes[rows].copy(), zeros=self.zeros[rows].copy(),
+                                   scales=self.scales[rows].copy(), group_size=G)
+        groups = slice(0, 1) if G == K else slice(rank * k // G, (rank + 1) * k // G)
+        cols = slice(rank * k, (rank + 1) * k)
+        return QuantizedWeight(codes=self.codes[:, cols].copy(), zeros=self.zeros[:, groups].copy(),
+                               scales=self.scales[:, groups].copy(), group_size=new_g)
+
+    @staticmethod
+    def shard_shape(out_features: int, in_features: int, group_size: int, dim: int, world: int) -> tuple:
+        """(out_features, in_features, group_size) of each of :meth:`shard`'s ``world`` slices of a
+        weight of that shape along ``dim``, without the weight (the one home of the rules);
+        ValueError naming the rule when the slices would not hold whole tiles and whole groups."""
+        if dim not in (0, 1):
+            raise ValueError(f"dim={dim} must be 0 (out_features) or 1 (in_features)")
+        N, K = int(out_features), int(in_features)
+        G = effective_group_size(group_size, K)
         size = (N, K)[dim]
         part = size // world
         what = ("out_features", "in_features")[dim]
@@ -118,19 +135,13 @@ class QuantizedWeight:
             raise ValueError(f"{what}={size} does not split into {world} shards that are multiples of "
                              f"{GROUP_MULTIPLE} (the kernels' tile)")
         if dim == 0:
-            rows = slice(rank * part, (rank + 1) * part)
-            return QuantizedWeight(codes=self.codes[rows].copy(), zeros=self.zeros[rows].copy(),
-                                   scales=self.scales[rows].copy(), group_size=G)
+            return part, K, G
         if G == K:                                        # one group per row: the shard's own row
-            groups, new_g = slice(0, 1), part
-        elif part % G:
+            return N, part, part
+        if part % G:
             raise ValueError(f"in_features={K} split {world} ways gives {part} columns, not a whole number "
                              f"of groups of group_size={G}")
-        else:
-            groups, new_g = slice(rank * part // G, (rank + 1) * part // G), G
-        cols = slice(rank * part, (rank + 1) * part)
-        return QuantizedWeight(codes=self.codes[:, cols].copy(), zeros=self.zeros[:, groups].copy(),
-                               scales=self.scales[:, groups].copy(), group_size=new_g)
+        return N, part, G
 
     def dequantize(self, dtype=np.float32) -> np.ndarray:
         """(N, K) array of ``(code - zero) * scale`` in ``dtype``."""

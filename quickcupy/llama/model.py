@@ -526,6 +526,11 @@ class LlamaBlock:
     """One decoder layer on one backend. Call with x (B, S, hidden) in the backend's dtype
     (float32 for "numpy", else ``dtype``: float16 or bfloat16)."""
 
+    # Tensor parallelism (quickcupy.llama.parallel): sums the partial outputs of the row-parallel
+    # o_proj and down_proj across ranks (in place, returning the sum) before the residual adds;
+    # None on one device.
+    reduce = None
+
     def __init__(self, config: LlamaConfig, weights: LayerWeights, backend: str = "numpy",
                  group_size: int = 128, dtype="float16"):
         weights.check(config)
@@ -549,9 +554,9 @@ class LlamaBlock:
         qkv = self.qkv_proj(rms_norm(x, self.input_norm, c.rms_norm_eps)).reshape(B, S, nh + 2 * nkv, c.head_dim)
         qk = apply_rope(qkv[:, :, :nh + nkv], cos, sin)        # q and k heads rotated in one pass
         attn = attention(qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:], start, kv_cache, bias)
-        x = x + self.o_proj(attn)
+        x = x + self._reduced(self.o_proj(attn))
         gate_up = self.gate_up_proj(rms_norm(x, self.post_norm, c.rms_norm_eps))
-        return x + self.down_proj(silu_mul(gate_up[..., :I], gate_up[..., I:]))
+        return x + self._reduced(self.down_proj(silu_mul(gate_up[..., :I], gate_up[..., I:])))
 
     def step(self, x, delta, tables, start: int, start_dev, kv_cache=None, bias="auto"):
         """The GPU block from fused kernels (:mod:`quickcupy.llama.ops`), returning its output
@@ -573,8 +578,11 @@ class LlamaBlock:
             qk = ops.rope_cache(qkv, *tables, start_dev, nh, nkv, cache_k, cache_v)
             attn = attention(qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:], start, kv_cache, bias,
                              written=True)
-        h = ops.add_rms_norm(x, self.post_norm, eps, self.o_proj(attn))
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(h)))
+        h = ops.add_rms_norm(x, self.post_norm, eps, self._reduced(self.o_proj(attn)))
+        return self._reduced(self.down_proj(ops.silu_mul(self.gate_up_proj(h))))
+
+    def _reduced(self, y):
+        return y if self.reduce is None else self.reduce(y)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from ..llama import ops
 from ..llama.checkpoint import load_checkpoint, load_tokenizer
 from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
                            random_head, random_layers)
+from ..llama.parallel import check_shardable
 from ..quantize import effective_group_size, quantize
 from ..reference import rel_error
 from .common import (DTYPE_HELP, SHORT_DTYPES, Progress, UsageError, check_output_path, parse_dtype, parse_group_size,
@@ -44,10 +45,12 @@ class Settings:
     vocab: int | None = None
     dtype: str = "float16"     # activations on the GPU: "float16" or "bfloat16"
     lm_head: str = "dense"     # --vocab's LM head: "dense" (16-bit, cuBLAS) or "4bit" (the backend's GEMM)
+    tp: int = 1                # tensor parallelism: GPUs (one process each) the whole model is split over
 
 
 DEFAULT_PRESET_LAYERS = 4
 LM_HEADS = ("dense", "4bit")
+DEFAULT_TP_VOCAB = 32000       # --tp times the whole model, with this vocabulary unless --vocab says
 
 
 def add_parser(subparsers):
@@ -87,6 +90,10 @@ def add_parser(subparsers):
     p.add_argument("--prompt-text", metavar="TEXT",
                    help="with --checkpoint (embedding, LM head and tokenizer.json): generate --gen tokens "
                         "greedily after TEXT on the first of --backends (NumPy without a GPU) and print them")
+    p.add_argument("--tp", default="1",
+                   help=f"tensor parallelism: the whole model (as --vocab, default vocab {DEFAULT_TP_VOCAB}) split "
+                        "over this many GPUs, one process each, joined by NCCL (pip install "
+                        "'quickcupy[cuda13,nccl13]'); rank 0 prints the report (default 1: one GPU, no NCCL)")
     p.set_defaults(func=run)
 
 
@@ -104,6 +111,10 @@ def settings(args) -> Settings:
     backends = tuple(parse_names("--backends", args.backends, BACKENDS))
     if dtype != "float16" and "fp16" in backends:
         raise UsageError(f"--backends fp16 is float16 cuBLAS; with --dtype {SHORT_DTYPES[dtype]} use dense")
+    vocab = None if getattr(args, "vocab", None) is None else parse_int("--vocab", args.vocab, 8)
+    tp = parse_int("--tp", getattr(args, "tp", "1"), 1)
+    if tp > 1:
+        vocab = _check_tp(args, tp, backends, group_size, vocab)
     return Settings(
         checkpoint=args.checkpoint, preset=args.preset, dtype=dtype,
         layers=None if args.layers is None else parse_int("--layers", args.layers, 1),
@@ -112,9 +123,25 @@ def settings(args) -> Settings:
         backends=backends, group_size=group_size,
         seed=parse_int("--seed", args.seed, 0), check_tokens=parse_int("--check-tokens", args.check_tokens, 0),
         json=args.json, command=getattr(args, "command_line", None) or "python -m quickcupy llama",
-        prompt_text=getattr(args, "prompt_text", None),
-        vocab=None if getattr(args, "vocab", None) is None else parse_int("--vocab", args.vocab, 8),
+        prompt_text=getattr(args, "prompt_text", None), vocab=vocab, tp=tp,
         lm_head=getattr(args, "lm_head", "dense"))
+
+
+def _check_tp(args, tp: int, backends, group_size, vocab) -> int:
+    """--tp N > 1: what the split needs, from the preset's shapes (before any process starts).
+    Returns the vocabulary."""
+    if args.checkpoint:
+        raise UsageError("--tp builds random weights (the whole model, as --vocab); it does not take --checkpoint")
+    if getattr(args, "prompt_text", None) is not None:
+        raise UsageError("--tp times the whole model; it does not take --prompt-text")
+    vocab = DEFAULT_TP_VOCAB if vocab is None else vocab
+    quantized = set(backends) & set(QUANTIZED_BACKENDS)
+    try:
+        check_shardable(LlamaConfig.preset(args.preset), tp, (128 if group_size is None else group_size)
+                        if quantized else None, vocab)
+    except ValueError as exc:
+        raise UsageError(f"--tp {tp}: {exc}") from None
+    return vocab
 
 
 class Timer:
@@ -170,6 +197,9 @@ def _random_hidden(xp, seed: int, shape, dtype):
 def run(args) -> int:
 
     s = settings(args)
+    if s.tp > 1:
+        from . import llama_tp
+        return llama_tp.run(s)
     if s.prompt_text is not None:
         return generate_text(s)
     if s.vocab is not None:
@@ -473,9 +503,14 @@ def _without_gemms(model: LlamaModel) -> LlamaModel:
 
 def _whole_model(config: LlamaConfig, layer, head, backend: str, group_size: int, dtype: str) -> LlamaModel:
     one = LlamaModel(config.replace(num_hidden_layers=1), [layer], backend, group_size, head=head, dtype=dtype)
-    one.blocks += [_copy_block(one.blocks[0]) for _ in range(config.num_hidden_layers - 1)]
-    one.config = config
-    return one
+    return _repeat_layer(one, config.num_hidden_layers)
+
+
+def _repeat_layer(model: LlamaModel, layers: int) -> LlamaModel:
+    """A one-layer model grown to ``layers`` blocks, each a copy of the first (:func:`_copy_block`)."""
+    model.blocks += [_copy_block(model.blocks[0]) for _ in range(layers - 1)]
+    model.config = model.config.replace(num_hidden_layers=layers)
+    return model
 
 
 def _time_generation(model: LlamaModel, backend: str, batch: int, s: Settings, progress) -> dict:
