@@ -5,7 +5,9 @@ The library: :mod:`.quantize` (AutoAWQ's rule), :mod:`.layouts` (AWQ and QUICK p
 plans, launch, workspaces), :mod:`.dispatch` (``kernel="auto"``), :mod:`.gemm` (:class:`QuantLinear`,
 :func:`gemm`), :mod:`.formats` (checkpoint readers), :mod:`.attention`, :mod:`.reference`; the Llama
 model in :mod:`.llama`; the bank-conflict model in :mod:`.analysis`; the command-line tools in
-:mod:`.tools`. Experiments live outside the package, in the repository's ``dev/``.
+:mod:`.tools`; ``torch.nn.Module`` layers and transformers models in :mod:`.torch`, which only its
+users import (the package never imports torch). Experiments live outside the package, in the
+repository's ``dev/``.
 """
 __version__ = "0.2.0"
 

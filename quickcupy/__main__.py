@@ -1,4 +1,4 @@
-"""Command line: ``python -m quickcupy {info,bench,ncu,llama,tune,accuracy,warmup} ...``.
+"""Command line: ``python -m quickcupy {info,bench,ncu,llama,generate,tune,accuracy,warmup} ...``.
 
 Each tool of :mod:`quickcupy.tools` exposes ``add_parser(subparsers)``, which registers a subcommand
 with a plain one-line ``help`` and a ``description`` (not its reST docstring), whose ``func(args) -> int``
@@ -11,14 +11,15 @@ import argparse
 import shlex
 import sys
 
-from .tools import accuracy, bench, info, llama_bench, ncu, tune, warmup
+from .tools import accuracy, bench, generate, info, llama_bench, ncu, tune, warmup
 from .tools.common import UsageError
 
-TOOLS = (info, bench, ncu, llama_bench, tune, accuracy, warmup)
+TOOLS = (info, bench, ncu, llama_bench, generate, tune, accuracy, warmup)
 
 
 DESCRIPTION = ("The tools of quickcupy: versions and the GPU, GEMM benchmarks, Nsight Compute counters, "
-               "Llama throughput, kernel=\"auto\"'s tuning, kernel accuracy and compiling the kernels ahead.")
+               "Llama throughput, text from a checkpoint, kernel=\"auto\"'s tuning, kernel accuracy and compiling "
+               "the kernels ahead.")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ def test_m_and_shapes_are_spelled_alike(command):
     assert {"--m", "--shapes"} <= _options(command)
 
 
-@pytest.mark.parametrize("command", ["bench", "tune", "llama"])
+@pytest.mark.parametrize("command", ["bench", "tune", "llama", "generate"])
 def test_dtype_is_spelled_alike(command):
     assert "--dtype" in _options(command)
 
@@ -86,7 +86,7 @@ def test_ncu_defaults_match_the_shared_spelling():
 REST = re.compile(r"``|:(mod|func|data|class|meth):`")   # reST markup, meant for docstrings
 
 
-@pytest.mark.parametrize("command", [None, "info", "bench", "ncu", "llama", "tune", "accuracy"])
+@pytest.mark.parametrize("command", [None, "info", "bench", "ncu", "llama", "generate", "tune", "accuracy"])
 def test_help_is_plain_text_with_a_description(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main(([command] if command else []) + ["--help"])

@@ -1,5 +1,6 @@
 """The whole model on the CPU: embedding, final norm, LM head, generate, checkpoints with a head, the
-tokenizer and the --prompt-text command (quickcupy.llama.model / checkpoint, tools.llama_bench)."""
+tokenizer (quickcupy.llama.model / checkpoint); the --prompt-text command runs generate's code
+(tests/test_generate.py)."""
 import json
 
 import numpy as np
@@ -54,6 +55,20 @@ def test_sampling_is_seeded_and_respects_top_k(rng):
     logits = model.logits(np.concatenate([ids, a[:, :-1]], axis=1))[:, 3:]
     top3 = np.argsort(logits, axis=-1)[..., -3:]
     assert (top3 == a[..., None]).any(axis=-1).all()
+
+
+def test_stream_yields_generate_tokens_step_by_step(rng):
+    """stream gives generate's tokens one step at a time (so a caller may stop early), its
+    arguments checked at the call rather than at the first step."""
+    model = _model(rng)
+    ids = rng.integers(0, VOCAB, (2, 5))
+    steps = model.stream(ids, 6, temperature=0.7, top_k=4, seed=3)
+    first = next(steps)
+    assert first.shape == (2,) and first.dtype == np.int64
+    np.testing.assert_array_equal(np.stack([first, *steps], axis=1),
+                                  model.generate(ids, 6, temperature=0.7, top_k=4, seed=3))
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        model.stream(ids, 0)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -162,21 +177,6 @@ def test_load_tokenizer_names_the_missing_file(tmp_path):
     pytest.importorskip("tokenizers")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
-
-
-def test_cli_prompt_text_generates(rng, tmp_path, capsys, monkeypatch):
-    pytest.importorskip("safetensors")
-    monkeypatch.setattr("quickcupy.device.no_gpu_reason", lambda: "no GPU in this test")
-    tok = _train_tokenizer(tmp_path)
-    layers, head = random_layers(TINY, seed=_seed(rng)), random_head(TINY, VOCAB, _seed(rng))
-    save_awq_checkpoint(tmp_path, TINY, layers, group_size=64, head=head)
-    assert main(["llama", "--checkpoint", str(tmp_path), "--prompt-text", "the quick", "--gen", "5"]) == 0
-    out = capsys.readouterr().out
-    # The continuation printed is the decoded greedy tokens of the NumPy model on the checkpoint.
-    ckpt = load_checkpoint(tmp_path)
-    model = LlamaModel(ckpt.config, ckpt.layers, "numpy", 64, head=ckpt.head)
-    expected = tok.decode(model.generate(np.asarray([tok.encode("the quick").ids]), 5)[0].tolist())
-    assert f"[numpy] the quick{expected}" in out
 
 
 def test_cli_prompt_text_needs_a_checkpoint(capsys):

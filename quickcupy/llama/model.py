@@ -781,8 +781,22 @@ class LlamaModel:
         top_k most likely tokens when top_k is given. graph: run decode steps as one CUDA graph
         replay (:class:`DecodeGraph`); default: on for the 4-bit GPU backends. The fp16 backend runs
         eagerly: its GEMMs are cuBLAS calls, which CuPy cannot capture.
-        Returns (B, max_new_tokens) int64 NumPy array.
+        Returns (B, max_new_tokens) int64 NumPy array (:meth:`stream` gives them step by step).
         """
+        out = None
+        for i, tok in enumerate(self.stream(token_ids, max_new_tokens, temperature, top_k, seed, graph)):
+            if out is None:
+                out = self.xp.empty((tok.shape[0], max_new_tokens), np.int64)
+            out[:, i] = tok
+        return out if self.xp is np else out.get()
+
+    def stream(self, token_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+               seed: int = 0, graph: bool | None = None):
+        """The tokens of :meth:`generate` (same arguments), one step at a time: an iterator of
+        ``max_new_tokens`` (B,) int64 arrays on the model's device, CuPy's not synchronized (reading
+        one waits for its step), so that a caller can time the prefill apart or stop early (at an
+        end-of-sequence token). The arguments are checked at the call; the prefill runs at the
+        first ``next``."""
         ids = self._check_ids(token_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -795,18 +809,18 @@ class LlamaModel:
         if graph and not capturable:
             raise ValueError(f"graph=True needs a 4-bit GPU backend ({', '.join(QUANTIZED_BACKENDS)}); "
                              f"backend={self.backend!r} runs cuBLAS or NumPy, which cannot be captured")
-        graph = capturable if graph is None else graph
+        return self._steps(ids, max_new_tokens, temperature, top_k, seed, capturable if graph is None else graph)
+
+    def _steps(self, ids, max_new_tokens: int, temperature: float, top_k, seed: int, graph: bool):
+        """The generator behind :meth:`stream`, on checked arguments."""
         B, S = ids.shape
-        xp = self.xp
         cache = self._cache(B, S + max_new_tokens)
-        rng = np.random.default_rng(seed) if xp is np else xp.random.default_rng(seed)
-        out = xp.empty((B, max_new_tokens), np.int64)
+        rng = np.random.default_rng(seed) if self.xp is np else self.xp.random.default_rng(seed)
         tok = self._sample(self.prefill(ids, cache, graph), temperature, top_k, rng)
-        out[:, 0] = tok
-        for i in range(1, max_new_tokens):
+        yield tok
+        for _ in range(1, max_new_tokens):
             tok = self._sample(self.decode_step(tok, cache, graph), temperature, top_k, rng)
-            out[:, i] = tok
-        return out if xp is np else out.get()
+            yield tok
 
     def prefill(self, ids, cache: KVCache, graph: bool = False):
         """ids (B, S) int64 on the model's device, at positions cache.length.. -> logits of the last

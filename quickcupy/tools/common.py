@@ -35,6 +35,19 @@ def parse_int(flag: str, text, minimum: int | None = None) -> int:
     return value
 
 
+def parse_float(flag: str, text, minimum: float | None = None) -> float:
+    """``text`` as a finite float >= ``minimum``; UsageError naming ``flag`` otherwise."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise UsageError(f"{flag}={text} must be a finite number")
+    if minimum is not None and value < minimum:
+        raise UsageError(f"{flag}={value:g} must be >= {minimum:g}")
+    return value
+
+
 def parse_items(flag: str, text: str) -> list:
     """A comma-separated list without empty or repeated items."""
     items = [t.strip() for t in str(text).split(",")]

@@ -16,14 +16,15 @@ import numpy as np
 
 from .. import device as _device
 from ..llama import ops
-from ..llama.checkpoint import load_checkpoint, load_tokenizer
+from ..llama.checkpoint import load_checkpoint
 from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
                            random_head, random_layers)
 from ..llama.parallel import check_shardable
 from ..quantize import effective_group_size, quantize
 from ..reference import rel_error
-from .common import (DTYPE_HELP, SHORT_DTYPES, Progress, UsageError, check_output_path, parse_dtype, parse_group_size,
-                     parse_int, parse_int_list, parse_names, table, write_json)
+from . import generate
+from .common import (DTYPE_HELP, SHORT_DTYPES, Progress, UsageError, check_output_path, deprecated, parse_dtype,
+                     parse_group_size, parse_int, parse_int_list, parse_names, table, write_json)
 from .timing import gpu_seconds_behind_spin
 
 @dataclass(frozen=True)
@@ -88,8 +89,8 @@ def add_parser(subparsers):
                    help="with --vocab: the LM head dense (16-bit weights, cuBLAS; default) or 4bit (quantized "
                         "with --group-size, run by the 4-bit backends' GEMM)")
     p.add_argument("--prompt-text", metavar="TEXT",
-                   help="with --checkpoint (embedding, LM head and tokenizer.json): generate --gen tokens "
-                        "greedily after TEXT on the first of --backends (NumPy without a GPU) and print them")
+                   help="with --checkpoint: what 'python -m quickcupy generate --prompt TEXT' does (deprecated "
+                        "here), --gen tokens at most, on the first of --backends (NumPy without a GPU)")
     p.add_argument("--tp", default="1",
                    help=f"tensor parallelism: the whole model (as --vocab, default vocab {DEFAULT_TP_VOCAB}) split "
                         "over this many GPUs, one process each, joined by NCCL (pip install "
@@ -304,28 +305,14 @@ def run(args) -> int:
 
 
 def generate_text(s: Settings) -> int:
-    """--prompt-text: the checkpoint's tokenizer encodes the text, the model continues it greedily
-    by --gen tokens, and the decoded continuation is printed."""
+    """--prompt-text: ``python -m quickcupy generate``'s run (:mod:`quickcupy.tools.generate`) on the
+    first of --backends, --gen tokens at most."""
     if not s.checkpoint:
         raise UsageError("--prompt-text needs --checkpoint DIR (with tokenizer.json, embedding and LM head)")
-    try:
-        tokenizer = load_tokenizer(s.checkpoint)
-        ckpt = load_checkpoint(s.checkpoint, num_layers=s.layers)
-    except (OSError, ValueError, ImportError) as exc:
-        raise UsageError(f"--checkpoint: {exc}") from None
-    if ckpt.head is None:
-        raise UsageError(f"--prompt-text: {s.checkpoint} has no model.embed_tokens.weight / model.norm.weight")
-    ids = tokenizer.encode(s.prompt_text).ids
-    if not ids:
-        raise UsageError("--prompt-text encodes to no tokens")
-    reason = _device.no_gpu_reason()
-    backend = s.backends[0] if reason is None else "numpy"
-    if reason is not None:
-        print(f"{reason}: running the NumPy float32 path on the CPU")
-    model = LlamaModel(ckpt.config, ckpt.layers, backend, head=ckpt.head, dtype=s.dtype)
-    new = model.generate(np.asarray([ids]), max(s.gen, 1))[0]
-    print(f"[{backend}] {s.prompt_text}{tokenizer.decode(new.tolist())}")
-    return 0
+    deprecated("llama", "--prompt-text TEXT", "python -m quickcupy generate --checkpoint DIR --prompt TEXT")
+    return generate.print_generation(generate.Settings(
+        checkpoint=s.checkpoint, prompt=s.prompt_text, max_new_tokens=max(s.gen, 1), backend=s.backends[0],
+        dtype=s.dtype, layers=s.layers))
 
 
 def _describe(config: LlamaConfig) -> str:
