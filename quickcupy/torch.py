@@ -222,7 +222,8 @@ def _quick_linear(model, qc: dict, store, prefix: str, kernel, index: int, unuse
 def _rebuild_meta_buffers(model, device):
     """Buffers that checkpoints do not hold (non-persistent: the rotary embedding's ``inv_freq``)
     were made on the meta device with the skeleton; each module holding one is built again on
-    ``device`` from its config, as transformers builds rotary embeddings: ``cls(config, device)``."""
+    ``device`` from its config, as transformers builds rotary embeddings: ``cls(config)`` under
+    ``torch.device(device)``."""
     for name, module in list(model.named_modules()):
         meta = [b for b, t in module.named_buffers(recurse=False) if t is not None and t.is_meta]
         if not meta:
@@ -232,9 +233,10 @@ def _rebuild_meta_buffers(model, device):
             raise ValueError(f"{name}.{meta[0]} is not in the checkpoint and {type(module).__name__} is not a rotary "
                              f"embedding that can be built again from its config")
         try:
-            rebuilt = type(module)(config=config, device=device)
+            with torch.device(device):      # transformers 5 deprecates the device argument; the context serves all
+                rebuilt = type(module)(config=config)
         except TypeError as exc:
-            raise ValueError(f"{name}: {type(module).__name__}(config=..., device=...) failed ({exc}); this "
+            raise ValueError(f"{name}: {type(module).__name__}(config=...) failed ({exc}); this "
                              f"transformers version builds rotary embeddings another way") from None
         _replace(model, name, rebuilt)
 
