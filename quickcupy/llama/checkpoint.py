@@ -99,7 +99,8 @@ def save_awq_checkpoint(path, config: LlamaConfig, layers: list, group_size: int
     if shards > 1:
         (path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
+    # config.to_dict() holds model_type and the family's keys (rope_scaling, sliding_window, biases).
+    hf_config = {"architectures": [config.family.architecture], "torch_dtype": "float16",
                  **config.to_dict(),
                  **({} if head is None else {"vocab_size": int(np.shape(head.embed_tokens)[0]),
                                              "tie_word_embeddings": head.lm_head is None}),
