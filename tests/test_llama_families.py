@@ -401,12 +401,18 @@ def test_make_linear_checks_bias_and_perm(kwargs, match):
         make_linear("numpy", np.zeros((8, 16), np.float32), **kwargs)
 
 
-def test_numpy_linear_applies_bias_and_perm(rng):
+@pytest.mark.parametrize("bias_dtype", ["float32", "float16", "bfloat16"])
+def test_numpy_linear_applies_bias_and_perm(rng, bias_dtype):
+    from quickcupy.dtypes import np_dtype
     w = rng.standard_normal((8, 16)).astype(np.float32)
-    bias, perm = rng.standard_normal(8).astype(np.float32), rng.permutation(16)
+    bias = rng.standard_normal(8).astype(np.float32)
+    if bias_dtype != "float32":          # checkpoints hold 16-bit ones
+        bias = bias.astype(np_dtype(bias_dtype))
+    perm = rng.permutation(16)
     x = rng.standard_normal((3, 2, 16)).astype(np.float32)
     y = make_linear("numpy", w, bias=bias, perm=perm)(x)
-    np.testing.assert_allclose(y, x.astype(np.float64)[..., perm] @ w.T.astype(np.float64) + bias, rtol=1e-5, atol=1e-5)
+    expected = x.astype(np.float64)[..., perm] @ w.T.astype(np.float64) + bias.astype(np.float64)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_qwen2_layers_need_their_biases(rng):

@@ -361,7 +361,8 @@ def _check_bias_perm(bias, perm, N: int, K: int):
     Returns them as float32 / int64 NumPy arrays."""
     if bias is not None:
         bias = np.asarray(bias.get() if hasattr(bias, "get") else bias)
-        if bias.shape != (N,) or bias.dtype.kind != "f":
+        # bfloat16 (ml_dtypes' type, as checkpoints are read) has kind "V", not "f".
+        if bias.shape != (N,) or not (bias.dtype.kind == "f" or bias.dtype.name == "bfloat16"):
             raise ValueError(f"bias must be a float (out_features,) = ({N},) array, got {bias.dtype} {bias.shape}")
         bias = bias.astype(np.float32)
         if not np.isfinite(bias).all():
