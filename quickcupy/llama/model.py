@@ -398,8 +398,8 @@ class NumpyLinear:
 class DenseLinear:
     """cuBLAS GEMM of 16-bit weights (float32 accumulation): x (..., K) cupy ``dtype`` (float16 or
     bfloat16) -> x[..., perm] @ W.T + bias (..., N) of that dtype. The perm is folded into the
-    weight's columns once (no gather per call); the bias is added after the GEMM, in float32. Not capturable
-    in a CUDA graph (CuPy raises NotImplementedError for cuBLAS under capture)."""
+    weight's columns once (no gather per call); the bias is added after the GEMM, in float32.
+    Not capturable in a CUDA graph (CuPy raises NotImplementedError for cuBLAS under capture)."""
 
     def __init__(self, weight: np.ndarray, dtype="float16", bias=None, perm=None):
         import cupy
@@ -458,9 +458,9 @@ class ConcatLinear:
 
 def make_linear(backend: str, weight: Weight, group_size: int = 128, dtype="float16", bias=None, perm=None):
     """A linear layer ``y = x[..., perm] @ W.T + bias`` of ``weight`` (N, K) on ``backend``, for
-    activations of ``dtype`` (the dense backend stores its weights and bias in it; "numpy" is
-    float32). bias: None or (N,) float; perm: None or an act-order permutation (K,) of range(K)
-    (:mod:`quickcupy.formats.act_order`).
+    activations of ``dtype`` (the dense backend stores its weights in it; "numpy" is float32).
+    bias: None or (N,) float (float16, bfloat16 or float32); perm: None or an act-order permutation
+    (K,) of range(K) (:mod:`quickcupy.formats.act_order`).
 
     Float weights are quantized (with ``group_size``) for the 4-bit backends; quantized weights are
     dequantized for "numpy" and the dense backends.
