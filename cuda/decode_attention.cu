@@ -4,6 +4,9 @@
 // (B, n_kv, D, max_len) (K^T: position is the contiguous axis), values (B, n_kv, max_len, D);
 // out (B, n_heads * D); length: positions to attend, plus *start when start is not null (the
 // position of the new token in device memory: one captured graph serves every step).
+// window: 0, or W > 0 (a sliding window, Mistral's): only positions >= length - W are attended; the
+// tile loop starts at the 8-aligned position below the first (16-byte chunks stay aligned) and masks
+// the few before it, so without a window the loop is the one it always was.
 // Query head h reads KV head h / (n_heads / n_kv) (Hugging Face repeat_kv).
 //
 // Two modes, by cos_t:
@@ -98,7 +101,7 @@ __device__ __forceinline__ void load_v(const T* __restrict__ V, T* Vs, int t0, i
 template <int D, int HEADS, typename T>
 __global__ void __launch_bounds__(decode::THREADS)
 decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ values, T* __restrict__ out,
-                 int n_heads, int n_kv, int max_len, int length, const int* __restrict__ start,
+                 int n_heads, int n_kv, int max_len, int length, int window, const int* __restrict__ start,
                  const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
   using namespace decode;
   using Dt = qc::Dt<T>;
@@ -165,18 +168,22 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
     for (int e = 0; e < E; ++e) acc[g][e] = 0.f;
   }
 
-  for (int t0 = 0; t0 < length; t0 += TP) {
+  // First attended position, and the tile start at or below it (a multiple of 8: cp.async's chunks).
+  const int first = window > 0 && length > window ? length - window : 0;
+  for (int t0 = first & ~7; t0 < length; t0 += TP) {
     const int n = min(TP, length - t0);
+    const int skip = max(first - t0, 0);   // positions t0 .. t0 + skip - 1 lie before the window (< 8)
     load_k<D>(K, Ks, max_len, t0, n, vec);
     load_v<D>(V, Vs, t0, n, vec);
     qc::cp_async_wait<1>();   // this thread's K chunks (V may still be in flight)
     __syncthreads();          // everyone's K chunks, and q_s
 
-    // Scores of position t0 + tid (-inf past length).
+    // Scores of position t0 + tid (-inf past length and before the window).
+    const bool live = tid < n && tid >= skip;
     float s[HEADS];
 #pragma unroll
-    for (int g = 0; g < HEADS; ++g) s[g] = tid < n ? 0.f : neg_inf();
-    if (tid < n) {
+    for (int g = 0; g < HEADS; ++g) s[g] = live ? 0.f : neg_inf();
+    if (live) {
 #pragma unroll 16
       for (int i = 0; i < D; ++i) {
         const float k = Dt::to_float(Ks[i * TP + tid]);
@@ -198,21 +205,22 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
       float tile_max = red_s[g];
 #pragma unroll
       for (int w = 1; w < WARPS; ++w) tile_max = fmaxf(tile_max, red_s[w * HEADS + g]);
-      const float m_new = fmaxf(m[g], tile_max);   // finite: the tile holds position t0 < length
+      const float m_new = fmaxf(m[g], tile_max);   // finite: the tile holds an attended position
       alpha[g] = exp2f(m[g] - m_new);              // 0 on the first tile (m = -inf)
       m[g] = m_new;
-      const float p = exp2f(s[g] - m_new);         // 0 past length
+      const float p = exp2f(s[g] - m_new);         // 0 past length and before the window
       l[g] = fmaf(l[g], alpha[g], p);
       p_s[g * TP + tid] = p;
     }
     __syncthreads();
-    // Weighted sum of the tile's rows of V.
+    // Weighted sum of the tile's attended rows of V (rows before the window are not read: they
+    // may hold anything, and 0 * inf is NaN).
 #pragma unroll
     for (int g = 0; g < HEADS; ++g)
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[g][e] *= alpha[g];
 #pragma unroll 4
-    for (int j = warp; j < n; j += WARPS) {
+    for (int j = skip + warp; j < n; j += WARPS) {
       float v[E];
       load_row<E>(Vs + j * D + lane * E, v);
 #pragma unroll

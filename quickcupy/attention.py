@@ -1,6 +1,7 @@
 """Attention of one decode step as one kernel (cuda/decode_attention.cu): a library kernel that
 the Llama model (:mod:`quickcupy.llama.model`) calls for S = 1 with a KV cache on the GPU, with the
-rotary embedding and the cache write of the new token fused in (:func:`decode_attention_rope`)."""
+rotary embedding and the cache write of the new token fused in (:func:`decode_attention_rope`),
+over all cached positions or a sliding window of them (Mistral)."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,7 +28,7 @@ def decode_smem_bytes(d: int, heads: int, itemsize: int) -> int:
     return 2 * d * tp * itemsize + 4 * (d * heads + heads * tp + warps * heads)
 
 
-def decode_attention(q, keys, values, length: int, start=None):
+def decode_attention(q, keys, values, length: int, start=None, window=None):
     """Attention of one new token per sequence over its first ``length`` cached positions, in one
     kernel (cuda/decode_attention.cu; float32 softmax). CuPy arrays of one dtype, float16 or bfloat16:
 
@@ -36,25 +37,29 @@ def decode_attention(q, keys, values, length: int, start=None):
     64..256. Returns (B, 1, n_heads * d), as :func:`attention` for S = 1.
     start: None, or a CuPy int32 (1,) array whose value the kernel adds to ``length`` when it runs
     (a CUDA graph's position lives in device memory; the caller keeps length + start <= max_len).
+    window: None (or 0), or W >= 1: a sliding window, only the last W positions are attended
+    (length - W .. length - 1; the new token is at length - 1); earlier positions do not affect
+    the result (the tile loop starts at most 7 positions before the first and masks them).
     """
     if q.ndim != 3 or keys.ndim != 4 or values.ndim != 4:
         raise ValueError(f"q, keys, values must be 3-D, 4-D, 4-D, got shapes {q.shape}, {keys.shape}, "
                          f"{values.shape}")
     B, nh, d = q.shape
     _check(keys, values, B, nh, d, length, start, q=q)
+    window = _window(window)
     import cupy
-    return _launch(cupy.ascontiguousarray(q), keys, values, nh, length, start, None, None)
+    return _launch(cupy.ascontiguousarray(q), keys, values, nh, length, start, None, None, window)
 
 
-def decode_attention_rope(qkv, keys, values, cos, sin, n_heads: int, length: int, start=None):
+def decode_attention_rope(qkv, keys, values, cos, sin, n_heads: int, length: int, start=None, window=None):
     """One Llama decode step's attention with the rotary embedding and the cache write fused in.
 
     qkv: (B, n_heads + 2 n_kv, d) (or (B, 1, ..., d)), the unrotated q | k | v projection of the new
     token, whose position is ``length - 1`` (plus ``*start``); cos, sin: (positions, d/2) float32
     tables (:func:`quickcupy.llama.model.rope_tables`) covering it. The kernel rotates q and k as
     :func:`quickcupy.llama.ops.rope_cache` does, writes k and v into ``keys``/``values`` at that
-    position, then attends over the first ``length`` positions. Other arguments and the result as
-    :func:`decode_attention`.
+    position, then attends over the first ``length`` positions (the last ``window`` of them with a
+    window). Other arguments and the result as :func:`decode_attention`.
     """
     if qkv.ndim == 4 and qkv.shape[1] == 1:
         qkv = qkv.reshape(qkv.shape[0], qkv.shape[2], qkv.shape[3])
@@ -70,7 +75,17 @@ def decode_attention_rope(qkv, keys, values, cos, sin, n_heads: int, length: int
         raise ValueError(f"cos, sin must be (positions, {d // 2}) float32, got {cos.shape} {cos.dtype}")
     if not (cos.flags.c_contiguous and sin.flags.c_contiguous and qkv.flags.c_contiguous):
         raise ValueError("qkv, cos and sin must be C-contiguous")
-    return _launch(qkv, keys, values, n_heads, length, start, cos, sin)
+    window = _window(window)
+    return _launch(qkv, keys, values, n_heads, length, start, cos, sin, window)
+
+
+def _window(window) -> int:
+    """The kernel's window argument: 0 for none (None or 0), else the positive int W."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
+        raise ValueError(f"window must be None or an int >= 0 (0: none), got {window!r}")
+    return min(int(window), 2**31 - 1)
 
 
 def _check(keys, values, B, nh, d, length, start, q):
@@ -96,7 +111,7 @@ def _check(keys, values, B, nh, d, length, start, q):
         raise ValueError("keys and values must be C-contiguous (as KVCache allocates them)")
 
 
-def _launch(q, keys, values, nh, length, start, cos, sin):
+def _launch(q, keys, values, nh, length, start, cos, sin, window):
     import cupy
     B, d = q.shape[0], q.shape[-1]
     nkv = keys.shape[1]
@@ -108,6 +123,7 @@ def _launch(q, keys, values, nh, length, start, cos, sin):
     null = np.uint64(0)
     launch_kernel(fn, (blocks,), (DECODE_ATTENTION_THREADS,),
                   (q, keys, values, out, np.int32(nh), np.int32(nkv), np.int32(keys.shape[3]), np.int32(length),
-                   null if start is None else start, null if cos is None else cos, null if sin is None else sin),
+                   np.int32(window), null if start is None else start, null if cos is None else cos,
+                   null if sin is None else sin),
                   smem, pdl=True)
     return out

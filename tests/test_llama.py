@@ -67,8 +67,8 @@ def test_config_from_hf_dict():
     assert c.num_key_value_heads == 4 and c.rms_norm_eps == 1e-6 and c.rope_theta == 10000.0  # HF defaults
     with pytest.raises(ValueError, match="config.json lacks intermediate_size"):
         LlamaConfig.from_dict({k: v for k, v in d.items() if k != "intermediate_size"})
-    with pytest.raises(ValueError, match="model_type='qwen2'"):
-        LlamaConfig.from_dict({**d, "model_type": "qwen2"})
+    with pytest.raises(ValueError, match="model_type='gemma' is not supported; supported: 'llama', "):
+        LlamaConfig.from_dict({**d, "model_type": "gemma"})
     with pytest.raises(ValueError, match="head_dim=128 differs"):
         LlamaConfig.from_dict({**d, "head_dim": 128})
 

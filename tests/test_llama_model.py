@@ -105,7 +105,8 @@ def test_checkpoint_with_head_round_trip(rng, tmp_path, lm_head):
     layers, head = random_layers(TINY, seed=_seed(rng)), random_head(TINY, VOCAB, _seed(rng))
     head.lm_head = {"float": head.lm_head.astype(np.float16), "quantized": quantize(head.lm_head, 64),
                     "tied": None}[lm_head]
-    save_awq_checkpoint(tmp_path, TINY, layers, group_size=64, head=head)
+    save_awq_checkpoint(tmp_path, TINY.replace(tie_word_embeddings=lm_head == "tied"), layers, group_size=64,
+                        head=head)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["vocab_size"] == VOCAB and config["tie_word_embeddings"] == (lm_head == "tied")
     ckpt = load_checkpoint(tmp_path)
@@ -131,7 +132,8 @@ def test_checkpoint_without_lm_head_and_untied_is_refused(rng, tmp_path):
     pytest.importorskip("safetensors")
     head = random_head(TINY, VOCAB, _seed(rng))
     head.lm_head = None
-    save_awq_checkpoint(tmp_path, TINY, random_layers(TINY, seed=1), group_size=64, head=head)
+    save_awq_checkpoint(tmp_path, TINY.replace(tie_word_embeddings=True), random_layers(TINY, seed=1),
+                        group_size=64, head=head)
     config = json.loads((tmp_path / "config.json").read_text())
     config["tie_word_embeddings"] = False
     (tmp_path / "config.json").write_text(json.dumps(config))

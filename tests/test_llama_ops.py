@@ -249,26 +249,6 @@ def test_graph_refuses_fp16(rng):
 
 
 # -------------------------------------------------------------------------- Hugging Face reference
-def _hf_model(config, layers, head, torch):
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
-    hf = LlamaForCausalLM(HFConfig(
-        vocab_size=head.embed_tokens.shape[0], hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, num_hidden_layers=config.num_hidden_layers,
-        rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta, max_position_embeddings=256,
-        tie_word_embeddings=False, attn_implementation="eager"))
-    state = {"model.embed_tokens.weight": head.embed_tokens, "model.norm.weight": head.norm,
-             "lm_head.weight": head.lm_head}
-    for i, w in enumerate(layers):
-        for name, sub in (("q_proj", "self_attn"), ("k_proj", "self_attn"), ("v_proj", "self_attn"),
-                          ("o_proj", "self_attn"), ("gate_proj", "mlp"), ("up_proj", "mlp"), ("down_proj", "mlp")):
-            state[f"model.layers.{i}.{sub}.{name}.weight"] = getattr(w, name)
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            state[f"model.layers.{i}.{name}.weight"] = getattr(w, name)
-    hf.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()}, strict=True)
-    return hf.to("cuda").eval()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_against_transformers(rng, dtype):
     """A 2-layer random model: logits of dense/awq/quick vs HF float32 with the same (dequantized)
@@ -277,6 +257,7 @@ def test_against_transformers(rng, dtype):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     import cupy
+    from hf_models import hf_model
     config, vocab = TINY, 512
     nd = _np_dtype(dtype)
     # dtype-representable weights, so HF float32 and our dense backend hold the same numbers.
@@ -287,9 +268,9 @@ def test_against_transformers(rng, dtype):
     ids = rng.integers(0, vocab, (2, 12))
     tids = torch.from_numpy(ids).to("cuda")
 
-    hf_float = _hf_model(config, layers, head, torch)
+    hf_float = hf_model(config, layers, head, torch)
     quantized = [w.quantized(64) for w in layers]
-    hf_deq = _hf_model(config, [w.dequantized() for w in quantized], head, torch)
+    hf_deq = hf_model(config, [w.dequantized() for w in quantized], head, torch)
     with torch.no_grad():
         ref = {"float": hf_float(tids).logits.double().cpu().numpy(), "deq": hf_deq(tids).logits.double().cpu().numpy()}
     # float16 activations (a relative rounding of 2^-11 per op, ~40 ops deep) against float32: the
@@ -314,7 +295,7 @@ def test_against_transformers(rng, dtype):
     layers = random_layers(config, seed=_seed(rng), std=0.01)
     layers = [w.map_projections(lambda a: a.astype(np.float16).astype(np.float32)) for w in layers]
     head.lm_head = head.embed_tokens.astype(np.float32)[rng.permutation(vocab)]
-    hf = _hf_model(config, layers, head, torch)
+    hf = hf_model(config, layers, head, torch)
     model = LlamaModel(config, layers, "fp16", head=head)
     with torch.no_grad():
         hf_tokens = hf.generate(tids, max_new_tokens=32, do_sample=False,

@@ -48,13 +48,16 @@ def save_awq_checkpoint(path, config: LlamaConfig, layers: list, group_size: int
     (and model.safetensors.index.json when sharded). Float projections are quantized with
     ``group_size``; biases are written as ``{prefix}.bias`` float16; act-order perms are refused
     (AWQ has none). ``head`` (written to the last shard): embed_tokens and norm as float16, lm_head
-    as float16, or packed when it is a QuantizedWeight, or left out when tied. Returns the directory."""
+    as float16, or packed when it is a QuantizedWeight, or left out when tied
+    (None; config.json's tie_word_embeddings follows the head). Returns the directory."""
     _, save_file = _safetensors()
     path = Path(path)
     if len(layers) != config.num_hidden_layers:
         raise ValueError(f"got {len(layers)} layers but num_hidden_layers={config.num_hidden_layers}")
     if group_size is not None:
         effective_group_size(group_size, config.hidden_size)
+    if head is not None:       # the head says whether the model is tied; config.json follows it
+        config = config.replace(tie_word_embeddings=head.lm_head is None)
     layers = [w.quantized(128 if group_size is None else group_size) for w in layers]
     qs = [q for w in layers for q in w.projections().values()]
     sizes = {q.group_size for q in qs}
@@ -102,10 +105,10 @@ def save_awq_checkpoint(path, config: LlamaConfig, layers: list, group_size: int
     if shards > 1:
         (path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
+    # config.to_dict() holds model_type and the family's keys (rope_scaling, sliding_window, biases).
+    hf_config = {"architectures": [config.family.architecture], "torch_dtype": "float16",
                  **config.to_dict(),
-                 **({} if head is None else {"vocab_size": int(np.shape(head.embed_tokens)[0]),
-                                             "tie_word_embeddings": head.lm_head is None}),
+                 **({} if head is None else {"vocab_size": int(np.shape(head.embed_tokens)[0])}),
                  "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": written_group_size,
                                          "zero_point": True, "version": "gemm"}}
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))
@@ -309,13 +312,15 @@ def load_checkpoint(path, num_layers: int | None = None) -> Checkpoint:
         V = shape[0]
         specs[EMBED] = TensorSpec(FLOAT, (V, H), "(vocab_size, hidden_size)")
         specs[FINAL_NORM] = TensorSpec(FLOAT, (H,), "(hidden_size,)")
-        if f"{LM_HEAD}.weight" in headers:
+        if config.tie_word_embeddings:
+            pass             # lm_head is embed_tokens; a stored copy is ignored, as transformers does
+        elif f"{LM_HEAD}.weight" in headers:
             lm_head = "float"
             specs[f"{LM_HEAD}.weight"] = TensorSpec(FLOAT, (V, H), "(vocab_size, hidden_size)")
         elif any(name.startswith(LM_HEAD + ".") for name in headers):
             lm_head = "quantized"
             specs.update(formats.layer_tensors(scheme, LM_HEAD, V, H))
-        elif not raw.get("tie_word_embeddings", False):
+        else:
             raise ValueError(f"{path} has {EMBED} but no {LM_HEAD}.weight and tie_word_embeddings is not true")
     formats.check_tensors(headers, specs, str(path))
 

@@ -1,4 +1,4 @@
-"""A Llama decoder stack on 4-bit weights: the end-to-end check and benchmark of the GEMM kernels.
+"""A Llama-family decoder stack on 4-bit weights: the end-to-end check and benchmark of the GEMM kernels.
 
 One decoder block, written once against an array module ``xp`` (NumPy float32 on the CPU, CuPy
 float16 or bfloat16 on the GPU: the model's ``dtype``)::
@@ -8,12 +8,20 @@ float16 or bfloat16 on the GPU: the model's ``dtype``)::
     x ──┬─ RMSNorm ─ gate|up (one fused linear) ─ silu(gate) * up ─ down ─(+)─┐
         └─────────────────────────────────────────────────────────────────────┘
 
+The families that share this block (Llama 2 and 3.x, Mistral, Qwen2/2.5) are rows of
+:data:`quickcupy.llama.families.FAMILIES`; what a row switches on is a field of
+:class:`LlamaConfig` applied here: rope scaling (:func:`rope_tables`), a sliding attention window
+(:func:`causal_bias`, the decode kernel's ``window``), biases on projections, tied embeddings.
+Each projection may also carry an act-order perm (``x[..., perm] @ W.T``); projections sharing
+their input fuse when their perms agree (:func:`fused_linear`).
+
 The linear layers come from :func:`make_linear` by backend name: ``"numpy"`` (float32 reference,
 ``y = x @ W.T``), ``"dense"`` (16-bit weights in the model's dtype, cuBLAS through ``cupy.matmul``;
 ``"fp16"`` is its float16-only name from before bfloat16), ``"awq"`` and ``"quick"``
 (:class:`quickcupy.gemm.QuantLinear` with that layout). The input of the stack is hidden states
-(batch, seq, hidden); there is no embedding and no LM head. Decode attention on the GPU is the
-library kernel :func:`quickcupy.attention.decode_attention`.
+(batch, seq, hidden); :class:`LlamaModel` with :class:`HeadWeights` adds the embedding, the final
+norm and the LM head. Decode attention on the GPU is the library kernel
+:func:`quickcupy.attention.decode_attention`.
 
 Weights are random (:func:`random_layers`) or read from an AutoAWQ checkpoint directory
 (:mod:`quickcupy.llama.checkpoint`). The tool ``python -m quickcupy llama``
@@ -24,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Union
 
@@ -34,7 +41,7 @@ from .. import dtypes, kernels
 from ..attention import decode_attention, decode_attention_rope, decode_head_dim_error
 from ..gemm import QuantLinear
 from ..quantize import QuantizedWeight, quantize
-from . import ops
+from . import families, ops
 
 BACKENDS = ("numpy", "dense", "fp16", "awq", "quick", "auto")
 # Backends whose GEMMs are cuBLAS (cupy.matmul on 16-bit weights): "fp16" is "dense" held to float16.
@@ -50,7 +57,15 @@ Weight = Union[np.ndarray, QuantizedWeight]   # (out_features N, in_features K) 
 # ------------------------------------------------------------------------------------ configuration
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Model dimensions, with the Hugging Face ``config.json`` names."""
+    """Model dimensions and family features, with the Hugging Face ``config.json`` names.
+
+    model_type: the family (a row of :data:`quickcupy.llama.families.FAMILIES`: "llama", "mistral",
+    "qwen2"). rope_scaling: None or :class:`~quickcupy.llama.families.RopeScaling` (a config.json
+    dict is converted). sliding_window: None, or W: query position i attends to key positions j with
+    i - W < j <= i (Mistral; other families refuse it). attention_bias, mlp_bias: the family's bias
+    flags (None: the family's value; :attr:`bias_projections` says which projections they cover).
+    tie_word_embeddings: the LM head is embed_tokens (:class:`HeadWeights` then has lm_head None).
+    """
 
     hidden_size: int
     intermediate_size: int
@@ -59,6 +74,12 @@ class LlamaConfig:
     num_hidden_layers: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    model_type: str = "llama"
+    rope_scaling: families.RopeScaling | None = None
+    sliding_window: int | None = None
+    attention_bias: bool | None = None
+    mlp_bias: bool | None = None
+    tie_word_embeddings: bool = False
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -81,10 +102,49 @@ class LlamaConfig:
         if (H // nh) % 2:
             raise ValueError(f"head_dim = hidden_size / num_attention_heads = {H // nh} must be even "
                              f"(rotary embeddings rotate pairs)")
+        row = families.family(self.model_type)
+        object.__setattr__(self, "rope_scaling", families.RopeScaling.from_dict(self.rope_scaling))
+        for name, value in row.fixed.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+            elif getattr(self, name) != value:
+                raise ValueError(f"model_type={self.model_type!r} always has {name}={value}, "
+                                 f"got {getattr(self, name)!r}")
+        for name, projections in (("attention_bias", row.attention_bias), ("mlp_bias", row.mlp_bias)):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, False)
+            elif not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+            elif value and not projections:
+                raise ValueError(f"model_type={self.model_type!r} has no {name}")
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        window = self.sliding_window
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0:
+                raise ValueError(f"sliding_window must be None or a positive int, got {window!r}")
+            if not row.sliding_window:
+                raise ValueError(f"model_type={self.model_type!r} has no sliding window; sliding_window "
+                                 f"must be None, got {window}")
+            object.__setattr__(self, "sliding_window", int(window))
+        if not isinstance(self.tie_word_embeddings, (bool, np.bool_)):
+            raise ValueError(f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
+        object.__setattr__(self, "tie_word_embeddings", bool(self.tie_word_embeddings))
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def family(self) -> families.Family:
+        return families.FAMILIES[self.model_type]
+
+    @property
+    def bias_projections(self) -> tuple:
+        """The projections whose bias the config's flags switch on (in PROJECTIONS order)."""
+        row = self.family
+        on = (row.attention_bias if self.attention_bias else ()) + (row.mlp_bias if self.mlp_bias else ())
+        return tuple(name for name in PROJECTIONS if name in on)
 
     @classmethod
     def preset(cls, name: str) -> "LlamaConfig":
@@ -98,28 +158,21 @@ class LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as config.json holds them (rope_scaling as its dict): ``LlamaConfig(**d)`` and
+        :meth:`from_dict` both give the config back."""
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
-        """From a Hugging Face ``config.json`` dict (extra keys are ignored; HF defaults apply)."""
-        if d.get("model_type", "llama") != "llama":
-            raise ValueError(f"model_type={d['model_type']!r} is not supported; only 'llama' models load")
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                               "num_hidden_layers") if k not in d]
-        if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)}")
-        config = cls(hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-                     num_attention_heads=d["num_attention_heads"],
-                     num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-                     num_hidden_layers=d["num_hidden_layers"],
-                     rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=d.get("rope_theta", 10000.0))
+        """From a Hugging Face ``config.json`` dict, by the rules of its ``model_type``'s row of
+        :data:`~quickcupy.llama.families.FAMILIES` (keys the computation does not use are ignored;
+        transformers' defaults apply). ValueError names a refused key and the rule."""
+        config = cls(**families.config_kwargs(d))
         if d.get("head_dim") not in (None, config.head_dim):
             raise ValueError(f"head_dim={d['head_dim']} differs from hidden_size / num_attention_heads = "
                              f"{config.head_dim}; such models are not supported")
-        if d.get("rope_scaling"):
-            warnings.warn(f"rope_scaling={d['rope_scaling']} is not implemented: plain rotary embeddings "
-                          f"are used, so outputs differ from the original model (speed does not)")
         return config
 
 
@@ -133,19 +186,23 @@ PRESETS = {
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                 num_hidden_layers=80, rms_norm_eps=1e-5, rope_theta=10000.0),
 }
-# Published dimensions of other Llama-architecture models, for their GEMM shapes (bench --models,
-# the GPU shape tests); "7b", "13b", "70b" above are Llama-2's.
+# Published configurations of other models of the families (quickcupy.llama.families), for their
+# GEMM shapes (bench --models, the GPU shape tests); "7b", "13b", "70b" above are Llama-2's.
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
 MODELS = {
     "llama2-7b": PRESETS["7b"], "llama2-13b": PRESETS["13b"], "llama2-70b": PRESETS["70b"],
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                       num_hidden_layers=32, rms_norm_eps=1e-5, rope_theta=500000.0),
     "llama3-70b": dict(PRESETS["70b"], rope_theta=500000.0),
+    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                        num_hidden_layers=32, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE),
     "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                       num_hidden_layers=32, rms_norm_eps=1e-5, rope_theta=1000000.0),
+                       num_hidden_layers=32, rms_norm_eps=1e-5, rope_theta=1000000.0, model_type="mistral"),
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
-                       num_hidden_layers=28, rms_norm_eps=1e-6, rope_theta=1000000.0),
+                       num_hidden_layers=28, rms_norm_eps=1e-6, rope_theta=1000000.0, model_type="qwen2"),
     "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=8,
-                        num_hidden_layers=48, rms_norm_eps=1e-6, rope_theta=1000000.0),
+                        num_hidden_layers=48, rms_norm_eps=1e-6, rope_theta=1000000.0, model_type="qwen2"),
 }
 
 
@@ -180,7 +237,8 @@ class LayerWeights:
 
     Projections: (out_features, in_features) float NumPy arrays or :class:`QuantizedWeight`.
     Norms: (hidden_size,) float16, as in checkpoints.
-    biases: projection name -> (out_features,) float bias (Qwen2's q/k/v); absent names have none.
+    biases: projection name -> (out_features,) float bias (Qwen2's q/k/v); absent names have none
+    (those of ``config.bias_projections`` must be present; others are allowed).
     perms: projection name -> (in_features,) int64 act-order permutation (the projection computes
     ``x[..., perm] @ W.T``, see :mod:`quickcupy.formats.act_order`); absent names have none.
     """
@@ -232,22 +290,33 @@ class LayerWeights:
                 if np.shape(a) != (shapes[name][axis],):
                     raise ValueError(f"{where} {name} {kind} has shape {np.shape(a)}, the config needs "
                                      f"({shapes[name][axis]},)")
+        missing = [name for name in config.bias_projections if name not in self.biases]
+        if missing:
+            raise ValueError(f"{where} has no bias for {', '.join(missing)}, which model_type="
+                             f"{config.model_type!r} with attention_bias={config.attention_bias}, "
+                             f"mlp_bias={config.mlp_bias} has")
 
 
 def random_layers(config: LlamaConfig, seed: int = 0, std: float = 0.02) -> list:
     """``config.num_hidden_layers`` layers of random float32 weights at the usual init scale
-    (normal, std 0.02) and norm weights near 1 (float16)."""
+    (normal, std 0.02) and norm weights near 1 (float16); the projections of
+    ``config.bias_projections`` get a float32 bias (normal, std * sqrt(in_features): the scale of
+    the product on inputs of rms 1)."""
     rng = np.random.default_rng(seed)
     layers = []
+    shapes = projection_shapes(config)
     for _ in range(config.num_hidden_layers):
         tensors = {}
-        for name, shape in projection_shapes(config).items():
+        for name, shape in shapes.items():
             w = rng.standard_normal(shape, dtype=np.float32)
             w *= np.float32(std)
             tensors[name] = w
         for name in NORMS:
             tensors[name] = (1 + 0.05 * rng.standard_normal(config.hidden_size)).astype(np.float16)
-        layers.append(LayerWeights(**tensors))
+        # Drawn last, so a config without biases gets the weights it always got from a seed.
+        biases = {name: (std * math.sqrt(shapes[name][1]) * rng.standard_normal(shapes[name][0])).astype(np.float32)
+                  for name in config.bias_projections}
+        layers.append(LayerWeights(**tensors, biases=biases))
     return layers
 
 
@@ -270,43 +339,98 @@ def fuse(weights: list) -> Weight:
     return np.concatenate(weights, axis=0)
 
 
-# ------------------------------------------------------------------------------------ linear layers
-class NumpyLinear:
-    """Float32 reference on the CPU: x (..., K) float32 -> x @ W.T (..., N) float32."""
+def fuse_biases(biases: list, out_features: list):
+    """The bias of :func:`fuse`'s concatenation: None when no member has one, else the biases
+    (float32) concatenated, zeros for a member without one (``out_features``: each member's N)."""
+    if all(b is None for b in biases):
+        return None
+    return np.concatenate([np.zeros(n, np.float32) if b is None else np.asarray(b, np.float32)
+                           for b, n in zip(biases, out_features)])
 
-    def __init__(self, weight: np.ndarray):
+
+def same_perm(a, b) -> bool:
+    """Whether two act-order perms (None or (K,) ints) gather x alike (None: the identity)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return np.array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------ linear layers
+def _check_bias_perm(bias, perm, N: int, K: int):
+    """bias (N,) finite floats, perm a permutation of range(K) (each may be None); ValueError else.
+    Returns them as float32 / int64 NumPy arrays."""
+    if bias is not None:
+        bias = np.asarray(bias.get() if hasattr(bias, "get") else bias)
+        # bfloat16 (ml_dtypes' type, as checkpoints are read) has kind "V", not "f".
+        if bias.shape != (N,) or not (bias.dtype.kind == "f" or bias.dtype.name == "bfloat16"):
+            raise ValueError(f"bias must be a float (out_features,) = ({N},) array, got {bias.dtype} {bias.shape}")
+        bias = bias.astype(np.float32)
+        if not np.isfinite(bias).all():
+            raise ValueError("bias has NaN or inf values")
+    if perm is not None:
+        perm = np.asarray(perm.get() if hasattr(perm, "get") else perm)
+        if perm.shape != (K,) or perm.dtype.kind not in "iu" or not np.array_equal(np.sort(perm), np.arange(K)):
+            raise ValueError(f"perm must be a permutation of range(in_features={K}), got {perm.dtype} {perm.shape}")
+        perm = perm.astype(np.int64)
+    return bias, perm
+
+
+class NumpyLinear:
+    """Float32 reference on the CPU: x (..., K) float32 -> x[..., perm] @ W.T + bias (..., N)
+    float32 (perm, bias: None or as :func:`make_linear` takes them)."""
+
+    def __init__(self, weight: np.ndarray, bias=None, perm=None):
         self.weight = np.ascontiguousarray(weight, np.float32)      # (N, K)
         self.out_features, self.in_features = self.weight.shape
+        self.bias, self.perm = _check_bias_perm(bias, perm, self.out_features, self.in_features)
 
     def __call__(self, x):
+        x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2[:, self.perm]
         # A 2-D product is one BLAS call; a 3-D one may loop over the batch.
-        return (x.reshape(-1, self.in_features) @ self.weight.T).reshape(*x.shape[:-1], self.out_features)
+        y = x2 @ self.weight.T
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class DenseLinear:
     """cuBLAS GEMM of 16-bit weights (float32 accumulation): x (..., K) cupy ``dtype`` (float16 or
-    bfloat16) -> (..., N) of that dtype. Not capturable in a CUDA graph (CuPy raises
-    NotImplementedError for cuBLAS under capture)."""
+    bfloat16) -> x[..., perm] @ W.T + bias (..., N) of that dtype. The perm is folded into the
+    weight's columns once (no gather per call); the bias is added after the GEMM, in float32.
+    Not capturable in a CUDA graph (CuPy raises NotImplementedError for cuBLAS under capture)."""
 
-    def __init__(self, weight: np.ndarray, dtype="float16"):
+    def __init__(self, weight: np.ndarray, dtype="float16", bias=None, perm=None):
         import cupy
+        w = np.asarray(weight, np.float32)
+        bias, perm = _check_bias_perm(bias, perm, *w.shape)
+        if perm is not None:
+            # x[..., perm] @ W.T == x @ W'.T with W'[:, perm] = W
+            folded = np.empty_like(w)
+            folded[:, perm] = w
+            w = folded
         # W.T stored (K, N) row-major so the product is x @ W_t with both operands contiguous.
-        w = np.asarray(weight, np.float32).astype(dtypes.np_dtype(dtype))
-        self.weight_t = cupy.ascontiguousarray(cupy.asarray(w).T)
+        self.weight_t = cupy.ascontiguousarray(cupy.asarray(w.astype(dtypes.np_dtype(dtype))).T)
         self.in_features, self.out_features = self.weight_t.shape
+        self.bias = None if bias is None else cupy.asarray(bias)     # float32
 
     def __call__(self, x):
         # 2-D: one GEMM; cupy.matmul of (B, S, K) @ (K, N) would run B broadcast GEMMs instead.
-        return (x.reshape(-1, self.in_features) @ self.weight_t).reshape(*x.shape[:-1], self.out_features)
+        y = x.reshape(-1, self.in_features) @ self.weight_t
+        if self.bias is not None:        # added in float32 (bfloat16 arithmetic goes through it anyway)
+            y = (y.astype(np.float32) + self.bias).astype(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class QuantizedLinear:
-    """4-bit GEMM of :mod:`quickcupy.gemm`: x (..., K) cupy float16 or bfloat16 -> (..., N) of x's
-    dtype (one layer serves both). Under CUDA-graph capture ``auto`` keeps to the kernels a graph
-    can hold (:func:`quickcupy.gemm`)."""
+    """4-bit GEMM of :mod:`quickcupy.gemm`: x (..., K) cupy float16 or bfloat16 -> x[..., perm] @ W.T
+    + bias (..., N) of x's dtype (one layer serves both; the bias is added in the GEMM's epilogue,
+    the perm is a gather of x). Under CUDA-graph capture ``auto`` keeps to the kernels a graph can
+    hold (:func:`quickcupy.gemm`)."""
 
-    def __init__(self, q: QuantizedWeight, layout: str, kernel: str):
-        self.layer = QuantLinear.from_quantized(q, layout=layout)
+    def __init__(self, q: QuantizedWeight, layout: str, kernel: str, bias=None, perm=None):
+        self.layer = QuantLinear.from_quantized(q, layout, bias, perm)
         self.kernel = kernel
         self.out_features, self.in_features = q.out_features, q.in_features
 
@@ -319,21 +443,60 @@ class QuantizedLinear:
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def make_linear(backend: str, weight: Weight, group_size: int = 128, dtype="float16"):
-    """A linear layer ``y = x @ W.T`` of ``weight`` (N, K) on ``backend``, for activations of
-    ``dtype`` (the dense backend stores its weights in it; "numpy" is float32).
+class ConcatLinear:
+    """Projections of one input that cannot be fused (their act-order perms differ): a linear
+    each, outputs concatenated along the last axis (correct; a GEMM per member and a copy)."""
+
+    def __init__(self, linears: list):
+        self.linears = linears
+        self.in_features = linears[0].in_features
+        self.out_features = sum(layer.out_features for layer in linears)
+
+    def __call__(self, x):
+        return _xp(x).concatenate([layer(x) for layer in self.linears], axis=-1)
+
+
+def make_linear(backend: str, weight: Weight, group_size: int = 128, dtype="float16", bias=None, perm=None):
+    """A linear layer ``y = x[..., perm] @ W.T + bias`` of ``weight`` (N, K) on ``backend``, for
+    activations of ``dtype`` (the dense backend stores its weights in it; "numpy" is float32).
+    bias: None or (N,) float (float16, bfloat16 or float32); perm: None or an act-order permutation
+    (K,) of range(K) (:mod:`quickcupy.formats.act_order`).
 
     Float weights are quantized (with ``group_size``) for the 4-bit backends; quantized weights are
     dequantized for "numpy" and the dense backends.
     """
     dtype = check_dtype(backend, dtype)
+    bias, perm = _check_bias_perm(bias, perm, *_shape(weight))
     if backend == "numpy" or backend in DENSE_BACKENDS:
         if isinstance(weight, QuantizedWeight):
             weight = weight.dequantize(np.float32)
-        return NumpyLinear(weight) if backend == "numpy" else DenseLinear(weight, dtype)
+        return NumpyLinear(weight, bias, perm) if backend == "numpy" else DenseLinear(weight, dtype, bias, perm)
     if not isinstance(weight, QuantizedWeight):
         weight = quantize(np.asarray(weight, np.float32), group_size)
-    return QuantizedLinear(weight, *QUANTIZED_BACKENDS[backend])
+    # The bias in the activations' dtype, so that bfloat16 models round it once (QuantLinear keeps a
+    # bfloat16 bias as it is, any other as float16).
+    bias = None if bias is None else bias.astype(dtypes.np_dtype(dtype))
+    return QuantizedLinear(weight, *QUANTIZED_BACKENDS[backend], bias=bias, perm=perm)
+
+
+def fused_linear(weights: "LayerWeights", names: tuple, linear):
+    """One linear for the projections ``names`` of ``weights``, which share their input (q|k|v,
+    gate|up): their weights and biases fused (:func:`fuse`, :func:`fuse_biases`) when they share
+    their act-order perm; else each run of neighbours sharing one is fused, and a
+    :class:`ConcatLinear` joins the runs. linear(weight, bias, perm) builds one (:func:`make_linear`
+    on the block's backend)."""
+    runs = []                            # [names] of neighbours with one perm
+    for name in names:
+        if runs and same_perm(weights.perms.get(runs[-1][0]), weights.perms.get(name)):
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    layers = []
+    for run in runs:
+        ws = [getattr(weights, name) for name in run]
+        bias = fuse_biases([weights.biases.get(name) for name in run], [_shape(w)[0] for w in ws])
+        layers.append(linear(ws[0] if len(ws) == 1 else fuse(ws), bias, weights.perms.get(run[0])))
+    return layers[0] if len(layers) == 1 else ConcatLinear(layers)
 
 
 def check_backend(backend: str):
@@ -372,12 +535,15 @@ def rms_norm(x, weight, eps: float):
 
 
 def rope_tables(config: LlamaConfig, positions: np.ndarray):
-    """cos, sin (len(positions), head_dim / 2) float32 of rotary angles pos * theta^(-2i / head_dim).
+    """cos, sin (len(positions), head_dim / 2) float32 of rotary angles pos * inv_freq[i], where
+    inv_freq[i] = theta^(-2i / head_dim), scaled as ``config.rope_scaling`` says (linear, llama3).
 
     Computed in float64 on the host, so the NumPy and CuPy blocks rotate by identical angles.
     """
     d = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    if config.rope_scaling is not None:
+        inv_freq = config.rope_scaling.apply(inv_freq)
     angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
@@ -403,17 +569,22 @@ def attended_length(S: int, start: int, cache_max_len: int | None) -> int:
     return S if cache_max_len is None or start == 0 else cache_max_len
 
 
-def causal_bias(xp, start: int, S: int, T: int):
-    """(S, T) float32: 0 where key j may be seen by query start + i (j <= start + i), else -inf.
-    None when no key lies after any query. Also hides the cache's unwritten slots (j >= start + S)."""
-    if T - 1 <= start:
+def causal_bias(xp, start: int, S: int, T: int, window: int | None = None):
+    """(S, T) float32: 0 where key j may be seen by query start + i, else -inf: j <= start + i, and
+    with a sliding ``window`` also j > start + i - window (Mistral's rule). None when every query
+    sees every key. Also hides the cache's unwritten slots (j >= start + S)."""
+    if T - 1 <= start and (window is None or start + S - 1 - window < 0):
         return None
-    after = xp.arange(T)[None, :] > (start + xp.arange(S))[:, None]
-    return xp.where(after, -np.inf, 0.0).astype(np.float32)
+    j, i = xp.arange(T)[None, :], (start + xp.arange(S))[:, None]
+    hidden = j > i
+    if window is not None:
+        hidden |= j <= i - window
+    return xp.where(hidden, -np.inf, 0.0).astype(np.float32)
 
 
-def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool = True, written: bool = False):
-    """Causal grouped-query attention.
+def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool = True, written: bool = False,
+              window: int | None = None):
+    """Causal grouped-query attention, optionally over a sliding window of keys.
 
     q: (B, S, n_heads, d); k, v: (B, S, n_kv_heads, d), rotated, for positions start .. start+S-1.
     kv_cache: None, or (keys (B, n_kv, d, max_len), values (B, n_kv, max_len, d)) of one layer;
@@ -426,6 +597,7 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool =
     :func:`decode_attention` (one kernel; bias unused); False, or any other case, runs the batched
     matmuls below, the reference it is tested against.
     written: k and v are already in kv_cache at [start, start + S) (:func:`ops.rope_cache` wrote them).
+    window: None, or W: query position i sees keys i - W < j <= i (the bias, and the fused kernel).
     """
     xp = _xp(q)
     B, S, nh, d = q.shape
@@ -440,14 +612,14 @@ def attention(q, k, v, start: int = 0, kv_cache=None, bias="auto", fused: bool =
             cache_v[:, :, start:start + S] = v_t
         if (fused and S == 1 and xp is not np and q.dtype == cache_k.dtype == cache_v.dtype
                 and q.dtype.name in dtypes.NAMES and decode_head_dim_error(d) is None):
-            return decode_attention(q.reshape(B, nh, d), cache_k, cache_v, start + 1)
+            return decode_attention(q.reshape(B, nh, d), cache_k, cache_v, start + 1, window=window)
     if kv_cache is None or start == 0:               # as attended_length() says
         keys, values = xp.ascontiguousarray(k_t), xp.ascontiguousarray(v_t)
     else:
         keys, values = cache_k, cache_v
     T = keys.shape[-1]
     if isinstance(bias, str):
-        bias = causal_bias(xp, start, S, T)
+        bias = causal_bias(xp, start, S, T, window)
 
     def matmul(a, b):
         # CuPy 14.2 takes bfloat16 for an integer type in batched (ndim > 2) matmul and fails ("data
@@ -536,12 +708,13 @@ class LlamaBlock:
         weights.check(config)
         self.config = config
         self.xp, self.dtype = array_module(backend, dtype)
-        linear = lambda w: make_linear(backend, w, group_size, dtype)  # noqa: E731
-        # q|k|v and gate|up each become one GEMM: one launch and one pass over x instead of three/two.
-        self.qkv_proj = linear(fuse([weights.q_proj, weights.k_proj, weights.v_proj]))
-        self.o_proj = linear(weights.o_proj)
-        self.gate_up_proj = linear(fuse([weights.gate_proj, weights.up_proj]))
-        self.down_proj = linear(weights.down_proj)
+        linear = lambda w, bias, perm: make_linear(backend, w, group_size, dtype, bias, perm)  # noqa: E731
+        # q|k|v and gate|up each become one GEMM: one launch and one pass over x instead of three/two
+        # (unless their act-order perms differ: fused_linear).
+        self.qkv_proj = fused_linear(weights, ("q_proj", "k_proj", "v_proj"), linear)
+        self.o_proj = fused_linear(weights, ("o_proj",), linear)
+        self.gate_up_proj = fused_linear(weights, ("gate_proj", "up_proj"), linear)
+        self.down_proj = fused_linear(weights, ("down_proj",), linear)
         self.input_norm = _device(self.xp, weights.input_layernorm, self.dtype)
         self.post_norm = _device(self.xp, weights.post_attention_layernorm, self.dtype)
 
@@ -553,7 +726,8 @@ class LlamaBlock:
         nh, nkv, I = c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
         qkv = self.qkv_proj(rms_norm(x, self.input_norm, c.rms_norm_eps)).reshape(B, S, nh + 2 * nkv, c.head_dim)
         qk = apply_rope(qkv[:, :, :nh + nkv], cos, sin)        # q and k heads rotated in one pass
-        attn = attention(qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:], start, kv_cache, bias)
+        attn = attention(qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:], start, kv_cache, bias,
+                         window=c.sliding_window)
         x = x + self._reduced(self.o_proj(attn))
         gate_up = self.gate_up_proj(rms_norm(x, self.post_norm, c.rms_norm_eps))
         return x + self._reduced(self.down_proj(silu_mul(gate_up[..., :I], gate_up[..., I:])))
@@ -573,11 +747,12 @@ class LlamaBlock:
         qkv = self.qkv_proj(ops.add_rms_norm(x, self.input_norm, eps, delta)).reshape(B, S, nh + 2 * nkv, d)
         cache_k, cache_v = (None, None) if kv_cache is None else kv_cache
         if kv_cache is not None and S == 1 and decode_head_dim_error(d) is None:
-            attn = decode_attention_rope(qkv, cache_k, cache_v, *tables, nh, 1, start=start_dev)
+            attn = decode_attention_rope(qkv, cache_k, cache_v, *tables, nh, 1, start=start_dev,
+                                         window=c.sliding_window)
         else:
             qk = ops.rope_cache(qkv, *tables, start_dev, nh, nkv, cache_k, cache_v)
             attn = attention(qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:], start, kv_cache, bias,
-                             written=True)
+                             written=True, window=c.sliding_window)
         h = ops.add_rms_norm(x, self.post_norm, eps, self._reduced(self.o_proj(attn)))
         return self._reduced(self.down_proj(ops.silu_mul(self.gate_up_proj(h))))
 
@@ -588,7 +763,8 @@ class LlamaBlock:
 @dataclass
 class HeadWeights:
     """The tensors around the stack: embed_tokens (vocab, hidden) float, norm (hidden,) float16,
-    lm_head (vocab, hidden) float or :class:`QuantizedWeight`, or None when tied to embed_tokens."""
+    lm_head (vocab, hidden) float or :class:`QuantizedWeight`, or None when tied to embed_tokens
+    (exactly when the config's tie_word_embeddings is true)."""
 
     embed_tokens: np.ndarray
     norm: np.ndarray
@@ -602,15 +778,21 @@ class HeadWeights:
             raise ValueError(f"norm has shape {np.shape(self.norm)}, the config needs ({H},)")
         if self.lm_head is not None and _shape(self.lm_head) != (V, H):
             raise ValueError(f"lm_head has shape {_shape(self.lm_head)}, embed_tokens needs ({V}, {H})")
+        if (self.lm_head is None) != config.tie_word_embeddings:
+            raise ValueError(f"lm_head is {'None (tied to embed_tokens)' if self.lm_head is None else 'given'} "
+                             f"but the config's tie_word_embeddings is {config.tie_word_embeddings}: "
+                             f"a tied model's head has lm_head None, an untied one's has its own")
 
 
 def random_head(config: LlamaConfig, vocab_size: int, seed: int = 0, std: float = 0.02) -> HeadWeights:
-    """Random embedding and LM head (normal, std ``std``) and a final norm near 1."""
+    """Random embedding and LM head (normal, std ``std``; none when the config ties them) and a
+    final norm near 1."""
     rng = np.random.default_rng(seed)
     shape = (vocab_size, config.hidden_size)
-    return HeadWeights(embed_tokens=(std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float16),
-                       norm=(1 + 0.05 * rng.standard_normal(config.hidden_size)).astype(np.float16),
-                       lm_head=std * rng.standard_normal(shape, dtype=np.float32))
+    embed = (std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float16)
+    norm = (1 + 0.05 * rng.standard_normal(config.hidden_size)).astype(np.float16)
+    lm_head = std * rng.standard_normal(shape, dtype=np.float32)
+    return HeadWeights(embed, norm, None if config.tie_word_embeddings else lm_head)
 
 
 class LlamaModel:
@@ -685,7 +867,8 @@ class LlamaModel:
         self._rope(start, S)
         decode = cache is not None and S == 1 and decode_head_dim_error(self.config.head_dim) is None
         bias = None if decode else causal_bias(
-            self.xp, start, S, attended_length(S, start, None if cache is None else cache.max_len))
+            self.xp, start, S, attended_length(S, start, None if cache is None else cache.max_len),
+            self.config.sliding_window)
         delta = None
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
@@ -713,7 +896,8 @@ class LlamaModel:
         S = x.shape[1]
         start = self._positions(x, cache)
         cos, sin = self._rope(start, S)
-        bias = causal_bias(np, start, S, attended_length(S, start, None if cache is None else cache.max_len))
+        bias = causal_bias(np, start, S, attended_length(S, start, None if cache is None else cache.max_len),
+                           self.config.sliding_window)
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             x = block(x, cos, sin, start, kv, bias)
