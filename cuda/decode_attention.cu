@@ -16,6 +16,8 @@
 //     query heads and its KV head's k (rotate_half pairs i, i + D/2, cos/sin tables (positions, D/2)
 //     fp32, each rotated value rounded to T as llama_ops.cu's rope_cache does), writes k and v into
 //     the caches at p, then attends (a GQA group split over blocks writes the same bytes twice).
+//     On sm_90 its first tile of K and V is copied before qc::pdl_wait (positions before p and *start are
+//     not the previous kernel's output), so in a programmatic chain it loads while the qkv GEMM ends.
 //
 // Block: HEADS query heads of one sequence sharing one KV head (HEADS divides the group), so K and V
 // are read once per block. It walks the positions in tiles of TP = THREADS with an online softmax
@@ -116,9 +118,6 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
   float* red_s = p_s + HEADS * TP;                               // WARPS x HEADS: maxima, then sums
   float* sum_s = reinterpret_cast<float*>(smem);                 // WARPS x HEADS x D, after the loop
 
-  qc::pdl_trigger();
-  qc::pdl_wait();                // q (or qkv) is the previous kernel's output
-  if (start) length += *start;   // a CUDA graph reads the cache length from device memory
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int blocks_per_seq = n_heads / HEADS;
   const int b = blockIdx.x / blocks_per_seq, h0 = (blockIdx.x % blocks_per_seq) * HEADS;
@@ -128,12 +127,38 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
   const float scale = LOG2E / sqrtf((float)D);
   const bool vec = max_len % 8 == 0 && (reinterpret_cast<size_t>(keys) | reinterpret_cast<size_t>(values)) % 16 == 0;
 
+  qc::pdl_trigger();
+  // Fused mode: every cached position before the new one was written by earlier steps, and *start
+  // by the step before (a programmatic chain never writes either before this kernel), so the first
+  // tile of K and V is copied while the previous kernel (the qkv GEMM) ends; the new position's
+  // slot of it is filled below from this block's own rotation.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool EARLY = true;
+#else
+  constexpr bool EARLY = false;   // no programmatic launch below sm_90: nothing to overlap
+#endif
+  int pre_t0 = -1;   // the first tile's start when it was copied here
+  if (EARLY && cos_t) {
+    if (start) length += *start;
+    const int first = window > 0 && length > window ? length - window : 0;
+    pre_t0 = first & ~7;
+    load_k<D>(K, Ks, max_len, pre_t0, min(TP, length - pre_t0), vec);
+    load_v<D>(V, Vs, pre_t0, min(TP, length - pre_t0), vec);
+  }
+  qc::pdl_wait();                // q (or qkv) is the previous kernel's output
+  if (start && !(EARLY && cos_t)) length += *start;   // a CUDA graph reads the cache length from device memory
+
   if (cos_t) {
     // q is qkv: rotate this block's query heads into q_s, and the KV head's k into the cache at p.
     const int q_heads = n_heads + 2 * n_kv, p = length - 1;
     const T* row = q + (size_t)b * q_heads * D;
     const float* c = cos_t + (size_t)p * (D / 2);
     const float* s = sin_t + (size_t)p * (D / 2);
+    const int slot = EARLY && p - pre_t0 < TP ? p - pre_t0 : -1;   // p's column of the copied first tile
+    if (EARLY) {
+      qc::cp_async_wait<0>();
+      __syncthreads();   // the first tile has landed: the new position's slot is written over below
+    }
     for (int j = tid; j < (HEADS + 1) * (D / 2); j += THREADS) {
       const int g = j / (D / 2), i = j % (D / 2);
       const T* x = row + (g < HEADS ? h0 + g : n_heads + kv) * D;
@@ -147,11 +172,18 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
       } else {
         K[(size_t)i * max_len + p] = y1;
         K[(size_t)(i + D / 2) * max_len + p] = y2;
+        if (slot >= 0) {
+          Ks[i * TP + slot] = y1;
+          Ks[(i + D / 2) * TP + slot] = y2;
+        }
       }
     }
     const T* v_new = row + (size_t)(n_heads + n_kv + kv) * D;
-    for (int i = tid; i < D; i += THREADS) V[(size_t)p * D + i] = v_new[i];
-    __syncthreads();   // the block's own cache writes are seen by its tile loads below
+    for (int i = tid; i < D; i += THREADS) {
+      V[(size_t)p * D + i] = v_new[i];
+      if (slot >= 0) Vs[slot * D + i] = v_new[i];
+    }
+    __syncthreads();   // the block's own cache writes are seen by its tile loads below, and the slot
   } else {
     const T* qh = q + ((size_t)b * n_heads + h0) * D;
     for (int i = tid; i < HEADS * D; i += THREADS) q_s[(i % D) * HEADS + i / D] = Dt::to_float(qh[i]) * scale;
@@ -170,11 +202,15 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
 
   // First attended position, and the tile start at or below it (a multiple of 8: cp.async's chunks).
   const int first = window > 0 && length > window ? length - window : 0;
+  bool copied = EARLY && cos_t != nullptr;
   for (int t0 = first & ~7; t0 < length; t0 += TP) {
     const int n = min(TP, length - t0);
     const int skip = max(first - t0, 0);   // positions t0 .. t0 + skip - 1 lie before the window (< 8)
-    load_k<D>(K, Ks, max_len, t0, n, vec);
-    load_v<D>(V, Vs, t0, n, vec);
+    if (!copied) {                         // the fused mode's first tile was copied before the wait
+      load_k<D>(K, Ks, max_len, t0, n, vec);
+      load_v<D>(V, Vs, t0, n, vec);
+    }
+    copied = false;
     qc::cp_async_wait<1>();   // this thread's K chunks (V may still be in flight)
     __syncthreads();          // everyone's K chunks, and q_s
 
