@@ -540,9 +540,9 @@ def test_gpu_decode_with_cache_equals_full_forward(rng, backend, config, monkeyp
     import cupy
     fused_calls = []
 
-    def counted(*args, start=None):    # every decode step of every layer runs the fused kernel
+    def counted(*args, start=None, **kwargs):    # every decode step of every layer runs the fused kernel
         fused_calls.append(args[6] + (0 if start is None else int(start.get()[0])))   # the length it attends
-        return decode_attention_rope(*args, start=start)
+        return decode_attention_rope(*args, start=start, **kwargs)
     monkeypatch.setattr(llama_model, "decode_attention_rope", counted)
     model = LlamaModel(config, [w.quantized(64) for w in random_layers(config, seed=_seed(rng))], backend)
     x = cupy.asarray(_hidden(rng, 3, 12, config)).astype(np.float16)
