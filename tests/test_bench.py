@@ -154,6 +154,18 @@ def test_derive_points_stream_time():
     assert "stream/floor" not in bench_report.format_table(bench_report.derive_points(raw[1:], 2.0e12))
 
 
+def test_derive_points_graph_time():
+    raw = [dict(_raw("quick", 1, 10.0), graph_s=5e-6), dict(_raw("fp16", 1, 20.0), graph_s=None)]
+    points = bench_report.derive_points(raw, 2.0e12)
+    floor = bench_report.moved_bytes("quick", 1, 1024, 2048, 128) / 2.0e12
+    assert points[0]["graph_us"] == pytest.approx(5.0)
+    assert points[0]["graph_over_floor"] == pytest.approx(5e-6 / floor)
+    assert points[1]["graph_us"] is None
+    table = bench_report.format_table(points)
+    assert "graph/floor" in table
+    assert "graph/floor" not in bench_report.format_table(bench_report.derive_points([_raw("quick", 1, 10.0)], 2e12))
+
+
 # ----------------------------------------------------------------------------------- formatting
 def test_format_table():
     raw = [_raw(k, m, t) for m in (1, 16) for k, t in (("fp16", 20.0), ("awq", 40.0), ("quick", 10.0))]

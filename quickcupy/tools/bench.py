@@ -17,7 +17,10 @@ How it measures:
 - An event pair around one call costs a few us by itself (an empty kernel measures 3.7 us this way
   on the H100), which small layers cannot hide. So each point is also timed as a stream: the repeats
   back to back between one event pair (weights still rotating), ``stream_us`` per call, as the layers
-  of a CUDA-graph decode step run. ``stream_over_floor`` = stream_us / floor.
+  of a CUDA-graph decode step run. ``stream_over_floor`` = stream_us / floor. The quickcupy kernels
+  are also timed as one CUDA graph of the repeats (``graph_us`` per call; with programmatic
+  dependent launch on sm_90, where a call starts while the previous one ends), as a decode step's
+  graph runs them. ``graph_over_floor`` = graph_us / floor.
 
 Without a GPU it says so in one line and prints what a CPU can: the bank-conflict model's predictions
 (a table of conflicts per kernel and M at the first shape; ``--verbose``: every counter of every shape,
@@ -45,7 +48,7 @@ from .bench_report import (BASELINE, CLOCK_FIELDS, SCHEMA, derive_points, format
                            rotation_copies, weight_bytes, write_csv, write_plot)
 from .common import (DTYPE_HELP, Progress, UsageError, check_output_path, format_rows, jsonable, now, ordered_unique,
                      parse_dtype, parse_group_size, parse_int, parse_ms, parse_names, parse_shapes, table, write_json)
-from .timing import rotating, time_gpu, time_gpu_samples, time_gpu_stream
+from .timing import rotating, time_gpu, time_gpu_graph, time_gpu_samples, time_gpu_stream
 
 DEFAULT_SHAPES = ((8192, 8192),                                                  # K x N
                   (4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096))     # Llama-2-7B layers
@@ -274,13 +277,14 @@ def _bench_shape(K, N, s: Settings, l2_bytes, progress):
                 call = (lambda layer, x=x, y=y, v=v: gemm(x, layer, kernel=v, out=y))
             samples = time_gpu_samples(rotating(call, items), s.warmup, s.repeats)
             stream_s = time_gpu_stream(rotating(call, items), s.repeats)
+            graph_s = None if kernel == BASELINE else time_gpu_graph(rotating(call, items), s.repeats)
             err = float(cupy.abs(y.astype(cupy.float32) - y_ref.astype(cupy.float32)).max()) / ref_max
             if not err <= WARN_REL_ERR:
                 progress.note(f"warning: {kernel} at K={K} N={N} M={M}: output differs from the fp16 "
                               f"GEMM of the same dequantized weight by {err:.3g} (relative to max |y|)")
             raw.append({"K": K, "N": N, "M": M, "group_size": s.group_size, "kernel": kernel,
                         "time_s": float(np.median(samples)), "time_min_s": float(samples.min()),
-                        "stream_s": stream_s,
+                        "stream_s": stream_s, "graph_s": graph_s,
                         "copies": len(items), "max_rel_err": err})
     del layers, fp16_weights, x_all, y_all, y_ref_all, w_fp16
     cupy.get_default_memory_pool().free_all_blocks()

@@ -29,6 +29,8 @@ POINT_FIELDS = (
     "speedup_vs_awq",     # awq time / this time (null if awq was not run)
     "stream_us",          # per call when the repeats run back to back between one event pair (null if not measured)
     "stream_over_floor",  # stream_us / floor_us
+    "graph_us",           # per call when the repeats replay as one CUDA graph (null for cuBLAS, or if not measured)
+    "graph_over_floor",   # graph_us / floor_us
     "copies",             # weight copies rotated over
     "max_rel_err",        # max |y - y_fp16| / max |y_fp16|, y_fp16 from the dequantized weight
 )
@@ -91,6 +93,8 @@ def derive_points(raw, bytes_per_s: float) -> list:
             "speedup_vs_awq": None if t_awq is None else t_awq / t,
             "stream_us": None if r.get("stream_s") is None else r["stream_s"] * 1e6,
             "stream_over_floor": None if r.get("stream_s") is None else r["stream_s"] / floor,
+            "graph_us": None if r.get("graph_s") is None else r["graph_s"] * 1e6,
+            "graph_over_floor": None if r.get("graph_s") is None else r["graph_s"] / floor,
             "copies": r.get("copies"),
             "max_rel_err": r.get("max_rel_err"),
         })
@@ -120,6 +124,9 @@ def format_table(points) -> str:
     sections.append(("time/floor", kernels, "time_over_floor"))
     if any(p.get("stream_over_floor") is not None for p in points):
         sections.append(("stream/floor", kernels, "stream_over_floor"))
+    graphed = [k for k in kernels if any(p.get("graph_over_floor") is not None for p in points if p["kernel"] == k)]
+    if graphed:
+        sections.append(("graph/floor", graphed, "graph_over_floor"))
     sections.append(("GB/s", kernels, "gb_per_s"))
     sections = [(title, names, field, _column_widths(title, names)) for title, names, field in sections if names]
     blocks = []

@@ -109,6 +109,34 @@ def time_gpu_stream(fn, calls: int = 50) -> float:
     return cupy.cuda.get_elapsed_time(start, end) * 1e-3 / calls
 
 
+def time_gpu_graph(fn, calls: int = 50):
+    """GPU seconds per call when ``calls`` calls of ``fn()`` are captured once as a CUDA graph (on
+    a side stream; with programmatic dependent launch where the kernels take it, see
+    :func:`quickcupy.kernels.pdl_active`) and the graph replays, as a decode step's layers run.
+    None when ``fn`` cannot be captured (cuBLAS through CuPy). Call warm."""
+    import cupy
+    if calls < 1:
+        raise ValueError(f"calls={calls} must be >= 1")
+    cupy.cuda.get_current_stream().synchronize()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            for _ in range(calls):
+                fn()
+        except Exception:
+            stream.end_capture()
+            return None
+        graph = stream.end_capture()
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        graph.launch(stream)                  # the first replay uploads the graph
+        start.record(stream)
+        graph.launch(stream)
+        end.record(stream)
+        end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end) * 1e-3 / calls
+
+
 def time_gpu(fn, warmup: int = 10, repeats: int = 50, queue_ahead: bool = True) -> float:
     """Median GPU seconds of one call of ``fn()``; see :func:`time_gpu_samples`."""
     return float(np.median(time_gpu_samples(fn, warmup, repeats, queue_ahead)))
