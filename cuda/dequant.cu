@@ -4,9 +4,11 @@
 //
 // Block: DEQUANT_THREADS = 128 threads (4 warps); warp w of block (bx, by) takes the 32 x 32 tile
 // (tile_k = 4 bx + w, tile_n = by): ONE 16-byte load per lane of its 4 words (the same load as
-// quick_gemm.cu), the same in-register conversion, then 16 32-bit pair stores. Lane L = 4 g + t holds, in
-// half2 h = 2 s + r of word j, the rows k = 32 tile_k + 16 s + 8 r + 2 t (+1) of column
-// n = 32 tile_n + 8 j + g: the 4 lanes of one g write 16 contiguous bytes of row n.
+// quick_gemm.cu), the same in-register conversion, then 4 16-byte stores. Lane L = 4 g + t holds, in
+// half2 p = 2 s + r of word j, the rows k = 32 tile_k + 8 p + 2 t (+1) of column n = 32 tile_n + 8 j + g;
+// the 4 lanes of one g transpose their pairs (4 x 4, by shuffles) so that lane t holds k = 32 tile_k
+// + 8 t ... + 7: one 16-byte store per lane and word, the 4 lanes of a g writing row n's 64 bytes
+// (whole 32-byte sectors; pair stores wrote each sector in two halves, from two instructions).
 #include "quant_common.cuh"
 
 using namespace qc;
@@ -35,9 +37,19 @@ dequant_quick(const uint4* __restrict__ qweight, const unsigned short* __restric
     const typename D::Scale ss[4] = {sc[j], sc[j], sc[j], sc[j]};
     u32 h[4];
     D::dequant8(words[j], zz, ss, h);
-    T* row = W + (size_t)(32 * tile_n + 8 * j + g) * K + 32 * tile_k + 2 * t;
+    // Transpose among the 4 lanes of g: out[q] on lane t = h[t] of lane q (k = 8 t + 2 q, + 1). In
+    // round r lane t receives from lane (t + r) % 4, which sends its h[(its t - r) % 4] = h[t].
+    u32 out[4];
 #pragma unroll
-    for (int p = 0; p < 4; ++p)  // p = 2 s + r: rows 16 s + 8 r + 2 t, + 1
-      *reinterpret_cast<u32*>(row + 16 * (p / 2) + 8 * (p % 2)) = h[p];
+    for (int r = 0; r < 4; ++r) {
+      const int send = (t - r) & 3, from = (t + r) & 3;
+      const u32 v = send == 0 ? h[0] : send == 1 ? h[1] : send == 2 ? h[2] : h[3];
+      const u32 got = __shfl_sync(0xffffffffu, v, (lane & ~3) | from);
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        if (q == from) out[q] = got;
+    }
+    T* row = W + (size_t)(32 * tile_n + 8 * j + g) * K + 32 * tile_k + 8 * t;
+    *reinterpret_cast<uint4*>(row) = make_uint4(out[0], out[1], out[2], out[3]);
   }
 }
