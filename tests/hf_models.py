@@ -1,11 +1,19 @@
 """Hugging Face transformers models holding quickcupy's weights, for the GPU tests that compare
-against them. One builder serves every family of quickcupy.llama.families: the transformers config
-class comes from ``model_type`` and the fields from ``LlamaConfig.to_dict()`` (its names are
-transformers'). torch and transformers are imported by the caller (``pytest.importorskip``)."""
+against them, and what those comparisons share: the logits' tolerance, weights whose greedy tokens
+have clear argmaxes and the check that they do. One builder serves every family of
+quickcupy.llama.families: the transformers config class comes from ``model_type`` and the fields
+from ``LlamaConfig.to_dict()`` (its names are transformers'). torch and transformers are imported
+by the caller (``pytest.importorskip``); this module imports neither."""
+import dataclasses
+
 import numpy as np
 
-from quickcupy.llama.model import NORMS, PROJECTIONS
+from quickcupy.llama.model import NORMS, PROJECTIONS, HeadWeights, random_head, random_layers
 from quickcupy.quantize import QuantizedWeight
+
+# Logits against transformers float32 on the same (dequantized) weights, relative to the logits'
+# norm: float16 activations land near 5e-4 on these models, bfloat16 rounds 8x coarser.
+LOGIT_TOLERANCE = {"float16": 5e-3, "bfloat16": 4e-2}
 
 
 def hf_config(config, vocab_size: int, max_position_embeddings: int = 32768):
@@ -81,3 +89,53 @@ def hf_greedy(model, ids, n: int, torch):
     tokens = out.sequences[:, np.shape(ids)[1]:].cpu().numpy()
     logits = torch.stack(out.logits, dim=1).double().cpu().numpy()
     return tokens, logits
+
+
+# ------------------------------------------------------------------------------- greedy test data
+def cycle_design(c, layers, head, rng):
+    """Weights under which a tied model's greedy continuation of token t is t + 1, by wide margins.
+
+    Embeddings e_t = [Q^t u ; 1 on 8 constant dims] (Q a random orthogonal (H-8) x (H-8) matrix,
+    so distinct e_t are nearly orthogonal in their first H - 8 dims); the last layer's MLP computes
+    about 16 Q (the normed residual's first H - 8 dims): gate reads the constant dims (silu of a
+    positive number near 8 for every token), up copies, down applies Q. The residual stream then
+    points at e_{t+1} and the tied LM head picks t + 1. The other weights stay random (std 0.01),
+    biases included; prompts must keep clear of the last 40 tokens (t + 1 must exist)."""
+    H, I, k = c.hidden_size, c.intermediate_size, 8
+    vocab = head.embed_tokens.shape[0]
+    Q, _ = np.linalg.qr(rng.standard_normal((H - k, H - k)))
+    u = rng.standard_normal(H - k)
+    embed = np.empty((vocab, H))
+    for t in range(vocab):
+        embed[t, :H - k], embed[t, H - k:] = u, 1.0
+        u = Q @ u
+    embed *= 0.02
+    last = layers[-1]
+    gate, up, down = np.zeros((I, H)), np.zeros((I, H)), np.zeros((H, I))
+    gate[:, H - k:] = 1.0          # normed constant dims are ~1 each: gate ~8, silu(8) ~8
+    up[np.arange(H - k), np.arange(H - k)] = 1.0
+    down[:H - k, :H - k] = 2.0 * Q
+    layers = layers[:-1] + [dataclasses.replace(last, gate_proj=gate.astype(np.float32),
+                                                up_proj=up.astype(np.float32), down_proj=down.astype(np.float32))]
+    return layers, HeadWeights(embed.astype(np.float16), head.norm, None)
+
+
+def greedy_design(c, vocab: int, rng):
+    """(float layers, head) of ``c`` whose greedy tokens have clear argmaxes: weak random blocks
+    (std 0.01) and, untied, an LM head mapping each token's embedding to a permuted token (top-2
+    gaps of several times the logits' rms); tied, :func:`cycle_design`."""
+    layers = random_layers(c, seed=int(rng.integers(2**31)), std=0.01)
+    head = random_head(c, vocab, int(rng.integers(2**31)))
+    if c.tie_word_embeddings:
+        return cycle_design(c, layers, head, rng)
+    head.lm_head = head.embed_tokens.astype(np.float32)[rng.permutation(vocab)]
+    return layers, head
+
+
+def assert_no_near_tie(step_logits, tolerance: float):
+    """The margin check of a greedy comparison: every step's top-2 gap of the reference's logits
+    (B, n, vocab) exceeds 10x ``tolerance`` (the logits' relative tolerance) times their rms, so
+    a token that differs is an error, not a tie broken the other way."""
+    top2 = np.sort(step_logits, axis=-1)[..., -2:]
+    gaps = (top2[..., 1] - top2[..., 0]) / np.sqrt((step_logits ** 2).mean(-1))
+    assert gaps.min() > 10 * tolerance, f"near-tie in the test data: gap {gaps.min():.3g}"

@@ -11,7 +11,7 @@ import pytest
 from conftest import rel_error
 from quickcupy.llama import (PROJECTIONS, LayerWeights, LlamaConfig, LlamaModel, TensorStore, load_checkpoint,
                              projection_shapes, random_layers, save_awq_checkpoint)
-from writers import ct_config, write_awq, write_compressed_tensors, write_gptq, write_sharded
+from writers import dequantize, quantization_config, write_layer, write_sharded
 
 pytest.importorskip("safetensors")
 
@@ -50,30 +50,7 @@ def _quantized_layer(rng, N, K, case):
     if case.get("act_order"):               # desc_act: the i-th quantized column is in group i // G
         g_idx = np.empty(K, np.int64)
         g_idx[rng.permutation(K)] = np.arange(K) // G
-    s64 = scales.astype(np.float64)
-    w = (codes - zeros[:, g_idx].astype(np.float64)) * s64[:, g_idx]
-    return codes, zeros, scales, g_idx, w
-
-
-def _layer_tensors(case, codes, zeros, scales, g_idx) -> dict:
-    if case["method"] == "awq":
-        return write_awq(codes, zeros, scales)
-    if case["method"] == "gptq":
-        t = write_gptq(codes, zeros, scales.astype(np.float32).astype(np.float16), g_idx, case["variant"])
-        t["scales"] = np.ascontiguousarray(scales.T)           # in the case's dtype
-        return t
-    return write_compressed_tensors(codes, zeros, scales, case.get("symmetric", False),
-                                    g_idx if case.get("act_order") else None)
-
-
-def _quantization_config(case) -> dict:
-    G = case["G"]
-    if case["method"] == "awq":
-        return {"quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True, "version": "gemm"}
-    if case["method"] == "gptq":
-        return {"quant_method": "gptq", "bits": 4, "group_size": G, "desc_act": bool(case.get("act_order")),
-                "sym": False, "checkpoint_format": case["variant"]}
-    return {**ct_config(G, case.get("symmetric", False)), "quantization_status": "compressed", "ignore": ["lm_head"]}
+    return codes, zeros, scales, g_idx, dequantize(codes, zeros, scales, g_idx)
 
 
 def write_checkpoint(path, case, rng, edit=None):
@@ -86,7 +63,7 @@ def write_checkpoint(path, case, rng, edit=None):
         for name, (N, K) in projection_shapes(TINY).items():
             prefix = f"model.layers.{i}.{PROJECTIONS[name]}.{name}"
             codes, zeros, scales, g_idx, w = _quantized_layer(rng, N, K, case)
-            tensors.update({f"{prefix}.{k}": v for k, v in _layer_tensors(case, codes, zeros, scales, g_idx).items()})
+            tensors.update({f"{prefix}.{k}": v for k, v in write_layer(case, codes, zeros, scales, g_idx).items()})
             bias = None
             if case.get("bias") and name in ("q_proj", "k_proj", "v_proj"):
                 bias = (0.1 * rng.standard_normal(N)).astype(case.get("scales", "float16"))
@@ -106,7 +83,7 @@ def write_checkpoint(path, case, rng, edit=None):
         lm_head = lm_head.astype(np.float64)
     elif case["lm_head"] == "quantized":
         codes, zeros, scales, g_idx, lm_head = _quantized_layer(rng, VOCAB, TINY.hidden_size, case)
-        tensors.update({f"lm_head.{k}": v for k, v in _layer_tensors(case, codes, zeros, scales, g_idx).items()})
+        tensors.update({f"lm_head.{k}": v for k, v in write_layer(case, codes, zeros, scales, g_idx).items()})
     else:
         lm_head = embed.astype(np.float64)
     if edit is not None:
@@ -118,7 +95,7 @@ def write_checkpoint(path, case, rng, edit=None):
               "num_key_value_heads": c.num_key_value_heads, "num_hidden_layers": c.num_hidden_layers,
               "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "vocab_size": VOCAB,
               "tie_word_embeddings": case["lm_head"] == "tied", "torch_dtype": "float16",
-              "quantization_config": _quantization_config(case)}
+              "quantization_config": quantization_config(case)}
     (path / "config.json").write_text(json.dumps(config))
     return ref_layers, (embed.astype(np.float64), norm.astype(np.float64), lm_head)
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import rel_error
 from quickcupy import pack_quick, reference_gemm, unpack_quick
 from quickcupy.formats import perm_from_g_idx, unpack_compressed_tensors, unpack_gptq
-from writers import ct_config, pack_words, write_awq, write_compressed_tensors, write_gptq
+from writers import ct_config, dequantize, pack_words, write_awq, write_compressed_tensors, write_gptq
 
 TOL = 1e-2
 
@@ -30,11 +30,6 @@ def _layer(rng, N, K, G, act_order, zero_range=(0, 16), symmetric=False):
     return codes, zeros, scales, g_idx
 
 
-def _dequant(codes, zeros, scales, g_idx):
-    """W[n, k] = (code - zero[group of k]) * scale[group of k] in float64, checkpoint column order."""
-    return (codes - zeros[:, g_idx].astype(np.float64)) * scales[:, g_idx].astype(np.float64)
-
-
 def _check_read(q, perm, codes, zeros, scales, g_idx, rng):
     G = codes.shape[1] // zeros.shape[1]
     assert (perm is None) == np.array_equal(g_idx, np.arange(codes.shape[1]) // G)   # one group: no-op
@@ -42,7 +37,7 @@ def _check_read(q, perm, codes, zeros, scales, g_idx, rng):
     np.testing.assert_array_equal(q.codes, codes[:, order])
     np.testing.assert_array_equal(q.zeros, zeros)
     np.testing.assert_array_equal(q.scales.view(np.uint16), scales.astype(np.float16).view(np.uint16))
-    w = _dequant(codes, zeros, scales, g_idx)
+    w = dequantize(codes, zeros, scales, g_idx)
     np.testing.assert_array_equal(q.dequantize(np.float64), w[:, order])
     x = rng.standard_normal((5, codes.shape[1]))
     np.testing.assert_allclose(reference_gemm(x[:, order], q), x @ w.T, rtol=1e-12, atol=1e-12)
@@ -214,7 +209,7 @@ def test_gptq_act_order_gemm_matches_reference(layout, kernel, M, rng):
     out = cupy.full((M, N), np.nan, np.float16)
     y = gemm(cupy.asarray(x), layer, kernel, out)
     assert y is out
-    ref = x.astype(np.float64) @ _dequant(codes, zeros, scales, g_idx).T
+    ref = x.astype(np.float64) @ dequantize(codes, zeros, scales, g_idx).T
     assert rel_error(y, ref) < TOL
 
 
@@ -232,7 +227,7 @@ def test_compressed_tensors_gemm_matches_reference(G, symmetric, rng):
     x = rng.standard_normal((3, 11, K)).astype(np.float16)
     out = cupy.full((3, 11, N), np.nan, np.float16)
     layer(cupy.asarray(x), out=out)
-    ref = x.astype(np.float64) @ _dequant(codes, zeros, scales, g_idx).T + bias
+    ref = x.astype(np.float64) @ dequantize(codes, zeros, scales, g_idx).T + bias
     assert rel_error(out, ref) < TOL
 
 

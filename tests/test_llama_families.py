@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_error
+from hf_models import LOGIT_TOLERANCE, assert_no_near_tie, greedy_design
 from quickcupy.attention import decode_attention
 from quickcupy.llama import (HeadWeights, LlamaConfig, LlamaModel, load_checkpoint, random_head,
                              random_layers, rope_tables, save_awq_checkpoint)
@@ -461,9 +462,6 @@ def test_decode_attention_window_is_checked():
 # ---------------------------------------------------------------------------------------------- GPU
 DTYPES = ["float16", "bfloat16"]
 EPS = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
-# Logits against transformers float32 on the same (dequantized) weights, relative to the logits'
-# norm: float16 activations land near 5e-4 on these models, bfloat16 rounds 8x coarser.
-LOGIT_TOLERANCE = {"float16": 5e-3, "bfloat16": 4e-2}
 
 
 def _np_dtype(dtype):
@@ -544,44 +542,6 @@ def test_gpu_windowed_decode_attention(rng, dtype, d, nh, nkv, max_len):
             np.testing.assert_array_equal(_f32(a), _f32(b))
 
 
-def _cycle_design(c, layers, head, rng):
-    """Weights under which a tied model's greedy continuation of token t is t + 1, by wide margins.
-
-    Embeddings e_t = [Q^t u ; 1 on 8 constant dims] (Q a random orthogonal (H-8) x (H-8) matrix,
-    so distinct e_t are nearly orthogonal in their first H - 8 dims); the last layer's MLP computes
-    about 16 Q (the normed residual's first H - 8 dims): gate reads the constant dims (silu of a
-    positive number near 8 for every token), up copies, down applies Q. The residual stream then
-    points at e_{t+1} and the tied LM head picks t + 1. The other weights stay random (std 0.01),
-    biases included; prompts must keep clear of the last 40 tokens (t + 1 must exist)."""
-    H, I, k = c.hidden_size, c.intermediate_size, 8
-    Q, _ = np.linalg.qr(rng.standard_normal((H - k, H - k)))
-    u = rng.standard_normal(H - k)
-    embed = np.empty((VOCAB, H))
-    for t in range(VOCAB):
-        embed[t, :H - k], embed[t, H - k:] = u, 1.0
-        u = Q @ u
-    embed *= 0.02
-    last = layers[-1]
-    gate, up, down = np.zeros((I, H)), np.zeros((I, H)), np.zeros((H, I))
-    gate[:, H - k:] = 1.0          # normed constant dims are ~1 each: gate ~8, silu(8) ~8
-    up[np.arange(H - k), np.arange(H - k)] = 1.0
-    down[:H - k, :H - k] = 2.0 * Q
-    layers = layers[:-1] + [dataclasses.replace(last, gate_proj=gate.astype(np.float32),
-                                                up_proj=up.astype(np.float32), down_proj=down.astype(np.float32))]
-    return layers, HeadWeights(embed.astype(np.float16), head.norm, None)
-
-
-def _greedy_design(c, rng):
-    """(layers, head) whose greedy tokens have clear argmaxes: weak random blocks (std 0.01) and,
-    untied, an LM head mapping each token's embedding to a permuted token (top-2 gaps of several
-    times the logits' rms); tied, :func:`_cycle_design`."""
-    layers, head = random_layers(c, seed=_seed(rng), std=0.01), random_head(c, VOCAB, _seed(rng))
-    if c.tie_word_embeddings:
-        return _cycle_design(c, layers, head, rng)
-    head.lm_head = head.embed_tokens.astype(np.float32)[rng.permutation(VOCAB)]
-    return layers, head
-
-
 # The GPU families: Llama 3.1's rope scaling, Mistral's window 16 over 40 positions (prompt and
 # decode), Qwen2's q/k/v biases with tied embeddings.
 GPU_FAMILIES = {"llama": FAMILY_CONFIGS["llama"], "mistral": FAMILY_CONFIGS["mistral"].replace(sliding_window=16),
@@ -614,16 +574,12 @@ def test_gpu_family_matches_transformers(rng, name, dtype):
     assert rel_error(cupy.concatenate(steps, axis=1), ref) < LOGIT_TOLERANCE[dtype], "prefill + decode"
     del hf
 
-    layers, head = _greedy_design(c, rng)
+    layers, head = greedy_design(c, VOCAB, rng)
     quantized = [w.quantized(64) for w in layers]
     hf = hf_model(c, [w.dequantized() for w in quantized], head, torch)
     prompt = rng.integers(0, VOCAB - 40, (2, 12))
     hf_tokens, hf_step_logits = hf_greedy(hf, prompt, 32, torch)
-    # Margin check: the data has no near-tie (top-2 gap of transformers' logits over 10x this
-    # dtype's logit tolerance, relative to their rms), so any token that differs is an error.
-    top2 = np.sort(hf_step_logits, axis=-1)[..., -2:]
-    gaps = (top2[..., 1] - top2[..., 0]) / np.sqrt((hf_step_logits ** 2).mean(-1))
-    assert gaps.min() > 10 * LOGIT_TOLERANCE[dtype], f"near-tie in the test data: gap {gaps.min():.3g}"
+    assert_no_near_tie(hf_step_logits, LOGIT_TOLERANCE[dtype])
     tokens = LlamaModel(c, quantized, "auto", 64, head=head, dtype=dtype).generate(prompt, 32)
     np.testing.assert_array_equal(tokens, hf_tokens)
 

@@ -143,7 +143,7 @@ def _qwen2_gptq_checkpoint(path, rng, G=64):
     minus one), written with the format test's independent writer; returns the float32 state of
     the same weights for transformers, in the checkpoint's column order."""
     from safetensors.numpy import save_file
-    from test_formats import _dequant, write_gptq
+    from writers import dequantize, write_gptq
     H, I, nh, nkv, L = 256, 512, 4, 2, 2
     d = H // nh
     shapes = {"q_proj": (nh * d, H), "k_proj": (nkv * d, H), "v_proj": (nkv * d, H), "o_proj": (H, nh * d),
@@ -159,7 +159,7 @@ def _qwen2_gptq_checkpoint(path, rng, G=64):
             g_idx[rng.permutation(K)] = np.arange(K) // G           # desc_act: groups scattered over K
             for part, a in write_gptq(codes, zeros, scales, g_idx).items():
                 tensors[f"{prefix}.{part}"] = np.ascontiguousarray(a)    # safetensors writes the buffer as laid out
-            state[f"{prefix}.weight"] = _dequant(codes, zeros, scales, g_idx)
+            state[f"{prefix}.weight"] = dequantize(codes, zeros, scales, g_idx)
             if name in ("q_proj", "k_proj", "v_proj"):
                 tensors[f"{prefix}.bias"] = (0.1 * rng.standard_normal(N)).astype(np.float16)
                 state[f"{prefix}.bias"] = tensors[f"{prefix}.bias"]

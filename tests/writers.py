@@ -52,6 +52,37 @@ def write_compressed_tensors(codes, zeros, scales, symmetric, g_idx=None):
     return out
 
 
+def dequantize(codes, zeros, scales, g_idx):
+    """W[n, k] = (code - zero[group of k]) * scale[group of k] in float64, checkpoint column order."""
+    return (codes - zeros[:, g_idx].astype(np.float64)) * scales[:, g_idx].astype(np.float64)
+
+
+def write_layer(case, codes, zeros, scales, g_idx) -> dict:
+    """One 4-bit layer's tensors in the format of ``case`` (a dict: method "awq", "gptq" or
+    "compressed-tensors"; variant, GPTQ's checkpoint_format; act_order; symmetric) from codes (N, K),
+    zeros (N, K/G), scales (N, K/G) in the checkpoint's scale dtype, g_idx (K,)."""
+    if case["method"] == "awq":
+        return write_awq(codes, zeros, scales)
+    if case["method"] == "gptq":
+        t = write_gptq(codes, zeros, scales.astype(np.float32).astype(np.float16), g_idx, case["variant"])
+        t["scales"] = np.ascontiguousarray(scales.T)           # in the case's dtype
+        return t
+    return write_compressed_tensors(codes, zeros, scales, case.get("symmetric", False),
+                                    g_idx if case.get("act_order") else None)
+
+
+def quantization_config(case) -> dict:
+    """config.json's quantization_config of ``case`` (see :func:`write_layer`; G: its group size,
+    -1 for one group per row), the lm_head left unquantized in compressed-tensors' terms."""
+    G = case["G"]
+    if case["method"] == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True, "version": "gemm"}
+    if case["method"] == "gptq":
+        return {"quant_method": "gptq", "bits": 4, "group_size": G, "desc_act": bool(case.get("act_order")),
+                "sym": False, "checkpoint_format": case["variant"]}
+    return {**ct_config(G, case.get("symmetric", False)), "quantization_status": "compressed", "ignore": ["lm_head"]}
+
+
 def ct_config(G, symmetric, **weights):
     """compressed-tensors' quantization_config of one W4A16 group (G = -1: the channel strategy)."""
     args = {"num_bits": 4, "type": "int", "symmetric": symmetric,
