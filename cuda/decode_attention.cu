@@ -20,8 +20,8 @@
 //     not the previous kernel's output), so in a programmatic chain it loads while the qkv GEMM ends.
 //
 // Block: HEADS query heads of one sequence sharing one KV head (HEADS divides the group), so K and V
-// are read once per block. It walks the positions in tiles of TP = THREADS with an online softmax
-// (running max and sum, rescaled per tile). Each tile of K^T (D x TP) and V (TP x D) is copied to
+// are read once per block. It walks the positions (its split's: see Split-KV below) in tiles of
+// TP = THREADS with an online softmax (running max and sum, rescaled per tile). Each tile of K^T (D x TP) and V (TP x D) is copied to
 // shared memory in bursts of cp.async (16-byte chunks when max_len % 8 == 0 and the caches are
 // 16-byte aligned, else element by element), V's copy in flight while the scores use K, so a tile
 // costs one memory latency, not D dependent loads. (One buffer for both, V after K, fits twice the

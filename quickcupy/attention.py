@@ -24,7 +24,8 @@ def decode_head_dim_error(d: int):
 def decode_smem_bytes(d: int, heads: int, itemsize: int) -> int:
     """Dynamic shared memory of decode_attention<d, heads, T>, laid out as the kernel says: a tile of
     K^T (d x TP) and of V (TP x d) in T, then float32 q (d x heads), probabilities (heads x TP) and
-    per-warp maxima (warps x heads); TP = DECODE_ATTENTION_THREADS positions."""
+    per-warp maxima (warps x heads); TP = DECODE_ATTENTION_THREADS positions. With split-KV the block
+    that combines the splits keeps their maxima and sums in the probabilities' place."""
     tp, warps = DECODE_ATTENTION_THREADS, DECODE_ATTENTION_THREADS // 32
     return 2 * d * tp * itemsize + 4 * (d * heads + heads * tp + warps * heads)
 
