@@ -21,11 +21,12 @@
 //
 // Block: HEADS query heads of one sequence sharing one KV head (HEADS divides the group), so K and V
 // are read once per block. It walks the positions (its split's: see Split-KV below) in tiles of
-// TP = THREADS with an online softmax (running max and sum, rescaled per tile). Each tile of K^T (D x TP) and V (TP x D) is copied to
-// shared memory in bursts of cp.async (16-byte chunks when max_len % 8 == 0 and the caches are
-// 16-byte aligned, else element by element), V's copy in flight while the scores use K, so a tile
-// costs one memory latency, not D dependent loads. (One buffer for both, V after K, fits twice the
-// blocks per SM but measured slower on the H100 from batch 64 on: results/h100/llama_attention_variants.txt.)
+// TP = THREADS with an online softmax (running max and sum, rescaled per tile). Each tile of K^T
+// (D x TP) and V (TP x D) is copied to shared memory in bursts of cp.async (16-byte chunks when
+// max_len % 8 == 0 and the caches are 16-byte aligned, else element by element), V's copy in
+// flight while the scores use K, so a tile costs one memory latency, not D dependent loads. (One
+// buffer for both, V after K, fits twice the blocks per SM but measured slower on the H100 from
+// batch 64 on: results/h100/llama_attention_variants.txt.)
 //   scores:       thread i owns position tile + i (a warp reads 32 consecutive elements of a row of K^T);
 //   weighted sum: warp w owns positions tile + w, w + WARPS, ...; lane l owns d elements
 //                 [l * D/32, (l + 1) * D/32) (a warp reads one whole row of V); warps add up at the end.
