@@ -20,16 +20,35 @@
 //     not the previous kernel's output), so in a programmatic chain it loads while the qkv GEMM ends.
 //
 // Block: HEADS query heads of one sequence sharing one KV head (HEADS divides the group), so K and V
-// are read once per block. It walks the positions in tiles of TP = THREADS with an online softmax
-// (running max and sum, rescaled per tile). Each tile of K^T (D x TP) and V (TP x D) is copied to
-// shared memory in bursts of cp.async (16-byte chunks when max_len % 8 == 0 and the caches are
-// 16-byte aligned, else element by element), V's copy in flight while the scores use K, so a tile
-// costs one memory latency, not D dependent loads. (One buffer for both, V after K, fits twice the
-// blocks per SM but measured slower on the H100 from batch 64 on: results/h100/llama_attention_variants.txt.)
+// are read once per block. It walks the positions (its split's: see Split-KV below) in tiles of
+// TP = THREADS with an online softmax (running max and sum, rescaled per tile). Each tile of K^T
+// (D x TP) and V (TP x D) is copied to shared memory in bursts of cp.async (16-byte chunks when
+// max_len % 8 == 0 and the caches are 16-byte aligned, else element by element), V's copy in
+// flight while the scores use K, so a tile costs one memory latency, not D dependent loads. (One
+// buffer for both, V after K, fits twice the blocks per SM but measured slower on the H100 from
+// batch 64 on: results/h100/llama_attention_variants.txt.)
 //   scores:       thread i owns position tile + i (a warp reads 32 consecutive elements of a row of K^T);
 //   weighted sum: warp w owns positions tile + w, w + WARPS, ...; lane l owns d elements
 //                 [l * D/32, (l + 1) * D/32) (a warp reads one whole row of V); warps add up at the end.
 // Dynamic shared memory: quickcupy/attention.py's decode_smem_bytes() states the same layout.
+//
+// Split-KV (flash decoding), gridDim.y = splits > 1: when B x head groups leave SMs idle (batch 1),
+// quickcupy/attention.py's decode_splits() cuts the attended tiles of each (sequence, head group)
+// among `splits` blocks: with n tiles from the window's start, split s takes tiles
+// [s * per, (s + 1) * per), per = ceil(n / splits), so the last split with a tile holds p and the
+// splits after it (a short cache: the count is sized by max_len) attend nothing. The tiles follow
+// from the length in the kernel, so one captured launch serves every step. Each split rotates its
+// own query heads (the same bytes in every split); only the one holding p rotates k and writes k
+// and v at p. On sm_90 every split copies its own first tile before pdl_wait, so all of a short
+// cache is in shared memory when the qkv GEMM ends. Every split stores its partial to `partial`
+// (fp32, per (sequence, head group) and split: acc (HEADS x D, unnormalized, relative to m), m
+// (HEADS, log2 units), l (HEADS); a split without tiles stores m = -inf, l = 0, acc = 0), then
+// counts itself in counters[blockIdx.x]; the last to arrive resets the counter and combines splits
+// 0 .. splits - 1 in that order (deterministic: whichever block arrives last, the sum is the same):
+// out = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), M = max_s m_s (finite: split 0 holds the
+// first attended position; an empty split's weight is exactly 0 and adds exact zeros). splits == 1
+// is the single pass: it normalizes and writes out itself, no partial, no counter (both may be
+// null). splits <= TP / 2 (registry.DECODE_MAX_SPLITS): the combiner keeps every split's m and l in p_s.
 #include "quant_common.cuh"   // Dt<T>, cp.async wrappers; smem_maps.cuh: DECODE_ATTENTION_THREADS
 
 namespace decode {
@@ -98,13 +117,50 @@ __device__ __forceinline__ void load_v(const T* __restrict__ V, T* Vs, int t0, i
   qc::cp_async_commit();
 }
 
+// The positions of split `split` of `splits` (see the top): [lo, hi), empty when lo >= hi; first:
+// the first attended position (the window's start); used: the splits that hold a tile (the last
+// of them holds the new position length - 1).
+struct Span {
+  int first, lo, hi, used;
+};
+__device__ __forceinline__ Span split_span(int length, int window, int split, int splits) {
+  const int first = window > 0 && length > window ? length - window : 0;
+  const int base = first & ~7;   // a multiple of 8: cp.async's 16-byte chunks stay aligned
+  const int tiles = (length - base + TP - 1) / TP;
+  const int per = (tiles + splits - 1) / splits;
+  const int lo = base + split * per * TP;
+  return {first, lo, min(length, lo + per * TP), (tiles + per - 1) / per};
+}
+
+// Split-KV arrival of a whole block, "last one combines": qc::splitk_warp_arrive's fences, for a
+// block. Call it with every thread after the block's partial stores; returns true (to every thread)
+// in the block that arrives last among the `splits` sharing `counter`, which then reads every
+// split's partial (__ldcg) and resets the counter to 0 (zeroed once by the host: graph-safe).
+// bar.sync orders every thread's stores before thread 0's release fence, and thread 0's acquire
+// before every thread's reads (fences are cumulative), as a grid-wide barrier does.
+__device__ __forceinline__ bool block_arrive(unsigned int* counter, unsigned int splits) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    qc::fence_acq_rel_gpu();   // release: the block's partial stores before the count
+    last = atomicAdd(counter, 1u) == splits - 1;
+    if (last) {
+      qc::fence_acq_rel_gpu();   // acquire: the partial reads after the observed count
+      atomicExch(counter, 0u);   // every split has arrived: reset
+    }
+  }
+  __syncthreads();
+  return last;
+}
+
 }  // namespace decode
 
 template <int D, int HEADS, typename T>
 __global__ void __launch_bounds__(decode::THREADS)
 decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ values, T* __restrict__ out,
                  int n_heads, int n_kv, int max_len, int length, int window, const int* __restrict__ start,
-                 const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
+                 const float* __restrict__ cos_t, const float* __restrict__ sin_t, float* __restrict__ partial,
+                 unsigned int* __restrict__ counters) {
   using namespace decode;
   using Dt = qc::Dt<T>;
   static_assert(D % 32 == 0, "a warp spans head_dim in the weighted sum: D must be a multiple of 32");
@@ -119,6 +175,7 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
   float* sum_s = reinterpret_cast<float*>(smem);                 // WARPS x HEADS x D, after the loop
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int split = blockIdx.y, splits = gridDim.y;   // 1: the single pass (see the top)
   const int blocks_per_seq = n_heads / HEADS;
   const int b = blockIdx.x / blocks_per_seq, h0 = (blockIdx.x % blocks_per_seq) * HEADS;
   const int kv = h0 / (n_heads / n_kv);
@@ -140,17 +197,23 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
   int pre_t0 = -1;   // the first tile's start when it was copied here
   if (EARLY && cos_t) {
     if (start) length += *start;
-    const int first = window > 0 && length > window ? length - window : 0;
-    pre_t0 = first & ~7;
-    load_k<D>(K, Ks, max_len, pre_t0, min(TP, length - pre_t0), vec);
-    load_v<D>(V, Vs, pre_t0, min(TP, length - pre_t0), vec);
+    const Span early = split_span(length, window, split, splits);
+    if (early.lo < early.hi) {
+      pre_t0 = early.lo;
+      load_k<D>(K, Ks, max_len, pre_t0, min(TP, early.hi - pre_t0), vec);
+      load_v<D>(V, Vs, pre_t0, min(TP, early.hi - pre_t0), vec);
+    }
   }
   qc::pdl_wait();                // q (or qkv) is the previous kernel's output
   if (start && !(EARLY && cos_t)) length += *start;   // a CUDA graph reads the cache length from device memory
+  const Span span = split_span(length, window, split, splits);
+  const bool active = span.lo < span.hi;   // false: a split past the cache's tiles (an empty partial)
 
-  if (cos_t) {
-    // q is qkv: rotate this block's query heads into q_s, and the KV head's k into the cache at p.
+  if (active && cos_t) {
+    // q is qkv: rotate this block's query heads into q_s; the split holding p also rotates the KV
+    // head's k into the cache at p and copies v there.
     const int q_heads = n_heads + 2 * n_kv, p = length - 1;
+    const bool writer = split == span.used - 1;
     const T* row = q + (size_t)b * q_heads * D;
     const float* c = cos_t + (size_t)p * (D / 2);
     const float* s = sin_t + (size_t)p * (D / 2);
@@ -159,7 +222,7 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
       qc::cp_async_wait<0>();
       __syncthreads();   // the first tile has landed: the new position's slot is written over below
     }
-    for (int j = tid; j < (HEADS + 1) * (D / 2); j += THREADS) {
+    for (int j = tid; j < (HEADS + writer) * (D / 2); j += THREADS) {
       const int g = j / (D / 2), i = j % (D / 2);
       const T* x = row + (g < HEADS ? h0 + g : n_heads + kv) * D;
       const float x1 = Dt::to_float(x[i]), x2 = Dt::to_float(x[i + D / 2]);
@@ -178,13 +241,15 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
         }
       }
     }
-    const T* v_new = row + (size_t)(n_heads + n_kv + kv) * D;
-    for (int i = tid; i < D; i += THREADS) {
-      V[(size_t)p * D + i] = v_new[i];
-      if (slot >= 0) Vs[slot * D + i] = v_new[i];
+    if (writer) {
+      const T* v_new = row + (size_t)(n_heads + n_kv + kv) * D;
+      for (int i = tid; i < D; i += THREADS) {
+        V[(size_t)p * D + i] = v_new[i];
+        if (slot >= 0) Vs[slot * D + i] = v_new[i];
+      }
     }
     __syncthreads();   // the block's own cache writes are seen by its tile loads below, and the slot
-  } else {
+  } else if (active) {
     const T* qh = q + ((size_t)b * n_heads + h0) * D;
     for (int i = tid; i < HEADS * D; i += THREADS) q_s[(i % D) * HEADS + i / D] = Dt::to_float(qh[i]) * scale;
   }
@@ -200,13 +265,12 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
     for (int e = 0; e < E; ++e) acc[g][e] = 0.f;
   }
 
-  // First attended position, and the tile start at or below it (a multiple of 8: cp.async's chunks).
-  const int first = window > 0 && length > window ? length - window : 0;
-  bool copied = EARLY && cos_t != nullptr;
-  for (int t0 = first & ~7; t0 < length; t0 += TP) {
-    const int n = min(TP, length - t0);
-    const int skip = max(first - t0, 0);   // positions t0 .. t0 + skip - 1 lie before the window (< 8)
-    if (!copied) {                         // the fused mode's first tile was copied before the wait
+  // The split's tiles; the first starts at the 8-aligned position at or below the window's start.
+  bool copied = pre_t0 >= 0;
+  for (int t0 = span.lo; t0 < span.hi; t0 += TP) {
+    const int n = min(TP, span.hi - t0);
+    const int skip = max(span.first - t0, 0);   // positions t0 .. t0 + skip - 1 lie before the window (< 8)
+    if (!copied) {                              // the fused mode's first tile was copied before the wait
       load_k<D>(K, Ks, max_len, t0, n, vec);
       load_v<D>(V, Vs, t0, n, vec);
     }
@@ -270,12 +334,16 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
   }
 
   // Sum the warps' weighted sums (in the K tile's place) and the threads' shares of the denominator.
+  // A split without tiles gets m = -inf, l = 0, acc = 0: it adds exact zeros to the combination.
+  constexpr int PART = HEADS * (D + 2);   // a split's partial: acc (HEADS x D), m (HEADS), l (HEADS)
+  float* part = splits > 1 ? partial + ((size_t)blockIdx.x * splits + split) * PART : nullptr;
 #pragma unroll
   for (int g = 0; g < HEADS; ++g) {
     const float w = warp_reduce<false>(l[g]);
     if (lane == 0) red_s[warp * HEADS + g] = w;
 #pragma unroll
     for (int e = 0; e < E; ++e) sum_s[(warp * HEADS + g) * D + lane * E + e] = acc[g][e];
+    if (splits > 1 && tid == 0) part[HEADS * D + g] = m[g];
   }
   __syncthreads();
   T* o_row = out + ((size_t)b * n_heads + h0) * D;   // HEADS x D
@@ -287,6 +355,43 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
       o += sum_s[(w * HEADS + g) * D + c];
       denom += red_s[w * HEADS + g];
     }
-    o_row[i] = Dt::from_float(o / denom);
+    if (splits == 1) {
+      o_row[i] = Dt::from_float(o / denom);
+    } else {
+      part[i] = o;
+      if (c == 0) part[HEADS * D + HEADS + g] = denom;
+    }
+  }
+  if (splits == 1 || !block_arrive(counters + blockIdx.x, splits)) return;
+
+  // The last split to arrive combines the partials of splits 0 .. splits - 1 in that order. p_s
+  // holds m (then the weights 2^(m_s - M)) and l of each split, red_s the combined denominators.
+  const float* part0 = partial + (size_t)blockIdx.x * splits * PART;
+  float* w_s = p_s;                      // splits x HEADS
+  float* l_s = p_s + splits * HEADS;     // splits x HEADS
+  for (int i = tid; i < splits * HEADS; i += THREADS) {
+    const float* ps = part0 + (size_t)(i / HEADS) * PART + HEADS * D + i % HEADS;
+    w_s[i] = __ldcg(ps);
+    l_s[i] = __ldcg(ps + HEADS);
+  }
+  __syncthreads();
+  if (tid < HEADS) {
+    float mx = neg_inf();
+    for (int t = 0; t < splits; ++t) mx = fmaxf(mx, w_s[t * HEADS + tid]);   // finite: split 0 has a tile
+    float denom = 0.f;
+    for (int t = 0; t < splits; ++t) {
+      const float w = exp2f(w_s[t * HEADS + tid] - mx);   // 0 for a split without tiles
+      w_s[t * HEADS + tid] = w;
+      denom = fmaf(l_s[t * HEADS + tid], w, denom);
+    }
+    red_s[tid] = denom;
+  }
+  __syncthreads();
+  for (int i = tid; i < HEADS * D; i += THREADS) {
+    const int g = i / D;
+    float o = 0.f;
+#pragma unroll 4
+    for (int t = 0; t < splits; ++t) o = fmaf(__ldcg(part0 + (size_t)t * PART + i), w_s[t * HEADS + g], o);
+    o_row[i] = Dt::from_float(o / red_s[g]);
   }
 }

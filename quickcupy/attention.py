@@ -1,14 +1,15 @@
 """Attention of one decode step as one kernel (cuda/decode_attention.cu): a library kernel that
 the Llama model (:mod:`quickcupy.llama.model`) calls for S = 1 with a KV cache on the GPU, with the
 rotary embedding and the cache write of the new token fused in (:func:`decode_attention_rope`),
-over all cached positions or a sliding window of them (Mistral)."""
+over all cached positions or a sliding window of them (Mistral); at small batch the cache is split
+among several blocks per head (:func:`decode_splits`)."""
 from __future__ import annotations
 
 import numpy as np
 
 from .dtypes import NAMES, ctype
-from .kernels import get_function, launch_kernel
-from .registry import DECODE_ATTENTION_THREADS, DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK
+from .kernels import device_limits, get_function, launch_kernel, workspace
+from .registry import DECODE_ATTENTION_THREADS, DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK, DECODE_MAX_SPLITS
 
 
 def decode_head_dim_error(d: int):
@@ -23,12 +24,35 @@ def decode_head_dim_error(d: int):
 def decode_smem_bytes(d: int, heads: int, itemsize: int) -> int:
     """Dynamic shared memory of decode_attention<d, heads, T>, laid out as the kernel says: a tile of
     K^T (d x TP) and of V (TP x d) in T, then float32 q (d x heads), probabilities (heads x TP) and
-    per-warp maxima (warps x heads); TP = DECODE_ATTENTION_THREADS positions."""
+    per-warp maxima (warps x heads); TP = DECODE_ATTENTION_THREADS positions. With split-KV the block
+    that combines the splits keeps their maxima and sums in the probabilities' place."""
     tp, warps = DECODE_ATTENTION_THREADS, DECODE_ATTENTION_THREADS // 32
     return 2 * d * tp * itemsize + 4 * (d * heads + heads * tp + warps * heads)
 
 
-def decode_attention(q, keys, values, length: int, start=None, window=None):
+def decode_heads_per_block(n_heads: int, n_kv: int) -> int:
+    """Query heads per block of decode_attention: the largest of registry.DECODE_HEADS_PER_BLOCK that
+    divides the GQA group n_heads / n_kv (they share one KV head, read once per block)."""
+    return next(g for g in DECODE_HEADS_PER_BLOCK if (n_heads // n_kv) % g == 0)
+
+
+def decode_splits(batch: int, n_heads: int, n_kv: int, max_len: int, sm_count: int) -> int:
+    """KV splits per (sequence, head group) of a decode attention launch (the kernel's split-KV,
+    cuda/decode_attention.cu), from shapes only. A block per (sequence, head group) walks its tiles
+    one after another: at batch 1 that is 32 blocks on a 132-SM H100, each paying a memory latency
+    per tile, so the tiles are cut among splits. The rule: 1 (the single pass) when the batch's
+    blocks already reach ``sm_count``; else the fewest splits that give every SM a block, at most
+    one per 128-position tile of ``max_len`` and registry.DECODE_MAX_SPLITS. The cache's max_len,
+    not its length: a CUDA graph captured once replays at every length, and the kernel cuts the
+    tiles the length has among the splits (splits past them attend nothing)."""
+    blocks = batch * n_heads // decode_heads_per_block(n_heads, n_kv)
+    if blocks >= sm_count:
+        return 1
+    tiles = -(-max_len // DECODE_ATTENTION_THREADS)
+    return max(1, min(-(-sm_count // blocks), tiles, DECODE_MAX_SPLITS))
+
+
+def decode_attention(q, keys, values, length: int, start=None, window=None, splits=None):
     """Attention of one new token per sequence over its first ``length`` cached positions, in one
     kernel (cuda/decode_attention.cu; float32 softmax). CuPy arrays of one dtype, float16 or bfloat16:
 
@@ -40,18 +64,23 @@ def decode_attention(q, keys, values, length: int, start=None, window=None):
     window: None (or 0), or W >= 1: a sliding window, only the last W positions are attended
     (length - W .. length - 1; the new token is at length - 1); earlier positions do not affect
     the result (the tile loop starts at most 7 positions before the first and masks them).
+    splits: None (:func:`decode_splits` chooses from the shapes and the GPU), or 1..DECODE_MAX_SPLITS
+    blocks per (sequence, head group), each attending a contiguous run of tiles, the last to finish
+    combining them in split order (deterministic); 1 is the single pass. The split count changes
+    the float32 rounding, not the math: calls of equal shapes on one GPU agree bit for bit.
     """
     if q.ndim != 3 or keys.ndim != 4 or values.ndim != 4:
         raise ValueError(f"q, keys, values must be 3-D, 4-D, 4-D, got shapes {q.shape}, {keys.shape}, "
                          f"{values.shape}")
     B, nh, d = q.shape
     _check(keys, values, B, nh, d, length, start, q=q)
-    window = _window(window)
+    window, splits = _window(window), _splits(splits)
     import cupy
-    return _launch(cupy.ascontiguousarray(q), keys, values, nh, length, start, None, None, window)
+    return _launch(cupy.ascontiguousarray(q), keys, values, nh, length, start, None, None, window, splits)
 
 
-def decode_attention_rope(qkv, keys, values, cos, sin, n_heads: int, length: int, start=None, window=None):
+def decode_attention_rope(qkv, keys, values, cos, sin, n_heads: int, length: int, start=None, window=None,
+                          splits=None):
     """One Llama decode step's attention with the rotary embedding and the cache write fused in.
 
     qkv: (B, n_heads + 2 n_kv, d) (or (B, 1, ..., d)), the unrotated q | k | v projection of the new
@@ -59,7 +88,8 @@ def decode_attention_rope(qkv, keys, values, cos, sin, n_heads: int, length: int
     tables (:func:`quickcupy.llama.model.rope_tables`) covering it. The kernel rotates q and k as
     :func:`quickcupy.llama.ops.rope_cache` does, writes k and v into ``keys``/``values`` at that
     position, then attends over the first ``length`` positions (the last ``window`` of them with a
-    window). Other arguments and the result as :func:`decode_attention`.
+    window). With splits, only the split holding that position writes the caches (the same bytes as
+    one split). Other arguments and the result as :func:`decode_attention`.
     """
     if qkv.ndim == 4 and qkv.shape[1] == 1:
         qkv = qkv.reshape(qkv.shape[0], qkv.shape[2], qkv.shape[3])
@@ -75,8 +105,8 @@ def decode_attention_rope(qkv, keys, values, cos, sin, n_heads: int, length: int
         raise ValueError(f"cos, sin must be (positions, {d // 2}) float32, got {cos.shape} {cos.dtype}")
     if not (cos.flags.c_contiguous and sin.flags.c_contiguous and qkv.flags.c_contiguous):
         raise ValueError("qkv, cos and sin must be C-contiguous")
-    window = _window(window)
-    return _launch(qkv, keys, values, n_heads, length, start, cos, sin, window)
+    window, splits = _window(window), _splits(splits)
+    return _launch(qkv, keys, values, n_heads, length, start, cos, sin, window, splits)
 
 
 def _window(window) -> int:
@@ -86,6 +116,15 @@ def _window(window) -> int:
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
         raise ValueError(f"window must be None or an int >= 0 (0: none), got {window!r}")
     return min(int(window), 2**31 - 1)
+
+
+def _splits(splits):
+    """The splits argument checked: None (chosen at launch) or an int in 1..DECODE_MAX_SPLITS."""
+    if splits is None:
+        return None
+    if isinstance(splits, bool) or not isinstance(splits, (int, np.integer)) or not 1 <= splits <= DECODE_MAX_SPLITS:
+        raise ValueError(f"splits must be None or an int in 1..{DECODE_MAX_SPLITS}, got {splits!r}")
+    return int(splits)
 
 
 def _check(keys, values, B, nh, d, length, start, q):
@@ -111,19 +150,27 @@ def _check(keys, values, B, nh, d, length, start, q):
         raise ValueError("keys and values must be C-contiguous (as KVCache allocates them)")
 
 
-def _launch(q, keys, values, nh, length, start, cos, sin, window):
+def _launch(q, keys, values, nh, length, start, cos, sin, window, splits):
     import cupy
     B, d = q.shape[0], q.shape[-1]
-    nkv = keys.shape[1]
-    heads = next(g for g in DECODE_HEADS_PER_BLOCK if (nh // nkv) % g == 0)   # heads of one KV head per block
-    blocks = B * nh // heads
+    nkv, max_len = keys.shape[1], keys.shape[3]
+    device_id = q.device.id
+    heads = decode_heads_per_block(nh, nkv)
+    blocks = B * nh // heads                     # one per (sequence, head group), times the splits
+    if splits is None:
+        splits = decode_splits(B, nh, nkv, max_len, device_limits(device_id).sm_count)
     smem = decode_smem_bytes(d, heads, q.dtype.itemsize)
-    fn = get_function(q.device.id, "decode_attention.cu", f"decode_attention<{d}, {heads}, {ctype(q.dtype)}>", smem)
+    fn = get_function(device_id, "decode_attention.cu", f"decode_attention<{d}, {heads}, {ctype(q.dtype)}>", smem)
     out = cupy.empty((B, 1, nh * d), q.dtype)
     null = np.uint64(0)
-    launch_kernel(fn, (blocks,), (DECODE_ATTENTION_THREADS,),
-                  (q, keys, values, out, np.int32(nh), np.int32(nkv), np.int32(keys.shape[3]), np.int32(length),
+    partial = counters = null
+    if splits > 1:     # fp32 partials and arrival counters from the stream's workspace: graph-safe
+        ws = workspace(device_id)
+        partial = ws.buffer("decode_attention_partials", blocks * splits * heads * (d + 2), np.float32)
+        counters = ws.counters(blocks)
+    launch_kernel(fn, (blocks, splits), (DECODE_ATTENTION_THREADS,),
+                  (q, keys, values, out, np.int32(nh), np.int32(nkv), np.int32(max_len), np.int32(length),
                    np.int32(window), null if start is None else start, null if cos is None else cos,
-                   null if sin is None else sin),
+                   null if sin is None else sin, partial, counters),
                   smem, pdl=True)
     return out

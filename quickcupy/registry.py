@@ -270,6 +270,9 @@ DEQUANT_THREADS = 128
 # GQA group; head_dim a multiple of 32 (a warp spans it) between the least and greatest of these.
 DECODE_HEAD_DIMS = (64, 96, 128, 256)
 DECODE_HEADS_PER_BLOCK = (8, 4, 2, 1)
+# Most KV splits of one (sequence, head group) (quickcupy/attention.py's decode_splits): the kernel's
+# combining block keeps each split's max and sum in its probability tile (2 x splits <= the threads).
+DECODE_MAX_SPLITS = 64
 # cuda/llama_ops.cu: the Llama layer's small ops (quickcupy/llama/ops.py), one instance per activation dtype.
 LLAMA_OPS_THREADS = 256
 LLAMA_OPS = tuple(f"{op}<{c}>" for op in ("add_rms_norm", "rope_cache", "silu_mul", "argmax_rows")

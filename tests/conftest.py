@@ -31,3 +31,17 @@ def rng(request):
     """A fresh generator per test, seeded from the test's name so failures reproduce."""
     import zlib
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def attention_f64(q, keys, values, length, window=None):
+    """float64 attention of one query per head over positions [max(0, length - window), length)
+    (all of the first ``length`` without a window), NumPy: q (B, nh, d), keys (B, nkv, d, T),
+    values (B, nkv, T, d) -> (B, 1, nh * d); query head h reads KV head h // (nh / nkv)."""
+    B, nh, d = q.shape
+    lo = 0 if window is None else max(0, length - window)
+    group = nh // keys.shape[1]
+    k = np.repeat(np.asarray(keys[..., lo:length], np.float64), group, axis=1)        # (B, nh, d, T)
+    v = np.repeat(np.asarray(values[:, :, lo:length], np.float64), group, axis=1)     # (B, nh, T, d)
+    s = np.einsum("bhd,bhdt->bht", np.asarray(q, np.float64), k) / np.sqrt(d)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    return np.einsum("bht,bhtd->bhd", p / p.sum(axis=-1, keepdims=True), v).reshape(B, 1, nh * d)

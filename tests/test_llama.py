@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import rel_error
+from conftest import attention_f64, rel_error
 from quickcupy import pack_awq, quantize
 from quickcupy.device import no_gpu_reason
 from quickcupy.attention import decode_attention, decode_attention_rope
@@ -553,19 +553,6 @@ def test_gpu_decode_with_cache_equals_full_forward(rng, backend, config, monkeyp
     assert fused_calls == [t + 1 for t in range(5, 12) for _ in range(config.num_hidden_layers)]
 
 
-def _attention_f64(q, keys, values, length):
-    """float64 attention of one query per head over the first ``length`` positions (NumPy):
-    q (B, nh, d), keys (B, nkv, d, T), values (B, nkv, T, d) -> (B, 1, nh * d)."""
-    B, nh, d = q.shape
-    group = nh // keys.shape[1]
-    k = np.repeat(np.asarray(keys[..., :length], np.float64), group, axis=1)        # (B, nh, d, length)
-    v = np.repeat(np.asarray(values[:, :, :length], np.float64), group, axis=1)     # (B, nh, length, d)
-    s = np.einsum("bhd,bhdt->bht", np.asarray(q, np.float64), k) / np.sqrt(d)
-    p = np.exp(s - s.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    return np.einsum("bht,bhtd->bhd", p, v).reshape(B, 1, nh * d)
-
-
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("nh,nkv", [(4, 4), (8, 2), (8, 1)], ids=["mha", "gqa4", "mqa8"])
@@ -592,7 +579,7 @@ def test_gpu_fused_decode_attention_equals_matmul_path(rng, nh, nkv, d, batch):
         cupy.testing.assert_array_equal(values, values2)
         where = f"length={length}"
         assert rel_error(fused, matmul.get()) < 2e-3, where
-        ref = _attention_f64(q.reshape(batch, nh, d).get(), keys.get(), values.get(), length)
+        ref = attention_f64(q.reshape(batch, nh, d).get(), keys.get(), values.get(), length)
         assert rel_error(fused, ref) < 1e-3, where
 
         # Positions >= length are not read: NaN there changes nothing.

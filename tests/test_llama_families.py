@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import rel_error
+from conftest import attention_f64, rel_error
 from hf_models import LOGIT_TOLERANCE, assert_no_near_tie, greedy_design
 from quickcupy.attention import decode_attention
 from quickcupy.llama import (HeadWeights, LlamaConfig, LlamaModel, load_checkpoint, random_head,
@@ -474,18 +474,6 @@ def _f32(a):
     return a.get().astype(np.float32)
 
 
-def _attention_f64(q, keys, values, length, window):
-    """float64 attention of one query per head over positions [max(0, length - window), length)."""
-    B, nh, d = q.shape
-    lo = 0 if window is None else max(0, length - window)
-    group = nh // keys.shape[1]
-    k = np.repeat(keys[..., lo:length].astype(np.float64), group, axis=1)
-    v = np.repeat(values[:, :, lo:length].astype(np.float64), group, axis=1)
-    s = np.einsum("bhd,bhdt->bht", q.astype(np.float64), k) / np.sqrt(d)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("bht,bhtd->bhd", p / p.sum(-1, keepdims=True), v).reshape(B, 1, nh * d)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d,nh,nkv", [(64, 8, 2), (128, 4, 4), (96, 4, 1), (256, 2, 2)])
@@ -512,8 +500,8 @@ def test_gpu_windowed_decode_attention(rng, dtype, d, nh, nkv, max_len):
             values = rng.standard_normal((B, nkv, max_len, d)).astype(nd)
             keys[..., :lo] = keys[..., length:] = np.nan
             values[:, :, :lo] = values[:, :, length:] = np.nan
-            ref = _attention_f64(q.astype(np.float32), keys.astype(np.float32), values.astype(np.float32),
-                                 length, window)
+            ref = attention_f64(q.astype(np.float32), keys.astype(np.float32), values.astype(np.float32),
+                                length, window)
             dq, dk, dv = cupy.asarray(q), cupy.asarray(keys), cupy.asarray(values)
             # The kernel's output comes from CuPy's pool, which hands out the best-fitting free
             # block: this NaN-filled one of the same size, just freed.
