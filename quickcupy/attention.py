@@ -41,15 +41,18 @@ def decode_splits(batch: int, n_heads: int, n_kv: int, max_len: int, sm_count: i
     cuda/decode_attention.cu), from shapes only. A block per (sequence, head group) walks its tiles
     one after another: at batch 1 that is 32 blocks on a 132-SM H100, each paying a memory latency
     per tile, so the tiles are cut among splits. The rule: 1 (the single pass) when the batch's
-    blocks already reach ``sm_count``; else the fewest splits that give every SM a block, at most
-    one per 128-position tile of ``max_len`` and registry.DECODE_MAX_SPLITS. The cache's max_len,
+    blocks already reach ``sm_count``; else the fewest splits that give every SM a block, with at
+    least two 128-position tiles of ``max_len`` per split (on an H100, Llama-2-7B at batch 1 with a
+    256-position cache ran its decode step 2.8% slower in two one-tile splits than in one pass: a
+    split's fixed cost and the combine outweigh one tile's walk) and at most
+    registry.DECODE_MAX_SPLITS. The cache's max_len,
     not its length: a CUDA graph captured once replays at every length, and the kernel cuts the
     tiles the length has among the splits (splits past them attend nothing)."""
     blocks = batch * n_heads // decode_heads_per_block(n_heads, n_kv)
     if blocks >= sm_count:
         return 1
     tiles = -(-max_len // DECODE_ATTENTION_THREADS)
-    return max(1, min(-(-sm_count // blocks), tiles, DECODE_MAX_SPLITS))
+    return max(1, min(-(-sm_count // blocks), tiles // 2, DECODE_MAX_SPLITS))
 
 
 def decode_attention(q, keys, values, length: int, start=None, window=None, splits=None):

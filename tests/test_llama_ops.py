@@ -231,27 +231,27 @@ def test_graph_decode_is_bit_identical_to_eager(rng, backend, batch, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_graph_decode_with_split_kv_is_bit_identical_to_eager(rng, dtype):
-    """Batch 1 with a 304-position cache: the decode attention splits each head's tiles among
-    blocks (quickcupy.attention.decode_splits); steps across the 128-position tile boundary, one
+    """Batch 1 with a 520-position cache: the decode attention splits each head's tiles among
+    blocks (quickcupy.attention.decode_splits); steps across a 128-position tile boundary, one
     captured graph replayed against eager steps bit for bit, and against the float32 NumPy model."""
     import cupy
     from quickcupy import kernels
     from quickcupy.attention import decode_splits
     sm_count = kernels.device_limits(cupy.cuda.Device().id).sm_count
-    assert decode_splits(1, TINY.num_attention_heads, TINY.num_key_value_heads, 304, sm_count) > 1
+    assert decode_splits(1, TINY.num_attention_heads, TINY.num_key_value_heads, 520, sm_count) > 1
     layers = [w.quantized(64) for w in random_layers(TINY, seed=_seed(rng))]
     head = random_head(TINY, 512, _seed(rng))
     model = LlamaModel(TINY, layers, "quick", 64, head=head, dtype=dtype)
-    ids = rng.integers(0, 512, (1, 132))
+    ids = rng.integers(0, 512, (1, 262))
     runs = {}
     for graph in (False, True):
-        cache = model.new_cache(1, 300)
-        logits = [model.prefill(cupy.asarray(ids[:, :126]), cache, graph)]
-        logits += [model.decode_step(cupy.asarray(ids[:, t]), cache, graph) for t in range(126, 132)]
+        cache = model.new_cache(1, 520)
+        logits = [model.prefill(cupy.asarray(ids[:, :252]), cache, graph)]
+        logits += [model.decode_step(cupy.asarray(ids[:, t]), cache, graph) for t in range(252, 262)]
         runs[graph] = cupy.stack(logits, axis=1).get().astype(np.float32)
     np.testing.assert_array_equal(runs[True], runs[False])
     reference = LlamaModel(TINY, layers, "numpy", 64, head=head).logits(ids)
-    assert rel_error(runs[True], reference[:, 125:]) < LOGIT_TOLERANCE[dtype]
+    assert rel_error(runs[True], reference[:, 251:]) < LOGIT_TOLERANCE[dtype]
 
 
 def test_generate_graph_equals_eager_and_recaptures_only_for_a_new_batch(rng):
