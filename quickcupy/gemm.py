@@ -424,17 +424,19 @@ def _launch_choice(v: registry.Variant, layer: QuantLinear, M: int, dtype: str, 
                     prologue and layer.perm is None, epilogue)
 
 
-def fused(layer: QuantLinear, M: int, dtype="float16", kernel=None) -> tuple:
+def fused(layer: QuantLinear, M: int, dtype="float16", kernel=None, *, norm: bool = False,
+          residual: bool = False) -> tuple:
     """(norm, residual): whether a :func:`gemm` call on ``layer`` of M rows of ``dtype`` ("float16"
-    or "bfloat16") with ``kernel`` (None: the layer's default) and both ``norm`` and ``residual``
-    would run the RMSNorm / the residual add inside its GEMM launch (else gemm composes it), on the
-    current device and the current stream's capture state (``auto`` chooses under capture)."""
+    or "bfloat16") with ``kernel`` (None: the layer's default), given ``norm`` and/or ``residual``
+    as these flags say, runs each of them inside its GEMM launch (False: gemm composes it, or it
+    was not asked for). For the current device and the current stream's capture state (under
+    capture, auto may choose another kernel)."""
     import cupy
     v = layer.default_kernel if kernel is None else registry.variant(kernel)
     if cupy.cuda.runtime.getDevice() != layer.device:
         with cupy.cuda.Device(layer.device):
-            return fused(layer, M, dtype, v)
-    _, p = _launch_choice(v, layer, M, dtypes.name(dtype), None, None, True, True)
+            return fused(layer, M, dtype, v, norm=norm, residual=residual)
+    _, p = _launch_choice(v, layer, M, dtypes.name(dtype), None, None, norm, residual)
     return (False, False) if p is None else (p.prologue, p.epilogue)
 
 

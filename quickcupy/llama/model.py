@@ -445,10 +445,10 @@ class QuantizedLinear:
         y = gemm(x2, self.layer, self.kernel, rows(out), norm=norm, residual=rows(residual))
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def fused(self, M: int, dtype) -> tuple:
-        """(norm, residual): what a call of M rows of ``dtype`` runs inside its GEMM launch
-        (:func:`quickcupy.gemm.fused`; now: under capture, auto may choose another kernel)."""
-        return fused(self.layer, M, dtype, self.kernel)
+    def fused(self, M: int, dtype, norm: bool = False, residual: bool = False) -> tuple:
+        """(norm, residual): what a call of M rows of ``dtype`` given ``norm`` / ``residual`` runs
+        inside its GEMM launch (:func:`quickcupy.gemm.fused`, for the current capture state)."""
+        return fused(self.layer, M, dtype, self.kernel, norm=norm, residual=residual)
 
 
 class ConcatLinear:
@@ -781,7 +781,8 @@ class LlamaBlock:
 
     def _fuses_residual(self, linear, M: int) -> bool:
         """Whether ``linear``'s GEMM of M rows adds the residual in its own launch (never with reduce)."""
-        return self.reduce is None and isinstance(linear, QuantizedLinear) and linear.fused(M, self.dtype)[1]
+        return (self.reduce is None and isinstance(linear, QuantizedLinear)
+                and linear.fused(M, self.dtype, residual=True)[1])
 
     def _normed(self, linear, x, weight):
         """linear(RMSNorm(x) * weight) (the block's eps), the norm in the GEMM's launch where it can be."""
