@@ -72,8 +72,9 @@ using namespace qc;
 // per SM: 1-3 loop-invariant integers (the group-index multiplier, the round count) spill, 8-16 bytes
 // on sm_80. ptxas 13 spills that PTX too and not NVRTC 13's, so the front end makes the difference.
 // With NVRTC 12 only (NVRTC12_REGS), the register pipeline folds its block sums every two chunks and
-// bounds its batch loop by the warp's chunks left: no spills, the same sums up to fp32 rounding
-// order. NVRTC 13 compiles the code as measured.
+// bounds its batch loop by the warp's chunks left, and the norm prologue (PRO) sums its rows before
+// batch 0 takes its registers: no spills, the same sums up to fp32 rounding order. NVRTC 13
+// compiles the code as measured.
 
 // One warp's slot of the weight ring: U chunks of packed codes and the scale blocks they need. Lane
 // L writes (cp.async) and reads back w[c][L] only; the scale/zero rows are read by every lane after
@@ -239,12 +240,15 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
   // of the chunk, so register q = (k-step q / 2, B register q % 2). Rows >= M read the zero vector.
   u32 a_addr[MB];  // shared address of the lane's row at the warp's first chunk (of slot 0)
   u32 a_live[MB];  // S = 0: bytes per chunk (64, 0 for the zero vector); S > 0: ~0 or 0, an offset mask
+  auto point_a = [&]() {
 #pragma unroll
-  for (int mb = 0; mb < MB; ++mb) {
-    const int row = DEC_A_LDSM_ROW(lane, mb, 0);
-    a_addr[mb] = smem_addr(row < M ? A_s + row * pitch + wk * U * 32 + DEC_A_LDSM_COL(lane, mb, 0) : zero_row);
-    a_live[mb] = row >= M ? 0u : S == 0 ? 64u : 0xffffffffu;
-  }
+    for (int mb = 0; mb < MB; ++mb) {
+      const int row = DEC_A_LDSM_ROW(lane, mb, 0);
+      a_addr[mb] = smem_addr(row < M ? A_s + row * pitch + wk * U * 32 + DEC_A_LDSM_COL(lane, mb, 0) : zero_row);
+      a_live[mb] = row >= M ? 0u : S == 0 ? 64u : 0xffffffffu;
+    }
+  };
+  if constexpr (!PRO) point_a();  // PRO: after the prologue (fewer registers live across it: no spills)
 
   // The mma multiplies exact (code - zero) values (fp16 or bf16 alike); the fp32 sums of each scale
   // block (GCH chunks, one group) are scaled into acc at its end: one multiply per weight pair less
@@ -354,13 +358,15 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
     pdl_wait();  // the activations may be the previous kernel's output
     issue_a_whole();
     cp_async_commit();
+    if constexpr (PRO && NVRTC12_REGS) row_sums();  // NVRTC 12: before batch 0 holds registers (no spills)
     load_batch(0, buf[0], 0u);
-    if constexpr (PRO) row_sums();
+    if constexpr (PRO && !NVRTC12_REGS) row_sums(); // its loads fly with batch 0's
     cp_async_wait<0>();
     __syncthreads();  // activations are in shared memory; no barrier in the main loop
     if constexpr (PRO) {
       normalize_slice();
       __syncthreads();
+      point_a();
     }
     // no branch between a wait and the next loads
     for (int b = 0; NVRTC12_REGS ? b * RC < left : b < nb; b += 2) {

@@ -351,7 +351,8 @@ def test_fused_layer_chain_in_a_graph(dtype, rng, monkeypatch):
         x = cupy.asarray(rng.standard_normal((M, H)).astype(np.float32)).astype(dt)
         eager = x.copy()
         chain(eager, [])
-        assert (gemm_module.fused(layers["qkv"], M, dtype, "quick_decode", norm=True)[0]) == (M == 1)
+        cupy.cuda.Device().synchronize()                  # x and eager are ready for the side stream
+        assert gemm_module.fused(layers["qkv"], M, dtype, "quick_decode", norm=True)[0] == (M == 1)
         for pdl in ("1", "0"):
             monkeypatch.setenv(kernels.PDL_ENV, pdl)
             kernels._pdl_capable.cache_clear()
