@@ -497,7 +497,7 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
   // lane that writes it, so C may be the residual itself)
   const int splits = gridDim.y;
   if (splits == 1) {
-    T res[2][2][MB][2];  // EPI: the lane's residual, all loaded before any store (one latency, not 4 MB)
+    T res[2][2][MB][2];  // EPI: the lane's residual, all loaded before any store (one latency, not one each)
     if constexpr (EPI) {
 #pragma unroll
       for (int i = 0; i < 2; ++i)

@@ -471,15 +471,14 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k, norm=None, residu
     ws = kernels.workspace(layer.device)
     if norm is not None and not (p is not None and p.prologue):      # composed: the normed x first
         from .llama import ops
-        normed = ws.buffer("norm", x.size, x.dtype)[:x.size].reshape(x.shape)
-        x = ops.add_rms_norm(x, norm[0], norm[1], out=normed)
+        x = ops.add_rms_norm(x, norm[0], norm[1], out=_scratch(ws, "norm", x.shape, x.dtype))
     if layer.perm is not None:           # act-order: the kernels read K sorted by group (formats.act_order)
         gathered = ws.buffer("gather", x.size, x.dtype)[:x.size].reshape(x.shape)
         x = cupy.take(x, layer.perm, axis=-1, out=gathered)
     add_after = residual is not None and not (p is not None and p.epilogue)
     y = out
     if add_after and residual.data.ptr == out.data.ptr:   # composed in place: the GEMM's output aside
-        y = ws.buffer("residual", out.size, out.dtype)[:out.size].reshape(shape)
+        y = _scratch(ws, "residual", shape, out.dtype)
     if p is None:
         kernels.launch_dequant(x, layer.qweight, layer.qzeros, layer.scales, bias, y, N, K, layer.group_size,
                                layer.device)
@@ -490,6 +489,17 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k, norm=None, residu
     if caller_out is not None:
         return caller_out
     return to_caller(out) if to_caller is not None else out
+
+
+def _scratch(ws, name: str, shape, dtype):
+    """An intermediate of a composed norm or residual add: under capture, workspace buffer ``name``
+    (it lives as long as the graph); else an array from CuPy's pool (a prefill's large ones are not
+    kept)."""
+    import cupy
+    if kernels.capturing():
+        n = int(np.prod(shape))
+        return ws.buffer(name, n, dtype)[:n].reshape(shape)
+    return cupy.empty(shape, dtype)
 
 
 @functools.lru_cache(maxsize=4096)
