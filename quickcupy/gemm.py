@@ -372,8 +372,8 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=No
     T(r + T(x @ W.T + bias)), the GEMM's output as without it, then the sum rounded once; ``out``
     may be r itself (an in-place residual add), else it must not overlap r.
     Where the kernel that runs has them in its own launch (:func:`fused`: quick_decode's register
-    pipeline both, its ring the residual), they cost no launch; otherwise gemm composes them from
-    ``add_rms_norm`` into a workspace buffer before the GEMM and an elementwise add after it. A
+    pipeline both, its ring the residual), they cost no launch; otherwise gemm composes them:
+    ``add_rms_norm`` into a scratch buffer before the GEMM, an elementwise add after it. A
     fused residual equals the composed one bit for bit; a fused norm sums the squares in another
     order than add_rms_norm, so its inputs may differ from the composed ones in the last bit.
     Returns (..., N) of x's dtype: ``out`` if given, else a new array of x's type when x came through

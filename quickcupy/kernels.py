@@ -639,7 +639,8 @@ def x_tensor_map(ptr: int, M: int, K: int, box_rows: int, dtype: str = "float16"
 
 class Workspace:
     """Scratch of the launches that share one stream (or one capture sequence of it): named
-    buffers (split-K partials, the act-order gather of x) and uint32 arrival counters (zeroed
+    buffers (split-K partials, the act-order gather of x, under capture gemm's composed norm and
+    residual intermediates) and uint32 arrival counters (zeroed
     once; the kernels leave them at 0). Launches on one stream run one after another, so they may
     share a buffer. Buffers only grow, and an outgrown one is kept alive with the workspace: a
     CUDA graph that captured a launch keeps reading and writing the memory it captured."""
