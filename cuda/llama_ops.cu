@@ -13,46 +13,11 @@ constexpr int THREADS = LLAMA_OPS_THREADS;  // every kernel here is launched wit
 constexpr int WARPS = THREADS / 32;
 using qc::u32;
 
-// 8 elements of T in each of two 16-byte chunks, pair by pair: word k of the result is
-// f(pair k of a, pair k of b), the pairs widened to fp32 and f returning a pair of T.
-template <typename T, typename F>
-__device__ __forceinline__ uint4 map8(uint4 a, uint4 b, F f) {
-  const u32* x = &a.x;
-  const u32* y = &b.x;
-  uint4 r;
-  u32* z = &r.x;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) z[k] = f(qc::Dt<T>::to_float2(x[k]), qc::Dt<T>::to_float2(y[k]));
-  return r;
-}
-
-// T(a + b) per element (one rounding of the exact sum).
+// T(a + b) per element (one rounding of the exact sum). map8, sum_sq8, rms_inv and norm8 (RMSNorm's
+// arithmetic, shared with quick_decode's norm prologue) are in quant_common.cuh.
 template <typename T>
 __device__ __forceinline__ uint4 add8(uint4 a, uint4 b) {
-  return map8<T>(a, b, [](float2 u, float2 v) { return qc::Dt<T>::from_float2(u.x + v.x, u.y + v.y); });
-}
-
-// Sum of squares of 8 elements of T (fp32).
-template <typename T>
-__device__ __forceinline__ float sum_sq8(uint4 a) {
-  const u32* x = &a.x;
-  float s = 0.f;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 u = qc::Dt<T>::to_float2(x[k]);
-    s = fmaf(u.x, u.x, s);
-    s = fmaf(u.y, u.y, s);
-  }
-  return s;
-}
-
-// T(T(x * inv_rms) * w) for 8 elements, the roundings of add_rms_norm.
-template <typename T>
-__device__ __forceinline__ uint4 norm8(uint4 a, uint4 w, float inv_rms) {
-  return map8<T>(a, w, [inv_rms](float2 u, float2 v) {
-    const float2 n = qc::Dt<T>::to_float2(qc::Dt<T>::from_float2(u.x * inv_rms, u.y * inv_rms));
-    return qc::Dt<T>::from_float2(n.x * v.x, n.y * v.y);
-  });
+  return qc::map8<T>(a, b, [](float2 u, float2 v) { return qc::Dt<T>::from_float2(u.x + v.x, u.y + v.y); });
 }
 
 // Sum over the block; every thread gets the result. red: WARPS floats of shared memory.
@@ -104,7 +69,7 @@ add_rms_norm(T* __restrict__ x, const T* __restrict__ delta, const T* __restrict
           xc[r] = add8<T>(xc[r], reinterpret_cast<const uint4*>(dr)[c]);
           reinterpret_cast<uint4*>(xr)[c] = xc[r];
         }
-        ss += sum_sq8<T>(xc[r]);
+        ss += qc::sum_sq8<T>(xc[r]);
       }
     }
     for (int c = threadIdx.x + CACHED * THREADS; c < chunks; c += THREADS) {
@@ -113,16 +78,16 @@ add_rms_norm(T* __restrict__ x, const T* __restrict__ delta, const T* __restrict
         v = add8<T>(v, reinterpret_cast<const uint4*>(dr)[c]);
         reinterpret_cast<uint4*>(xr)[c] = v;
       }
-      ss += sum_sq8<T>(v);
+      ss += qc::sum_sq8<T>(v);
     }
-    const float inv_rms = rsqrtf(block_sum(ss, red) / H + eps);
+    const float inv_rms = qc::rms_inv(block_sum(ss, red), H, eps);
 #pragma unroll
     for (int r = 0; r < CACHED; ++r) {
       const int c = threadIdx.x + r * THREADS;
-      if (c < chunks) reinterpret_cast<uint4*>(o)[c] = norm8<T>(xc[r], wc[r], inv_rms);
+      if (c < chunks) reinterpret_cast<uint4*>(o)[c] = qc::norm8<T>(xc[r], wc[r], inv_rms);
     }
     for (int c = threadIdx.x + CACHED * THREADS; c < chunks; c += THREADS)   // rereads only what it wrote
-      reinterpret_cast<uint4*>(o)[c] = norm8<T>(reinterpret_cast<const uint4*>(xr)[c],
+      reinterpret_cast<uint4*>(o)[c] = qc::norm8<T>(reinterpret_cast<const uint4*>(xr)[c],
                                                 reinterpret_cast<const uint4*>(weight)[c], inv_rms);
     return;
   }
@@ -134,7 +99,7 @@ add_rms_norm(T* __restrict__ x, const T* __restrict__ delta, const T* __restrict
     }
     ss = fmaf(v, v, ss);
   }
-  const float inv_rms = rsqrtf(block_sum(ss, red) / H + eps);
+  const float inv_rms = qc::rms_inv(block_sum(ss, red), H, eps);
   for (int i = threadIdx.x; i < H; i += THREADS)   // each thread rereads only what it wrote
     o[i] = Dt::from_float(Dt::to_float(Dt::from_float(Dt::to_float(xr[i]) * inv_rms)) * Dt::to_float(weight[i]));
 }

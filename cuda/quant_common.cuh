@@ -268,6 +268,57 @@ struct Dt<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
+// ----------------------------------------------------------------------------------- RMSNorm math
+// The arithmetic of RMSNorm, in one place for llama_ops.cu's add_rms_norm and quick_decode's norm
+// prologue: the sum of squares of a row in fp32 (fmaf, element by element), inv_rms =
+// rsqrtf(sum / H + eps), and each element T(T(x * inv_rms) * w), rounded where Hugging Face's
+// LlamaRMSNorm rounds. 16-byte vectors hold 8 elements of T.
+
+// 8 elements of T in each of two 16-byte vectors, pair by pair: word k of the result is
+// f(pair k of a, pair k of b), the pairs widened to fp32 and f returning a pair of T.
+template <typename T, typename F>
+__device__ __forceinline__ uint4 map8(uint4 a, uint4 b, F f) {
+  const u32* x = &a.x;
+  const u32* y = &b.x;
+  uint4 r;
+  u32* z = &r.x;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) z[k] = f(Dt<T>::to_float2(x[k]), Dt<T>::to_float2(y[k]));
+  return r;
+}
+
+// s + the squares of 8 elements of T, added one by one (fp32).
+template <typename T>
+__device__ __forceinline__ float sum_sq8(uint4 a, float s = 0.f) {
+  const u32* x = &a.x;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 u = Dt<T>::to_float2(x[k]);
+    s = fmaf(u.x, u.x, s);
+    s = fmaf(u.y, u.y, s);
+  }
+  return s;
+}
+
+// 1 / rms of a row of H elements whose squares sum to ss.
+__device__ __forceinline__ float rms_inv(float ss, int H, float eps) { return rsqrtf(ss / H + eps); }
+
+// T(T(x * inv_rms) * w) for 8 elements.
+template <typename T>
+__device__ __forceinline__ uint4 norm8(uint4 a, uint4 w, float inv_rms) {
+  return map8<T>(a, w, [inv_rms](float2 u, float2 v) {
+    const float2 n = Dt<T>::to_float2(Dt<T>::from_float2(u.x * inv_rms, u.y * inv_rms));
+    return Dt<T>::from_float2(n.x * v.x, n.y * v.y);
+  });
+}
+
+// T(float(r) + float(y)) of two pairs of T: the residual add (one rounding of the exact sum).
+template <typename T>
+__device__ __forceinline__ u32 add2(u32 r, u32 y) {
+  const float2 a = Dt<T>::to_float2(r), b = Dt<T>::to_float2(y);
+  return Dt<T>::from_float2(a.x + b.x, a.y + b.y);
+}
+
 // 16-byte global -> shared copy that bypasses registers; zero-fills when !pred. `smem`: a
 // shared-window address (smem_addr), or a pointer into shared memory.
 __device__ __forceinline__ void cp_async16(u32 smem, const void* gmem, bool pred) {
@@ -409,10 +460,12 @@ __device__ __forceinline__ bool splitk_warp_arrive(unsigned int* counter, unsign
 // col0..col0+31, C = sum over s = 0..splits-1 IN THAT ORDER of partial[s][row][col] (+ bias[col]),
 // as T. partial is [splits][M][N] fp32; N % 4 == 0, col0 % 4 == 0. Lane = (row % 4, 4 columns):
 // 4 rows per pass, BATCH splits of 2 passes loaded before any is added (their latencies overlap).
-template <int BATCH, typename T>
+// RES: C = T(residual + T(sum + bias)) (add2), residual [M][N] of T, which may be C itself (each
+// element is read once, by the lane that then writes it).
+template <int BATCH, bool RES = false, typename T>
 __device__ __forceinline__ void splitk_reduce_strip32(const float* __restrict__ partial, int splits,
                                                       int M, int N, int col0,
-                                                      const T* __restrict__ bias,
+                                                      const T* __restrict__ bias, const T* residual,
                                                       T* __restrict__ C) {
   const int lane = threadIdx.x & 31, rsub = lane / 8, col = col0 + (lane % 8) * 4;
   const size_t MN = (size_t)M * N;
@@ -424,6 +477,14 @@ __device__ __forceinline__ void splitk_reduce_strip32(const float* __restrict__ 
   }
   for (int m0 = 0; m0 < M; m0 += 8) {
     float4 acc[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
+    uint2 r[2];    // RES: the residual of the two rows, loaded with the first partials
+    if constexpr (RES) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + 4 * h + rsub;
+        r[h] = row < M ? __ldcg(reinterpret_cast<const uint2*>(residual + (size_t)row * N + col)) : make_uint2(0, 0);
+      }
+    }
     for (int s0 = 0; s0 < splits; s0 += BATCH) {
       float4 p[2][BATCH];
 #pragma unroll
@@ -450,6 +511,7 @@ __device__ __forceinline__ void splitk_reduce_strip32(const float* __restrict__ 
         uint2 o;
         o.x = Dt<T>::from_float2(acc[h].x + b.x, acc[h].y + b.y);
         o.y = Dt<T>::from_float2(acc[h].z + b.z, acc[h].w + b.w);
+        if constexpr (RES) o = make_uint2(add2<T>(r[h].x, o.x), add2<T>(r[h].y, o.y));
         *reinterpret_cast<uint2*>(C + (size_t)row * N + col) = o;
       }
     }

@@ -1,4 +1,5 @@
 // QUICK decode: small-M (1..16) GEMM C = A x W (+ bias) on the packed QUICK layout (pack_quick),
+// optionally with the RMSNorm before it and the residual add after it fused in (PRO, EPI below),
 // built to stream the weights at memory speed. No dequantized weight is ever written to shared
 // memory: the packed words go global -> registers (S = 0) or global -> a cp.async ring in shared
 // memory, still packed (S >= 2) -> registers, and are dequantized into mma fragments there.
@@ -39,13 +40,29 @@
 // (splitk_warp_arrive / splitk_reduce_strip32 in quant_common.cuh): one launch, CUDA-graph safe,
 // bit-identical from run to run.
 //
+// Fused neighbours (a Llama layer's RMSNorm before its qkv and gate|up GEMMs, its residual adds after
+// o and down; quickcupy.gemm's norm= and residual=), as template switches:
+// - PRO, the RMSNorm prologue (register pipeline only: the ring streams its activations round by
+//   round). A is the residual stream x. After pdl_wait (x is the previous kernel's output; the
+//   weight prefetch stays before it) every thread sums the squares of its 16-byte vectors of the M
+//   whole rows (from L2: a split's slice is not the row) while the slice and norm_w's slice arrive by
+//   cp.async; the warps' sums meet in shared memory at the barrier the slice needs anyway, each warp
+//   adds them by one fixed xor tree (deterministic; not add_rms_norm's order, so inv_rms may differ
+//   from it in the last bit), and the block rewrites the slice in place as T(T(x * inv_rms) * w)
+//   (llama_ops' roundings, quant_common.cuh's norm8) before one more barrier and the main loop.
+// - EPI, the residual epilogue (every shape): C = T(residual + T(sum + bias)), the rounding of the
+//   GEMM then add_rms_norm's add, in both epilogues (splits == 1, and the split-K sum of the last
+//   warp). Each residual element is read once, by the lane that then writes that element of C, so C
+//   may be the residual itself (the layer's o and down projections add into x in place).
+//
 // Launch (quickcupy.kernels._plan_decode): grid (ceil(N / 32 / (NWARPS / KW)), splits), block
 // NWARPS * 32 threads, dynamic shared memory (kernels._decode_smem) max(NWARPS * S *
-// sizeof(DecodeSlot<U>) + M * pitch * 2 * max(S, 1) + 16, (KW - 1) * (NWARPS / KW) * MB * 1024) bytes,
+// sizeof(DecodeSlot<U>) + M * pitch * 2 * max(S, 1) + 16 [+ pitch * 2 + 32 * NWARPS with PRO: norm_w's
+// slice, the warps' row sums], (KW - 1) * (NWARPS / KW) * MB * 1024) bytes,
 // pitch = 32 * chunks_per_split + 8 (S = 0) or 32 * KW * U + 8 (S >= 2); chunks_per_split a multiple
 // of KW * U; M <= 8 * MB; K % 32 == 0, N % 32 == 0, group_size % 32 == 0, K % group_size == 0;
 // counters: N / 32 uint32 zeroed once by the host; partial: splits * M * N fp32 (unused, may be
-// null, when splits == 1).
+// null, when splits == 1); norm_w (K,) and eps read with PRO, residual (M, N) with EPI (else null).
 #include "quant_common.cuh"
 
 using namespace qc;
@@ -55,8 +72,9 @@ using namespace qc;
 // per SM: 1-3 loop-invariant integers (the group-index multiplier, the round count) spill, 8-16 bytes
 // on sm_80. ptxas 13 spills that PTX too and not NVRTC 13's, so the front end makes the difference.
 // With NVRTC 12 only (NVRTC12_REGS), the register pipeline folds its block sums every two chunks and
-// bounds its batch loop by the warp's chunks left: no spills, the same sums up to fp32 rounding
-// order. NVRTC 13 compiles the code as measured.
+// bounds its batch loop by the warp's chunks left, and the norm prologue (PRO) sums its rows before
+// batch 0 takes its registers: no spills, the same sums up to fp32 rounding order. NVRTC 13
+// compiles the code as measured.
 
 // One warp's slot of the weight ring: U chunks of packed codes and the scale blocks they need. Lane
 // L writes (cp.async) and reads back w[c][L] only; the scale/zero rows are read by every lane after
@@ -91,18 +109,22 @@ template <int NWARPS,   // warps per block; block = 32 * NWARPS threads
                         // S - 1 rounds in flight while one is computed
           int GCH,      // chunks per scale/zero change = gcd(group_size / 32, U): divides U
           int MINB,     // blocks per SM the registers must allow (__launch_bounds__): 16 / NWARPS -> <= 128 regs
-          typename T>   // activations, bias and C: half or __nv_bfloat16 (Dt<T>); scales are fp16
+          typename T,   // activations, bias and C: half or __nv_bfloat16 (Dt<T>); scales are fp16
+          int PRO = 0,  // 1: RMSNorm prologue (S = 0): A is the residual stream x, the mma reads
+                        // T(T(x * inv_rms) * norm_w) of its rows (norm_w (K,), eps)
+          int EPI = 0>  // 1: residual epilogue: C = T(residual + T(A W^T + bias)); residual (M, N) may be C
 __global__ void __launch_bounds__(NWARPS * 32, MINB)
 quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
              const unsigned short* __restrict__ qzeros, const uint2* __restrict__ scales,
              const T* __restrict__ bias, T* __restrict__ C, float* __restrict__ partial,
              unsigned int* __restrict__ counters, int M, int N, int K, int group_size,
-             int chunks_per_split) {
+             int chunks_per_split, const T* __restrict__ norm_w, float eps, const T* residual) {
   static_assert(U % GCH == 0, "GCH must divide U");
   static_assert(NWARPS % KW == 0, "KW must divide NWARPS");
   static_assert(S == 0 || S >= 2, "registers (S = 0) or a ring of at least 2 slots");
   static_assert(S > 0 || U == 4 || U == 8, "a register batch is 4 or 8 chunks (each lane holds U / 4 scales)");
   static_assert(S == 0 || 5 * (U / GCH) <= 32, "5 lanes copy the scales and zeros of one scale block");
+  static_assert(PRO == 0 || (S == 0 && MB == 1), "the norm prologue runs in the register pipeline (M <= 8)");
   constexpr int NWN = NWARPS / KW;             // tile columns per block
   constexpr int RC = KW * U;                   // chunks per round (of each tile column)
   constexpr int VECS = RC * 4;                 // 16-byte activation vectors per row and round (DEC_A_CP map)
@@ -130,19 +152,75 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
   Slot* ring = reinterpret_cast<Slot*>(smem_raw) + warp * S;          // this warp's S slots
   T* A_s = reinterpret_cast<T*>(smem_raw + NWARPS * S * sizeof(Slot));  // activation slot(s), then 8 zeros
   T* zero_row = A_s + SR * aslot;         // the 16 zero bytes that rows >= M of an ldmatrix point at
+  T* w_s = zero_row + 8;                  // PRO: norm_w of the slice [pitch]
+  float* row_ss = reinterpret_cast<float*>(w_s + pitch);  // PRO: [8][NWARPS] the warps' sums of squares
 
   const uint4* wq = qweight + ((size_t)tn * chunks + kc0) * 32 + lane;
   const size_t sz_row = (size_t)tn * groups;  // first scale/zero row of the tile column
   // group of chunk kc = kc / cpg by multiply-high: exact for kc * cpg < 2^32
   const u32 gmagic = cpg == 1 ? 0u : 0xffffffffu / (u32)cpg + 1u;
 
-  // the whole slice (S = 0): the block's rounds, zeros past the slice
+  // the whole slice (S = 0): the block's rounds, zeros past the slice; PRO: norm_w's slice too
   auto issue_a_whole = [&]() {
     const int VECS = RC * 4 * nrounds;    // a row of the slice's rounds, read by the DEC_A_CP map
-    for (int i = threadIdx.x; i < M * VECS; i += NWARPS * 32) {
+    for (int i = threadIdx.x; i < (M + PRO) * VECS; i += NWARPS * 32) {
       const int row = DEC_A_CP_ROW(i), col = DEC_A_CP_COL(i);  // col: halfs into the slice
       const bool ok = col / 32 < nch_b;
-      cp_async16(A_s + row * pitch + col, ok ? A + (size_t)row * K + (size_t)kc0 * 32 + col : A, ok);
+      if (PRO && row == M)
+        cp_async16(w_s + col, ok ? norm_w + (size_t)kc0 * 32 + col : norm_w, ok);
+      else
+        cp_async16(A_s + row * pitch + col, ok ? A + (size_t)row * K + (size_t)kc0 * 32 + col : A, ok);
+    }
+  };
+  // PRO, part 1 (every thread, after pdl_wait): the sums of squares of the M whole rows of x (read
+  // from L2: a split's slice is not the row), per thread over 16-byte vectors tid, tid + NT, ..., then
+  // over the warp (xor tree); lane 0 leaves warp w's sum of row m in row_ss[m][w]. A fixed order:
+  // deterministic, but not add_rms_norm's, so the last bit of inv_rms may differ from it.
+  auto row_sums = [&]() {
+    float ss[8];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) ss[m] = 0.f;
+    const uint4* xv = reinterpret_cast<const uint4*>(A);
+    const int kv = K / 8;                 // 16-byte vectors per row
+#pragma unroll 2
+    for (int v = threadIdx.x; v < kv; v += NWARPS * 32)
+#pragma unroll
+      for (int m = 0; m < 8; ++m)
+        if (m < M) ss[m] = sum_sq8<T>(__ldcg(xv + (size_t)m * kv + v), ss[m]);
+#pragma unroll
+    for (int m = 0; m < 8; ++m)
+      if (m < M) {
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], o);
+        if (lane == 0) row_ss[m * NWARPS + warp] = ss[m];
+      }
+  };
+  // PRO, part 2 (after a barrier and the slice's arrival): every warp adds the NWARPS sums of each
+  // row by the same xor tree (the same bits in every lane and warp), and the block normalizes the
+  // slice in place, T(T(x * inv_rms) * w) (norm8), each thread the vectors it copied; zeros past the
+  // slice stay zero. A barrier must follow.
+  auto normalize_slice = [&]() {
+    float inv[8];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {
+      float v = 0.f;
+      if (m < M) {
+        v = lane < NWARPS ? row_ss[m * NWARPS + lane] : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+      }
+      inv[m] = rms_inv(v, K, eps);
+    }
+    const int VECS = RC * 4 * nrounds;
+    for (int i = threadIdx.x; i < M * VECS; i += NWARPS * 32) {
+      const int row = DEC_A_CP_ROW(i), col = DEC_A_CP_COL(i);
+      if (col / 32 < nch_b) {
+        float f = inv[0];
+#pragma unroll
+        for (int m = 1; m < 8; ++m) f = row == m ? inv[m] : f;   // no indexed register array
+        uint4* a = reinterpret_cast<uint4*>(A_s + row * pitch + col);
+        *a = norm8<T>(*a, *reinterpret_cast<const uint4*>(w_s + col), f);
+      }
     }
   };
 
@@ -162,12 +240,15 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
   // of the chunk, so register q = (k-step q / 2, B register q % 2). Rows >= M read the zero vector.
   u32 a_addr[MB];  // shared address of the lane's row at the warp's first chunk (of slot 0)
   u32 a_live[MB];  // S = 0: bytes per chunk (64, 0 for the zero vector); S > 0: ~0 or 0, an offset mask
+  auto point_a = [&]() {
 #pragma unroll
-  for (int mb = 0; mb < MB; ++mb) {
-    const int row = DEC_A_LDSM_ROW(lane, mb, 0);
-    a_addr[mb] = smem_addr(row < M ? A_s + row * pitch + wk * U * 32 + DEC_A_LDSM_COL(lane, mb, 0) : zero_row);
-    a_live[mb] = row >= M ? 0u : S == 0 ? 64u : 0xffffffffu;
-  }
+    for (int mb = 0; mb < MB; ++mb) {
+      const int row = DEC_A_LDSM_ROW(lane, mb, 0);
+      a_addr[mb] = smem_addr(row < M ? A_s + row * pitch + wk * U * 32 + DEC_A_LDSM_COL(lane, mb, 0) : zero_row);
+      a_live[mb] = row >= M ? 0u : S == 0 ? 64u : 0xffffffffu;
+    }
+  };
+  if constexpr (!PRO) point_a();  // PRO: after the prologue (fewer registers live across it: no spills)
 
   // The mma multiplies exact (code - zero) values (fp16 or bf16 alike); the fp32 sums of each scale
   // block (GCH chunks, one group) are scaled into acc at its end: one multiply per weight pair less
@@ -277,9 +358,16 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
     pdl_wait();  // the activations may be the previous kernel's output
     issue_a_whole();
     cp_async_commit();
+    if constexpr (PRO && NVRTC12_REGS) row_sums();  // NVRTC 12: before batch 0 holds registers (no spills)
     load_batch(0, buf[0], 0u);
+    if constexpr (PRO && !NVRTC12_REGS) row_sums(); // its loads fly with batch 0's
     cp_async_wait<0>();
     __syncthreads();  // activations are in shared memory; no barrier in the main loop
+    if constexpr (PRO) {
+      normalize_slice();
+      __syncthreads();
+      point_a();
+    }
     // no branch between a wait and the next loads
     for (int b = 0; NVRTC12_REGS ? b * RC < left : b < nb; b += 2) {
       load_batch(b + 1, buf[1], buf[0].w[U - 1].w & zero_rt);
@@ -405,9 +493,24 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
   }
   if (!active) return;
 
-  // ---- epilogue
+  // ---- epilogue (EPI: C = T(residual + T(sum + bias)), the residual read once per element by the
+  // lane that writes it, so C may be the residual itself)
   const int splits = gridDim.y;
   if (splits == 1) {
+    T res[2][2][MB][2];  // EPI: the lane's residual, all loaded before any store (one latency, not one each)
+    if constexpr (EPI) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int m = 8 * mb + 2 * t + e, n = 32 * tn + 16 * i + g + 8 * h;
+              res[i][h][mb][e] = m < M ? __ldcg(residual + (size_t)m * N + n) : D::from_float(0.f);
+            }
+    }
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -419,7 +522,11 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int m = 8 * mb + 2 * t + e;
-            if (m < M) C[(size_t)m * N + n] = D::from_float(acc[i][mb][2 * h + e] + bn);
+            if (m < M) {
+              T y = D::from_float(acc[i][mb][2 * h + e] + bn);
+              if constexpr (EPI) y = D::from_float(D::to_float(res[i][h][mb][e]) + D::to_float(y));
+              C[(size_t)m * N + n] = y;
+            }
           }
       }
     return;
@@ -438,5 +545,6 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
           if (m < M) part[(size_t)m * N + n] = acc[i][mb][2 * h + e];
         }
     }
-  if (splitk_warp_arrive(counters + tn, splits)) splitk_reduce_strip32<4>(partial, splits, M, N, 32 * tn, bias, C);
+  if (splitk_warp_arrive(counters + tn, splits))
+    splitk_reduce_strip32<4, EPI == 1>(partial, splits, M, N, 32 * tn, bias, residual, C);
 }

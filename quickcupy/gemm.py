@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from . import dispatch, formats, kernels, registry
+from . import dispatch, dtypes, formats, kernels, registry
 from ._cupy import import_cupy
 from .dtypes import NAMES
 from .layouts import pack_awq, pack_quick, packed_shapes, unpack_awq
@@ -301,8 +301,57 @@ def _check_out(out, shape, x, layer):
         raise ValueError("out overlaps x; use a separate buffer")
 
 
-def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=None, split_k=None):
-    """y = x @ W.T (+ bias) with the 4-bit weights of ``layer``.
+def _overlaps(a, b) -> bool:
+    """Whether the memory of CuPy arrays ``a`` and ``b`` overlaps."""
+    return a.data.ptr < b.data.ptr + b.nbytes and b.data.ptr < a.data.ptr + a.nbytes
+
+
+def _check_norm(norm, x, layer, out):
+    """(weight, eps) of gemm's ``norm``, checked: weight (K,) of x's dtype, C-contiguous, 16-byte
+    aligned, on the layer's device, not overlapping ``out``; eps a finite real >= 0."""
+    if not isinstance(norm, (tuple, list)) or len(norm) != 2:
+        raise TypeError(f"norm must be (weight, eps), got {type(norm).__name__}")
+    weight, eps = norm
+    weight, _ = _as_cupy(weight, "norm weight")
+    K = layer.in_features
+    if weight.dtype != x.dtype or weight.shape != (K,):
+        raise ValueError(f"norm weight must be ({K},) {x.dtype} (in_features, x's dtype), got {weight.shape} "
+                         f"{weight.dtype}")
+    if not weight.flags.c_contiguous or weight.data.ptr % 16:
+        raise ValueError("norm weight must be C-contiguous and 16-byte aligned")
+    if weight.device.id != layer.device:
+        raise ValueError(f"norm weight is on device {weight.device.id} but the layer's weights are on device "
+                         f"{layer.device}")
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"norm eps must be a finite number >= 0, got {eps!r}")
+    if _overlaps(weight, out):
+        raise ValueError("out overlaps the norm weight; use a separate buffer")
+    return weight, float(eps)
+
+
+def _check_residual(residual, out, layer):
+    """gemm's ``residual`` as a CuPy array, checked: ``out``'s shape and dtype, C-contiguous, 16-byte
+    aligned, on the layer's device; ``out`` itself (in place) or not overlapping it."""
+    residual, _ = _as_cupy(residual, "residual")
+    if residual.dtype != out.dtype or residual.shape != out.shape:
+        raise ValueError(f"residual must be {out.shape} {out.dtype} (the output's shape, x's dtype), got "
+                         f"{residual.shape} {residual.dtype}")
+    if not residual.flags.c_contiguous or residual.data.ptr % 16:
+        raise ValueError("residual must be C-contiguous and 16-byte aligned")
+    if residual.device.id != layer.device:
+        raise ValueError(f"residual is on device {residual.device.id} but the layer's weights are on device "
+                         f"{layer.device}")
+    if residual.data.ptr != out.data.ptr and _overlaps(residual, out):
+        raise ValueError("out overlaps residual without being it; pass residual itself as out (in place) or a "
+                         "separate buffer")
+    return residual
+
+
+def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=None, split_k=None, norm=None,
+         residual=None):
+    """y = x @ W.T (+ bias) with the 4-bit weights of ``layer``; with ``norm``, RMSNorm(x) takes
+    x's place, with ``residual``, r + y is returned.
 
     x: float16 or bfloat16 (..., K), C-contiguous, on the layer's device; any number of rows M >= 1
     (bfloat16 CuPy arrays need ml_dtypes, which CuPy uses for the dtype). A CuPy
@@ -315,6 +364,18 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=No
     stream: where to launch (see :func:`_as_stream`); default the current CuPy stream, or torch's
     current stream when x is a torch tensor.
     ``tile_m``/``split_k`` override the launch plan (tuning, tests).
+    norm: None, or (weight, eps), weight (K,) of x's dtype (an array as x), eps a finite number >= 0:
+    the GEMM's input is each row of x normalized, T(T(x * inv_rms) * weight) with inv_rms = 1 /
+    sqrt(mean(x^2) + eps) in float32 (the math of :func:`quickcupy.llama.ops.add_rms_norm`), T x's
+    dtype; x itself is not changed (an act-order layer gathers the normed row).
+    residual: None, or r (..., N) of x's dtype, C-contiguous (an array as x): the result is
+    T(r + T(x @ W.T + bias)), the GEMM's output as without it, then the sum rounded once; ``out``
+    may be r itself (an in-place residual add), else it must not overlap r.
+    Where the kernel that runs has them in its own launch (:func:`fused`: quick_decode's register
+    pipeline both, its ring the residual), they cost no launch; otherwise gemm composes them:
+    ``add_rms_norm`` into a scratch buffer before the GEMM, an elementwise add after it. A
+    fused residual equals the composed one bit for bit; a fused norm sums the squares in another
+    order than add_rms_norm, so its inputs may differ from the composed ones in the last bit.
     Returns (..., N) of x's dtype: ``out`` if given, else a new array of x's type when x came through
     DLPack from an imported module with ``from_dlpack`` (torch), else a CuPy array.
 
@@ -327,15 +388,59 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=No
         raise TypeError(f"layer must be a QuantLinear, got {type(layer).__name__}")
     if cupy.cuda.runtime.getDevice() != layer.device:
         with cupy.cuda.Device(layer.device):
-            return gemm(x, layer, kernel, out, stream=stream, tile_m=tile_m, split_k=split_k)
+            return gemm(x, layer, kernel, out, stream=stream, tile_m=tile_m, split_k=split_k, norm=norm,
+                        residual=residual)
     stream = _as_stream(stream, layer.device) if stream is not None else _caller_stream(x, layer.device)
     if stream is not None:
         with stream:
-            return _gemm(x, layer, kernel, out, tile_m, split_k)
-    return _gemm(x, layer, kernel, out, tile_m, split_k)
+            return _gemm(x, layer, kernel, out, tile_m, split_k, norm, residual)
+    return _gemm(x, layer, kernel, out, tile_m, split_k, norm, residual)
 
 
-def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k):
+def _launch_choice(v: registry.Variant, layer: QuantLinear, M: int, dtype: str, tile_m, split_k, prologue: bool,
+                   epilogue: bool):
+    """(variant, plan) of a gemm call of M rows of ``dtype`` with kernel ``v`` (auto: its choice for M,
+    under the current stream's capture state); the plan None for the dequant path. ``prologue``/
+    ``epilogue``: the norm / residual asked for (the plan says which its kernel fuses)."""
+    N, K = layer.out_features, layer.in_features
+    if v.path == "auto":
+        if tile_m is not None or split_k is not None:
+            raise ValueError("tile_m/split_k choose one kernel's launch; name that kernel instead of 'auto'")
+        v = dispatch.kernel_for(M, N, K, layer.device, dtype, capturable=kernels.capturing())
+    else:
+        reason = kernels.unsupported_reason(v, layer.device)
+        if reason is not None:
+            raise ValueError(reason)
+        v.design.check_dtype(dtype)
+    if v.path == "dequant":
+        if tile_m is not None or split_k is not None:
+            raise ValueError(f"tile_m/split_k choose a GEMM kernel's launch; kernel={v.name!r} runs cuBLAS")
+        if kernels.capturing():
+            raise ValueError(f"kernel={v.name!r} runs cuBLAS, which CuPy cannot capture in a CUDA graph; "
+                             f"name another kernel or use 'auto'")
+        return v, None
+    # act-order gathers x after the norm: the prologue, which normalizes x as it is, does not fuse
+    return v, _plan(v, M, N, K, layer.group_size, layer.device, tile_m, split_k, dtype,
+                    prologue and layer.perm is None, epilogue)
+
+
+def fused(layer: QuantLinear, M: int, dtype="float16", kernel=None, *, norm: bool = False,
+          residual: bool = False) -> tuple:
+    """(norm, residual): whether a :func:`gemm` call on ``layer`` of M rows of ``dtype`` ("float16"
+    or "bfloat16") with ``kernel`` (None: the layer's default), given ``norm`` and/or ``residual``
+    as these flags say, runs each of them inside its GEMM launch (False: gemm composes it, or it
+    was not asked for). For the current device and the current stream's capture state (under
+    capture, auto may choose another kernel)."""
+    import cupy
+    v = layer.default_kernel if kernel is None else registry.variant(kernel)
+    if cupy.cuda.runtime.getDevice() != layer.device:
+        with cupy.cuda.Device(layer.device):
+            return fused(layer, M, dtype, v, norm=norm, residual=residual)
+    _, p = _launch_choice(v, layer, M, dtypes.name(dtype), None, None, norm, residual)
+    return (False, False) if p is None else (p.prologue, p.epilogue)
+
+
+def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k, norm=None, residual=None):
     """gemm on the layer's device and the chosen (current) stream."""
     import cupy
     x, to_caller = _as_cupy(x, "x")
@@ -354,45 +459,54 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k):
     else:
         out, _ = _as_cupy(out, "out")
         _check_out(out, shape, x, layer)
+    if norm is not None:
+        norm = _check_norm(norm, x, layer, out)
+    if residual is not None:
+        residual = _check_residual(residual, out, layer)
     if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, (int, np.integer))
                                 or split_k < 1):
         raise ValueError(f"split_k={split_k!r} must be a positive int (or None to choose by shape)")
-    dtype = x.dtype.name
-    if v.path == "auto":
-        if tile_m is not None or split_k is not None:
-            raise ValueError("tile_m/split_k choose one kernel's launch; name that kernel instead of 'auto'")
-        v = dispatch.kernel_for(M, N, K, layer.device, dtype, capturable=kernels.capturing())
-    else:
-        reason = kernels.unsupported_reason(v, layer.device)
-        if reason is not None:
-            raise ValueError(reason)
-        v.design.check_dtype(dtype)
-    if v.path == "dequant":
-        if tile_m is not None or split_k is not None:
-            raise ValueError(f"tile_m/split_k choose a GEMM kernel's launch; kernel={v.name!r} runs cuBLAS")
-        if kernels.capturing():
-            raise ValueError(f"kernel={v.name!r} runs cuBLAS, which CuPy cannot capture in a CUDA graph; "
-                             f"name another kernel or use 'auto'")
-    else:
-        p = _plan(v, M, N, K, layer.group_size, layer.device, tile_m, split_k, dtype)
+    v, p = _launch_choice(v, layer, M, x.dtype.name, tile_m, split_k, norm is not None, residual is not None)
     bias = layer.bias_as(x.dtype)
+    ws = kernels.workspace(layer.device)
+    if norm is not None and not (p is not None and p.prologue):      # composed: the normed x first
+        from .llama import ops
+        x = ops.add_rms_norm(x, norm[0], norm[1], out=_scratch(ws, "norm", x.shape, x.dtype))
     if layer.perm is not None:           # act-order: the kernels read K sorted by group (formats.act_order)
-        gathered = kernels.workspace(layer.device).buffer("gather", x.size, x.dtype)[:x.size].reshape(x.shape)
+        gathered = ws.buffer("gather", x.size, x.dtype)[:x.size].reshape(x.shape)
         x = cupy.take(x, layer.perm, axis=-1, out=gathered)
-    if v.path == "dequant":
-        y = kernels.launch_dequant(x, layer.qweight, layer.qzeros, layer.scales, bias, out, N, K,
-                                   layer.group_size, layer.device)
+    add_after = residual is not None and not (p is not None and p.epilogue)
+    y = out
+    if add_after and residual.data.ptr == out.data.ptr:   # composed in place: the GEMM's output aside
+        y = _scratch(ws, "residual", shape, out.dtype)
+    if p is None:
+        kernels.launch_dequant(x, layer.qweight, layer.qzeros, layer.scales, bias, y, N, K, layer.group_size,
+                               layer.device)
     else:
-        y = kernels.launch(p, x, layer.qweight, layer.qzeros, layer.scales, bias, out, layer.device)
+        kernels.launch(p, x, layer.qweight, layer.qzeros, layer.scales, bias, y, layer.device, norm, residual)
+    if add_after:                        # T(r + y): one rounding of the float32 sum of two values of T
+        cupy.add(residual, y, out=out)
     if caller_out is not None:
         return caller_out
-    return to_caller(y) if to_caller is not None else y
+    return to_caller(out) if to_caller is not None else out
+
+
+def _scratch(ws, name: str, shape, dtype):
+    """An intermediate of a composed norm or residual add: under capture, workspace buffer ``name``
+    (it lives as long as the graph); else an array from CuPy's pool (a prefill's large ones are not
+    kept)."""
+    import cupy
+    if kernels.capturing():
+        n = int(np.prod(shape))
+        return ws.buffer(name, n, dtype)[:n].reshape(shape)
+    return cupy.empty(shape, dtype)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(v: registry.Variant, M, N, K, group_size, device, tile_m, split_k, dtype):
+def _plan(v: registry.Variant, M, N, K, group_size, device, tile_m, split_k, dtype, prologue=False,
+          epilogue=False):
     return kernels.plan(v, M, N, K, group_size, kernels.device_limits(device), tile_m=tile_m,
-                        split_k=split_k, dtype=dtype)
+                        split_k=split_k, dtype=dtype, prologue=prologue, epilogue=epilogue)
 
 
-__all__ = ["QuantLinear", "gemm", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape"]
+__all__ = ["QuantLinear", "gemm", "fused", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape"]

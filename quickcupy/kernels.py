@@ -96,6 +96,8 @@ class LaunchPlan:
     threads: int = 0             # threads per block (0: the design's)
     counters: bool = False       # the kernel reduces split-K itself and needs arrival counters
     shape: DecodeShape | None = None   # planner "decode": the block shape chosen
+    prologue: bool = False       # the instance normalizes x itself (RMSNorm prologue; launch's norm=)
+    epilogue: bool = False       # the instance adds the residual itself (residual epilogue; launch's residual=)
 
     @property
     def kernel(self) -> str:
@@ -140,7 +142,8 @@ H100 = DeviceLimits(sm_count=132, smem_per_sm=228 * 1024, smem_per_block=227 * 1
 
 
 def plan(kernel, M: int, N: int, K: int, group_size: int, device: DeviceLimits | int = H100,
-         tile_m=None, split_k=None, tile: Tile | None = None, dtype: str = "float16") -> LaunchPlan:
+         tile_m=None, split_k=None, tile: Tile | None = None, dtype: str = "float16",
+         prologue: bool = False, epilogue: bool = False) -> LaunchPlan:
     """Launch plan of ``kernel`` (a :mod:`quickcupy.registry` Variant or Design record, or its
     name) for x (M, K) times weight (K, N) with ``group_size`` (the effective size: K for one group
     per row), ``dtype`` ("float16" or "bfloat16") the activations' (the instance's template type),
@@ -148,7 +151,11 @@ def plan(kernel, M: int, N: int, K: int, group_size: int, device: DeviceLimits |
 
     ``tile_m``/``split_k`` override the choice by M; ``tile`` overrides the design's Tile (tuning).
     Scales and zeros are reloaded every gcd(group_size / 32, chunks) chunks, so every group size
-    that is a multiple of 32 works with every tile."""
+    that is a multiple of 32 works with every tile.
+
+    ``prologue``/``epilogue`` ask for the RMSNorm prologue / residual epilogue in the kernel: the
+    plan takes what its instance has (:func:`_fuse_decode`; LaunchPlan.prologue/epilogue say what),
+    with the grid and split of the plain launch; the caller composes the rest (:func:`quickcupy.gemm`)."""
     if isinstance(device, int):
         device = dataclasses.replace(H100, sm_count=device)
     design = registry.design_of(kernel)
@@ -161,7 +168,8 @@ def plan(kernel, M: int, N: int, K: int, group_size: int, device: DeviceLimits |
     if isinstance(design, DecodeDesign):
         if tile_m is not None or tile is not None:
             raise ValueError(f"tile_m/tile do not apply to {design.name} (it picks its block shape by M)")
-        return _plan_decode(design, M, N, K, group_size, device, split_k, dtype)
+        p = _plan_decode(design, M, N, K, group_size, device, split_k, dtype)
+        return _fuse_decode(p, prologue, epilogue, device, dtype) if prologue or epilogue else p
     return _plan_gemm(design, M, N, K, group_size, device, tile_m, split_k, tile, dtype)
 
 
@@ -213,15 +221,18 @@ RING_WAVE = 0.5
 RING_SMS = 0.001                  # ties: the launch that keeps more SMs busy
 
 
-def _decode_smem(sh: DecodeShape, M: int, cps: int) -> int:
+def _decode_smem(sh: DecodeShape, M: int, cps: int, prologue: bool = False) -> int:
     """Dynamic shared memory of a launch with ``cps`` chunks per split: the warps' ring slots, then the
     activations (the whole slice, M rows of 32 cps + 8 halfs, for the register pipeline; a ring of S
-    slots of M rows x one round, 32 KW U + 8 halfs, otherwise) and 16 zero bytes; or, with KW > 1,
-    the fp32 sums of the upper warps of each tile column, whichever is larger."""
+    slots of M rows x one round, 32 KW U + 8 halfs, otherwise) and 16 zero bytes (with the RMSNorm
+    ``prologue``, then the norm weight's slice, one more such row, and 8 fp32 row sums per warp); or,
+    with KW > 1, the fp32 sums of the upper warps of each tile column, whichever is larger."""
     if sh.stages == 0:
         acts = M * (32 * cps + 8) * 2
     else:
         acts = sh.nwarps * sh.stages * sh.chunks * DECODE_SLOT_BYTES + sh.stages * M * (32 * sh.round_chunks + 8) * 2
+    if prologue:
+        acts += (32 * cps + 8) * 2 + 8 * 4 * sh.nwarps
     return max(acts + 16, (sh.kw - 1) * sh.columns * sh.mb * 1024)
 
 
@@ -309,6 +320,24 @@ def _plan_decode(design: DecodeDesign, M: int, N: int, K: int, group_size: int, 
                       bn=32 * sh.columns, tile=Tile(chunks=sh.chunks), grid=(-(-tiles_n // sh.columns), splits, 1),
                       shared_bytes=_decode_smem(sh, M, cps), chunks_per_split=cps, M=M, N=N, K=K,
                       group_size=group_size, threads=32 * sh.nwarps, counters=True, shape=sh)
+
+
+def _fuse_decode(p: LaunchPlan, prologue: bool, epilogue: bool, device: DeviceLimits, dtype: str) -> LaunchPlan:
+    """Decode plan ``p`` (plain) with the fused instance that does the most of what is asked: both,
+    else the prologue, else the epilogue, among the design's instances for the shape
+    (DecodeDesign.fusions) whose shared memory fits the device; ``p`` itself when none does. The
+    grid and split stay, so the epilogue's result is the plain GEMM's then add_rms_norm's add, bit
+    for bit."""
+    sh = p.shape
+    have = p.design.fusions(sh)
+    for pro, epi in ((prologue, epilogue), (prologue, False), (False, epilogue)):
+        if (pro or epi) and (pro, epi) in have:
+            smem = _decode_smem(sh, p.M, p.chunks_per_split, pro)
+            if smem <= device.smem_per_block:
+                return dataclasses.replace(p, name=sh.instance(math.gcd(p.group_size // 32, sh.chunks), dtype,
+                                                               pro, epi),
+                                           shared_bytes=smem, prologue=pro, epilogue=epi)
+    return p
 
 
 def all_instances():
@@ -521,15 +550,18 @@ def launch_kernel(fn, grid, block, args, shared_mem: int = 0, *, pdl: bool = Fal
 _CARVED = set()
 
 
-def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int):
+def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int, norm=None, residual=None):
     """Runs plan ``p`` on checked CuPy arrays (no checks here: quickcupy.gemm does them) on the
     current stream: the GEMM kernel, then with split-K the reduction of its fp32 partials. Scratch
     (partials, arrival counters) comes from :func:`workspace`, never from a per-call allocation, so
     a launch captured in a CUDA graph keeps its buffers for as long as the graph can replay.
+    ``norm`` (weight (K,), eps) for a plan with the prologue, ``residual`` (M, N) (may be ``out``)
+    for one with the epilogue (LaunchPlan.prologue/epilogue; ignored otherwise).
 
     Argument order of every GEMM design: (A, qweight, qzeros, scales, bias, C, partial, M, N, K,
     group_size, chunks_per_split); bias and partial may be null; a design with ``x_tensor_map``
-    takes the TMA map of A (:func:`x_tensor_map`) before them."""
+    takes the TMA map of A (:func:`x_tensor_map`) before them; the decode design takes arrival
+    counters after partial and (norm weight, eps, residual) last."""
     fn = get_function(device_id, p.source, p.name, p.shared_bytes)
     M, N, K = p.M, p.N, p.K
     null = np.uint64(0)
@@ -542,9 +574,14 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int)
         splits = p.grid[1]
         ws = workspace(device_id)
         partial = ws.buffer("partials", splits * M * N, np.float32) if splits > 1 else null
+        if (p.prologue and norm is None) or (p.epilogue and residual is None):
+            raise ValueError(f"{p.name} fuses the {'RMSNorm prologue' if p.prologue else 'residual epilogue'}: "
+                             f"launch needs {'norm' if p.prologue else 'residual'}")
+        norm_w, eps = norm if p.prologue else (null, 0.0)
         launch_kernel(fn, p.grid, p.block, (x, qweight, qzeros, scales, null if bias is None else bias, out,
                                             partial, ws.counters(N // 32), np.int32(M), np.int32(N), np.int32(K),
-                                            np.int32(p.group_size), np.int32(p.chunks_per_split)),
+                                            np.int32(p.group_size), np.int32(p.chunks_per_split), norm_w,
+                                            np.float32(eps), residual if p.epilogue else null),
                       p.shared_bytes, pdl=True)
         return out
     splits = p.split_k
@@ -602,7 +639,8 @@ def x_tensor_map(ptr: int, M: int, K: int, box_rows: int, dtype: str = "float16"
 
 class Workspace:
     """Scratch of the launches that share one stream (or one capture sequence of it): named
-    buffers (split-K partials, the act-order gather of x) and uint32 arrival counters (zeroed
+    buffers (split-K partials, the act-order gather of x, under capture gemm's composed norm and
+    residual intermediates) and uint32 arrival counters (zeroed
     once; the kernels leave them at 0). Launches on one stream run one after another, so they may
     share a buffer. Buffers only grow, and an outgrown one is kept alive with the workspace: a
     CUDA graph that captured a launch keeps reading and writing the memory it captured."""

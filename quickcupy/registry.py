@@ -124,13 +124,23 @@ class DecodeDesign(Design):
     by the last block to arrive (arrival counters in the per-stream workspace)."""
     shapes: tuple            # the DecodeShapes it may launch; each sets its threads (nwarps * 32)
 
+    @staticmethod
+    def fusions(shape: "DecodeShape") -> tuple:
+        """The fused variants (prologue, epilogue) instantiated for ``shape`` besides the plain one:
+        the RMSNorm prologue on the register pipeline (stages 0, where the batch-1 decode step runs;
+        the ring streams its activations by rounds and has none), the residual epilogue on every
+        shape (the same code on both pipelines). Never both at once: no Llama GEMM needs both, and
+        each instance costs CI a compile."""
+        return ((True, False), (False, True)) if shape.stages == 0 else ((False, True),)
+
     def instances(self) -> list:
-        return [sh.instance(gch, dt) for dt in self.dtypes for sh in self.shapes for gch in divisors(sh.chunks)]
+        return [sh.instance(gch, dt, *fused) for dt in self.dtypes for sh in self.shapes
+                for fused in ((False, False),) + self.fusions(sh) for gch in divisors(sh.chunks)]
 
 
 @dataclass(frozen=True)
 class DecodeShape:
-    """A block shape of cuda/quick_decode.cu (template <NWARPS, KW, MB, U, S, GCH, MINB>)."""
+    """A block shape of cuda/quick_decode.cu (template <NWARPS, KW, MB, U, S, GCH, MINB, T, PRO, EPI>)."""
     nwarps: int              # warps per block
     kw: int                  # warps along K per 32-column tile (nwarps / kw tile columns per block)
     mb: int                  # 8-row tiles of x: serves M <= 8 * mb
@@ -146,9 +156,12 @@ class DecodeShape:
     def round_chunks(self) -> int:   # chunks of a tile column per round (KW warps x U)
         return self.kw * self.chunks
 
-    def instance(self, gch: int, dtype: str = "float16") -> str:
+    def instance(self, gch: int, dtype: str = "float16", prologue: bool = False, epilogue: bool = False) -> str:
+        """The template instance; ``prologue``/``epilogue``: the RMSNorm prologue (PRO) / residual
+        epilogue (EPI) switched on (the plain instance leaves both template defaults, 0)."""
+        fused = f", {int(prologue)}, {int(epilogue)}" if prologue or epilogue else ""
         return (f"quick_decode<{self.nwarps}, {self.kw}, {self.mb}, {self.chunks}, {self.stages}, {gch}, "
-                f"{self.minb}, {CTYPES[dtype]}>")
+                f"{self.minb}, {CTYPES[dtype]}{fused}>")
 
 
 @dataclass(frozen=True)

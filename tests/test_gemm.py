@@ -1,11 +1,17 @@
-"""quickcupy.gemm: both kernels against the float64 NumPy reference, and the API's checks."""
+"""quickcupy.gemm: every kernel against the float64 NumPy reference, alone and with the RMSNorm
+before it and the residual add after it (fused or composed), and the API's checks."""
+import importlib
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from conftest import rel_error
-from quickcupy import quantize, reference_gemm
+from quickcupy import dispatch, kernels, quantize, reference_gemm
 from quickcupy import registry
 from quickcupy.gemm import KERNELS, check_layer_shape, kernel_layout
+
+gemm_module = importlib.import_module("quickcupy.gemm")   # the module (quickcupy.gemm is also the function)
 
 M_VALUES = (1, 2, 7, 16, 31, 33, 64, 100, 128, 257, 1024)
 LLAMA_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288), (8192, 8192))  # (K, N)
@@ -29,6 +35,100 @@ def test_kernel_names_and_layouts():
 def test_layer_shape_rules(layout, K, N, msg):
     with pytest.raises(ValueError, match=msg):
         check_layer_shape(layout, K, N)
+
+
+class _Array:
+    """What gemm's checks read of an array (dtype, shape, contiguity, address, device), without a GPU."""
+
+    def __init__(self, shape, dtype=np.float16, ptr=1 << 20, contiguous=True, device=0):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self.flags = SimpleNamespace(c_contiguous=contiguous)
+        self.data = SimpleNamespace(ptr=ptr)
+        self.device = SimpleNamespace(id=device)
+
+
+@pytest.fixture
+def unwrapped(monkeypatch):
+    """gemm's module, taking the fake arrays above as they are (no CuPy conversion)."""
+    monkeypatch.setattr(gemm_module, "_as_cupy", lambda a, name: (a, None))
+    return gemm_module
+
+
+def test_norm_argument_checks(unwrapped):
+    layer = SimpleNamespace(in_features=256, out_features=128, device=0)
+    x, out = _Array((4, 256), ptr=1 << 20), _Array((4, 128), ptr=2 << 20)
+    w = _Array((256,), ptr=3 << 20)
+    assert unwrapped._check_norm((w, 1e-5), x, layer, out) == (w, 1e-5)
+    assert unwrapped._check_norm([w, 0], x, layer, out) == (w, 0.0)
+    for norm, error, match in [
+            (w, TypeError, r"norm must be \(weight, eps\), got _Array"),
+            ((w, 1e-5, 1), TypeError, r"norm must be \(weight, eps\)"),
+            ((_Array((128,), ptr=3 << 20), 1e-5), ValueError, r"norm weight must be \(256,\) float16 \(in_features"),
+            ((_Array((256,), np.float32, ptr=3 << 20), 1e-5), ValueError, r"norm weight must be \(256,\) float16"),
+            ((_Array((256,), ptr=(3 << 20) + 2), 1e-5), ValueError, "norm weight must be C-contiguous and 16-byte"),
+            ((_Array((256,), ptr=3 << 20, contiguous=False), 1e-5), ValueError, "norm weight must be C-contiguous"),
+            ((_Array((256,), ptr=3 << 20, device=1), 1e-5), ValueError, "norm weight is on device 1"),
+            ((w, -1e-5), ValueError, "norm eps must be a finite number >= 0, got -1e-05"),
+            ((w, float("nan")), ValueError, "norm eps must be a finite number >= 0"),
+            ((w, True), ValueError, "norm eps must be a finite number >= 0, got True"),
+            ((w, "1e-5"), ValueError, "norm eps must be a finite number >= 0"),
+            ((_Array((256,), ptr=(2 << 20) + 64), 1e-5), ValueError, "out overlaps the norm weight")]:
+        with pytest.raises(error, match=match):
+            unwrapped._check_norm(norm, x, layer, out)
+
+
+def test_residual_argument_checks(unwrapped):
+    layer = SimpleNamespace(in_features=256, out_features=128, device=0)
+    out = _Array((4, 128), ptr=2 << 20)
+    r = _Array((4, 128), ptr=4 << 20)
+    assert unwrapped._check_residual(r, out, layer) is r
+    assert unwrapped._check_residual(out, out, layer) is out                     # in place
+    assert unwrapped._check_residual(_Array((4, 128), ptr=2 << 20), out, layer) is not None   # the same memory
+    for residual, match in [
+            (_Array((4, 64), ptr=4 << 20), r"residual must be \(4, 128\) float16 \(the output's shape"),
+            (_Array((4, 128), np.float32, ptr=4 << 20), r"residual must be \(4, 128\) float16"),
+            (_Array((4, 128), ptr=(4 << 20) + 8), "residual must be C-contiguous and 16-byte aligned"),
+            (_Array((4, 128), ptr=4 << 20, contiguous=False), "residual must be C-contiguous"),
+            (_Array((4, 128), ptr=4 << 20, device=1), "residual is on device 1"),
+            (_Array((4, 128), ptr=(2 << 20) + 256), "out overlaps residual without being it")]:
+        with pytest.raises(ValueError, match=match):
+            unwrapped._check_residual(residual, out, layer)
+
+
+def test_which_kernels_fuse(monkeypatch):
+    """gemm's choice of launch (_launch_choice, what gemm.fused reports): quick_decode's register
+    pipeline takes the norm (and, asked for the residual alone, the residual), its ring the
+    residual; an act-order layer never fuses the norm (it gathers the normed x); the other
+    kernels compose both; auto fuses as the kernel it picks."""
+    monkeypatch.setattr(kernels, "device_limits", lambda device_id: kernels.H100)
+    monkeypatch.setattr(kernels, "capturing", lambda: False)
+    monkeypatch.setattr(kernels, "unsupported_reason", lambda kernel, device_id: None)
+    picks = {}
+    monkeypatch.setattr(dispatch, "kernel_for", lambda M, N, K, device_id, dtype, capturable: picks[M])
+    layer = SimpleNamespace(in_features=4096, out_features=12288, device=0, group_size=128, perm=None)
+    choose = gemm_module._launch_choice
+
+    def fusion(kernel, M, norm, residual, layer=layer):
+        _, p = choose(registry.variant(kernel), layer, M, "float16", None, None, norm, residual)
+        return (p.prologue, p.epilogue)
+    assert kernels.plan("quick_decode", 1, 12288, 4096, 128).shape.stages == 0
+    assert kernels.plan("quick_decode", 4, 12288, 4096, 128).shape.stages > 0
+    assert fusion("quick_decode", 1, True, False) == (True, False)
+    assert fusion("quick_decode", 1, False, True) == (False, True)
+    assert fusion("quick_decode", 1, True, True) == (True, False)
+    assert fusion("quick_decode", 4, True, True) == fusion("quick_decode", 4, False, True) == (False, True)
+    assert fusion("quick_decode", 4, True, False) == (False, False)
+    act_order = SimpleNamespace(**{**vars(layer), "perm": np.arange(4096)})
+    assert fusion("quick_decode", 1, True, True, act_order) == (False, True)
+    for kernel in ("quick", "quick_m16", "quick_sm90"):
+        assert fusion(kernel, 16, True, True) == (False, False)
+    picks.update({1: registry.VARIANTS["quick_decode"], 64: registry.VARIANTS["quick_sm90"],
+                  4096: registry.VARIANTS["dequant"]})
+    assert fusion("auto", 1, True, False) == (True, False)
+    assert fusion("auto", 64, True, True) == (False, False)
+    v, p = choose(registry.VARIANTS["auto"], layer, 4096, "float16", None, None, True, True)
+    assert v.name == "dequant" and p is None
 
 
 # ---------------------------------------------------------------------------------------- GPU
@@ -232,3 +332,180 @@ def test_cuda_graph_replay_is_bit_identical(kernel, M, split_k, rng):
             stream.synchronize()
             assert (out.view(np.uint16) == eager.view(np.uint16)).all()
     _check(eager.get(), reference_gemm(x.get(), q, layer.bias.get()))
+
+
+# ------------------------------------------------------------- GPU: the RMSNorm and residual fusions
+# (K, N) of Llama-2-7B's qkv, o, gate|up and down projections
+FUSION_SHAPES = ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096))
+EPS = 1e-5
+UNIT = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}        # unit roundoff of the activations
+BITS = {"float16": 11, "bfloat16": 8}                        # significant bits
+# A GEMM on normed inputs rounds each input twice (x * inv_rms, then * w), the weights (fp16 or bf16
+# dequantization in some kernels) and the output: a few unit roundoffs of relative error at most.
+FUSION_TOL = 8
+
+
+def _act(rng, shape, scale, dtype):
+    """Random activations of ``dtype`` (float16 or bfloat16) on the host."""
+    from quickcupy.dtypes import np_dtype
+    return (scale * rng.standard_normal(shape)).astype(np.float32).astype(np_dtype(dtype))
+
+
+def _f64(a):
+    a = a.get() if hasattr(a, "get") else a
+    return np.asarray(a).astype(np.float32).astype(np.float64)
+
+
+def _bits(a):
+    return (a.get() if hasattr(a, "get") else a).view(np.uint16)
+
+
+def _poisoned(shape, dtype):
+    import cupy
+    from quickcupy.dtypes import np_dtype
+    return cupy.full(shape, np.nan, np.float32).astype(np_dtype(dtype))
+
+
+def _rms_norm64(x, w, eps):
+    """The exact RMSNorm of the rows of x times w, in float64."""
+    x, w = _f64(x), _f64(w)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def _within_ulps(a, b, dtype, n=2):
+    """Elementwise |a - b| <= n units in the last place of ``dtype`` at |b|, or at half b's rms for
+    smaller values: a last-bit change of one normed input moves every output of its row by the
+    same small amount, a fraction of an ulp at the outputs' typical size but not at a near-zero one."""
+    a, b = _f64(a), _f64(b)
+    at = np.maximum(np.abs(b), np.sqrt((b * b).mean()) / 2)
+    return np.abs(a - b) <= n * 2.0 ** (np.floor(np.log2(at)) - BITS[dtype] + 1)
+
+
+def _layers_with_and_without_bias(K, N, layout, bias):
+    from quickcupy import QuantLinear
+    _, plain = _layer(K, N, 128, layout)
+    return {False: plain, True: QuantLinear.from_packed(plain.qweight, plain.qzeros, plain.scales, layout=layout,
+                                                        in_features=K, out_features=N, group_size=128, bias=bias)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
+@pytest.mark.parametrize("K,N", FUSION_SHAPES)
+def test_norm_and_residual_with_every_kernel(K, N, dtype, rng):
+    """gemm with norm=(w, eps) and/or residual=r for every kernel name (fused where the kernel has
+    them, composed otherwise), M = 1, 3, 8, 16, with and without bias, split-K and not, against
+    float64 (the exact RMSNorm of x; r plus the product): the norm alone and with the residual
+    (outputs poisoned), the residual into a separate out (poisoned) and in place (out = r). Every
+    call twice: the same bits (a fixed order of every sum). x, w and r are left as they were."""
+    import cupy
+    from quickcupy import gemm
+    q, _ = _layer(K, N, 128, "quick")
+    W = q.dequantize(np.float64)
+    bias = _act(rng, N, 1.0, dtype)
+    layers = {layout: _layers_with_and_without_bias(K, N, layout, bias) for layout in ("quick", "awq")}
+    device = cupy.cuda.Device().id
+    fused_seen = set()
+    for M in (1, 3, 8, 16):
+        x, r = _act(rng, (M, K), 3.0, dtype), _act(rng, (M, N), 4.0, dtype)
+        w = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32).astype(x.dtype)
+        xd, rd, wd = cupy.asarray(x), cupy.asarray(r), cupy.asarray(w)
+        plain_product, normed_product = _f64(x) @ W.T, _rms_norm64(x, w, EPS) @ W.T
+        for with_bias in (False, True):
+            b = _f64(bias) if with_bias else 0.0
+            refs = {"norm": normed_product + b, "residual": _f64(r) + plain_product + b,
+                    "in_place": _f64(r) + plain_product + b, "both": _f64(r) + normed_product + b}
+            for kernel in KERNELS:
+                v = registry.variant(kernel)
+                if (M > (v.design.max_m or M) or dtype not in v.design.dtypes
+                        or kernels.unsupported_reason(v, device) is not None):
+                    continue
+                layer = layers[v.layout][with_bias]
+                for split_k in ((None,) if v.path != "gemm" else (None, 3)):
+                    plan = {} if split_k is None else {"split_k": split_k}
+                    for case, ref in refs.items():
+                        where = f"{kernel} M={M} bias={with_bias} split_k={split_k} {case}"
+                        asked = {"norm": (wd, EPS)} if case in ("norm", "both") else {}
+                        runs = []
+                        for _ in range(2):
+                            out = rd.copy() if case == "in_place" else _poisoned((M, N), dtype)
+                            if case != "norm":
+                                asked["residual"] = out if case == "in_place" else rd
+                            assert gemm(xd, layer, kernel, out, **asked, **plan) is out
+                            runs.append(out.get())
+                        fused_seen.add((kernel, case, gemm_module.fused(layer, M, dtype, kernel, norm="norm" in asked,
+                                                                        residual="residual" in asked)))
+                        assert np.array_equal(_bits(runs[0]), _bits(runs[1])), f"{where}: two runs differ"
+                        assert not np.isnan(_f64(runs[0])).any(), f"{where}: NaN in the output"
+                        err = rel_error(_f64(runs[0]), ref)
+                        assert err < FUSION_TOL * UNIT[dtype], f"{where}: relative error {err:.2e}"
+        assert np.array_equal(_bits(xd), _bits(x)) and np.array_equal(_bits(wd), _bits(w))
+        assert np.array_equal(_bits(rd), _bits(r))
+    # quick_decode at M = 1 (the register pipeline) ran the norm and the residual add in its launch
+    assert ("quick_decode", "norm", (True, False)) in fused_seen
+    assert ("quick_decode", "in_place", (False, True)) in fused_seen
+    assert all(f == (False, False) for k, _, f in fused_seen if k not in ("quick_decode", "auto"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
+@pytest.mark.parametrize("K,N", FUSION_SHAPES)
+def test_fused_equals_composed(K, N, dtype, rng):
+    """quick_decode with the norm in its prologue and the residual add in its epilogue against the
+    same GEMM composed by hand (add_rms_norm, the plain GEMM, an elementwise add): the residual bit
+    for bit (both epilogues, split and not, in place too), the norm within 2 ulps (its sum of
+    squares runs in another order, so inv_rms, and a normed input, may differ in the last bit)."""
+    import cupy
+    from quickcupy import gemm
+    from quickcupy.llama import ops
+    layers = _layers_with_and_without_bias(K, N, "quick", _act(rng, N, 1.0, dtype))
+    for M in (1, 3, 8, 16):
+        x, r = _act(rng, (M, K), 3.0, dtype), _act(rng, (M, N), 4.0, dtype)
+        w = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32).astype(x.dtype)
+        xd, rd, wd = cupy.asarray(x), cupy.asarray(r), cupy.asarray(w)
+        for with_bias, layer in layers.items():
+            for split_k in (None, 1, 4):
+                plan = {} if split_k is None else {"split_k": split_k}
+                where = f"M={M} bias={with_bias} split_k={split_k}"
+                y = gemm(xd, layer, "quick_decode", **plan)
+                composed = cupy.add(rd, y)
+                fused = gemm(xd, layer, "quick_decode", _poisoned((M, N), dtype), residual=rd, **plan)
+                assert np.array_equal(_bits(fused), _bits(composed)), where
+                in_place = rd.copy()
+                gemm(xd, layer, "quick_decode", in_place, residual=in_place, **plan)
+                assert np.array_equal(_bits(in_place), _bits(composed)), where
+                composed = gemm(ops.add_rms_norm(xd, wd, EPS), layer, "quick_decode", **plan)
+                fused = gemm(xd, layer, "quick_decode", _poisoned((M, N), dtype), norm=(wd, EPS), **plan)
+                close = _within_ulps(fused, composed, dtype)
+                assert close.all(), f"{where}: {np.count_nonzero(~close)} outputs differ by more than 2 ulps"
+    assert gemm_module.fused(layers[False], 1, dtype, "quick_decode", norm=True) == (True, False)
+    assert gemm_module.fused(layers[False], 1, dtype, "quick_decode", residual=True) == (False, True)
+
+
+@pytest.mark.gpu
+def test_norm_and_residual_errors_before_launch(rng):
+    """Bad norm / residual arguments raise before anything runs: the output stays as it was."""
+    import cupy
+    from quickcupy import QuantLinear, gemm
+    K, N = 256, 128
+    layer = QuantLinear.from_quantized(quantize(rng.standard_normal((N, K)).astype(np.float32), 128))
+    square = QuantLinear.from_quantized(quantize(rng.standard_normal((K, K)).astype(np.float32), 128))
+    x = cupy.asarray(rng.standard_normal((4, K)).astype(np.float16))
+    w, w2 = cupy.ones(K, np.float16), cupy.ones(4 * K, np.float16)
+    out = cupy.full((4, N), np.nan, np.float16)
+    for kernel in ("quick_decode", "quick"):
+        with pytest.raises(ValueError, match=r"norm weight must be \(256,\) float16"):
+            gemm(x, layer, kernel, out, norm=(w[:128], 1e-5))
+        with pytest.raises(ValueError, match="norm eps must be a finite number >= 0"):
+            gemm(x, layer, kernel, out, norm=(w, -1.0))
+        with pytest.raises(TypeError, match=r"norm must be \(weight, eps\)"):
+            gemm(x, layer, kernel, out, norm=w)
+        with pytest.raises(ValueError, match=r"residual must be \(4, 128\) float16"):
+            gemm(x, layer, kernel, out, residual=cupy.zeros((4, N), np.float32))
+        buf = cupy.zeros(8 * N, np.float16)
+        with pytest.raises(ValueError, match="out overlaps residual without being it"):
+            gemm(x, layer, kernel, buf[:4 * N].reshape(4, N), residual=buf[2 * N:6 * N].reshape(4, N))
+        with pytest.raises(ValueError, match="out overlaps x"):          # the residual stream may not be x
+            gemm(x, square, kernel, x, residual=x)
+        with pytest.raises(ValueError, match="out overlaps the norm weight"):
+            gemm(x, square, kernel, w2[:4 * K].reshape(4, K), norm=(w2[:K], 1e-5))
+        assert bool(cupy.isnan(out).all()) and not buf.any() and not bool(cupy.isnan(x).any())

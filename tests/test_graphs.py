@@ -321,3 +321,55 @@ def test_programmatic_launch_chain_in_a_graph(dtype, rng, monkeypatch):
                     stream.synchronize()
                     assert np.array_equal(y.get().view(np.uint16), eager.view(np.uint16)), (M, pdl)
     kernels._pdl_capable.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fused_layer_chain_in_a_graph(dtype, rng, monkeypatch):
+    """A Llama layer's GEMMs with its RMSNorms and residual adds given to gemm (norm=, residual= in
+    place into the residual stream x; quick_decode fuses them at M = 1, the ring the adds alone,
+    the rest is composed), captured with and without programmatic dependent launch: replays equal
+    the eager chain bit for bit, x reset and every intermediate poisoned before each replay."""
+    import cupy
+    from quickcupy import QuantLinear
+    from quickcupy.llama import ops
+    dt = np.dtype(dtype) if dtype == "float16" else cupy.dtype("bfloat16")
+    H, I, eps = 1024, 2048, 1e-5
+    layers = {name: QuantLinear.from_quantized(quantize((rng.standard_normal(shape) * 0.03).astype(np.float32), 128))
+              for name, shape in (("qkv", (3 * H, H)), ("o", (H, 3 * H)), ("gate_up", (2 * I, H)), ("down", (H, I)))}
+    w_in, w_post = (cupy.asarray((1 + 0.1 * rng.standard_normal(H)).astype(np.float32)).astype(dt) for _ in range(2))
+
+    def chain(x, keep):
+        qkv = gemm_module.gemm(x, layers["qkv"], "quick_decode", norm=(w_in, eps))
+        gemm_module.gemm(qkv, layers["o"], "quick_decode", x, residual=x)     # qkv stands for attention's output
+        g = gemm_module.gemm(x, layers["gate_up"], "quick_decode", norm=(w_post, eps))
+        a = ops.silu_mul(g)
+        gemm_module.gemm(a, layers["down"], "quick_decode", x, residual=x)
+        keep.extend([qkv, g, a])
+
+    for M in (1, 5, 16):
+        x = cupy.asarray(rng.standard_normal((M, H)).astype(np.float32)).astype(dt)
+        eager = x.copy()
+        chain(eager, [])
+        cupy.cuda.Device().synchronize()                  # x and eager are ready for the side stream
+        assert gemm_module.fused(layers["qkv"], M, dtype, "quick_decode", norm=True)[0] == (M == 1)
+        for pdl in ("1", "0"):
+            monkeypatch.setenv(kernels.PDL_ENV, pdl)
+            kernels._pdl_capable.cache_clear()
+            stream = cupy.cuda.Stream(non_blocking=True)
+            keep = []
+            with stream:
+                xs = x.copy()
+                chain(xs.copy(), [])
+                stream.synchronize()
+                stream.begin_capture()
+                chain(xs, keep)
+                graph = stream.end_capture()
+                for _ in range(3):
+                    xs[...] = x
+                    for a in keep:
+                        a.fill(np.nan)
+                    graph.launch(stream)
+                    stream.synchronize()
+                    assert np.array_equal(xs.get().view(np.uint16), eager.get().view(np.uint16)), (M, pdl)
+    kernels._pdl_capable.cache_clear()

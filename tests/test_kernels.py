@@ -116,6 +116,46 @@ def test_plans_cover_k_exactly(kernel, M, K, N, G):
     assert p.name in registry.SOURCES[p.source].instances     # an instance CI compiles
 
 
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
+@pytest.mark.parametrize("M", (1, 3, 8, 9, 16))
+@pytest.mark.parametrize("K,N,G", [(4096, 12288, 128), (4096, 4096, 64), (4096, 22016, 32), (11008, 4096, 128),
+                                   (640, 256, 640), (8192, 28672, 128)])
+def test_fused_decode_plans(K, N, G, M, dtype):
+    """The fused plans of quick_decode keep the plain launch (grid, split, block shape) and name an
+    instance CI compiles: the RMSNorm prologue on the register pipeline only, the residual epilogue
+    on every shape, never both (asked for both, the prologue wins); other designs fuse nothing."""
+    plain = kernels.plan("quick_decode", M, N, K, G, dtype=dtype)
+    register = plain.shape.stages == 0
+    for pro, epi in ((True, False), (False, True), (True, True)):
+        p = kernels.plan("quick_decode", M, N, K, G, dtype=dtype, prologue=pro, epilogue=epi)
+        assert (p.grid, p.chunks_per_split, p.shape, p.block) == (plain.grid, plain.chunks_per_split, plain.shape,
+                                                                    plain.block)
+        assert p.prologue == (pro and register) and p.epilogue == (epi and not p.prologue)
+        assert p.name in registry.SOURCES["quick_decode.cu"].instances
+        assert (p.name == plain.name) == (not p.prologue and not p.epilogue)
+        assert p.shared_bytes == kernels._decode_smem(p.shape, M, p.chunks_per_split, p.prologue) <= \
+            kernels.H100.smem_per_block
+        if p.prologue:      # norm_w's slice and the warps' row sums come on top of the plain launch's
+            assert p.shared_bytes == plain.shared_bytes + (32 * p.chunks_per_split + 8) * 2 + 32 * p.shape.nwarps \
+                or plain.shape.kw > 1
+    for kernel in ("quick", "awq"):
+        if M <= 16:
+            p = kernels.plan(kernel, M, N, K, G, dtype=dtype, prologue=True, epilogue=True)
+            assert not (p.prologue or p.epilogue) and p == kernels.plan(kernel, M, N, K, G, dtype=dtype)
+
+
+def test_fused_decode_plan_falls_back_where_shared_memory_ends():
+    """A prologue that would not fit the device's shared memory per block is left to the caller
+    (the epilogue, which needs none, is still fused when asked for)."""
+    import dataclasses
+    plain = kernels.plan("quick_decode", 1, 4096, 8192, 128, split_k=1)
+    assert plain.shape.stages == 0
+    tight = dataclasses.replace(kernels.H100, smem_per_block=plain.shared_bytes)
+    assert kernels._fuse_decode(plain, True, False, tight, "float16") is plain
+    both = kernels._fuse_decode(plain, True, True, tight, "float16")
+    assert (both.prologue, both.epilogue, both.shared_bytes) == (False, True, plain.shared_bytes)
+
+
 def test_plan_rejects_unknown_and_bad_groups():
     with pytest.raises(ValueError, match="kernel='int8' is unknown"):
         kernels.plan("int8", 1, 64, 64, 32)
