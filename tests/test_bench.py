@@ -348,6 +348,9 @@ def _check_json(path, kernels):
             if field == "speedup_vs_awq" and "awq" not in kernels:
                 assert value is None
                 continue
+            if field in ("graph_us", "graph_over_floor") and p["kernel"] == "fp16":
+                assert value is None         # cuBLAS through CuPy cannot be captured
+                continue
             assert isinstance(value, (int, float)) and math.isfinite(value), (field, p)
             assert value > 0 or (field == "max_rel_err" and value >= 0), (field, p)
         assert p["max_rel_err"] < 0.05, p

@@ -26,19 +26,6 @@ def test_gemm_instances_are_what_the_planner_launches():
         assert name in registry.SOURCES[source].instances, (source, name)
 
 
-def test_fused_instances_come_with_the_llama_ops():
-    """With ``fused`` (warmup --llama), the RMSNorm-prologue and residual-epilogue instances of the
-    decode plans come too: M = 1 both (register pipeline), M = 4 the epilogue (ring)."""
-    plain = warmup.gemm_instances(["quick_decode"], [(4096, 12288)], [1, 4], 128, "float16", kernels.H100)
-    todo = warmup.gemm_instances(["quick_decode"], [(4096, 12288)], [1, 4], 128, "float16", kernels.H100,
-                                 fused=True)
-    want = {(p.source, p.name, p.shared_bytes) for p in (
-        kernels.plan("quick_decode", M, 12288, 4096, 128, prologue=pro, epilogue=epi)
-        for M, pro, epi in ((1, True, False), (1, False, True), (4, False, True)))}
-    assert set(plain) < set(todo) and set(todo) - set(plain) == want
-    assert all(name in registry.SOURCES[source].instances for source, name, _ in todo)
-
-
 def test_instances_respect_dtype_rows_and_what_the_gpu_runs():
     bf16 = warmup.gemm_instances(["quick", "quick_decode"], [(4096, 4096)], [1, 64], 128, "bfloat16",
                                  kernels.H100)

@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import dtypes, kernels
 from ..attention import decode_attention, decode_attention_rope, decode_head_dim_error
-from ..gemm import QuantLinear, fused, gemm
+from ..gemm import QuantLinear
 from ..quantize import QuantizedWeight, quantize
 from . import families, ops
 
@@ -427,28 +427,20 @@ class QuantizedLinear:
     """4-bit GEMM of :mod:`quickcupy.gemm`: x (..., K) cupy float16 or bfloat16 -> x[..., perm] @ W.T
     + bias (..., N) of x's dtype (one layer serves both; the bias is added in the GEMM's epilogue,
     the perm is a gather of x). Under CUDA-graph capture ``auto`` keeps to the kernels a graph can
-    hold (:func:`quickcupy.gemm`). A call may take gemm's ``norm`` (RMSNorm of x first) and
-    ``residual`` (..., N) (added to the output; ``out`` may be it), which :meth:`fused` says whether
-    the GEMM's own launch does."""
+    hold (:func:`quickcupy.gemm`)."""
 
     def __init__(self, q: QuantizedWeight, layout: str, kernel: str, bias=None, perm=None):
         self.layer = QuantLinear.from_quantized(q, layout, bias, perm)
         self.kernel = kernel
         self.out_features, self.in_features = q.out_features, q.in_features
 
-    def __call__(self, x, norm=None, residual=None, out=None):
+    def __call__(self, x):
         import cupy
         x2 = cupy.ascontiguousarray(x.reshape(-1, self.in_features))
         if x2.data.ptr % 16:                 # the kernels load 16-byte vectors; a view may be offset
             x2 = x2.copy()
-        rows = lambda a: None if a is None else a.reshape(-1, self.out_features)  # noqa: E731 (views)
-        y = gemm(x2, self.layer, self.kernel, rows(out), norm=norm, residual=rows(residual))
+        y = self.layer(x2, kernel=self.kernel)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def fused(self, M: int, dtype, norm: bool = False, residual: bool = False) -> tuple:
-        """(norm, residual): what a call of M rows of ``dtype`` given ``norm`` / ``residual`` runs
-        inside its GEMM launch (:func:`quickcupy.gemm.fused`, for the current capture state)."""
-        return fused(self.layer, M, dtype, self.kernel, norm=norm, residual=residual)
 
 
 class ConcatLinear:
@@ -740,26 +732,19 @@ class LlamaBlock:
         gate_up = self.gate_up_proj(rms_norm(x, self.post_norm, c.rms_norm_eps))
         return x + self._reduced(self.down_proj(silu_mul(gate_up[..., :I], gate_up[..., I:])))
 
-    def step(self, x, tables, start: int, start_dev, kv_cache=None, bias="auto"):
-        """The GPU block from fused kernels (:mod:`quickcupy.llama.ops`, :func:`quickcupy.gemm`'s
-        norm and residual): x (B, S, hidden) (float16 or bfloat16) is the residual stream, whole on
-        entry, to which the block adds its attention and MLP outputs in place (whole on return; x
-        is returned). tables: the model's full (cos, sin) tables; start_dev: (1,) int32 device array
-        holding ``start``. A decode step (S == 1 with a cache) reads positions only from start_dev:
-        capturable; its rotary embedding and cache write run inside the attention kernel.
-
-        The RMSNorms run in the qkv and gate|up GEMMs' launches and the residual adds in the o and
-        down GEMMs' where the kernel has those steps (:func:`quickcupy.gemm.fused`: quick_decode's
-        register pipeline, what ``auto`` runs at batch 1 on Hopper): 2 launches per layer besides
-        the 4 GEMMs then (attention, silu * up). Where it has not, gemm composes them, except that
-        the o projection's residual add then goes into the second norm's kernel (add_rms_norm's
-        delta), as always with ``reduce`` (tensor parallelism: the partial sums are all-reduced
-        before any add): at most 5 launches per layer besides the GEMMs.
+    def step(self, x, delta, tables, start: int, start_dev, kv_cache=None, bias="auto"):
+        """The GPU block from fused kernels (:mod:`quickcupy.llama.ops`), returning its output
+        *increment*: x (B, S, hidden) (float16 or bfloat16) is the residual stream, to which ``delta``
+        (the previous block's increment, or None) is added in place by the first RMSNorm. tables:
+        the model's full (cos, sin) tables; start_dev: (1,) int32 device array holding ``start``.
+        A decode step (S == 1 with a cache) reads positions only from start_dev: capturable; its
+        rotary embedding and cache write run inside the attention kernel (4 launches per layer
+        besides the GEMMs: norm, attention, norm, silu * up).
         """
         c = self.config
         B, S, _ = x.shape
         nh, nkv, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
-        qkv = self._normed(self.qkv_proj, x, self.input_norm).reshape(B, S, nh + 2 * nkv, d)
+        qkv = self.qkv_proj(ops.add_rms_norm(x, self.input_norm, eps, delta)).reshape(B, S, nh + 2 * nkv, d)
         cache_k, cache_v = (None, None) if kv_cache is None else kv_cache
         if kv_cache is not None and S == 1 and decode_head_dim_error(d) is None:
             attn = decode_attention_rope(qkv, cache_k, cache_v, *tables, nh, 1, start=start_dev,
@@ -768,35 +753,11 @@ class LlamaBlock:
             qk = ops.rope_cache(qkv, *tables, start_dev, nh, nkv, cache_k, cache_v)
             attn = attention(qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:], start, kv_cache, bias,
                              written=True, window=c.sliding_window)
-        if self._fuses_residual(self.o_proj, B * S):
-            self.o_proj(attn, residual=x, out=x)
-            gate_up = self._normed(self.gate_up_proj, x, self.post_norm)
-        else:        # the residual add in the norm's kernel: one launch for both
-            gate_up = self.gate_up_proj(ops.add_rms_norm(x, self.post_norm, eps, self._reduced(self.o_proj(attn))))
-        self._add_to(x, self.down_proj, ops.silu_mul(gate_up))
-        return x
+        h = ops.add_rms_norm(x, self.post_norm, eps, self._reduced(self.o_proj(attn)))
+        return self._reduced(self.down_proj(ops.silu_mul(self.gate_up_proj(h))))
 
     def _reduced(self, y):
         return y if self.reduce is None else self.reduce(y)
-
-    def _fuses_residual(self, linear, M: int) -> bool:
-        """Whether ``linear``'s GEMM of M rows adds the residual in its own launch (never with reduce)."""
-        return (self.reduce is None and isinstance(linear, QuantizedLinear)
-                and linear.fused(M, self.dtype, residual=True)[1])
-
-    def _normed(self, linear, x, weight):
-        """linear(RMSNorm(x) * weight) (the block's eps), the norm in the GEMM's launch where it can be."""
-        if isinstance(linear, QuantizedLinear):
-            return linear(x, norm=(weight, self.config.rms_norm_eps))
-        return linear(ops.add_rms_norm(x, weight, self.config.rms_norm_eps))
-
-    def _add_to(self, x, linear, a):
-        """x += linear(a) in place (after the all-reduce with ``reduce``), in the GEMM's launch where
-        it can be."""
-        if self.reduce is None and isinstance(linear, QuantizedLinear):
-            linear(a, residual=x, out=x)
-        else:
-            x += self._reduced(linear(a))
 
 
 @dataclass
@@ -894,9 +855,10 @@ class LlamaModel:
         return cache.length
 
     def _stack_gpu(self, x, cache, fill_start: bool = True):
-        """The blocks on the GPU: x (B, S, hidden) of the model's dtype, C-contiguous, the residual
-        stream, updated in place and returned (the hidden states). fill_start=False:
-        cache.start_dev already holds the position (a captured step reads it there)."""
+        """The blocks on the GPU: x (B, S, hidden) float16 C-contiguous, modified in place.
+        Returns (x, delta): the hidden states are x + delta (the last add is left to the caller,
+        which fuses it into the final norm). fill_start=False: cache.start_dev already holds the
+        position (a captured step reads it there)."""
         B, S, _ = x.shape
         start = self._positions(x, cache)
         if cache is not None and fill_start:
@@ -907,10 +869,11 @@ class LlamaModel:
         bias = None if decode else causal_bias(
             self.xp, start, S, attended_length(S, start, None if cache is None else cache.max_len),
             self.config.sliding_window)
+        delta = None
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            block.step(x, (self._cos, self._sin), start, start_dev, kv, bias)
-        return x
+            delta = block.step(x, delta, (self._cos, self._sin), start, start_dev, kv, bias)
+        return x, delta
 
     def __call__(self, x, cache: KVCache | None = None):
         """x (B, S, hidden) -> (B, S, hidden), in the backend's array module and dtype
@@ -920,7 +883,8 @@ class LlamaModel:
         if x.ndim != 3 or x.shape[-1] != self.config.hidden_size:
             raise ValueError(f"x must be (batch, seq, {self.config.hidden_size}), got shape {x.shape}")
         if self.xp is not np:
-            x = self._stack_gpu(x, cache)
+            x, delta = self._stack_gpu(x, cache)
+            x += delta
         else:
             x = self._stack_numpy(x, cache)
         if cache is not None:
@@ -956,7 +920,8 @@ class LlamaModel:
         x = self.xp.take(self.embed, ids, axis=0)               # (B, S, hidden), a new array
         if self.xp is np:
             return rms_norm(self._stack_numpy(x.astype(np.float32), cache), self.final_norm, c.rms_norm_eps)
-        return ops.add_rms_norm(self._stack_gpu(x, cache, fill_start), self.final_norm, c.rms_norm_eps)
+        x, delta = self._stack_gpu(x, cache, fill_start)
+        return ops.add_rms_norm(x, self.final_norm, c.rms_norm_eps, delta)
 
     def logits(self, token_ids, cache: KVCache | None = None):
         """token_ids (B, S) -> logits (B, S, vocab) (float32 on NumPy, the model's dtype on the GPU)."""

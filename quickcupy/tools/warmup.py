@@ -30,9 +30,8 @@ def add_parser(subparsers):
         "warmup", help="compile the kernel instances this GPU will run, once (CuPy's disk cache keeps them)",
         description="Compiles, with a progress line each, the kernel instances that gemm calls of the given "
                     "shapes, row counts, group size and dtype will use on this GPU (with kernel auto: the ones "
-                    "its tuning table picks), and with --llama the Llama model's small ops, decode "
-                    "attention and the GEMMs' fused RMSNorm / residual variants, so that later processes "
-                    "load them from CuPy's on-disk cache.")
+                    "its tuning table picks), and with --llama the Llama model's small ops and decode "
+                    "attention, so that later processes load them from CuPy's on-disk cache.")
     p.add_argument("--kernels", default="auto", help="comma-separated kernel names from "
                    f"{', '.join(KERNEL_NAMES)}; default: %(default)s")
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in DEFAULT_SHAPES),
@@ -40,7 +39,7 @@ def add_parser(subparsers):
     p.add_argument("--m", default=",".join(map(str, DEFAULT_MS)), help="comma-separated M values; default: %(default)s")
     p.add_argument("--group-size", default="128", help="-1 or a multiple of 32 dividing K; default: %(default)s")
     p.add_argument("--dtype", default="fp16", help=DTYPE_HELP + "; default: %(default)s")
-    p.add_argument("--llama", action="store_true", help="also the Llama model's small ops, decode attention and fused GEMM variants")
+    p.add_argument("--llama", action="store_true", help="also the Llama model's small ops and decode attention")
     p.set_defaults(func=run)
     return p
 
@@ -51,11 +50,10 @@ def cache_dir() -> Path:
 
 
 def gemm_instances(names, shapes, ms, group_size: int, dtype: str, limits: kernels.DeviceLimits,
-                   choose=None, runnable=lambda v: True, fused: bool = False) -> list:
+                   choose=None, runnable=lambda v: True) -> list:
     """[(source, instance, dynamic shared bytes)] that gemm calls of ``names`` (variant names) on
     (K, N) ``shapes`` with ``ms`` rows launch on a GPU of ``limits``, in first-use order. ``choose(M,
-    N, K, capturable)`` is auto's choice (a Variant); ``runnable(variant)`` filters what this GPU runs.
-    ``fused``: also the instances of calls with gemm's ``norm=`` or ``residual=`` (the Llama blocks')."""
+    N, K, capturable)`` is auto's choice (a Variant); ``runnable(variant)`` filters what this GPU runs."""
     out = {}
     for named in map(registry.variant, names):
         for K, N in shapes:
@@ -70,9 +68,8 @@ def gemm_instances(names, shapes, ms, group_size: int, dtype: str, limits: kerne
                     if v.path == "dequant":
                         out[("dequant.cu", f"dequant_quick<{dtypes.ctype(dtype)}>", 0)] = None
                         continue
-                    for pro, epi in ((False, False),) + (((True, False), (False, True)) if fused else ()):
-                        p = kernels.plan(v, M, N, K, G, limits, dtype=dtype, prologue=pro, epilogue=epi)
-                        out[(p.source, p.name, p.shared_bytes)] = None
+                    p = kernels.plan(v, M, N, K, G, limits, dtype=dtype)
+                    out[(p.source, p.name, p.shared_bytes)] = None
                     if not p.counters and p.split_k > 1:
                         out[("splitk_reduce.cu", f"splitk_reduce<{dtypes.ctype(dtype)}>", 0)] = None
     return list(out)
@@ -100,7 +97,7 @@ def run(args) -> int:
     dev = kernels.require_gpu().id
     todo = gemm_instances(names, shapes, ms, group_size, dtype, kernels.device_limits(dev),
                           choose=lambda M, N, K, c: dispatch.kernel_for(M, N, K, dev, dtype, capturable=c),
-                          runnable=lambda v: kernels.unsupported_reason(v, dev) is None, fused=args.llama)
+                          runnable=lambda v: kernels.unsupported_reason(v, dev) is None)
     if args.llama:
         todo += llama_instances(dtype)
     print(f"warmup: {len(todo)} kernel instances for {kernels.device_arch(dev)}, cache {cache_dir()}", flush=True)
