@@ -133,8 +133,10 @@ def test_capture_owns_its_scratch(kernel, M, split_k, act_order, rng):
         graph = stream.end_capture()
     partial_words = 4 * M * out.shape[1]
     fresh = [cupy.full(n, SENTINEL, np.float32) for n in (partial_words, partial_words, M * 4096)]
+    cupy.cuda.Device().synchronize()       # the fills are done before any replay (another stream)
     for _ in range(3):
-        out.fill(np.nan)
+        with stream:                       # ordered before the replay on the graph's stream
+            out.fill(np.nan)
         graph.launch(stream)
         stream.synchronize()
         assert rel_error(out.get(), ref) < TOL
