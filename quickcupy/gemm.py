@@ -292,13 +292,19 @@ def _check_out(out, shape, x, layer):
         raise TypeError(f"out must have x's dtype {x.dtype}, got {out.dtype}")
     if out.shape != shape:
         raise ValueError(f"out must have shape {shape}, got {out.shape}")
-    if not out.flags.c_contiguous or out.data.ptr % 16:
-        raise ValueError("out must be C-contiguous and 16-byte aligned")
-    if out.device.id != layer.device:
-        raise ValueError(f"out is on device {out.device.id} but the layer's weights are on device {layer.device}")
+    _check_placement(out, "out", layer)
     lo, hi = out.data.ptr, out.data.ptr + out.nbytes
     if lo < x.data.ptr + x.nbytes and x.data.ptr < hi:
         raise ValueError("out overlaps x; use a separate buffer")
+
+
+def _check_placement(a, name: str, layer):
+    """A CuPy operand the kernels read or write in 16-byte vectors: C-contiguous, 16-byte aligned,
+    on the layer's device (ValueError naming ``name`` otherwise)."""
+    if not a.flags.c_contiguous or a.data.ptr % 16:
+        raise ValueError(f"{name} must be C-contiguous and 16-byte aligned")
+    if a.device.id != layer.device:
+        raise ValueError(f"{name} is on device {a.device.id} but the layer's weights are on device {layer.device}")
 
 
 def _overlaps(a, b) -> bool:
@@ -317,11 +323,7 @@ def _check_norm(norm, x, layer, out):
     if weight.dtype != x.dtype or weight.shape != (K,):
         raise ValueError(f"norm weight must be ({K},) {x.dtype} (in_features, x's dtype), got {weight.shape} "
                          f"{weight.dtype}")
-    if not weight.flags.c_contiguous or weight.data.ptr % 16:
-        raise ValueError("norm weight must be C-contiguous and 16-byte aligned")
-    if weight.device.id != layer.device:
-        raise ValueError(f"norm weight is on device {weight.device.id} but the layer's weights are on device "
-                         f"{layer.device}")
+    _check_placement(weight, "norm weight", layer)
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)) \
             or not np.isfinite(eps) or eps < 0:
         raise ValueError(f"norm eps must be a finite number >= 0, got {eps!r}")
@@ -337,11 +339,7 @@ def _check_residual(residual, out, layer):
     if residual.dtype != out.dtype or residual.shape != out.shape:
         raise ValueError(f"residual must be {out.shape} {out.dtype} (the output's shape, x's dtype), got "
                          f"{residual.shape} {residual.dtype}")
-    if not residual.flags.c_contiguous or residual.data.ptr % 16:
-        raise ValueError("residual must be C-contiguous and 16-byte aligned")
-    if residual.device.id != layer.device:
-        raise ValueError(f"residual is on device {residual.device.id} but the layer's weights are on device "
-                         f"{layer.device}")
+    _check_placement(residual, "residual", layer)
     if residual.data.ptr != out.data.ptr and _overlaps(residual, out):
         raise ValueError("out overlaps residual without being it; pass residual itself as out (in place) or a "
                          "separate buffer")

@@ -119,7 +119,7 @@ def _tensor_files(path: Path) -> dict:
     """Tensor name -> safetensors file, from the index if there is one, else from every file's header."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ValueError(f"{index} has no \"weight_map\" object of tensor name -> file name")
         return {name: path / f for name, f in weight_map.items()}
@@ -185,7 +185,7 @@ class TensorStore(Mapping):
         return name in self.files
 
 
-def _read_json(f: Path) -> dict:
+def read_json(f: Path) -> dict:
     """A JSON object from ``f``; ValueError naming the file when it is not one."""
     try:
         value = json.loads(f.read_text())
@@ -274,7 +274,7 @@ def load_checkpoint(path, num_layers: int | None = None) -> Checkpoint:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory: it has no config.json")
-    raw = _read_json(path / "config.json")
+    raw = read_json(path / "config.json")
     qc = raw.get("quantization_config")
     if not isinstance(qc, dict):
         raise ValueError(f"{path / 'config.json'} has no quantization_config: not a 4-bit checkpoint "

@@ -11,7 +11,6 @@ captures the decode graph. Each token is read back as it comes, for the end-of-s
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -113,11 +112,9 @@ def special_tokens(path) -> tuple:
         if not f.is_file():
             continue
         try:
-            d = json.loads(f.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UsageError(f"--checkpoint: {f} is not valid JSON ({exc})") from None
-        if not isinstance(d, dict):
-            raise UsageError(f"--checkpoint: {f} holds no JSON object")
+            d = _checkpoint.read_json(f)
+        except ValueError as exc:
+            raise UsageError(f"--checkpoint: {exc}") from None
         if name == "config.json":
             bos = (_token_ids(d.get("bos_token_id"), f"{name} bos_token_id") or [None])[0]
         eos.update(_token_ids(d.get("eos_token_id"), f"{name} eos_token_id"))
