@@ -578,6 +578,18 @@ def _non_gemm_us_per_layer(model: LlamaModel, s: Settings) -> dict:
     return result
 
 
+def random_model_weights(config: LlamaConfig, s: Settings) -> tuple:
+    """(one layer of float weights, the head, group size) of --vocab's random model (and --tp's: the
+    same on every rank, from the seed): the LM head fp16, or 4-bit with --lm-head 4bit."""
+    group_size = 128 if s.group_size is None else s.group_size
+    layer = random_layers(config.replace(num_hidden_layers=1), seed=s.seed)[0]
+    head = random_head(config, s.vocab, seed=s.seed + 1)
+    head.lm_head = head.lm_head.astype(np.float16)
+    if s.lm_head == "4bit":
+        head.lm_head = quantize(head.lm_head.astype(np.float32), group_size)
+    return layer, head, group_size
+
+
 def run_model(s: Settings) -> int:
     """--vocab: the whole model's prefill and greedy decode per backend and batch (GPU only)."""
     reason = _device.no_gpu_reason()
@@ -588,14 +600,9 @@ def run_model(s: Settings) -> int:
     progress = Progress("llama", log_steps=False)
     config = LlamaConfig.preset(s.preset).replace(num_hidden_layers=s.layers or LlamaConfig.preset(s.preset)
                                                   .num_hidden_layers)
-    group_size = 128 if s.group_size is None else s.group_size
     progress.note(f"random weights: one layer of {_describe(config)}, copied to {config.num_hidden_layers} layers; "
                   f"vocab {s.vocab}")
-    layer = random_layers(config.replace(num_hidden_layers=1), seed=s.seed)[0]
-    head = random_head(config, s.vocab, seed=s.seed + 1)
-    head.lm_head = head.lm_head.astype(np.float16)
-    if s.lm_head == "4bit":
-        head.lm_head = quantize(head.lm_head.astype(np.float32), group_size)
+    layer, head, group_size = random_model_weights(config, s)
     quantized = None
     results, overhead = [], {}
     for backend in s.backends:

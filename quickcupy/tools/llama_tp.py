@@ -20,10 +20,11 @@ import numpy as np
 
 from .. import device as _device
 from ..distributed import Communicator, NcclUnavailable, unique_id
-from ..llama.model import QUANTIZED_BACKENDS, LlamaConfig, random_head, random_layers
+from ..llama.model import QUANTIZED_BACKENDS, LlamaConfig
 from ..llama.parallel import rank_model, shard_config
 from .common import Progress, UsageError, write_json
-from .llama_bench import (_describe, _format_model_report, _non_gemm_us_per_layer, _repeat_layer, _time_generation)
+from .llama_bench import (_describe, _format_model_report, _non_gemm_us_per_layer, _repeat_layer, _time_generation,
+                          random_model_weights)
 from .timing import gpu_seconds_behind_spin
 
 
@@ -104,13 +105,10 @@ def _run_rank(comm, s) -> dict:
     progress = Progress("llama", enabled=comm.rank == 0, log_steps=False)
     preset = LlamaConfig.preset(s.preset)
     config = preset.replace(num_hidden_layers=s.layers or preset.num_hidden_layers)
-    group_size = 128 if s.group_size is None else s.group_size
     shard = shard_config(config, world)
     progress.note(f"random weights: one layer of {_describe(config)}, copied to {config.num_hidden_layers} layers; "
                   f"vocab {s.vocab}; split over {world} GPUs ({_describe(shard)} per rank)")
-    layer = random_layers(config.replace(num_hidden_layers=1), seed=s.seed)[0]     # the same on every rank
-    head = random_head(config, s.vocab, seed=s.seed + 1)
-    head.lm_head = head.lm_head.astype(np.float16)
+    layer, head, group_size = random_model_weights(config, s)     # the same on every rank
     quantized = None
     results, overhead = [], {}
     for backend in s.backends:
