@@ -17,12 +17,15 @@
 // (quickcupy/layouts.py draws it). Per 64-deep step a warpgroup issues 2 blocks x 4 k16 steps =
 // 8 wgmma.m64nBTk16.
 //
-// Pipeline: one STAGES-deep ring of K steps, each slot holding the step's activation tile (one TMA
-// box, swizzled by the copy engine), packed weights, scales and zeros (cp.async, every warp its
-// own), handed over with mbarriers ("full" when a slot's bytes landed, "empty" when both warpgroups
-// are done with it), so the two groups run out of step. Within a group, the dequantization of step it + 1 (into a second set of
-// A registers) runs while the wgmmas of step it are in flight; exactly one wgmma group is ever in
-// flight, which keeps ptxas from serializing them (warning C7513).
+// Pipeline: one STAGES-deep ring of K steps, each slot holding the step's activation tile, packed
+// weights, scales and zeros, every one a single TMA box issued by one thread (the packed tensors as
+// 2-D arrays of tile columns: one row per 32-feature QUICK tile column, so a block's 8 tile columns
+// of a K step are one 8-row box; see quickcupy.kernels.packed_tensor_map), handed over with
+// mbarriers ("full" when a slot's bytes landed, "empty" when both warpgroups are done with it), so
+// the two groups run out of step and no consumer thread spends instructions on copies. Within a
+// group, the dequantization of step it + 1 (into a second set of A registers) runs while the wgmmas
+// of step it are in flight; exactly one wgmma group is ever in flight, which keeps ptxas from
+// serializing them (warning C7513).
 #include "wgmma.cuh"
 
 using namespace qc;
@@ -31,11 +34,12 @@ constexpr int SM90_WG = 128;                     // threads per warpgroup
 constexpr int SM90_BK = 64;                      // K per main-loop step: one 128-byte swizzle row
 constexpr int SM90_U = SM90_BK / 32;             // 32-deep QUICK chunks per step
 constexpr int SM90_WARPS = QUICK_SM90_THREADS / 32;
-// Per warp and chunk of a slot: the lanes' packed weights (32 x 16 bytes), then per group used by
-// the step: the scales of the warp's tile (8 g x 4 sub-tiles, fp16) and its zeros (8 halfwords).
+// A slot after its activations: the block's packed weights, [warp (tile column)][chunk][lane][16
+// bytes]; then per group the step uses (GPS = SM90_U / GCH of them) the scales of each warp's tile
+// (8 g x 4 sub-tiles, fp16), [warp][group][64 bytes]; then its zeros (8 halfwords),
+// [warp][group][16 bytes]. Every region starts on 128 bytes, as TMA wants.
 constexpr int SM90_W_BYTES = SM90_WARPS * SM90_U * 512;
-constexpr int SM90_SZ_BYTES = 80;                // 64 bytes of scales + 16 of zeros
-constexpr int SM90_SZ_REGION = 2048;             // SM90_U x SM90_WARPS x 80, rounded to 1 KB
+constexpr int SM90_SZ_REGION = 2048;             // scales and zeros of up to 2 groups, rounded to 1 KB
 
 template <int BT,       // tokens per block = wgmma N: 64 or 128
           int STAGES,   // slots of the ring (each: BT x 64 fp16 activations + the step's weights)
@@ -43,13 +47,19 @@ template <int BT,       // tokens per block = wgmma N: 64 or 128
           typename T>   // activations, bias and C: half or __nv_bfloat16 (Dt<T>); scales are fp16
 __global__ void __launch_bounds__(QUICK_SM90_THREADS, 1)
 quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box BT x 64, 128B swizzle
-           const T* __restrict__ A, const uint4* __restrict__ qweight,
-           const unsigned short* __restrict__ qzeros, const uint2* __restrict__ scales,
+           const __grid_constant__ TensorMap w_map,   // qweight: a row of K / 32 x 512 bytes per tile column, box 8 x 1 KB
+           const __grid_constant__ TensorMap s_map,   // scales: a row of groups x 64 bytes per tile column, box 8 x GPS 64
+           const __grid_constant__ TensorMap z_map,   // qzeros: a row of groups x 16 bytes per tile column, box 8 x GPS 16
+           const T* __restrict__ A, const uint4*, const unsigned short*, const uint2*,   // read through the maps
            const T* __restrict__ bias, T* __restrict__ C, float* __restrict__ partial,
            int M, int N, int K, int group_size, int chunks_per_split) {
   using D = Dt<T>;
   constexpr int X_BYTES = BT * SM90_BK * 2;      // activation tile of a slot (first: 1 KB aligned)
+  constexpr int GPS = SM90_U / GCH;               // groups a step reads scales and zeros of
+  constexpr int S_BYTES = SM90_WARPS * GPS * 64, Z_BYTES = SM90_WARPS * GPS * 16;
+  static_assert(S_BYTES + Z_BYTES <= SM90_SZ_REGION, "scales and zeros overflow their region");
   constexpr int SLOT = X_BYTES + SM90_W_BYTES + SM90_SZ_REGION;
+  constexpr u32 SLOT_TX = X_BYTES + SM90_W_BYTES + S_BYTES + Z_BYTES;   // bytes the 4 boxes bring
   constexpr int BN = 2 * SM90_WG;                // output features per block (2 groups x 128)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const u32 base = smem_addr(smem_raw);
@@ -62,59 +72,47 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
   // its activations and the whole weight stays in L2 across waves.
   const int tiles_n = (N + BN - 1) / BN, tile = blockIdx.x + gridDim.x * blockIdx.y;
   const int m0 = (tile / tiles_n) * BT;
-  const int col0 = (tile % tiles_n) * BN + 32 * warp;   // the warp's QUICK tile column
+  const int tcol0 = (tile % tiles_n) * SM90_WARPS;      // the block's first QUICK tile column
+  const int col0 = (tcol0 + warp) * 32;                 // the warp's first output feature
   const bool warp_active = col0 < N;             // inactive warps still join their group's wgmmas
-  const int chunks = K / 32, groups = K / group_size, chunks_per_group = group_size / 32;
+  const int chunks = K / 32, chunks_per_group = group_size / 32;
   const int kc0 = blockIdx.z * chunks_per_split;
   const int kc1 = min(chunks, kc0 + chunks_per_split);
   const int iters = (kc1 - kc0 + SM90_U - 1) / SM90_U;
 
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full + 8 * s, QUICK_SM90_THREADS + 1);   // thread 0's expect_tx + every thread's copies
+      mbar_init(full + 8 * s, 1);                        // the issuing thread's expect_tx
       mbar_init(empty + 8 * s, QUICK_SM90_THREADS);      // one arrival per thread once it is done with it
     }
   }
   __syncthreads();
 
-  // This warp's streams: tile column col0 / 32 of each packed tensor.
-  const uint4* wq = qweight + (size_t)(col0 / 32) * chunks * 32 + lane;
-  const uint4* szq = lane < 4 ? reinterpret_cast<const uint4*>(scales + (size_t)(col0 / 32) * groups * 8) + lane
-                              : reinterpret_cast<const uint4*>(qzeros + (size_t)(col0 / 32) * groups * 8);
-  const int sz_stride = lane < 4 ? 4 : 1;        // 16-byte units per group: 64 bytes of scales, 16 of zeros
-
-  // K step `it` -> its slot: thread 0 brings the activation box through TMA (rows past M and
-  // columns past K arrive as zeros; one large copy, off the LSU), every warp its own tile's packed
-  // weights (one 16-byte cp.async per lane and chunk) and per reloaded chunk its scales and zeros
-  // (lanes 0..4). The full barrier waits for thread 0's bytes and every thread's copies.
+  // K step `it` -> its slot, issued by one thread: four TMA boxes, all completing on the slot's full
+  // barrier: the activations (rows past M and columns past K arrive as zeros), the block's 8 tile
+  // columns of packed weights for the step's chunks, and the scales and zeros of the step's groups
+  // (tile columns past N and chunks past K arrive as zeros too).
   auto load_step = [&](int it) {
     const u32 slot = ring + (it % STAGES) * SLOT, bar = full + 8 * (it % STAGES);
-    const int kc = kc0 + it * SM90_U;
-    if (tid == 0) {
-      mbar_arrive_expect_tx(bar, X_BYTES);
-      tma_load_2d(slot, &x_map, kc * 32, m0, bar);
-    }
-#pragma unroll
-    for (int c = 0; c < SM90_U; ++c) {
-      const bool ok = warp_active && kc + c < kc1;
-      cp_async16(slot + X_BYTES + ((warp * SM90_U + c) * 32 + lane) * 16, ok ? wq + (size_t)(kc + c) * 32 : wq, ok);
-      if (c % GCH == 0 && lane < 5) {
-        const int grp = (kc + c) / chunks_per_group;
-        cp_async16(slot + X_BYTES + SM90_W_BYTES + (c * SM90_WARPS + warp) * SM90_SZ_BYTES + 16 * lane,
-             ok ? szq + (size_t)grp * sz_stride : szq, ok);
-      }
-    }
-    cp_async_mbar_arrive(bar);
+    const int kc = kc0 + it * SM90_U, grp = kc / chunks_per_group;
+    mbar_arrive_expect_tx(bar, SLOT_TX);
+    tma_load_2d(slot, &x_map, kc * 32, m0, bar);
+    tma_load_2d(slot + X_BYTES, &w_map, kc * 64, tcol0, bar);                     // 8-byte units
+    tma_load_2d(slot + X_BYTES + SM90_W_BYTES, &s_map, grp * 8, tcol0, bar);
+    tma_load_2d(slot + X_BYTES + SM90_W_BYTES + S_BYTES, &z_map, grp * 2, tcol0, bar);
   };
   // A fragments of step `it` from its slot: a[b][s] = wgmma row block b, k16 step s (chunk s / 2).
   auto dequant = [&](int it, u32 (&a)[2][2 * SM90_U][4]) {
     const unsigned char* slot = ring_ptr + (it % STAGES) * SLOT;
+    const int kc = kc0 + it * SM90_U;
 #pragma unroll
     for (int c = 0; c < SM90_U; ++c) {
-      const unsigned char* sz = slot + X_BYTES + SM90_W_BYTES + ((c - c % GCH) * SM90_WARPS + warp) * SM90_SZ_BYTES;
-      const uint2 s4 = *reinterpret_cast<const uint2*>(sz + 8 * g);
-      typename D::T2 z[4];
-      D::codes8(*reinterpret_cast<const unsigned short*>(sz + 64 + 2 * g), z);   // pair j = (zero j, 0)
+      // this warp's row of scales and zeros, at the chunk's group among the step's (one group when
+      // GCH = 2; with GCH = 1 the two chunks share the first when group_size / 32 is odd and above 1)
+      const int gi = warp * GPS + (GCH == SM90_U ? 0 : (kc + c) / chunks_per_group - kc / chunks_per_group);
+      const uint2 s4 = *reinterpret_cast<const uint2*>(slot + X_BYTES + SM90_W_BYTES + gi * 64 + 8 * g);
+      typename D::T2 z[4];                       // pair j = (zero j, 0)
+      D::codes8(*reinterpret_cast<const unsigned short*>(slot + X_BYTES + SM90_W_BYTES + S_BYTES + gi * 16 + 2 * g), z);
       const half2 s01 = as_half2(s4.x), s23 = as_half2(s4.y);
       const typename D::Scale sc[4] = {D::make_scale(__low2half2(s01)), D::make_scale(__high2half2(s01)),
                                        D::make_scale(__low2half2(s23)), D::make_scale(__high2half2(s23))};
@@ -148,12 +146,14 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
 #pragma unroll
     for (int i = 0; i < BT / 2; ++i) acc[b][i] = 0.f;
 
-  for (int s = 0; s < STAGES - 2 && s < iters; ++s) load_step(s);
+  if (tid == 0)
+    for (int s = 0; s < STAGES - 2 && s < iters; ++s) load_step(s);
 
   // Step `it` of one warpgroup (its A fragments `cur` are ready): issue 8 wgmmas; while they run,
   // dequantize step it + 1 into `next` and refill the slot of step it - 2 with step
-  // it + STAGES - 2 once both groups are done with it (the other group may be two steps behind);
-  // then wait for the wgmmas and mark step it's slot empty.
+  // it + STAGES - 2 once both groups are done with it (the other group may be two steps behind; lane
+  // 0 of warp it % 8 issues it, so the waits and copies rotate over the warps); then wait for the
+  // wgmmas and mark step it's slot empty.
   auto step = [&](int it, const u32 (&cur)[2][2 * SM90_U][4], u32 (&next)[2][2 * SM90_U][4]) {
     const u32 x = ring + (it % STAGES) * SLOT;
     wgmma_fence();
@@ -166,7 +166,7 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
       wait_full(it + 1);
       dequant(it + 1, next);
     }
-    if (it + STAGES - 2 < iters) {
+    if (it + STAGES - 2 < iters && tid == 32 * (it % SM90_WARPS)) {
       if (it >= 2) mbar_wait(empty + 8 * ((it - 2) % STAGES), ((it - 2) / STAGES) & 1);
       load_step(it + STAGES - 2);                // steps STAGES - 2, STAGES - 1: fresh slots
     }

@@ -559,8 +559,8 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int,
     for one with the epilogue (LaunchPlan.prologue/epilogue; ignored otherwise).
 
     Argument order of every GEMM design: (A, qweight, qzeros, scales, bias, C, partial, M, N, K,
-    group_size, chunks_per_split); bias and partial may be null; a design with ``x_tensor_map``
-    takes the TMA map of A (:func:`x_tensor_map`) before them; the decode design takes arrival
+    group_size, chunks_per_split); bias and partial may be null; a design with ``tensor_maps``
+    takes TMA maps of A, qweight, scales and qzeros (:func:`gemm_tensor_maps`) before them; the decode design takes arrival
     counters after partial and (norm weight, eps, residual) last."""
     fn = get_function(device_id, p.source, p.name, p.shared_bytes)
     M, N, K = p.M, p.N, p.K
@@ -588,8 +588,8 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int,
     partial = workspace(device_id).buffer("partials", splits * M * N, np.float32) if splits > 1 else null
     args = (x, qweight, qzeros, scales, bias if splits == 1 and bias is not None else null, out, partial,
             np.int32(M), np.int32(N), np.int32(K), np.int32(p.group_size), np.int32(p.chunks_per_split))
-    if p.design.x_tensor_map:
-        args = (x_tensor_map(x.data.ptr, M, K, p.bm, x.dtype.name),) + args
+    if p.design.tensor_maps:
+        args = gemm_tensor_maps(p, x, qweight, qzeros, scales) + args
     fn(p.grid, p.block, args, shared_mem=p.shared_bytes)
     if splits > 1:
         reduce_fn = get_function(device_id, "splitk_reduce.cu", f"splitk_reduce<{ctype(out.dtype)}>")
@@ -617,24 +617,58 @@ def _encode_tiled():
     return fn
 
 
-@functools.lru_cache(maxsize=1024)
-def x_tensor_map(ptr: int, M: int, K: int, box_rows: int, dtype: str = "float16"):
-    """TMA tensor map of a 16-bit (``dtype`` "float16" or "bfloat16") (M, K) row-major array at
-    device address ``ptr``: boxes of ``box_rows`` x 64 elements (128-byte rows), written to shared
-    memory in the 128-byte swizzle, zeros past the edges. Returns the 128 bytes as a NumPy scalar
-    CuPy passes by value."""
+_SWIZZLE_NONE, _SWIZZLE_128B, _L2_256B, _INTERLEAVE_NONE, _OOB_ZERO = 0, 3, 3, 0, 0
+_TMA_TYPES = {"uint64": 4, "float16": 6, "bfloat16": 9}   # CU_TENSOR_MAP_DATA_TYPE_*
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensor_map_2d(ptr: int, dtype: str, cols: int, rows: int, row_bytes: int, box_cols: int, box_rows: int,
+                   swizzle: int, what: str):
+    """TMA map of a row-major (rows, cols) array of ``dtype`` at device address ``ptr``, rows
+    ``row_bytes`` apart, boxes of box_rows x box_cols, zeros past the edges; the 128 bytes as a NumPy
+    scalar CuPy passes by value. Cached: a layer's weights get one map for as long as they live at
+    ``ptr`` (a freed and reused address gets the same map, which then describes the new array)."""
     import ctypes
-    SWIZZLE_128B, L2_256B, INTERLEAVE_NONE, OOB_ZERO = 3, 3, 0, 0
-    data_type = {"float16": 6, "bfloat16": 9}[dtype]      # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
     buf = ctypes.create_string_buffer(128 + 64)
     addr = ctypes.addressof(buf) + (-ctypes.addressof(buf)) % 64       # the map must be 64-byte aligned
-    res = _encode_tiled()(ctypes.c_void_p(addr), data_type, 2, ctypes.c_void_p(ptr),
-                          (ctypes.c_uint64 * 2)(K, M), (ctypes.c_uint64 * 1)(2 * K),
-                          (ctypes.c_uint32 * 2)(64, box_rows), (ctypes.c_uint32 * 2)(1, 1),
-                          INTERLEAVE_NONE, SWIZZLE_128B, L2_256B, OOB_ZERO)
+    res = _encode_tiled()(ctypes.c_void_p(addr), _TMA_TYPES[dtype], 2, ctypes.c_void_p(ptr),
+                          (ctypes.c_uint64 * 2)(cols, rows), (ctypes.c_uint64 * 1)(row_bytes),
+                          (ctypes.c_uint32 * 2)(box_cols, box_rows), (ctypes.c_uint32 * 2)(1, 1),
+                          _INTERLEAVE_NONE, swizzle, _L2_256B, _OOB_ZERO)
     if res != 0:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {res}) for x of shape ({M}, {K})")
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {res}) for {what} ({rows} x {cols} {dtype})")
     return np.frombuffer(ctypes.string_at(addr, 128), dtype=_TENSOR_MAP)[0]
+
+
+def x_tensor_map(ptr: int, M: int, K: int, box_rows: int, dtype: str = "float16"):
+    """TMA map of a 16-bit (``dtype`` "float16" or "bfloat16") (M, K) row-major array at device
+    address ``ptr``: boxes of ``box_rows`` x 64 elements (128-byte rows), written to shared memory in
+    the 128-byte swizzle, zeros past the edges."""
+    return _tensor_map_2d(ptr, dtype, K, M, 2 * K, 64, box_rows, _SWIZZLE_128B, "x")
+
+
+def sm90_step_groups(p: LaunchPlan) -> int:
+    """Groups whose scales and zeros one quick_sm90 K step loads: the kernel's GPS = chunks per step /
+    GCH, GCH = gcd(group_size / 32, chunks per step) as in the instance name (2 when group_size / 32
+    is odd: the step's two chunks may fall in two groups; else 1)."""
+    return p.tile.chunks // math.gcd(p.group_size // 32, p.tile.chunks)
+
+
+def gemm_tensor_maps(p: LaunchPlan, x, qweight, qzeros, scales) -> tuple:
+    """The TMA maps a ``tensor_maps`` design (quick_sm90) takes: x (box bm x 64, 128-byte swizzle),
+    then the QUICK-packed qweight, scales and qzeros, each as a 2-D array of 8-byte words with one
+    row per 32-feature tile column (N / 32 rows; qweight K / 32 x 512 bytes a row, scales groups x
+    64, qzeros groups x 16), so a block's 8 tile columns of one 64-deep K step are one 8-row box:
+    1 KB of weights a row, and the scales and zeros of :func:`sm90_step_groups` groups."""
+    M, N, K, G = p.M, p.N, p.K, p.group_size
+    rows, chunks, groups = N // 32, K // 32, K // G
+    step_groups = sm90_step_groups(p)
+    return (x_tensor_map(x.data.ptr, M, K, p.bm, x.dtype.name),
+            _tensor_map_2d(qweight.data.ptr, "uint64", chunks * 64, rows, chunks * 512, 128, 8, _SWIZZLE_NONE, "qweight"),
+            _tensor_map_2d(scales.data.ptr, "uint64", groups * 8, rows, groups * 64, 8 * step_groups, 8,
+                           _SWIZZLE_NONE, "scales"),
+            _tensor_map_2d(qzeros.data.ptr, "uint64", groups * 2, rows, groups * 16, 2 * step_groups, 8,
+                           _SWIZZLE_NONE, "qzeros"))
 
 
 class Workspace:

@@ -86,7 +86,7 @@ class GemmDesign(Design):
     template: str            # instance name, formatted with bm, bn, chunks, gch, stages, wstages, ctype
     smem_bytes: Callable     # (bm, Tile) -> dynamic shared memory bytes of a block
     split_rule: str = "nearest"  # split-K by M tiles: "nearest" one wave, or "fill": most splits within one wave
-    x_tensor_map: bool = False   # takes a TMA tensor map of x (box bm x 64, 128B swizzle) as its first argument
+    tensor_maps: bool = False    # takes TMA tensor maps of x, qweight, scales, qzeros first (kernels.gemm_tensor_maps)
 
     def tile_m(self, M: int) -> int:
         """Rows per block chosen for M: the smallest tile that covers M, else the largest."""
@@ -247,12 +247,13 @@ DESIGNS["quick_sm90"] = GemmDesign(
     tiles={64: Tile(chunks=2, stages=6, blocks_per_sm=1), 128: Tile(chunks=2, stages=5, blocks_per_sm=1)},
     template="quick_sm90<{bm}, {stages}, {gch}, {ctype}>",
     # a ring of K steps on a 1024-byte boundary after 2 mbarriers (8 bytes) per stage; a slot holds
-    # the swizzled activations (bm x 128 bytes), the packed weights (8 KB) and scales/zeros (2 KB)
+    # the swizzled activations (bm x 128 bytes), the packed weights (8 KB) and scales/zeros (2 KB),
+    # each a TMA box
     smem_bytes=lambda bm, t: t.stages * (bm * 128 + 8192 + 2048 + 16) + 1024,
     # Split-K never past one wave: a second, partly filled wave cost up to 1.3x (H100 sweep of tile
     # and split at M = 64..512 on four bench shapes, results/h100/sm90_plan_sweep.txt).
     split_rule="fill",
-    x_tensor_map=True,
+    tensor_maps=True,
     description="QUICK for Hopper: weights dequantized in registers as the wgmma A operand, "
                 "activations in a swizzled shared-memory ring (sm_90a only)",
     arch="sm_90a")

@@ -116,6 +116,17 @@ def test_plans_cover_k_exactly(kernel, M, K, N, G):
     assert p.name in registry.SOURCES[p.source].instances     # an instance CI compiles
 
 
+@pytest.mark.parametrize("K,G", [(8192, 128), (4096, 32), (4608, 96), (4608, 192), (640, 640), (2336, 2336),
+                                 (4096, 64), (1056, 96)])
+def test_sm90_step_groups_match_the_instance(K, G):
+    """quick_sm90's TMA boxes of scales and zeros cover the groups the instance's GCH makes a step
+    read (kernel: GPS = 2 / GCH; the byte count its barrier waits for): 2 where group_size / 32 is
+    odd (96, 2336 = 73 chunks), else 1. A mismatch leaves the barrier waiting for bytes that never come."""
+    p = kernels.plan("quick_sm90", 256, 1024, K, G)
+    gch = int(re.findall(r"\d+", p.name.split("<")[1])[2])     # quick_sm90<bm, stages, gch, type>
+    assert kernels.sm90_step_groups(p) == p.tile.chunks // gch == (2 if (G // 32) % 2 else 1)
+
+
 @pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
 @pytest.mark.parametrize("M", (1, 3, 8, 9, 16))
 @pytest.mark.parametrize("K,N,G", [(4096, 12288, 128), (4096, 4096, 64), (4096, 22016, 32), (11008, 4096, 128),

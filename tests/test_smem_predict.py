@@ -62,16 +62,14 @@ def test_quick_decode_instructions_match_nsight_compute(M, expected):
 
 @pytest.mark.parametrize("M,G", [(16, 128), (200, 32), (4096, 128)])
 def test_quick_sm90_streams_without_conflicts(M, G):
-    """quick_sm90 per 64-deep step and warp (8 per block): 2 weight copies of 512 contiguous bytes
-    (4 wavefronts each), one scale/zero copy per reloaded chunk (5 lanes, 80 bytes: 1 or 2
-    wavefronts); the weights read back (2 x 4 wavefronts), scales and zeros (1 wavefront each per
-    reloaded chunk). The activations come by TMA: no LSU instruction. No conflicts, no stores."""
+    """quick_sm90 per 64-deep step and warp (8 per block): everything arrives by TMA (no LSU
+    copies); the weights read back (2 x 4 wavefronts), scales and zeros (1 wavefront each per
+    reloaded chunk). No conflicts, no stores."""
     p = predict("quick_sm90", M, 8192, 8192, G)
     warp_steps = -(-M // p["tile_m"]) * (8192 // 256) * (8192 // 64) * 8
     reloads = 2 if G == 32 else 1
-    assert p["ldgsts_inst"] == warp_steps * (2 + reloads)
-    assert 4 * 2 + reloads <= p["ldgsts_wavefronts"] / warp_steps <= 4 * 2 + 2 * reloads
+    assert p.get("ldgsts_inst", 0) == 0
     assert p["ld_inst"] == warp_steps * (2 + 2 * reloads)
     assert p["ld_wavefronts"] == warp_steps * (2 * 4 + 2 * reloads)
-    assert p["ldgsts_conflicts"] == p["ld_conflicts"] == 0
-    assert p["st_inst"] == p["ldsm_inst"] == 0
+    assert p["ld_conflicts"] == 0
+    assert p.get("st_inst", 0) == p.get("ldsm_inst", 0) == 0

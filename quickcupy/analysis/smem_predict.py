@@ -81,24 +81,21 @@ def _quick_instructions(p):
 
 
 def _sm90_instructions(p):
-    """quick_sm90, per K step: the activations arrive by TMA (the copy engine, not the LSU: no
-    shared-memory pipe instructions); every warp copies its own tile's packed weights (one 16-byte
-    cp.async per lane and chunk: 512 contiguous bytes) and, per reloaded chunk, its scales and zeros
-    (lanes 0..4, 80 contiguous bytes) into the step's ring slot, then reads its weights back (one
-    16-byte ld.shared per lane and chunk) and, per reloaded chunk, its scales (8 bytes at 8 g) and
-    zeros (2 bytes at 64 + 2 g; lanes of one g share them). wgmma reads its B operand through the
-    async proxy, outside ncu's shared-memory pipe counters."""
+    """quick_sm90, per K step: the activations, packed weights, scales and zeros arrive by TMA (the
+    copy engine, not the LSU: no shared-memory pipe instructions); every warp reads its weights
+    back (one 16-byte ld.shared per lane and chunk, [warp][chunk][lane]) and, per reloaded chunk,
+    its scales (8 bytes at 8 g of its 64-byte row) and zeros (2 bytes at 2 g of its 16-byte row;
+    lanes of one g share them). wgmma reads its B operand through the async proxy, outside ncu's
+    shared-memory pipe counters."""
     warps = p.design.threads // banks.WARP
     reloads = p.tile.chunks // math.gcd(p.group_size // 32, p.tile.chunks)
     g = LANES // 4
     for warp in range(warps):
         for ch in range(p.tile.chunks):
-            yield warp, "ldgsts", banks.count_wavefronts(16 * ((warp * p.tile.chunks + ch) * 32 + LANES), 16)
-            yield warp, "ld", banks.count_wavefronts(16 * LANES, 16, load=True)
+            yield warp, "ld", banks.count_wavefronts(16 * ((warp * p.tile.chunks + ch) * 32 + LANES), 16, load=True)
         for r in range(reloads):
-            yield warp, "ldgsts", banks.count_wavefronts((r * warps + warp) * 80 + 16 * LANES, 16, active=LANES < 5)
-            yield warp, "ld", banks.count_wavefronts(8 * g, 8, load=True)
-            yield warp, "ld", banks.count_wavefronts(64 + 2 * g, 2, load=True)
+            yield warp, "ld", banks.count_wavefronts((warp * reloads + r) * 64 + 8 * g, 8, load=True)
+            yield warp, "ld", banks.count_wavefronts((warp * reloads + r) * 16 + 2 * g, 2, load=True)
 
 
 def _predict_decode(p) -> dict:
