@@ -4,19 +4,22 @@ The fused decode-attention kernel (cuda/decode_attention.cu, rope + cache write 
 alone, eagerly, at one shape (default: Llama-2-7B heads at batch 256 over 131 positions, where
 the whole model's decode is attention-bound), as:
 
-- ``current``: today's kernel (split count from ``decode_splits``);
-- ``no-early``: the same source with its sm_90 early tile copy turned off (``EARLY`` false), compiled
-  from an edited copy of cuda/ in a temporary folder;
+- ``current``: today's kernel, launched with window 0 and one split;
+- each edit of ``EDITS``, compiled from an edited copy of cuda/ in a temporary folder: ``no-early``
+  (the sm_90 early tile copy off), ``no-pdl`` (no griddepcontrol), ``one-split`` (the split count a
+  constant 1, so the split-KV code folds away), ``no-window`` (the window a constant 0), and
+  ``plain`` (all four: the features added since the single-pass kernel, compiled out);
 - ``old``: ``--old FILE``, a decode_attention.cu of an earlier commit with that commit's launch
   arguments (``--old-args 11``: q, keys, values, out, n_heads, n_kv, max_len, length, start, cos,
   sin, as before the window and split-KV arguments), compiled the same way.
 
 From the checkout, on a GPU (the package's cuda/ is never written)::
 
-    python dev/attention_probe.py [--batch 256] [--length 131] [--max-len 256] [--old old_attention.cu]
+    python dev/attention_probe.py [--batch 256] [--length 131] [--max-len 256] [--rounds 2] [--old old_attention.cu]
 
-Each variant runs in its own process (the loader reads ``$QUICKCUPY_CUDA_DIR`` once); times are
-medians of ``quickcupy.tools.timing.time_gpu`` in us, outputs checked against ``current``'s.
+Each variant runs in its own process (the loader reads ``$QUICKCUPY_CUDA_DIR`` once), the list
+``--rounds`` times over in the same order, so drift shows; times are medians of
+``quickcupy.tools.timing.time_gpu`` in us, outputs checked against ``current``'s.
 """
 from __future__ import annotations
 
@@ -32,7 +35,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # the checkout's quickcupy
 
-EARLY_LINE = "constexpr bool EARLY = true;"
+# Named edits of cuda/decode_attention.cu: (text found exactly once, its replacement). Each turns a
+# run-time feature into a constant the compiler folds away, for the launch this probe makes.
+EDITS = {
+    "no-early": [("constexpr bool EARLY = true;", "constexpr bool EARLY = false;")],
+    "no-pdl": [("  qc::pdl_trigger();\n", "\n"), ("  qc::pdl_wait();", "  ")],
+    "one-split": [("const int split = blockIdx.y, splits = gridDim.y;", "const int split = 0, splits = 1;")],
+    "no-window": [("  const int split = blockIdx.y", "  window = 0;\n  const int split = blockIdx.y")],
+}
+EDITS["plain"] = EDITS["no-early"] + EDITS["no-pdl"] + EDITS["no-window"] + EDITS["one-split"]
+
+
+def edited(source: str, name: str) -> str:
+    """``source`` with the edits of ``EDITS[name]`` applied in order; SystemExit naming the text
+    that is not there exactly once."""
+    for find, replace in EDITS[name]:
+        if source.count(find) != 1:
+            raise SystemExit(f"{name}: cuda/decode_attention.cu holds {find.strip()!r} "
+                             f"{source.count(find)} times, not once")
+        source = source.replace(find, replace)
+    return source
 
 
 def measure(args) -> dict:
@@ -81,6 +103,7 @@ def main() -> int:
     p.add_argument("--length", type=int, default=131)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=2, help="times the whole list of variants runs")
     p.add_argument("--old", metavar="FILE", help="an earlier commit's decode_attention.cu")
     p.add_argument("--old-args", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # a child: measure and print JSON
@@ -90,31 +113,31 @@ def main() -> int:
         return 0
     base = [sys.executable, __file__, "--one", "--batch", str(args.batch), "--length", str(args.length),
             "--max-len", str(args.max_len), "--repeats", str(args.repeats)]
-    variants = {"current": (None, [])}
     source = (ROOT / "cuda" / "decode_attention.cu").read_text()
-    if EARLY_LINE not in source:
-        raise SystemExit(f"cuda/decode_attention.cu has no line {EARLY_LINE!r} to edit")
-    variants["no-early"] = (source.replace(EARLY_LINE, "constexpr bool EARLY = false;"), [])
+    variants = {"current": (None, [])}
+    variants.update({name: (edited(source, name), []) for name in EDITS})
     if args.old:
         variants["old"] = (Path(args.old).read_text(), ["--old-args", "11"])
-    results = {}
-    for name, (text, extra) in variants.items():
-        env = dict(os.environ)
-        with tempfile.TemporaryDirectory() as tmp:
-            if text is not None:
-                shutil.copytree(ROOT / "cuda", Path(tmp) / "cuda")
-                (Path(tmp) / "cuda" / "decode_attention.cu").write_text(text)
-                env["QUICKCUPY_CUDA_DIR"] = str(Path(tmp) / "cuda")
-            done = subprocess.run(base + extra, env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"{name}: {done.stderr.strip()[-2000:]}")
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    ref = results["current"]["checksum"]
+    results = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, (text, extra) in variants.items():
+            env = dict(os.environ)
+            with tempfile.TemporaryDirectory() as tmp:
+                if text is not None:
+                    shutil.copytree(ROOT / "cuda", Path(tmp) / "cuda")
+                    (Path(tmp) / "cuda" / "decode_attention.cu").write_text(text)
+                    env["QUICKCUPY_CUDA_DIR"] = str(Path(tmp) / "cuda")
+                done = subprocess.run(base + extra, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{name}: {done.stderr.strip()[-2000:]}")
+            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    ref = results["current"][0]["checksum"]
     print(f"fused decode attention, batch {args.batch}, 32 heads, head_dim 128, {args.length} positions "
-          f"(max_len {args.max_len}), fp16, one split")
-    for name, r in results.items():
-        same = abs(r["checksum"] - ref) <= 1e-3 * abs(ref)
-        print(f"  {name:9s} {r['us']:8.1f} us  {r['tb_per_s']:5.2f} TB/s of K and V  "
+          f"(max_len {args.max_len}), fp16, one split; us per call in each of {args.rounds} rounds")
+    for name, runs in results.items():
+        same = all(abs(r["checksum"] - ref) <= 1e-3 * abs(ref) for r in runs)
+        times = "  ".join(f"{r['us']:7.1f}" for r in runs)
+        print(f"  {name:10s} {times}  {runs[-1]['tb_per_s']:5.2f} TB/s of K and V  "
               f"{'output as current' if same else 'OUTPUT DIFFERS'}")
     return 0
 

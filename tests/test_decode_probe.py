@@ -85,17 +85,18 @@ def test_launch_rule_pipeline_and_its_override():
     assert stages(1, ring=True) > 0 and stages(4, ring=False) == 0 and stages(16, ring=False) > 0
 
 
-def test_attention_probe_no_early_variant_compiles(tmp_path, monkeypatch):
-    """dev/attention_probe.py's "no-early" edit: its line is in cuda/decode_attention.cu once, and the
-    edited copy (in a folder of its own) compiles for sm_90."""
+@pytest.mark.parametrize("variant", ("no-early", "no-pdl", "one-split", "no-window", "plain"))
+def test_attention_probe_variants_compile(variant, tmp_path, monkeypatch):
+    """dev/attention_probe.py's edits: each text is in cuda/decode_attention.cu once (``edited``
+    raises otherwise), and the edited copy (in a folder of its own) compiles for sm_90 and differs."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
     import shutil
     import attention_probe
     source = (kernels.cuda_dir() / "decode_attention.cu").read_text()
-    assert source.count(attention_probe.EARLY_LINE) == 1
+    text = attention_probe.edited(source, variant)
+    assert text != source
     shutil.copytree(kernels.cuda_dir(), tmp_path / "cuda")
-    (tmp_path / "cuda" / "decode_attention.cu").write_text(
-        source.replace(attention_probe.EARLY_LINE, "constexpr bool EARLY = false;"))
+    (tmp_path / "cuda" / "decode_attention.cu").write_text(text)
     monkeypatch.setenv(kernels.CUDA_DIR_ENV, str(tmp_path / "cuda"))
     name = "decode_attention<128, 1, __half>"
     cubin, lowered, _ = kernels.nvrtc_compile("decode_attention.cu", "sm_90", [name])
