@@ -662,12 +662,15 @@ def gemm_tensor_maps(p: LaunchPlan, x, qweight, qzeros, scales) -> tuple:
     1 KB of weights a row, and the scales and zeros of :func:`sm90_step_groups` groups."""
     M, N, K, G = p.M, p.N, p.K, p.group_size
     rows, chunks, groups = N // 32, K // 32, K // G
+    box_rows = p.design.threads // 32           # a block's tile columns: one per warp
     step_groups = sm90_step_groups(p)
+    # in 8-byte words: a chunk of a tile column is 512 bytes, a group's scales 64, its zeros 16
     return (x_tensor_map(x.data.ptr, M, K, p.bm, x.dtype.name),
-            _tensor_map_2d(qweight.data.ptr, "uint64", chunks * 64, rows, chunks * 512, 128, 8, _SWIZZLE_NONE, "qweight"),
-            _tensor_map_2d(scales.data.ptr, "uint64", groups * 8, rows, groups * 64, 8 * step_groups, 8,
+            _tensor_map_2d(qweight.data.ptr, "uint64", chunks * 64, rows, chunks * 512, p.tile.chunks * 64, box_rows,
+                           _SWIZZLE_NONE, "qweight"),
+            _tensor_map_2d(scales.data.ptr, "uint64", groups * 8, rows, groups * 64, 8 * step_groups, box_rows,
                            _SWIZZLE_NONE, "scales"),
-            _tensor_map_2d(qzeros.data.ptr, "uint64", groups * 2, rows, groups * 16, 2 * step_groups, 8,
+            _tensor_map_2d(qzeros.data.ptr, "uint64", groups * 2, rows, groups * 16, 2 * step_groups, box_rows,
                            _SWIZZLE_NONE, "qzeros"))
 
 

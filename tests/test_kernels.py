@@ -116,15 +116,37 @@ def test_plans_cover_k_exactly(kernel, M, K, N, G):
     assert p.name in registry.SOURCES[p.source].instances     # an instance CI compiles
 
 
-@pytest.mark.parametrize("K,G", [(8192, 128), (4096, 32), (4608, 96), (4608, 192), (640, 640), (2336, 2336),
-                                 (4096, 64), (1056, 96)])
-def test_sm90_step_groups_match_the_instance(K, G):
-    """quick_sm90's TMA boxes of scales and zeros cover the groups the instance's GCH makes a step
-    read (kernel: GPS = 2 / GCH; the byte count its barrier waits for): 2 where group_size / 32 is
-    odd (96, 2336 = 73 chunks), else 1. A mismatch leaves the barrier waiting for bytes that never come."""
-    p = kernels.plan("quick_sm90", 256, 1024, K, G)
-    gch = int(re.findall(r"\d+", p.name.split("<")[1])[2])     # quick_sm90<bm, stages, gch, type>
-    assert kernels.sm90_step_groups(p) == p.tile.chunks // gch == (2 if (G // 32) % 2 else 1)
+@pytest.mark.parametrize("K,N,G,M", [(8192, 8192, 128, 4096), (4608, 1056, 96, 200), (4096, 512, 32, 64),
+                                     (2336, 256, 2336, 100), (4608, 256, 192, 300), (640, 288, 640, 1),
+                                     (4096, 4096, 64, 1024)])
+def test_sm90_tensor_maps_cover_the_packed_tensors(K, N, G, M, monkeypatch):
+    """gemm_tensor_maps (the driver's encode stubbed): qweight, scales and qzeros as (N / 32) rows
+    spanning exactly the packed arrays' bytes, and the four boxes of a K step bringing the bytes
+    quick_sm90's full barrier waits for: bm x 128 of x, 8 KB of weights, 8 x 80 per group the
+    instance's GCH makes it read (cuda/quick_sm90.cu: SLOT_TX; 2 groups where group_size / 32 is odd,
+    as 96 and 2336 = 73 chunks). Boxes short of that leave the barrier waiting forever."""
+    import numpy as np
+
+    from quickcupy.layouts import pack_quick
+    from quickcupy.quantize import quantize
+    calls = []
+    monkeypatch.setattr(kernels, "_tensor_map_2d", lambda *a: calls.append(a) or a)
+    p = kernels.plan("quick_sm90", M, N, K, G)
+    packed = pack_quick(quantize(np.random.default_rng(0).standard_normal((N, K)).astype(np.float32), G))
+    fake = lambda a: type("A", (), {"data": type("D", (), {"ptr": 0}), "dtype": a.dtype})  # noqa: E731
+    x = np.zeros((1,), np.float16)
+    kernels.gemm_tensor_maps(p, fake(x), fake(packed.qweight), fake(packed.qzeros), fake(packed.scales))
+    (_, _, xk, xm, _, xbc, xbr, _, _), *packs = calls
+    assert (xk, xm, xbc, xbr) == (K, M, 64, p.bm)
+    gch = int(re.findall(r"\d+", p.name.split("<")[1])[2])
+    box_bytes = 0
+    for (_, dtype, cols, rows, row_bytes, bc, br, _, what), arr in zip(
+            packs, (packed.qweight, packed.scales, packed.qzeros)):
+        assert dtype == "uint64" and rows == N // 32 and br == 8, what
+        assert cols * 8 == row_bytes and rows * row_bytes == arr.nbytes, what
+        box_bytes += bc * br * 8
+    assert kernels.sm90_step_groups(p) == 2 // gch == (2 if (G // 32) % 2 else 1)
+    assert box_bytes == 8192 + 8 * 80 * (2 // gch)
 
 
 @pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
