@@ -101,3 +101,22 @@ def test_attention_probe_variants_compile(variant, tmp_path, monkeypatch):
     name = "decode_attention<128, 1, __half>"
     cubin, lowered, _ = kernels.nvrtc_compile("decode_attention.cu", "sm_90", [name])
     assert len(cubin) > 0 and set(lowered) == {name}
+
+
+@pytest.mark.parametrize("variant", ("issuer-0", "no-dequant", "no-wgmma"))
+def test_sm90_probe_variants_compile(variant, tmp_path, monkeypatch):
+    """dev/sm90_probe.py's edits of cuda/quick_sm90.cu: each text is there once (``edited`` raises
+    otherwise), and the edited copy compiles for sm_90a without spills."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    import shutil
+    import sm90_probe
+    source = (kernels.cuda_dir() / "quick_sm90.cu").read_text()
+    text = sm90_probe.edited(source, variant)
+    assert text != source
+    shutil.copytree(kernels.cuda_dir(), tmp_path / "cuda")
+    (tmp_path / "cuda" / "quick_sm90.cu").write_text(text)
+    monkeypatch.setenv(kernels.CUDA_DIR_ENV, str(tmp_path / "cuda"))
+    name = "quick_sm90<128, 5, 2, half>"
+    cubin, lowered, log = kernels.nvrtc_compile("quick_sm90.cu", "sm_90a", [name], ["--ptxas-options=-v"])
+    assert len(cubin) > 0 and set(lowered) == {name}
+    assert " 0 bytes spill stores" in log
