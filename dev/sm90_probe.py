@@ -103,15 +103,13 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--rounds", type=int, default=2, help="times the whole list of variants runs")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # a child: measure and print JSON
-    args, rest = p.parse_known_args()
-    if args.one:
-        child = argparse.ArgumentParser()
-        child.add_argument("--stages", type=int, default=0)
-        args.stages = child.parse_args(rest).stages
+    args = p.parse_args()
+    if args.one:                  # --stages: one depth, or '' for the plan's
+        args.stages = int(args.stages) if args.stages else 0
         print(json.dumps(measure(args)))
         return 0
     base = [sys.executable, __file__, "--one", "--shapes", args.shapes, "--m", args.m,
-            "--group-size", str(args.group_size), "--repeats", str(args.repeats)]
+            "--group-size", str(args.group_size), "--repeats", str(args.repeats), "--stages", ""]
     source = (ROOT / "cuda" / "quick_sm90.cu").read_text()
     variants = {"current": (None, [])}
     variants.update({name: (edited(source, name), []) for name in EDITS})
