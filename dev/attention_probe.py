@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # the checkout's quickcupy
+
+import source_variants  # noqa: E402  (dev/, beside this file)
 
 # Named edits of cuda/decode_attention.cu: (text found exactly once, its replacement). Each turns a
 # run-time feature into a constant the compiler folds away, for the launch this probe makes.
@@ -47,14 +45,9 @@ EDITS["plain"] = EDITS["no-early"] + EDITS["no-pdl"] + EDITS["no-window"] + EDIT
 
 
 def edited(source: str, name: str) -> str:
-    """``source`` with the edits of ``EDITS[name]`` applied in order; SystemExit naming the text
-    that is not there exactly once."""
-    for find, replace in EDITS[name]:
-        if source.count(find) != 1:
-            raise SystemExit(f"{name}: cuda/decode_attention.cu holds {find.strip()!r} "
-                             f"{source.count(find)} times, not once")
-        source = source.replace(find, replace)
-    return source
+    """``source`` with the edits of ``EDITS[name]`` applied in order (RuntimeError if a text is not
+    there exactly once)."""
+    return source_variants.edited(source, EDITS[name], f"decode_attention.cu, {name}")
 
 
 def measure(args) -> dict:
@@ -118,19 +111,7 @@ def main() -> int:
     variants.update({name: (edited(source, name), []) for name in EDITS})
     if args.old:
         variants["old"] = (Path(args.old).read_text(), ["--old-args", "11"])
-    results = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, (text, extra) in variants.items():
-            env = dict(os.environ)
-            with tempfile.TemporaryDirectory() as tmp:
-                if text is not None:
-                    shutil.copytree(ROOT / "cuda", Path(tmp) / "cuda")
-                    (Path(tmp) / "cuda" / "decode_attention.cu").write_text(text)
-                    env["QUICKCUPY_CUDA_DIR"] = str(Path(tmp) / "cuda")
-                done = subprocess.run(base + extra, env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{name}: {done.stderr.strip()[-2000:]}")
-            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = source_variants.run(base, "decode_attention.cu", variants, args.rounds)
     ref = results["current"][0]["checksum"]
     print(f"fused decode attention, batch {args.batch}, 32 heads, head_dim 128, {args.length} positions "
           f"(max_len {args.max_len}), fp16, one split; us per call in each of {args.rounds} rounds")

@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout's 
 from quickcupy import kernels, registry
 from quickcupy.registry import DecodeShape
 from quickcupy.tools.bench_report import moved_bytes, rotation_copies, weight_bytes
+from source_variants import replace_once   # dev/, beside this file
 
 SOURCE = "quick_decode.cu"
 L2_BYTES = 50 * 2 ** 20            # H100; only sets how many copies rotate
@@ -77,30 +78,24 @@ _REG_LOAD = "ld_stream16<1>(wb + c * 32, active && rcb + c < nch_b)"
 
 
 
-def _replace_once(text: str, old: str, new: str, what: str) -> str:
-    if text.count(old) != 1:
-        raise RuntimeError(f"decode_probe: {SOURCE} no longer has exactly one {what} ({old.strip()[:60]!r})")
-    return text.replace(old, new)
-
-
 def timestamped_source(text: str) -> str:
     """quick_decode.cu with per-block timestamps into ``probe_ts`` (start, main-loop end, SM id)."""
-    text = _replace_once(text, _NS, _NS + TIMESTAMPS, "namespace line")
-    text = _replace_once(text, _START, _START + (
+    text = replace_once(text, _NS, _NS + TIMESTAMPS, "namespace line")
+    text = replace_once(text, _START, _START + (
         "  const int probe_b = blockIdx.y * gridDim.x + blockIdx.x;\n"
         "  if (threadIdx.x == 0) { unsigned sm; asm volatile(\"mov.u32 %0, %smid;\" : \"=r\"(sm));\n"
         "    probe_ts[0][probe_b] = probe_now(); probe_ts[2][probe_b] = sm; }\n"), "kernel start")
-    return _replace_once(text, _LOOP_END, "  if (lane == 0) atomicMax(&probe_ts[1][probe_b], probe_now());\n" + _LOOP_END,
+    return replace_once(text, _LOOP_END, "  if (lane == 0) atomicMax(&probe_ts[1][probe_b], probe_now());\n" + _LOOP_END,
                          "main-loop end")
 
 
 def evict_moved_source(text: str) -> str:
     """quick_decode.cu with the evict-first policy taken off the ring's weight copies and put on the
     register pipeline's weight loads."""
-    text = _replace_once(text, _RING_POLICY, ", c < left);", "ring weight copy with the policy")
-    text = _replace_once(text, _START, _START + "  const unsigned long long probe_policy = l2_evict_first_policy();\n",
+    text = replace_once(text, _RING_POLICY, ", c < left);", "ring weight copy with the policy")
+    text = replace_once(text, _START, _START + "  const unsigned long long probe_policy = l2_evict_first_policy();\n",
                          "kernel start")
-    return _replace_once(text, _REG_LOAD, "ld_stream16(wb + c * 32, active && rcb + c < nch_b, probe_policy)",
+    return replace_once(text, _REG_LOAD, "ld_stream16(wb + c * 32, active && rcb + c < nch_b, probe_policy)",
                          "register-pipeline load")
 
 

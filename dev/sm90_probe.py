@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # the checkout's quickcupy
-sys.path.insert(0, str(ROOT / "dev"))
+
+import source_variants  # noqa: E402  (dev/, beside this file)
 
 # Named edits of cuda/quick_sm90.cu: (text found exactly once, its replacement).
 EDITS = {
@@ -49,13 +46,9 @@ CHECKED = ("issuer-0",)          # edits that keep the arithmetic: output compar
 
 
 def edited(source: str, name: str) -> str:
-    """``source`` with the edits of ``EDITS[name]`` applied; SystemExit naming the text that is not
-    there exactly once."""
-    for find, replace in EDITS[name]:
-        if source.count(find) != 1:
-            raise SystemExit(f"{name}: cuda/quick_sm90.cu holds {find.strip()!r} {source.count(find)} times, not once")
-        source = source.replace(find, replace)
-    return source
+    """``source`` with the edits of ``EDITS[name]`` applied (RuntimeError if a text is not there
+    exactly once)."""
+    return source_variants.edited(source, EDITS[name], f"quick_sm90.cu, {name}")
 
 
 def parse_shapes(text: str) -> list:
@@ -114,19 +107,7 @@ def main() -> int:
     variants = {"current": (None, [])}
     variants.update({name: (edited(source, name), []) for name in EDITS})
     variants.update({f"stages-{s}": (None, ["--stages", s]) for s in args.stages.split(",") if s})
-    results = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, (text, extra) in variants.items():
-            env = dict(os.environ)
-            with tempfile.TemporaryDirectory() as tmp:
-                if text is not None:
-                    shutil.copytree(ROOT / "cuda", Path(tmp) / "cuda")
-                    (Path(tmp) / "cuda" / "quick_sm90.cu").write_text(text)
-                    env["QUICKCUPY_CUDA_DIR"] = str(Path(tmp) / "cuda")
-                done = subprocess.run(base + extra, env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{name}: {done.stderr.strip()[-2000:]}")
-            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = source_variants.run(base, "quick_sm90.cu", variants, args.rounds)
     print(f"quick_sm90 variants, group {args.group_size}, fp16; us per call in each of {args.rounds} rounds "
           f"(TFLOP/s of the last); 'same' = output as current's")
     points = results["current"][0]
