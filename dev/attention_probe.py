@@ -7,8 +7,9 @@ the whole model's decode is attention-bound), as:
 - ``current``: today's kernel, launched with window 0 and one split;
 - each edit of ``EDITS``, compiled from an edited copy of cuda/ in a temporary folder: ``no-early``
   (the sm_90 early tile copy off), ``no-pdl`` (no griddepcontrol), ``one-split`` (the split count a
-  constant 1, so the split-KV code folds away), ``no-window`` (the window a constant 0), and
-  ``plain`` (all four: the features added since the single-pass kernel, compiled out);
+  constant 1, so the split-KV code folds away), ``no-window`` (the window a constant 0),
+  ``fixed-shape`` (the last two: what template instances without split-KV and window would
+  compile) and ``plain`` (all four: the features added since the single-pass kernel, compiled out);
 - ``old``: ``--old FILE``, a decode_attention.cu of an earlier commit with that commit's launch
   arguments (``--old-args 11``: q, keys, values, out, n_heads, n_kv, max_len, length, start, cos,
   sin, as before the window and split-KV arguments), compiled the same way.
@@ -41,7 +42,8 @@ EDITS = {
     "one-split": [("const int split = blockIdx.y, splits = gridDim.y;", "const int split = 0, splits = 1;")],
     "no-window": [("  const int split = blockIdx.y", "  window = 0;\n  const int split = blockIdx.y")],
 }
-EDITS["plain"] = EDITS["no-early"] + EDITS["no-pdl"] + EDITS["no-window"] + EDITS["one-split"]
+EDITS["fixed-shape"] = EDITS["no-window"] + EDITS["one-split"]   # what a template instance could fold
+EDITS["plain"] = EDITS["no-early"] + EDITS["no-pdl"] + EDITS["fixed-shape"]
 
 
 def edited(source: str, name: str) -> str:

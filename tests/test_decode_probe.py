@@ -85,7 +85,7 @@ def test_launch_rule_pipeline_and_its_override():
     assert stages(1, ring=True) > 0 and stages(4, ring=False) == 0 and stages(16, ring=False) > 0
 
 
-@pytest.mark.parametrize("variant", ("no-early", "no-pdl", "one-split", "no-window", "plain"))
+@pytest.mark.parametrize("variant", ("no-early", "no-pdl", "one-split", "no-window", "fixed-shape", "plain"))
 def test_attention_probe_variants_compile(variant, tmp_path, monkeypatch):
     """dev/attention_probe.py's edits: each text is in cuda/decode_attention.cu once (``edited``
     raises otherwise), and the edited copy (in a folder of its own) compiles for sm_90 and differs."""
