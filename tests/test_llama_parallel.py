@@ -393,3 +393,25 @@ def test_gpu_launcher_one_rank_through_nccl(tmp_path):
     assert all(g["decode_tokens_per_s"] > 0 for g in report["generation"])
     step = report["decode_step_batch1"]["quick"]
     assert step["all_reduce_us_per_layer"] > 0 and step["gemm_us_per_layer"] > 0
+
+
+def test_backend_weights_quantize_once_for_the_4bit_backends():
+    """The --vocab and --tp runners' shared loop: numpy skipped, the float layer for fp16, one
+    quantization (at first need) shared by awq, quick and auto."""
+    from quickcupy.tools.llama_bench import backend_weights
+
+    class Layer:
+        calls = 0
+
+        def quantized(self, group_size):
+            Layer.calls += 1
+            return ("q", group_size)
+
+    class Quiet:
+        def note(self, text):
+            pass
+
+    layer = Layer()
+    got = list(backend_weights(["numpy", "fp16", "awq", "quick", "auto"], layer, 64, Quiet()))
+    assert [b for b, _ in got] == ["fp16", "awq", "quick", "auto"]
+    assert got[0][1] is layer and all(w == ("q", 64) for _, w in got[1:]) and Layer.calls == 1

@@ -590,6 +590,19 @@ def random_model_weights(config: LlamaConfig, s: Settings) -> tuple:
     return layer, head, group_size
 
 
+def backend_weights(backends, layer, group_size: int, progress):
+    """(backend, the layer's weights for it) for each backend of ``backends`` but numpy: ``layer``
+    as it is, or quantized with ``group_size`` for the 4-bit backends (once, when first needed)."""
+    quantized = None
+    for backend in backends:
+        if backend == "numpy":
+            continue
+        if backend in QUANTIZED_BACKENDS and quantized is None:
+            progress.note(f"quantizing (group size {group_size})")
+            quantized = layer.quantized(group_size)
+        yield backend, quantized if backend in QUANTIZED_BACKENDS else layer
+
+
 def run_model(s: Settings) -> int:
     """--vocab: the whole model's prefill and greedy decode per backend and batch (GPU only)."""
     reason = _device.no_gpu_reason()
@@ -603,17 +616,10 @@ def run_model(s: Settings) -> int:
     progress.note(f"random weights: one layer of {_describe(config)}, copied to {config.num_hidden_layers} layers; "
                   f"vocab {s.vocab}")
     layer, head, group_size = random_model_weights(config, s)
-    quantized = None
     results, overhead = [], {}
-    for backend in s.backends:
-        if backend == "numpy":
-            continue
-        if backend in QUANTIZED_BACKENDS and quantized is None:
-            progress.note(f"quantizing (group size {group_size})")
-            quantized = layer.quantized(group_size)
+    for backend, weights in backend_weights(s.backends, layer, group_size, progress):
         progress.note(f"[{backend}] building {config.num_hidden_layers} blocks")
-        model = _whole_model(config, quantized if backend in QUANTIZED_BACKENDS else layer, head, backend, group_size,
-                             s.dtype)
+        model = _whole_model(config, weights, head, backend, group_size, s.dtype)
         for batch in s.batches:
             results.append(_time_generation(model, backend, batch, s, progress))
         if backend in QUANTIZED_BACKENDS:

@@ -24,7 +24,7 @@ from ..llama.model import QUANTIZED_BACKENDS, LlamaConfig
 from ..llama.parallel import rank_model, shard_config
 from .common import Progress, UsageError, write_json
 from .llama_bench import (_describe, _format_model_report, _non_gemm_us_per_layer, _repeat_layer, _time_generation,
-                          random_model_weights)
+                          backend_weights, random_model_weights)
 from .timing import gpu_seconds_behind_spin
 
 
@@ -109,16 +109,9 @@ def _run_rank(comm, s) -> dict:
     progress.note(f"random weights: one layer of {_describe(config)}, copied to {config.num_hidden_layers} layers; "
                   f"vocab {s.vocab}; split over {world} GPUs ({_describe(shard)} per rank)")
     layer, head, group_size = random_model_weights(config, s)     # the same on every rank
-    quantized = None
     results, overhead = [], {}
-    for backend in s.backends:
-        if backend == "numpy":
-            continue
-        if backend in QUANTIZED_BACKENDS and quantized is None:
-            progress.note(f"quantizing (group size {group_size})")
-            quantized = layer.quantized(group_size)
+    for backend, weights in backend_weights(s.backends, layer, group_size, progress):
         progress.note(f"[{backend}] building {config.num_hidden_layers} blocks (rank slices)")
-        weights = quantized if backend in QUANTIZED_BACKENDS else layer
         model = rank_model(config.replace(num_hidden_layers=1), [weights], comm, backend, group_size, head, s.dtype)
         model = _repeat_layer(model, config.num_hidden_layers)
         for batch in s.batches:
