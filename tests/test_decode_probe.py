@@ -85,21 +85,27 @@ def test_launch_rule_pipeline_and_its_override():
     assert stages(1, ring=True) > 0 and stages(4, ring=False) == 0 and stages(16, ring=False) > 0
 
 
+def _compile_edited(tmp_path, monkeypatch, filename: str, text: str, name: str, arch: str):
+    """NVRTC's (cubin, lowered names, log) of ``name`` from a copy of cuda/ (in a folder of its own)
+    whose ``filename`` holds ``text``, with ptxas's report in the log."""
+    import shutil
+    shutil.copytree(kernels.cuda_dir(), tmp_path / "cuda")
+    (tmp_path / "cuda" / filename).write_text(text)
+    monkeypatch.setenv(kernels.CUDA_DIR_ENV, str(tmp_path / "cuda"))
+    return kernels.nvrtc_compile(filename, arch, [name], ["--ptxas-options=-v"])
+
+
 @pytest.mark.parametrize("variant", ("no-early", "no-pdl", "one-split", "no-window", "fixed-shape", "plain"))
 def test_attention_probe_variants_compile(variant, tmp_path, monkeypatch):
     """dev/attention_probe.py's edits: each text is in cuda/decode_attention.cu once (``edited``
     raises otherwise), and the edited copy (in a folder of its own) compiles for sm_90 and differs."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    import shutil
     import attention_probe
     source = (kernels.cuda_dir() / "decode_attention.cu").read_text()
     text = attention_probe.edited(source, variant)
     assert text != source
-    shutil.copytree(kernels.cuda_dir(), tmp_path / "cuda")
-    (tmp_path / "cuda" / "decode_attention.cu").write_text(text)
-    monkeypatch.setenv(kernels.CUDA_DIR_ENV, str(tmp_path / "cuda"))
     name = "decode_attention<128, 1, __half>"
-    cubin, lowered, _ = kernels.nvrtc_compile("decode_attention.cu", "sm_90", [name])
+    cubin, lowered, _ = _compile_edited(tmp_path, monkeypatch, "decode_attention.cu", text, name, "sm_90")
     assert len(cubin) > 0 and set(lowered) == {name}
 
 
@@ -108,15 +114,11 @@ def test_sm90_probe_variants_compile(variant, tmp_path, monkeypatch):
     """dev/sm90_probe.py's edits of cuda/quick_sm90.cu: each text is there once (``edited`` raises
     otherwise), and the edited copy compiles for sm_90a without spills."""
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    import shutil
     import sm90_probe
     source = (kernels.cuda_dir() / "quick_sm90.cu").read_text()
     text = sm90_probe.edited(source, variant)
     assert text != source
-    shutil.copytree(kernels.cuda_dir(), tmp_path / "cuda")
-    (tmp_path / "cuda" / "quick_sm90.cu").write_text(text)
-    monkeypatch.setenv(kernels.CUDA_DIR_ENV, str(tmp_path / "cuda"))
     name = "quick_sm90<128, 5, 2, half>"
-    cubin, lowered, log = kernels.nvrtc_compile("quick_sm90.cu", "sm_90a", [name], ["--ptxas-options=-v"])
+    cubin, lowered, log = _compile_edited(tmp_path, monkeypatch, "quick_sm90.cu", text, name, "sm_90a")
     assert len(cubin) > 0 and set(lowered) == {name}
     assert " 0 bytes spill stores" in log
