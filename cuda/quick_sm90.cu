@@ -20,7 +20,7 @@
 // Pipeline: one STAGES-deep ring of K steps, each slot holding the step's activation tile, packed
 // weights, scales and zeros, every one a single TMA box issued by one thread (the packed tensors as
 // 2-D arrays of tile columns: one row per 32-feature QUICK tile column, so a block's 8 tile columns
-// of a K step are one 8-row box; see quickcupy.kernels.packed_tensor_map), handed over with
+// of a K step are one 8-row box; see quickcupy.kernels.gemm_tensor_maps), handed over with
 // mbarriers ("full" when a slot's bytes landed, "empty" when both warpgroups are done with it), so
 // the two groups run out of step and no consumer thread spends instructions on copies. Within a
 // group, the dequantization of step it + 1 (into a second set of A registers) runs while the wgmmas
