@@ -6,7 +6,8 @@
 // position of the new token in device memory: one captured graph serves every step).
 // window: 0, or W > 0 (a sliding window, Mistral's): only positions >= length - W are attended; the
 // tile loop starts at the 8-aligned position below the first (16-byte chunks stay aligned) and masks
-// the few before it, so without a window the loop is the one it always was.
+// the few before it, so without a window the loop is the one it always was. The window and split-KV
+// (below) are compiled into the GENERAL instances only.
 // Query head h reads KV head h / (n_heads / n_kv) (Hugging Face repeat_kv).
 //
 // Two modes, by cos_t:
@@ -164,7 +165,12 @@ __device__ __forceinline__ bool block_arrive(unsigned int* counter, unsigned int
 #define DECODE_ATTENTION_BOUNDS __launch_bounds__(decode::THREADS)
 #endif
 
-template <int D, int HEADS, typename T>
+template <int D,         // head_dim: a multiple of 32 (a warp spans it in the weighted sum)
+          int HEADS,     // query heads per block, sharing one KV head
+          bool GENERAL,  // split-KV and the sliding window, read at run time; false: the single pass
+                         // over every position (gridDim.y must be 1, window is taken as 0), which
+                         // compiles without them (quickcupy/attention.py picks it whenever it can)
+          typename T>    // half or __nv_bfloat16 (Dt<T>)
 __global__ void DECODE_ATTENTION_BOUNDS
 decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ values, T* __restrict__ out,
                  int n_heads, int n_kv, int max_len, int length, int window, const int* __restrict__ start,
@@ -184,7 +190,8 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
   float* sum_s = reinterpret_cast<float*>(smem);                 // WARPS x HEADS x D, after the loop
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int split = blockIdx.y, splits = gridDim.y;   // 1: the single pass (see the top)
+  const int split = GENERAL ? blockIdx.y : 0, splits = GENERAL ? gridDim.y : 1;   // 1: the single pass
+  if (!GENERAL) window = 0;
   const int blocks_per_seq = n_heads / HEADS;
   const int b = blockIdx.x / blocks_per_seq, h0 = (blockIdx.x % blocks_per_seq) * HEADS;
   const int kv = h0 / (n_heads / n_kv);

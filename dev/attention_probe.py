@@ -4,15 +4,17 @@ The fused decode-attention kernel (cuda/decode_attention.cu, rope + cache write 
 alone, eagerly, at one shape (default: Llama-2-7B heads at batch 256 over 131 positions, where
 the whole model's decode is attention-bound), as:
 
-- ``current``: today's kernel, launched with window 0 and one split;
-- each edit of ``EDITS``, compiled from an edited copy of cuda/ in a temporary folder: ``no-early``
-  (the sm_90 early tile copy off), ``no-pdl`` (no griddepcontrol), ``one-split`` (the split count a
-  constant 1, so the split-KV code folds away), ``no-window`` (the window a constant 0),
-  ``fixed-shape`` (the last two: what template instances without split-KV and window would
-  compile) and ``plain`` (all four: the features added since the single-pass kernel, compiled out);
+- ``current``: today's single-pass instance (``general`` false), launched with window 0 and one
+  split, as the Llama runner launches it;
+- ``general``: the instance with split-KV and the sliding window read at run time, at the same
+  launch (what those features cost where they do not act);
+- each edit of ``EDITS`` to the single-pass instance, compiled from an edited copy of cuda/ in a
+  temporary folder: ``no-early`` (the sm_90 early tile copy off), ``no-pdl`` (no griddepcontrol)
+  and ``plain`` (both: the features added since the single-pass kernel, compiled out);
 - ``old``: ``--old FILE``, a decode_attention.cu of an earlier commit with that commit's launch
   arguments (``--old-args 11``: q, keys, values, out, n_heads, n_kv, max_len, length, start, cos,
-  sin, as before the window and split-KV arguments), compiled the same way.
+  sin, as before the window and split-KV arguments; its template has no ``general``), compiled the
+  same way.
 
 From the checkout, on a GPU (the package's cuda/ is never written)::
 
@@ -39,11 +41,8 @@ import source_variants  # noqa: E402  (dev/, beside this file)
 EDITS = {
     "no-early": [("constexpr bool EARLY = true;", "constexpr bool EARLY = false;")],
     "no-pdl": [("  qc::pdl_trigger();\n", "\n"), ("  qc::pdl_wait();", "  ")],
-    "one-split": [("const int split = blockIdx.y, splits = gridDim.y;", "const int split = 0, splits = 1;")],
-    "no-window": [("  const int split = blockIdx.y", "  window = 0;\n  const int split = blockIdx.y")],
 }
-EDITS["fixed-shape"] = EDITS["no-window"] + EDITS["one-split"]   # what a template instance could fold
-EDITS["plain"] = EDITS["no-early"] + EDITS["no-pdl"] + EDITS["fixed-shape"]
+EDITS["plain"] = EDITS["no-early"] + EDITS["no-pdl"]
 
 
 def edited(source: str, name: str) -> str:
@@ -76,8 +75,9 @@ def measure(args) -> dict:
                     num_hidden_layers=1), np.arange(max_len)))
     heads = decode_heads_per_block(nh, nkv)
     smem = decode_smem_bytes(d, heads, 2)
-    fn = get_function(cupy.cuda.Device().id, "decode_attention.cu", f"decode_attention<{d}, {heads}, {ctype(np.float16)}>",
-                      smem)
+    general = "" if args.old_args == 11 else ("true, " if args.general else "false, ")
+    fn = get_function(cupy.cuda.Device().id, "decode_attention.cu",
+                      f"decode_attention<{d}, {heads}, {general}{ctype(np.float16)}>", smem)
     out = cupy.empty((B, 1, nh * d), np.float16)
     null = np.uint64(0)
     i32 = np.int32
@@ -101,6 +101,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="times the whole list of variants runs")
     p.add_argument("--old", metavar="FILE", help="an earlier commit's decode_attention.cu")
     p.add_argument("--old-args", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--general", action="store_true", help=argparse.SUPPRESS)   # a child: the general instance
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # a child: measure and print JSON
     args = p.parse_args()
     if args.one:
@@ -109,7 +110,7 @@ def main() -> int:
     base = [sys.executable, __file__, "--one", "--batch", str(args.batch), "--length", str(args.length),
             "--max-len", str(args.max_len), "--repeats", str(args.repeats)]
     source = (ROOT / "cuda" / "decode_attention.cu").read_text()
-    variants = {"current": (None, [])}
+    variants = {"current": (None, []), "general": (None, ["--general"])}
     variants.update({name: (edited(source, name), []) for name in EDITS})
     if args.old:
         variants["old"] = (Path(args.old).read_text(), ["--old-args", "11"])

@@ -22,7 +22,7 @@ def decode_head_dim_error(d: int):
 
 
 def decode_smem_bytes(d: int, heads: int, itemsize: int) -> int:
-    """Dynamic shared memory of decode_attention<d, heads, T>, laid out as the kernel says: a tile of
+    """Dynamic shared memory of decode_attention<d, heads, general, T>, laid out as the kernel says: a tile of
     K^T (d x TP) and of V (TP x d) in T, then float32 q (d x heads), probabilities (heads x TP) and
     per-warp maxima (warps x heads); TP = DECODE_ATTENTION_THREADS positions. With split-KV the block
     that combines the splits keeps their maxima and sums in the probabilities' place."""
@@ -163,7 +163,11 @@ def _launch(q, keys, values, nh, length, start, cos, sin, window, splits):
     if splits is None:
         splits = decode_splits(B, nh, nkv, max_len, device_limits(device_id).sm_count)
     smem = decode_smem_bytes(d, heads, q.dtype.itemsize)
-    fn = get_function(device_id, "decode_attention.cu", f"decode_attention<{d}, {heads}, {ctype(q.dtype)}>", smem)
+    # The instance with split-KV and the window only where they act: a window of max_len or more
+    # never excludes a position (length <= max_len), so the single pass serves it too.
+    general = splits > 1 or 0 < window < max_len
+    name = f"decode_attention<{d}, {heads}, {'true' if general else 'false'}, {ctype(q.dtype)}>"
+    fn = get_function(device_id, "decode_attention.cu", name, smem)
     out = cupy.empty((B, 1, nh * d), q.dtype)
     null = np.uint64(0)
     partial = counters = null

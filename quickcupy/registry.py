@@ -280,8 +280,9 @@ LAYOUTS = tuple(dict.fromkeys(d.layout for d in DESIGNS.values()))
 SPLITK_REDUCE_THREADS = 128
 DECODE_ATTENTION_THREADS = 128
 DEQUANT_THREADS = 128
-# decode_attention<head_dim, heads per block, T>: a block takes the largest of these that divides the
-# GQA group; head_dim a multiple of 32 (a warp spans it) between the least and greatest of these.
+# decode_attention<head_dim, heads per block, general, T>: a block takes the largest of these that
+# divides the GQA group; head_dim a multiple of 32 (a warp spans it) between the least and greatest of
+# these; general: split-KV and a sliding window (the instance without them is the single pass).
 DECODE_HEAD_DIMS = (64, 96, 128, 256)
 DECODE_HEADS_PER_BLOCK = (8, 4, 2, 1)
 # Most KV splits of one (sequence, head group) (quickcupy/attention.py's decode_splits): the kernel's
@@ -296,8 +297,9 @@ SOURCES = {s.filename: s for s in (
     *(Source(d.source, tuple(d.instances()), d.thread_constants(), d.arch) for d in DESIGNS.values()),
     Source("splitk_reduce.cu", tuple(f"splitk_reduce<{c}>" for c in CTYPES.values()),
            {"SPLITK_REDUCE_THREADS": SPLITK_REDUCE_THREADS}),
-    Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}, {c}>" for c in CTYPES.values()
-                                        for d in DECODE_HEAD_DIMS for g in DECODE_HEADS_PER_BLOCK),
+    Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}, {general}, {c}>" for c in CTYPES.values()
+                                        for d in DECODE_HEAD_DIMS for g in DECODE_HEADS_PER_BLOCK
+                                        for general in ("false", "true")),
            {"DECODE_ATTENTION_THREADS": DECODE_ATTENTION_THREADS}),
     Source("dequant.cu", tuple(f"dequant_quick<{c}>" for c in CTYPES.values()),
            {"DEQUANT_THREADS": DEQUANT_THREADS}),

@@ -104,7 +104,8 @@ def _one_tile(length, window) -> bool:
 @pytest.mark.parametrize("max_len", [1000, 1003])     # 16-byte cp.async rows, and element-by-element copies
 def test_gpu_split_kv_decode_attention(rng, dtype, d, nh, nkv, batch, max_len):
     """The fused decode step at 1, 2, 4 and 8 splits, lengths around the 128-position tiles, windows
-    none / 16 / 200: against float64 (on rope_cache's rotation and cache write); the caches after
+    none / 16 / 200 (and, at one split, windows that exclude nothing: both instances, general and
+    single pass, equal the single pass): against float64 (on rope_cache's rotation and cache write); the caches after
     it equal the single pass's bit for bit; the same split count in the non-fused mode (on
     rope_cache's output) equals it bit for bit, and so does a second run; where the attended
     positions fit one tile, every split count equals the single pass (the empty splits add exact
@@ -157,6 +158,14 @@ def test_gpu_split_kv_decode_attention(rng, dtype, d, nh, nkv, batch, max_len):
                 assert _same_bits(split, out), f"non-fused mode: {where}"
                 if _one_tile(length, window):
                     np.testing.assert_array_equal(got, single[0].get().astype(np.float32), where)
+            if window is None:
+                # A window that excludes nothing: max_len runs the single-pass instance, max_len - 1
+                # the general one (where it is >= length); both equal the single pass, bit for bit.
+                for wide in (w for w in (max_len, max_len - 1) if w >= length):
+                    _poison_pool(cupy, (batch, 1, nh * d), nd)
+                    out = decode_attention_rope(qkv, kw.copy(), vw.copy(), cos, sin, nh, length, window=wide,
+                                                splits=1)
+                    assert _same_bits(out, single[0]), f"length={length} window={wide}: not the single pass"
     blocks = batch * nh // decode_heads_per_block(nh, nkv)
     assert not kernels.workspace(cupy.cuda.Device().id).counters(blocks)[:blocks].any()
 
