@@ -192,6 +192,7 @@ def test_gpu_split_kv_graph_replays_at_growing_lengths(rng, dtype, splits, windo
     qkv = cupy.asarray(rng.standard_normal((1, 1, nh + 2 * nkv, d)).astype(nd))
     start = cupy.zeros(1, np.int32)
     stream = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the inputs' stream
     with stream:
         decode_attention_rope(qkv, keys.copy(), values.copy(), cos, sin, nh, 1, start=start, window=window,
                               splits=splits)     # compiles outside the capture

@@ -317,6 +317,7 @@ def test_cuda_graph_replay_is_bit_identical(kernel, M, split_k, rng):
     layer = QuantLinear.from_quantized(q, layout=kernel_layout(kernel), bias=rng.standard_normal(N).astype(np.float16))
     stream = cupy.cuda.Stream(non_blocking=True)
     plan = {} if split_k is None else {"split_k": split_k}
+    cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the layer's uploads
     with stream:
         x = cupy.asarray(rng.standard_normal((M, K)).astype(np.float16))
         out = cupy.full((M, N), np.nan, np.float16)

@@ -125,6 +125,7 @@ def test_capture_owns_its_scratch(kernel, M, split_k, act_order, rng):
         assert (p.grid[1] if p.counters else p.split_k) > 1 or act_order, "the case must use partials"
     out = cupy.empty((M, layer.out_features), np.float16)
     stream = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the inputs' stream
     with stream:
         gemm_module.gemm(x, layer, kernel, out, split_k=split_k)     # compile outside the capture
         stream.synchronize()
@@ -154,6 +155,7 @@ def test_two_graphs_captured_on_one_stream_replay_concurrently(rng):
     outs = [cupy.empty((x.shape[0], layer.out_features), np.float16) for layer, x, _ in cases]
     stream = cupy.cuda.Stream(non_blocking=True)
     graphs = []
+    cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the inputs' stream
     with stream:
         for (layer, x, _), out, (kernel, split_k) in zip(cases, outs, kinds):
             gemm_module.gemm(x, layer, kernel, out, split_k=split_k)
@@ -182,6 +184,7 @@ def test_a_new_stream_with_a_destroyed_streams_handle(rng):
     layer, x, ref = _case(rng, "quick_decode", 4, K=4096)
     old = cupy.cuda.Stream(non_blocking=True)
     handle = old.ptr
+    cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the inputs' stream
     with old:
         y = layer(x, kernel="quick_decode")
         old.synchronize()
@@ -217,6 +220,7 @@ def test_first_calls_from_many_threads():
             layer = QuantLinear.from_quantized(q, layout="awq" if kernel == "awq" else "quick")
             x = rng.standard_normal((M, 1024)).astype(np.float16)
             cases.append((kernel, layer, cupy.asarray(x), reference_gemm(x, q)))
+        cupy.cuda.Device().synchronize()   # the threads' non-blocking streams do not wait for the uploads
         errors = [None] * len(cases)
         barrier = threading.Barrier(len(cases))
         def run(i):
@@ -282,6 +286,7 @@ def _replays_as_eager(chain, x, expected, monkeypatch):
         kernels._pdl_capable.cache_clear()
         stream = cupy.cuda.Stream(non_blocking=True)
         keep = []
+        cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for x's stream
         with stream:
             xs = x.copy()
             chain(xs.copy(), [])                 # compiles and fills the workspace outside the capture
