@@ -143,6 +143,7 @@ def all_reduce_us_per_layer(comm, model, repeats: int = 5) -> float:
     layers = model.config.num_hidden_layers
     buf = cupy.zeros((1, 1, model.config.hidden_size), model.dtype)
     stream = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.get_current_stream().synchronize()   # buf's zeros land before the side stream reads them
     with stream:
         comm.all_reduce(buf)               # NCCL sets up its connections eagerly, not under capture
         stream.synchronize()
