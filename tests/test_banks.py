@@ -410,6 +410,7 @@ def _skip_without_ncu():
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.ncu
 def test_model_matches_nsight_compute(tmp_path):
     _skip_without_ncu()
     results = run_probes(probe_patterns(), tmp_path)

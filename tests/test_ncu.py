@@ -485,6 +485,7 @@ def test_output_paths():
 # -------------------------------------------------------------------------------- on the GPU
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.ncu
 def test_ncu_tool_on_the_gpu(tmp_path, capsys):
     try:
         ncu.find_ncu()
@@ -516,6 +517,7 @@ def test_ncu_tool_on_the_gpu(tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.ncu
 def test_ncu_lineinfo_on_the_gpu(tmp_path, capsys):
     """--lineinfo --export on the GPU: the report is kept and awq's per-line table puts its store
     conflicts on the activation store's line, the one the bank model blames (AWQ_A_ST)."""
