@@ -122,3 +122,46 @@ def test_sm90_probe_variants_compile(variant, tmp_path, monkeypatch):
     cubin, lowered, log = _compile_edited(tmp_path, monkeypatch, "quick_sm90.cu", text, name, "sm_90a")
     assert len(cubin) > 0 and set(lowered) == {name}
     assert " 0 bytes spill stores" in log
+
+
+def test_llama_ab_alternates_and_summarizes():
+    """dev/llama_ab.py: the earlier checkout runs first in even rounds, second in odd ones; the
+    summary takes each side's medians and their ratio, and GPU medians only where runs have them."""
+    import llama_ab
+    assert [llama_ab.order(i) for i in range(3)] == [("old", "today"), ("today", "old"), ("old", "today")]
+
+    def report(wall, gpu):
+        return {"throughput": [{"backend": "quick", "batch": 256, "decode_tokens_per_s": wall,
+                                "decode_gpu_tokens_per_s": gpu},
+                               {"backend": "numpy", "batch": 1, "decode_tokens_per_s": wall / 100}]}
+    runs = {"old": [llama_ab.rates(report(w, w + 1)) for w in (100.0, 300.0, 200.0)],
+            "today": [llama_ab.rates(report(w, None)) for w in (110.0, 210.0, 250.0)]}
+    rows = {(r[0], r[1]): r for r in llama_ab.summary(runs)}
+    quick = rows[("quick", 256)]
+    assert quick[2] == [100.0, 300.0, 200.0] and quick[3] == [110.0, 210.0, 250.0]
+    assert quick[4:7] == (200.0, 210.0, 1.05) and quick[7] == 201.0 and quick[8] is None
+    assert rows[("numpy", 1)][7] is None
+    text = llama_ab.table(llama_ab.summary(runs))
+    assert "1.050" in text and "200 ->       210" in text
+
+
+def test_llama_ab_runs_two_checkouts(tmp_path, capsys):
+    """dev/llama_ab.py end to end on the CPU (the llama tool's NumPy backend, a tiny model): this
+    checkout against a copy of its quickcupy/ and cuda/ as the earlier one, two rounds."""
+    import shutil
+
+    import llama_ab
+    root = Path(__file__).resolve().parents[1]
+    old = tmp_path / "old"
+    for name in ("quickcupy", "cuda"):
+        shutil.copytree(root / name, old / name, ignore=shutil.ignore_patterns("__pycache__"))
+    assert llama_ab.main(["--old", str(old), "--rounds", "2", "--", "--preset", "tiny", "--backends", "numpy",
+                          "--layers", "1", "--batch", "1", "--prompt", "4", "--gen", "2", "--check-tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "2 rounds" in out and "  numpy      1  " in out
+
+
+def test_llama_ab_refuses_a_folder_without_a_checkout(tmp_path):
+    import llama_ab
+    with pytest.raises(SystemExit):
+        llama_ab.main(["--old", str(tmp_path), "--", "--preset", "tiny"])
