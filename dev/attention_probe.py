@@ -74,7 +74,7 @@ def measure(args) -> dict:
     from quickcupy.kernels import get_function
     from quickcupy.llama import LlamaConfig
     from quickcupy.llama.model import rope_tables
-    from quickcupy.registry import DECODE_ATTENTION_THREADS
+    from quickcupy.registry import DECODE_ATTENTION_THREADS, decode_attention_instance
     from quickcupy.tools.timing import time_gpu
 
     B, nh, nkv, d, length, max_len = args.batch, 32, 32, 128, args.length, args.max_len
@@ -88,9 +88,9 @@ def measure(args) -> dict:
                     num_hidden_layers=1), np.arange(max_len)))
     heads = decode_heads_per_block(nh, nkv)
     smem = decode_smem_bytes(d, heads, 2)
-    general = "" if args.old_args == 11 else ("true, " if args.general else "false, ")
-    fn = get_function(cupy.cuda.Device().id, "decode_attention.cu",
-                      f"decode_attention<{d}, {heads}, {general}{ctype(np.float16)}>", smem)
+    name = (f"decode_attention<{d}, {heads}, {ctype(np.float16)}>" if args.old_args == 11   # no general yet
+            else decode_attention_instance(d, heads, args.general, ctype(np.float16)))
+    fn = get_function(cupy.cuda.Device().id, "decode_attention.cu", name, smem)
     out = cupy.empty((B, 1, nh * d), np.float16)
     null = np.uint64(0)
     i32 = np.int32

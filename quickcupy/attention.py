@@ -9,7 +9,8 @@ import numpy as np
 
 from .dtypes import NAMES, ctype
 from .kernels import device_limits, get_function, launch_kernel, workspace
-from .registry import DECODE_ATTENTION_THREADS, DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK, DECODE_MAX_SPLITS
+from .registry import (DECODE_ATTENTION_THREADS, DECODE_HEAD_DIMS, DECODE_HEADS_PER_BLOCK, DECODE_MAX_SPLITS,
+                       decode_attention_instance)
 
 
 def decode_head_dim_error(d: int):
@@ -166,8 +167,8 @@ def _launch(q, keys, values, nh, length, start, cos, sin, window, splits):
     # The instance with split-KV and the window only where they act: a window of max_len or more
     # never excludes a position (length <= max_len), so the single pass serves it too.
     general = splits > 1 or 0 < window < max_len
-    name = f"decode_attention<{d}, {heads}, {'true' if general else 'false'}, {ctype(q.dtype)}>"
-    fn = get_function(device_id, "decode_attention.cu", name, smem)
+    fn = get_function(device_id, "decode_attention.cu", decode_attention_instance(d, heads, general, ctype(q.dtype)),
+                      smem)
     out = cupy.empty((B, 1, nh * d), q.dtype)
     null = np.uint64(0)
     partial = counters = null

@@ -288,6 +288,13 @@ DECODE_HEADS_PER_BLOCK = (8, 4, 2, 1)
 # Most KV splits of one (sequence, head group) (quickcupy/attention.py's decode_splits): the kernel's
 # combining block keeps each split's max and sum in its probability tile (2 x splits <= the threads).
 DECODE_MAX_SPLITS = 64
+
+
+def decode_attention_instance(d: int, heads: int, general: bool, ctype: str) -> str:
+    """The name of one instance of cuda/decode_attention.cu's kernel (ctype: a value of CTYPES)."""
+    return f"decode_attention<{d}, {heads}, {'true' if general else 'false'}, {ctype}>"
+
+
 # cuda/llama_ops.cu: the Llama layer's small ops (quickcupy/llama/ops.py), one instance per activation dtype.
 LLAMA_OPS_THREADS = 256
 LLAMA_OPS = tuple(f"{op}<{c}>" for op in ("add_rms_norm", "rope_cache", "silu_mul", "argmax_rows")
@@ -297,9 +304,9 @@ SOURCES = {s.filename: s for s in (
     *(Source(d.source, tuple(d.instances()), d.thread_constants(), d.arch) for d in DESIGNS.values()),
     Source("splitk_reduce.cu", tuple(f"splitk_reduce<{c}>" for c in CTYPES.values()),
            {"SPLITK_REDUCE_THREADS": SPLITK_REDUCE_THREADS}),
-    Source("decode_attention.cu", tuple(f"decode_attention<{d}, {g}, {general}, {c}>" for c in CTYPES.values()
+    Source("decode_attention.cu", tuple(decode_attention_instance(d, g, general, c) for c in CTYPES.values()
                                         for d in DECODE_HEAD_DIMS for g in DECODE_HEADS_PER_BLOCK
-                                        for general in ("false", "true")),
+                                        for general in (False, True)),
            {"DECODE_ATTENTION_THREADS": DECODE_ATTENTION_THREADS}),
     Source("dequant.cu", tuple(f"dequant_quick<{c}>" for c in CTYPES.values()),
            {"DEQUANT_THREADS": DEQUANT_THREADS}),
