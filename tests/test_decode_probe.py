@@ -104,7 +104,7 @@ def test_attention_probe_variants_compile(variant, tmp_path, monkeypatch):
     source = (kernels.cuda_dir() / "decode_attention.cu").read_text()
     text = attention_probe.edited(source, variant)
     assert text != source
-    name = registry.decode_attention_instance(128, 1, False, "__half")
+    name = registry.decode_attention_instance(128, 1, False, registry.CTYPES["float16"])
     cubin, lowered, _ = _compile_edited(tmp_path, monkeypatch, "decode_attention.cu", text, name, "sm_90")
     assert len(cubin) > 0 and set(lowered) == {name}
 
