@@ -6,7 +6,7 @@ eager calls."""
 import numpy as np
 import pytest
 
-from conftest import attention_f64, rel_error
+from conftest import attention_f64, rel_error, side_stream
 from quickcupy import kernels
 from quickcupy.attention import decode_attention, decode_attention_rope, decode_heads_per_block, decode_splits
 from quickcupy.llama import LlamaConfig, rope_tables
@@ -191,8 +191,7 @@ def test_gpu_split_kv_graph_replays_at_growing_lengths(rng, dtype, splits, windo
     k_eager, v_eager = keys.copy(), values.copy()
     qkv = cupy.asarray(rng.standard_normal((1, 1, nh + 2 * nkv, d)).astype(nd))
     start = cupy.zeros(1, np.int32)
-    stream = cupy.cuda.Stream(non_blocking=True)
-    cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the inputs' stream
+    stream = side_stream()
     with stream:
         decode_attention_rope(qkv, keys.copy(), values.copy(), cos, sin, nh, 1, start=start, window=window,
                               splits=splits)     # compiles outside the capture

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import rel_error
+from conftest import rel_error, side_stream
 from quickcupy import dispatch, kernels, quantize, reference_gemm
 from quickcupy import registry
 from quickcupy.gemm import KERNELS, check_layer_shape, kernel_layout
@@ -315,9 +315,8 @@ def test_cuda_graph_replay_is_bit_identical(kernel, M, split_k, rng):
     K, N = 4096, 1024
     q = quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float32), 128)
     layer = QuantLinear.from_quantized(q, layout=kernel_layout(kernel), bias=rng.standard_normal(N).astype(np.float16))
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     plan = {} if split_k is None else {"split_k": split_k}
-    cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the layer's uploads
     with stream:
         x = cupy.asarray(rng.standard_normal((M, K)).astype(np.float16))
         out = cupy.full((M, N), np.nan, np.float16)

@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import rel_error
+from conftest import rel_error, side_stream
 from quickcupy import kernels, quantize, reference_gemm, registry
 
 gemm_module = importlib.import_module("quickcupy.gemm")   # the module (quickcupy.gemm is also the function)
@@ -124,8 +124,7 @@ def test_capture_owns_its_scratch(kernel, M, split_k, act_order, rng):
                          kernels.device_limits(layer.device), split_k=split_k)
         assert (p.grid[1] if p.counters else p.split_k) > 1 or act_order, "the case must use partials"
     out = cupy.empty((M, layer.out_features), np.float16)
-    stream = cupy.cuda.Stream(non_blocking=True)
-    cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the inputs' stream
+    stream = side_stream()
     with stream:
         gemm_module.gemm(x, layer, kernel, out, split_k=split_k)     # compile outside the capture
         stream.synchronize()
@@ -153,9 +152,8 @@ def test_two_graphs_captured_on_one_stream_replay_concurrently(rng):
     cases = [_case(rng, "quick", 64), _case(rng, "quick_decode", 4, K=4096)]
     kinds = [("quick", 4), ("quick_decode", None)]
     outs = [cupy.empty((x.shape[0], layer.out_features), np.float16) for layer, x, _ in cases]
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = side_stream()
     graphs = []
-    cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the inputs' stream
     with stream:
         for (layer, x, _), out, (kernel, split_k) in zip(cases, outs, kinds):
             gemm_module.gemm(x, layer, kernel, out, split_k=split_k)
@@ -182,9 +180,8 @@ def test_a_new_stream_with_a_destroyed_streams_handle(rng):
     workspace keyed on the handle serves the new stream correctly."""
     import cupy
     layer, x, ref = _case(rng, "quick_decode", 4, K=4096)
-    old = cupy.cuda.Stream(non_blocking=True)
+    old = side_stream()
     handle = old.ptr
-    cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the inputs' stream
     with old:
         y = layer(x, kernel="quick_decode")
         old.synchronize()
@@ -284,9 +281,8 @@ def _replays_as_eager(chain, x, expected, monkeypatch):
     for pdl in ("1", "0"):
         monkeypatch.setenv(kernels.PDL_ENV, pdl)
         kernels._pdl_capable.cache_clear()
-        stream = cupy.cuda.Stream(non_blocking=True)
+        stream = side_stream()
         keep = []
-        cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for x's stream
         with stream:
             xs = x.copy()
             chain(xs.copy(), [])                 # compiles and fills the workspace outside the capture
