@@ -118,6 +118,19 @@ __device__ __forceinline__ void load_v(const T* __restrict__ V, T* Vs, int t0, i
   qc::cp_async_commit();
 }
 
+// Fetches positions [t0, t0 + n) of K^T and V into L2 (one prefetch per 128-byte line, no register
+// held, nothing waited for), so that the next tile's copies find them there: issued after a tile's
+// copies, it overlaps the next tile's DRAM latency with this tile's math (3.5% at batch 256 over 131
+// positions, dev/attention_probe.py's prefetch variant, results/h100/llama_decode_ab.txt).
+template <int D, typename T>
+__device__ __forceinline__ void prefetch_tile(const T* K, const T* V, int max_len, int t0, int n) {
+  constexpr int LINE = 128 / sizeof(T);   // elements per 128-byte line
+  constexpr int LPR = TP / LINE;          // lines per row of a full tile of K^T
+  for (int c = threadIdx.x; c < D * LPR; c += THREADS)
+    if (LINE * (c % LPR) < n) qc::prefetch_l2(K + (size_t)(c / LPR) * max_len + t0 + LINE * (c % LPR));
+  for (int c = threadIdx.x; c < (n * D + LINE - 1) / LINE; c += THREADS) qc::prefetch_l2(V + (size_t)t0 * D + LINE * c);
+}
+
 // The positions of split `split` of `splits` (see the top): [lo, hi), empty when lo >= hi; first:
 // the first attended position (the window's start); used: the splits that hold a tile (the last
 // of them holds the new position length - 1).
@@ -291,6 +304,7 @@ decode_attention(const T* __restrict__ q, T* __restrict__ keys, T* __restrict__ 
       load_v<D>(V, Vs, t0, n, vec);
     }
     copied = false;
+    if (t0 + TP < span.hi) prefetch_tile<D>(K, V, max_len, t0 + TP, min(TP, span.hi - t0 - TP));
     qc::cp_async_wait<1>();   // this thread's K chunks (V may still be in flight)
     __syncthreads();          // everyone's K chunks, and q_s
 

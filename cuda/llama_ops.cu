@@ -159,8 +159,7 @@ silu_mul(const T* __restrict__ gate_up, T* __restrict__ out, int I) {
   const int i = blockIdx.y * THREADS + threadIdx.x;
   if (i >= I) return;
   const T* row = gate_up + (size_t)blockIdx.x * 2 * I;
-  const float g = Dt::to_float(row[i]);
-  out[(size_t)blockIdx.x * I + i] = Dt::from_float(g / (1.f + expf(-g)) * Dt::to_float(row[I + i]));
+  out[(size_t)blockIdx.x * I + i] = Dt::from_float(qc::silu_mul_f(Dt::to_float(row[i]), Dt::to_float(row[I + i])));
 }
 
 // One block per row of logits (rows, V): out[row] = the first index of the row's maximum (NaN never wins).

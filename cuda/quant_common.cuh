@@ -312,6 +312,17 @@ __device__ __forceinline__ uint4 norm8(uint4 a, uint4 w, float inv_rms) {
   });
 }
 
+// ------------------------------------------------------------------------------------ SiLU * up
+// T(silu(g) * u) = T(g / (1 + exp(-g)) * u) in fp32, the gate of a Llama MLP, in one place for
+// llama_ops.cu's silu_mul and quick_decode's SiLU prologue (the same bits either way).
+__device__ __forceinline__ float silu_mul_f(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
+// 8 elements of gate and of up -> 8 of T(silu(gate) * up).
+template <typename T>
+__device__ __forceinline__ uint4 silu_mul8(uint4 gate, uint4 up) {
+  return map8<T>(gate, up, [](float2 g, float2 u) { return Dt<T>::from_float2(silu_mul_f(g.x, u.x), silu_mul_f(g.y, u.y)); });
+}
+
 // T(float(r) + float(y)) of two pairs of T: the residual add (one rounding of the exact sum).
 template <typename T>
 __device__ __forceinline__ u32 add2(u32 r, u32 y) {

@@ -1,5 +1,6 @@
 // QUICK decode: small-M (1..16) GEMM C = A x W (+ bias) on the packed QUICK layout (pack_quick),
-// optionally with the RMSNorm before it and the residual add after it fused in (PRO, EPI below),
+// optionally with the RMSNorm or SiLU * up before it and the residual add after it fused in (PRO,
+// EPI below),
 // built to stream the weights at memory speed. No dequantized weight is ever written to shared
 // memory: the packed words go global -> registers (S = 0) or global -> a cp.async ring in shared
 // memory, still packed (S >= 2) -> registers, and are dequantized into mma fragments there.
@@ -40,9 +41,10 @@
 // (splitk_warp_arrive / splitk_reduce_strip32 in quant_common.cuh): one launch, CUDA-graph safe,
 // bit-identical from run to run.
 //
-// Fused neighbours (a Llama layer's RMSNorm before its qkv and gate|up GEMMs, its residual adds after
-// o and down; quickcupy.gemm's norm= and residual=), as template switches:
-// - PRO, the RMSNorm prologue (register pipeline only: the ring streams its activations round by
+// Fused neighbours (a Llama layer's RMSNorm before its qkv and gate|up GEMMs, SiLU * up before down,
+// its residual adds after o and down; quickcupy.gemm's norm=, silu_mul= and residual=), as template
+// switches:
+// - PRO = 1, the RMSNorm prologue (register pipeline only: the ring streams its activations round by
 //   round). A is the residual stream x. After pdl_wait (x is the previous kernel's output; the
 //   weight prefetch stays before it) every thread sums the squares of its 16-byte vectors of the M
 //   whole rows (from L2: a split's slice is not the row) while the slice and norm_w's slice arrive by
@@ -50,6 +52,11 @@
 //   adds them by one fixed xor tree (deterministic; not add_rms_norm's order, so inv_rms may differ
 //   from it in the last bit), and the block rewrites the slice in place as T(T(x * inv_rms) * w)
 //   (llama_ops' roundings, quant_common.cuh's norm8) before one more barrier and the main loop.
+// - PRO = 2, the SiLU * up prologue (register pipeline only). A is the gate|up GEMM's output (M, 2K),
+//   gate then up. Each thread copies the gate and the up vector of each slice position it owns by
+//   cp.async (gate into the slice, up beside it), and once its own copies have landed rewrites its
+//   slice vectors as T(silu(gate) * up) (silu_mul8: llama_ops' silu_mul bit for bit), before the
+//   barrier the slice needs anyway: no launch, no barrier and no pass over (M, K) in memory more.
 // - EPI, the residual epilogue (every shape): C = T(residual + T(sum + bias)), the rounding of the
 //   GEMM then add_rms_norm's add, in both epilogues (splits == 1, and the split-K sum of the last
 //   warp). Each residual element is read once, by the lane that then writes that element of C, so C
@@ -57,12 +64,14 @@
 //
 // Launch (quickcupy.kernels._plan_decode): grid (ceil(N / 32 / (NWARPS / KW)), splits), block
 // NWARPS * 32 threads, dynamic shared memory (kernels._decode_smem) max(NWARPS * S *
-// sizeof(DecodeSlot<U>) + M * pitch * 2 * max(S, 1) + 16 [+ pitch * 2 + 32 * NWARPS with PRO: norm_w's
-// slice, the warps' row sums], (KW - 1) * (NWARPS / KW) * MB * 1024) bytes,
+// sizeof(DecodeSlot<U>) + M * pitch * 2 * max(S, 1) + 16 [+ pitch * 2 + 32 * NWARPS with PRO = 1: norm_w's
+// slice, the warps' row sums; + M * pitch * 2 with PRO = 2: up's slice], (KW - 1) * (NWARPS / KW) * MB * 1024)
+// bytes,
 // pitch = 32 * chunks_per_split + 8 (S = 0) or 32 * KW * U + 8 (S >= 2); chunks_per_split a multiple
 // of KW * U; M <= 8 * MB; K % 32 == 0, N % 32 == 0, group_size % 32 == 0, K % group_size == 0;
 // counters: N / 32 uint32 zeroed once by the host; partial: splits * M * N fp32 (unused, may be
-// null, when splits == 1); norm_w (K,) and eps read with PRO, residual (M, N) with EPI (else null).
+// null, when splits == 1); norm_w (K,) and eps read with PRO = 1, residual (M, N) with EPI (else null);
+// with PRO = 2, A's rows are 2K long.
 #include "quant_common.cuh"
 
 using namespace qc;
@@ -72,7 +81,7 @@ using namespace qc;
 // per SM: 1-3 loop-invariant integers (the group-index multiplier, the round count) spill, 8-16 bytes
 // on sm_80. ptxas 13 spills that PTX too and not NVRTC 13's, so the front end makes the difference.
 // With NVRTC 12 only (NVRTC12_REGS), the register pipeline folds its block sums every two chunks and
-// bounds its batch loop by the warp's chunks left, and the norm prologue (PRO) sums its rows before
+// bounds its batch loop by the warp's chunks left, and the norm prologue (PRO = 1) sums its rows before
 // batch 0 takes its registers: no spills, the same sums up to fp32 rounding order. NVRTC 13
 // compiles the code as measured.
 
@@ -111,7 +120,9 @@ template <int NWARPS,   // warps per block; block = 32 * NWARPS threads
           int MINB,     // blocks per SM the registers must allow (__launch_bounds__): 16 / NWARPS -> <= 128 regs
           typename T,   // activations, bias and C: half or __nv_bfloat16 (Dt<T>); scales are fp16
           int PRO = 0,  // 1: RMSNorm prologue (S = 0): A is the residual stream x, the mma reads
-                        // T(T(x * inv_rms) * norm_w) of its rows (norm_w (K,), eps)
+                        // T(T(x * inv_rms) * norm_w) of its rows (norm_w (K,), eps);
+                        // 2: SiLU * up prologue (S = 0): A is (M, 2K) gate | up, the mma reads
+                        // T(silu(gate) * up)
           int EPI = 0>  // 1: residual epilogue: C = T(residual + T(A W^T + bias)); residual (M, N) may be C
 __global__ void __launch_bounds__(NWARPS * 32, MINB)
 quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
@@ -124,7 +135,8 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
   static_assert(S == 0 || S >= 2, "registers (S = 0) or a ring of at least 2 slots");
   static_assert(S > 0 || U == 4 || U == 8, "a register batch is 4 or 8 chunks (each lane holds U / 4 scales)");
   static_assert(S == 0 || 5 * (U / GCH) <= 32, "5 lanes copy the scales and zeros of one scale block");
-  static_assert(PRO == 0 || (S == 0 && MB == 1), "the norm prologue runs in the register pipeline (M <= 8)");
+  static_assert(PRO == 0 || (S == 0 && MB == 1), "the prologues run in the register pipeline (M <= 8)");
+  static_assert(PRO >= 0 && PRO <= 2, "PRO: 0 none, 1 RMSNorm, 2 SiLU * up");
   constexpr int NWN = NWARPS / KW;             // tile columns per block
   constexpr int RC = KW * U;                   // chunks per round (of each tile column)
   constexpr int VECS = RC * 4;                 // 16-byte activation vectors per row and round (DEC_A_CP map)
@@ -152,17 +164,28 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
   Slot* ring = reinterpret_cast<Slot*>(smem_raw) + warp * S;          // this warp's S slots
   T* A_s = reinterpret_cast<T*>(smem_raw + NWARPS * S * sizeof(Slot));  // activation slot(s), then 8 zeros
   T* zero_row = A_s + SR * aslot;         // the 16 zero bytes that rows >= M of an ldmatrix point at
-  T* w_s = zero_row + 8;                  // PRO: norm_w of the slice [pitch]
-  float* row_ss = reinterpret_cast<float*>(w_s + pitch);  // PRO: [8][NWARPS] the warps' sums of squares
+  T* w_s = zero_row + 8;                  // PRO = 1: norm_w of the slice [pitch]; PRO = 2: up's slice [M][pitch]
+  float* row_ss = reinterpret_cast<float*>(w_s + pitch);  // PRO = 1: [8][NWARPS] the warps' sums of squares
 
   const uint4* wq = qweight + ((size_t)tn * chunks + kc0) * 32 + lane;
   const size_t sz_row = (size_t)tn * groups;  // first scale/zero row of the tile column
   // group of chunk kc = kc / cpg by multiply-high: exact for kc * cpg < 2^32
   const u32 gmagic = cpg == 1 ? 0u : 0xffffffffu / (u32)cpg + 1u;
 
-  // the whole slice (S = 0): the block's rounds, zeros past the slice; PRO: norm_w's slice too
+  // the whole slice (S = 0): the block's rounds, zeros past the slice; PRO = 1: norm_w's slice too;
+  // PRO = 2: the gate's slice, and up's beside it (the same thread copies both of a position)
   auto issue_a_whole = [&]() {
     const int VECS = RC * 4 * nrounds;    // a row of the slice's rounds, read by the DEC_A_CP map
+    if constexpr (PRO == 2) {
+      for (int i = threadIdx.x; i < M * VECS; i += NWARPS * 32) {
+        const int row = DEC_A_CP_ROW(i), col = DEC_A_CP_COL(i);
+        const bool ok = col / 32 < nch_b;
+        const T* gate = A + (size_t)row * 2 * K + (size_t)kc0 * 32 + col;
+        cp_async16(A_s + row * pitch + col, ok ? gate : A, ok);
+        cp_async16(w_s + row * pitch + col, ok ? gate + K : A, ok);
+      }
+      return;
+    }
     for (int i = threadIdx.x; i < (M + PRO) * VECS; i += NWARPS * 32) {
       const int row = DEC_A_CP_ROW(i), col = DEC_A_CP_COL(i);  // col: halfs into the slice
       const bool ok = col / 32 < nch_b;
@@ -172,7 +195,7 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
         cp_async16(A_s + row * pitch + col, ok ? A + (size_t)row * K + (size_t)kc0 * 32 + col : A, ok);
     }
   };
-  // PRO, part 1 (every thread, after pdl_wait): the sums of squares of the M whole rows of x (read
+  // PRO = 1, part 1 (every thread, after pdl_wait): the sums of squares of the M whole rows of x (read
   // from L2: a split's slice is not the row), per thread over 16-byte vectors tid, tid + NT, ..., then
   // over the warp (xor tree); lane 0 leaves warp w's sum of row m in row_ss[m][w]. A fixed order:
   // deterministic, but not add_rms_norm's, so the last bit of inv_rms may differ from it.
@@ -195,7 +218,7 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
         if (lane == 0) row_ss[m * NWARPS + warp] = ss[m];
       }
   };
-  // PRO, part 2 (after a barrier and the slice's arrival): every warp adds the NWARPS sums of each
+  // PRO = 1, part 2 (after a barrier and the slice's arrival): every warp adds the NWARPS sums of each
   // row by the same xor tree (the same bits in every lane and warp), and the block normalizes the
   // slice in place, T(T(x * inv_rms) * w) (norm8), each thread the vectors it copied; zeros past the
   // slice stay zero. A barrier must follow.
@@ -224,6 +247,20 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
     }
   };
 
+  // PRO = 2 (after this thread's copies have landed: its own cp.async writes are visible to it):
+  // the slice vectors it copied become T(silu(gate) * up); zeros past the slice stay zero. The
+  // barrier after it makes the slice visible to every warp.
+  auto silu_mul_slice = [&]() {
+    const int VECS = RC * 4 * nrounds;
+    for (int i = threadIdx.x; i < M * VECS; i += NWARPS * 32) {
+      const int row = DEC_A_CP_ROW(i), col = DEC_A_CP_COL(i);
+      if (col / 32 < nch_b) {
+        uint4* a = reinterpret_cast<uint4*>(A_s + row * pitch + col);
+        *a = silu_mul8<T>(*a, *reinterpret_cast<const uint4*>(w_s + row * pitch + col));
+      }
+    }
+  };
+
   pdl_trigger();  // the next kernel's blocks may take the SMs this grid's blocks leave
   if (threadIdx.x == 0) *reinterpret_cast<uint4*>(zero_row) = make_uint4(0, 0, 0, 0);
 
@@ -248,7 +285,7 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
       a_live[mb] = row >= M ? 0u : S == 0 ? 64u : 0xffffffffu;
     }
   };
-  if constexpr (!PRO) point_a();  // PRO: after the prologue (fewer registers live across it: no spills)
+  if constexpr (PRO != 1) point_a();  // PRO = 1: after the prologue (fewer registers live across it: no spills)
 
   // The mma multiplies exact (code - zero) values (fp16 or bf16 alike); the fp32 sums of each scale
   // block (GCH chunks, one group) are scaled into acc at its end: one multiply per weight pair less
@@ -358,12 +395,13 @@ quick_decode(const T* __restrict__ A, const uint4* __restrict__ qweight,
     pdl_wait();  // the activations may be the previous kernel's output
     issue_a_whole();
     cp_async_commit();
-    if constexpr (PRO && NVRTC12_REGS) row_sums();  // NVRTC 12: before batch 0 holds registers (no spills)
+    if constexpr (PRO == 1 && NVRTC12_REGS) row_sums();  // NVRTC 12: before batch 0 holds registers (no spills)
     load_batch(0, buf[0], 0u);
-    if constexpr (PRO && !NVRTC12_REGS) row_sums(); // its loads fly with batch 0's
+    if constexpr (PRO == 1 && !NVRTC12_REGS) row_sums(); // its loads fly with batch 0's
     cp_async_wait<0>();
+    if constexpr (PRO == 2) silu_mul_slice();
     __syncthreads();  // activations are in shared memory; no barrier in the main loop
-    if constexpr (PRO) {
+    if constexpr (PRO == 1) {
       normalize_slice();
       __syncthreads();
       point_a();

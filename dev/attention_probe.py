@@ -11,7 +11,7 @@ the whole model's decode is attention-bound), as:
 - each edit of ``EDITS`` to the single-pass instance, compiled from an edited copy of cuda/ in a
   temporary folder: ``no-early`` (the sm_90 early tile copy off), ``no-pdl`` (no griddepcontrol)
   and ``plain`` (both: the features added since the single-pass kernel, compiled out), and
-  ``prefetch`` (each tile's copies followed by an L2 prefetch of the next tile's);
+  ``no-prefetch`` (without the L2 prefetch of the next tile after each tile's copies);
 - ``old``: ``--old FILE``, a decode_attention.cu of an earlier commit with that commit's launch
   arguments (``--old-args 11``: q, keys, values, out, n_heads, n_kv, max_len, length, start, cos,
   sin, as before the window and split-KV arguments; its template has no ``general``), compiled the
@@ -44,18 +44,9 @@ EDITS = {
     "no-pdl": [("  qc::pdl_trigger();\n", "\n"), ("  qc::pdl_wait();", "  ")],
 }
 EDITS["plain"] = EDITS["no-early"] + EDITS["no-pdl"]
-# ``prefetch``: each tile's copies are followed by an L2 prefetch of the next tile's K^T rows and V
-# rows (one prefetch.global.L2 per 128-byte line), so the next tile's copies find it in L2.
-EDITS["prefetch"] = [(
-    "    copied = false;\n",
-    "    copied = false;\n"
-    "    if (t0 + TP < span.hi) {\n"
-    "      const int t1 = t0 + TP, n1 = min(TP, span.hi - t1);\n"
-    "      for (int c = tid; c < D * 2; c += THREADS)\n"
-    "        if (64 * (c % 2) < n1) asm volatile(\"prefetch.global.L2 [%0];\" :: \"l\"(K + (size_t)(c / 2) * max_len + t1 + 64 * (c % 2)));\n"
-    "      for (int c = tid; c < n1 * D / 64; c += THREADS)\n"
-    "        asm volatile(\"prefetch.global.L2 [%0];\" :: \"l\"(V + (size_t)t1 * D + 64 * c));\n"
-    "    }\n")]
+# ``no-prefetch``: the L2 prefetch of the next tile after each tile's copies left out.
+EDITS["no-prefetch"] = [(
+    "    if (t0 + TP < span.hi) prefetch_tile<D>(K, V, max_len, t0 + TP, min(TP, span.hi - t0 - TP));\n", "")]
 
 
 def edited(source: str, name: str) -> str:

@@ -2,7 +2,8 @@
 
 A few GEMMs of every kernel, checked against the float64 reference; then the Llama step's kernels:
 decode attention (plain and fused-rope modes, sliding window, several tiles, GQA and MHA), the small
-ops, and a captured decode step of a tiny model (programmatic dependent launch on sm_90), replayed.
+ops, quick_decode's fused prologues and epilogue, and a captured decode step of a tiny model
+(programmatic dependent launch on sm_90), replayed.
 From the checkout, on a GPU:
 
     compute-sanitizer --tool memcheck  python dev/sanitize.py
@@ -150,18 +151,42 @@ def llama_kernels(dtype, rng) -> float:
     err = max(err, 0.0 if np.array_equal(top.get(), np.argmax(gu.astype(dtype), axis=1)) else np.inf)
     worst = max(worst, err)
     print(f"llama ops (add_rms_norm, silu_mul, argmax_rows): rel err {err:.2e}")
+    # quick_decode's fused prologues (RMSNorm, SiLU * up) and residual epilogue: M = 1 runs the
+    # register pipeline (all three fused), M = 3 the ring (the residual fused); split-K and not
+    q = quantize((rng.standard_normal((512, 1024)) * 0.05).astype(np.float32), 128)
+    layer = QuantLinear.from_quantized(q)
+    W = q.dequantize(np.float64)
+    nw = (1 + 0.1 * rng.standard_normal(1024)).astype(np.float32)
+    for M in (1, 3):
+        x = rng.standard_normal((M, 1024)).astype(np.float32).astype(dtype)
+        r = rng.standard_normal((M, 512)).astype(np.float32).astype(dtype)
+        gu = rng.standard_normal((M, 2048)).astype(np.float32).astype(dtype)
+        x64, g64, u64 = x.astype(np.float64), gu[:, :1024].astype(np.float64), gu[:, 1024:].astype(np.float64)
+        refs = {"norm": rms_norm(x64, nw, 1e-5) @ W.T, "silu_mul": (g64 / (1 + np.exp(-g64)) * u64) @ W.T,
+                "residual": r.astype(np.float64) + x64 @ W.T}
+        for split_k in (None, 3):
+            for case, ref in refs.items():
+                out = cupy.full((M, 512), np.nan, dtype)
+                arg = cupy.asarray(gu if case == "silu_mul" else x)
+                fused = {"norm": {"norm": (cupy.asarray(nw.astype(dtype)), 1e-5)}, "silu_mul": {"silu_mul": True},
+                         "residual": {"residual": cupy.asarray(r)}}[case]
+                gemm(arg, layer, "quick_decode", out=out, split_k=split_k, **fused)
+                err = _rel(out.get(), ref)
+                worst = max(worst, err)
+                print(f"quick_decode {case} M={M} split_k={split_k}: rel err {err:.2e}")
     # a tiny model's captured decode step against its eager step
     config = LlamaConfig.preset("tiny")
     head = random_head(config, 512, seed=1)
     head.lm_head = quantize(head.lm_head, 64)      # a 4-bit head: no cuBLAS (racecheck cannot follow it)
     model = LlamaModel(config, [w.quantized(64) for w in random_layers(config, seed=0)], "auto", 64, head=head,
                        dtype=dtype.name)
-    ids = rng.integers(0, 512, (2, 12))
-    graph = model.generate(ids, 6, graph=True)
-    eager = model.generate(ids, 6, graph=False)
-    same = np.array_equal(graph, eager)
-    worst = max(worst, 0.0 if same else np.inf)
-    print(f"tiny model decode: graph replay {'equals' if same else 'DIFFERS FROM'} eager over 6 tokens")
+    for batch in (1, 2):      # batch 1: the down GEMM runs SiLU * up in its prologue
+        ids = rng.integers(0, 512, (batch, 12))
+        graph = model.generate(ids, 6, graph=True)
+        eager = model.generate(ids, 6, graph=False)
+        same = np.array_equal(graph, eager)
+        worst = max(worst, 0.0 if same else np.inf)
+        print(f"tiny model decode, batch {batch}: graph replay {'equals' if same else 'DIFFERS FROM'} eager over 6 tokens")
     return worst
 
 

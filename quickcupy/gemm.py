@@ -264,7 +264,8 @@ def _caller_stream(x, device: int):
     return _as_stream(sys.modules["torch"].cuda.current_stream(device), device)
 
 
-def _check_x(x, layer: QuantLinear):
+def _check_x(x, layer: QuantLinear, parts: int = 1):
+    """x checked as gemm's input: (..., parts * K) (parts 2: silu_mul's gate | up)."""
     import cupy
     if isinstance(x, np.ndarray):
         raise TypeError("x is a NumPy array; move it to the GPU first with cupy.asarray(x)")
@@ -272,8 +273,9 @@ def _check_x(x, layer: QuantLinear):
         raise TypeError(f"x must be a cupy.ndarray, got {type(x).__name__}")
     if x.dtype.name not in NAMES:
         raise TypeError(f"x must be float16 or bfloat16, got {x.dtype}")
-    if x.ndim < 1 or x.shape[-1] != layer.in_features:
-        raise ValueError(f"x must have shape (..., {layer.in_features}), got {x.shape}")
+    if x.ndim < 1 or x.shape[-1] != parts * layer.in_features:
+        what = f" (silu_mul: gate | up, twice in_features {layer.in_features})" if parts == 2 else ""
+        raise ValueError(f"x must have shape (..., {parts * layer.in_features}){what}, got {x.shape}")
     if x.size == 0:
         raise ValueError(f"x has no rows (shape {x.shape}); M must be at least 1")
     if not x.flags.c_contiguous:
@@ -347,9 +349,10 @@ def _check_residual(residual, out, layer):
 
 
 def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=None, split_k=None, norm=None,
-         residual=None):
+         residual=None, silu_mul=False):
     """y = x @ W.T (+ bias) with the 4-bit weights of ``layer``; with ``norm``, RMSNorm(x) takes
-    x's place, with ``residual``, r + y is returned.
+    x's place, with ``silu_mul``, silu(gate) * up of x = [gate | up]; with ``residual``, r + y is
+    returned.
 
     x: float16 or bfloat16 (..., K), C-contiguous, on the layer's device; any number of rows M >= 1
     (bfloat16 CuPy arrays need ml_dtypes, which CuPy uses for the dtype). A CuPy
@@ -366,14 +369,18 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=No
     the GEMM's input is each row of x normalized, T(T(x * inv_rms) * weight) with inv_rms = 1 /
     sqrt(mean(x^2) + eps) in float32 (the math of :func:`quickcupy.llama.ops.add_rms_norm`), T x's
     dtype; x itself is not changed (an act-order layer gathers the normed row).
+    silu_mul: x is (..., 2K), [gate | up] (a Llama MLP's gate|up output), and the GEMM's input is
+    T(silu(gate) * up) (the math of :func:`quickcupy.llama.ops.silu_mul`, bit for bit, fused or
+    not). Not with ``norm``.
     residual: None, or r (..., N) of x's dtype, C-contiguous (an array as x): the result is
     T(r + T(x @ W.T + bias)), the GEMM's output as without it, then the sum rounded once; ``out``
     may be r itself (an in-place residual add), else it must not overlap r.
     Where the kernel that runs has them in its own launch (:func:`fused`: quick_decode's register
-    pipeline both, its ring the residual), they cost no launch; otherwise gemm composes them:
-    ``add_rms_norm`` into a scratch buffer before the GEMM, an elementwise add after it. A
-    fused residual equals the composed one bit for bit; a fused norm sums the squares in another
-    order than add_rms_norm, so its inputs may differ from the composed ones in the last bit.
+    pipeline all three, its ring the residual), they cost no launch; otherwise gemm composes them:
+    ``add_rms_norm`` or ``silu_mul`` into a scratch buffer before the GEMM, an elementwise add after
+    it. A fused residual or SiLU * up equals the composed one bit for bit; a fused norm sums the
+    squares in another order than add_rms_norm, so its inputs may differ from the composed ones in
+    the last bit.
     Returns (..., N) of x's dtype: ``out`` if given, else a new array of x's type when x came through
     DLPack from an imported module with ``from_dlpack`` (torch), else a CuPy array.
 
@@ -387,19 +394,20 @@ def gemm(x, layer: QuantLinear, kernel=None, out=None, *, stream=None, tile_m=No
     if cupy.cuda.runtime.getDevice() != layer.device:
         with cupy.cuda.Device(layer.device):
             return gemm(x, layer, kernel, out, stream=stream, tile_m=tile_m, split_k=split_k, norm=norm,
-                        residual=residual)
+                        residual=residual, silu_mul=silu_mul)
     stream = _as_stream(stream, layer.device) if stream is not None else _caller_stream(x, layer.device)
     if stream is not None:
         with stream:
-            return _gemm(x, layer, kernel, out, tile_m, split_k, norm, residual)
-    return _gemm(x, layer, kernel, out, tile_m, split_k, norm, residual)
+            return _gemm(x, layer, kernel, out, tile_m, split_k, norm, residual, silu_mul)
+    return _gemm(x, layer, kernel, out, tile_m, split_k, norm, residual, silu_mul)
 
 
-def _launch_choice(v: registry.Variant, layer: QuantLinear, M: int, dtype: str, tile_m, split_k, prologue: bool,
+def _launch_choice(v: registry.Variant, layer: QuantLinear, M: int, dtype: str, tile_m, split_k, prologue: int,
                    epilogue: bool):
     """(variant, plan) of a gemm call of M rows of ``dtype`` with kernel ``v`` (auto: its choice for M,
-    under the current stream's capture state); the plan None for the dequant path. ``prologue``/
-    ``epilogue``: the norm / residual asked for (the plan says which its kernel fuses)."""
+    under the current stream's capture state); the plan None for the dequant path. ``prologue``
+    (0, registry.PRO_NORM, PRO_SILU_MUL) / ``epilogue``: the norm or SiLU * up / residual asked for
+    (the plan says which its kernel fuses)."""
     N, K = layer.out_features, layer.in_features
     if v.path == "auto":
         if tile_m is not None or split_k is not None:
@@ -417,28 +425,36 @@ def _launch_choice(v: registry.Variant, layer: QuantLinear, M: int, dtype: str, 
             raise ValueError(f"kernel={v.name!r} runs cuBLAS, which CuPy cannot capture in a CUDA graph; "
                              f"name another kernel or use 'auto'")
         return v, None
-    # act-order gathers x after the norm: the prologue, which normalizes x as it is, does not fuse
+    # act-order gathers x after the prologue's op: a prologue, which reads x as it is, does not fuse
     return v, _plan(v, M, N, K, layer.group_size, layer.device, tile_m, split_k, dtype,
-                    prologue and layer.perm is None, epilogue)
+                    prologue if layer.perm is None else 0, epilogue)
 
 
 def fused(layer: QuantLinear, M: int, dtype="float16", kernel=None, *, norm: bool = False,
-          residual: bool = False) -> tuple:
-    """(norm, residual): whether a :func:`gemm` call on ``layer`` of M rows of ``dtype`` ("float16"
-    or "bfloat16") with ``kernel`` (None: the layer's default), given ``norm`` and/or ``residual``
-    as these flags say, runs each of them inside its GEMM launch (False: gemm composes it, or it
-    was not asked for). For the current device and the current stream's capture state (under
-    capture, auto may choose another kernel)."""
+          residual: bool = False, silu_mul: bool = False) -> tuple:
+    """(prologue, residual): whether a :func:`gemm` call on ``layer`` of M rows of ``dtype``
+    ("float16" or "bfloat16") with ``kernel`` (None: the layer's default), given ``norm`` or
+    ``silu_mul`` (the prologue) and/or ``residual`` as these flags say, runs each of them inside its
+    GEMM launch (False: gemm composes it, or it was not asked for). For the current device and the
+    current stream's capture state (under capture, auto may choose another kernel)."""
     import cupy
     v = layer.default_kernel if kernel is None else registry.variant(kernel)
     if cupy.cuda.runtime.getDevice() != layer.device:
         with cupy.cuda.Device(layer.device):
-            return fused(layer, M, dtype, v, norm=norm, residual=residual)
-    _, p = _launch_choice(v, layer, M, dtypes.name(dtype), None, None, norm, residual)
-    return (False, False) if p is None else (p.prologue, p.epilogue)
+            return fused(layer, M, dtype, v, norm=norm, residual=residual, silu_mul=silu_mul)
+    _, p = _launch_choice(v, layer, M, dtypes.name(dtype), None, None, _prologue(norm, silu_mul), residual)
+    return (False, False) if p is None else (bool(p.prologue), p.epilogue)
 
 
-def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k, norm=None, residual=None):
+def _prologue(norm: bool, silu_mul: bool) -> int:
+    """quick_decode's prologue code (registry.PRO_*) of gemm's ``norm`` / ``silu_mul`` flags."""
+    if norm and silu_mul:
+        raise ValueError("norm and silu_mul cannot both be given: a GEMM's input is RMSNorm(x) or "
+                         "silu(gate) * up, not both")
+    return registry.PRO_NORM if norm else registry.PRO_SILU_MUL if silu_mul else 0
+
+
+def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k, norm=None, residual=None, silu_mul=False):
     """gemm on the layer's device and the chosen (current) stream."""
     import cupy
     x, to_caller = _as_cupy(x, "x")
@@ -447,10 +463,13 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k, norm=None, residu
     if v.layout != layer.layout:
         raise ValueError(f"kernel={v.name!r} reads the {v.layout} layout but the layer is packed as "
                          f"{layer.layout!r}; build it with QuantLinear.from_quantized(..., layout={v.layout!r})")
-    _check_x(x, layer)
+    if not isinstance(silu_mul, (bool, np.bool_)):
+        raise TypeError(f"silu_mul must be True or False, got {silu_mul!r}")
+    prologue = _prologue(norm is not None, bool(silu_mul))
+    _check_x(x, layer, 2 if silu_mul else 1)
     N, K = layer.out_features, layer.in_features
     shape = x.shape[:-1] + (N,)
-    M = x.size // K
+    M = x.size // (x.shape[-1])
     if out is None:
         with kernels.allocation_allowed():
             out = cupy.empty(shape, x.dtype)
@@ -464,12 +483,15 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k, norm=None, residu
     if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, (int, np.integer))
                                 or split_k < 1):
         raise ValueError(f"split_k={split_k!r} must be a positive int (or None to choose by shape)")
-    v, p = _launch_choice(v, layer, M, x.dtype.name, tile_m, split_k, norm is not None, residual is not None)
+    v, p = _launch_choice(v, layer, M, x.dtype.name, tile_m, split_k, prologue, residual is not None)
     bias = layer.bias_as(x.dtype)
     ws = kernels.workspace(layer.device)
-    if norm is not None and not (p is not None and p.prologue):      # composed: the normed x first
+    if prologue and not (p is not None and p.prologue):      # composed: the GEMM's input first
         from .llama import ops
-        x = ops.add_rms_norm(x, norm[0], norm[1], out=_scratch(ws, "norm", x.shape, x.dtype))
+        if norm is not None:
+            x = ops.add_rms_norm(x, norm[0], norm[1], out=_scratch(ws, "norm", x.shape, x.dtype))
+        else:
+            x = ops.silu_mul(x, out=_scratch(ws, "silu_mul", x.shape[:-1] + (K,), x.dtype))
     if layer.perm is not None:           # act-order: the kernels read K sorted by group (formats.act_order)
         gathered = ws.buffer("gather", x.size, x.dtype)[:x.size].reshape(x.shape)
         x = cupy.take(x, layer.perm, axis=-1, out=gathered)

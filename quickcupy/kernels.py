@@ -96,7 +96,7 @@ class LaunchPlan:
     threads: int = 0             # threads per block (0: the design's)
     counters: bool = False       # the kernel reduces split-K itself and needs arrival counters
     shape: DecodeShape | None = None   # planner "decode": the block shape chosen
-    prologue: bool = False       # the instance normalizes x itself (RMSNorm prologue; launch's norm=)
+    prologue: int = 0            # the instance's prologue (registry.PRO_NORM: launch's norm=; PRO_SILU_MUL: x is gate | up)
     epilogue: bool = False       # the instance adds the residual itself (residual epilogue; launch's residual=)
 
     @property
@@ -143,7 +143,7 @@ H100 = DeviceLimits(sm_count=132, smem_per_sm=228 * 1024, smem_per_block=227 * 1
 
 def plan(kernel, M: int, N: int, K: int, group_size: int, device: DeviceLimits | int = H100,
          tile_m=None, split_k=None, tile: Tile | None = None, dtype: str = "float16",
-         prologue: bool = False, epilogue: bool = False) -> LaunchPlan:
+         prologue: int = 0, epilogue: bool = False) -> LaunchPlan:
     """Launch plan of ``kernel`` (a :mod:`quickcupy.registry` Variant or Design record, or its
     name) for x (M, K) times weight (K, N) with ``group_size`` (the effective size: K for one group
     per row), ``dtype`` ("float16" or "bfloat16") the activations' (the instance's template type),
@@ -153,9 +153,11 @@ def plan(kernel, M: int, N: int, K: int, group_size: int, device: DeviceLimits |
     Scales and zeros are reloaded every gcd(group_size / 32, chunks) chunks, so every group size
     that is a multiple of 32 works with every tile.
 
-    ``prologue``/``epilogue`` ask for the RMSNorm prologue / residual epilogue in the kernel: the
-    plan takes what its instance has (:func:`_fuse_decode`; LaunchPlan.prologue/epilogue say what),
-    with the grid and split of the plain launch; the caller composes the rest (:func:`quickcupy.gemm`)."""
+    ``prologue`` (0, registry.PRO_NORM or PRO_SILU_MUL) / ``epilogue`` ask for the RMSNorm or
+    SiLU * up prologue / the residual epilogue in the kernel: the plan takes what its instance has
+    (:func:`_fuse_decode`; LaunchPlan.prologue/epilogue say what), with the grid and split of the
+    plain launch; the caller composes the rest (:func:`quickcupy.gemm`). The plan's M, N, K are
+    the GEMM's (with PRO_SILU_MUL, x's rows are 2K long)."""
     if isinstance(device, int):
         device = dataclasses.replace(H100, sm_count=device)
     design = registry.design_of(kernel)
@@ -221,18 +223,21 @@ RING_WAVE = 0.5
 RING_SMS = 0.001                  # ties: the launch that keeps more SMs busy
 
 
-def _decode_smem(sh: DecodeShape, M: int, cps: int, prologue: bool = False) -> int:
+def _decode_smem(sh: DecodeShape, M: int, cps: int, prologue: int = 0) -> int:
     """Dynamic shared memory of a launch with ``cps`` chunks per split: the warps' ring slots, then the
     activations (the whole slice, M rows of 32 cps + 8 halfs, for the register pipeline; a ring of S
-    slots of M rows x one round, 32 KW U + 8 halfs, otherwise) and 16 zero bytes (with the RMSNorm
-    ``prologue``, then the norm weight's slice, one more such row, and 8 fp32 row sums per warp); or,
-    with KW > 1, the fp32 sums of the upper warps of each tile column, whichever is larger."""
+    slots of M rows x one round, 32 KW U + 8 halfs, otherwise) and 16 zero bytes (then, with the
+    RMSNorm ``prologue``, the norm weight's slice, one more such row, and 8 fp32 row sums per warp;
+    with the SiLU * up one, up's slice, M more rows); or, with KW > 1, the fp32 sums of the upper
+    warps of each tile column, whichever is larger."""
     if sh.stages == 0:
         acts = M * (32 * cps + 8) * 2
     else:
         acts = sh.nwarps * sh.stages * sh.chunks * DECODE_SLOT_BYTES + sh.stages * M * (32 * sh.round_chunks + 8) * 2
-    if prologue:
+    if prologue == registry.PRO_NORM:
         acts += (32 * cps + 8) * 2 + 8 * 4 * sh.nwarps
+    elif prologue == registry.PRO_SILU_MUL:
+        acts += M * (32 * cps + 8) * 2
     return max(acts + 16, (sh.kw - 1) * sh.columns * sh.mb * 1024)
 
 
@@ -243,12 +248,16 @@ def _decode_fit(sh: DecodeShape, M: int, K: int, tiles_n: int, device: DeviceLim
     chunks = K // 32
     cps = -(-(-(-chunks // splits)) // step) * step
     splits = -(-chunks // cps)
-    smem = _decode_smem(sh, M, cps)
-    regs = 65536 // (sh.minb * sh.nwarps * 32)   # what __launch_bounds__ allows
-    per_sm = 0 if smem > device.smem_per_block else min(65536 // (regs * 32 * sh.nwarps), 64 // sh.nwarps,
-                                                         device.smem_per_sm // (smem + device.smem_reserved))
+    per_sm = _decode_per_sm(sh, _decode_smem(sh, M, cps), device)
     blocks = -(-tiles_n // sh.columns) * splits
     return splits, cps, per_sm, (-(-blocks // (per_sm * sm_count)) if per_sm else 10 ** 9)
+
+
+def _decode_per_sm(sh: DecodeShape, smem: int, device: DeviceLimits) -> int:
+    """Blocks of shape ``sh`` with ``smem`` bytes of dynamic shared memory that fit one SM (0: none)."""
+    regs = 65536 // (sh.minb * sh.nwarps * 32)   # what __launch_bounds__ allows
+    return 0 if smem > device.smem_per_block else min(65536 // (regs * 32 * sh.nwarps), 64 // sh.nwarps,
+                                                      device.smem_per_sm // (smem + device.smem_reserved))
 
 
 def _decode_ring_score(sh: DecodeShape, fit, M: int, tiles_n: int, sm_count: int) -> float:
@@ -322,18 +331,24 @@ def _plan_decode(design: DecodeDesign, M: int, N: int, K: int, group_size: int, 
                       group_size=group_size, threads=32 * sh.nwarps, counters=True, shape=sh)
 
 
-def _fuse_decode(p: LaunchPlan, prologue: bool, epilogue: bool, device: DeviceLimits, dtype: str) -> LaunchPlan:
+def _fuse_decode(p: LaunchPlan, prologue: int, epilogue: bool, device: DeviceLimits, dtype: str) -> LaunchPlan:
     """Decode plan ``p`` (plain) with the fused instance that does the most of what is asked: both,
     else the prologue, else the epilogue, among the design's instances for the shape
-    (DecodeDesign.fusions) whose shared memory fits the device; ``p`` itself when none does. The
+    (DecodeDesign.fusions) whose shared memory fits the device without fewer blocks per SM than the
+    grid needs in the plain launch's waves; ``p`` itself when none does. The
     grid and split stay, so the epilogue's result is the plain GEMM's then add_rms_norm's add, bit
     for bit."""
     sh = p.shape
     have = p.design.fusions(sh)
-    for pro, epi in ((prologue, epilogue), (prologue, False), (False, epilogue)):
+    blocks = p.grid[0] * p.grid[1]
+
+    def waves(per_sm):
+        return -(-blocks // (per_sm * device.sm_count)) if per_sm else 10 ** 9
+
+    for pro, epi in ((prologue, epilogue), (prologue, False), (0, epilogue)):
         if (pro or epi) and (pro, epi) in have:
             smem = _decode_smem(sh, p.M, p.chunks_per_split, pro)
-            if smem <= device.smem_per_block:
+            if waves(_decode_per_sm(sh, smem, device)) <= waves(_decode_per_sm(sh, p.shared_bytes, device)):
                 return dataclasses.replace(p, name=sh.instance(math.gcd(p.group_size // 32, sh.chunks), dtype,
                                                                pro, epi),
                                            shared_bytes=smem, prologue=pro, epilogue=epi)
@@ -555,8 +570,9 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int,
     current stream: the GEMM kernel, then with split-K the reduction of its fp32 partials. Scratch
     (partials, arrival counters) comes from :func:`workspace`, never from a per-call allocation, so
     a launch captured in a CUDA graph keeps its buffers for as long as the graph can replay.
-    ``norm`` (weight (K,), eps) for a plan with the prologue, ``residual`` (M, N) (may be ``out``)
-    for one with the epilogue (LaunchPlan.prologue/epilogue; ignored otherwise).
+    ``norm`` (weight (K,), eps) for a plan with the RMSNorm prologue, ``residual`` (M, N) (may be
+    ``out``) for one with the epilogue (LaunchPlan.prologue/epilogue; ignored otherwise); with the
+    SiLU * up prologue x is (M, 2K).
 
     Argument order of every GEMM design: (A, qweight, qzeros, scales, bias, C, partial, M, N, K,
     group_size, chunks_per_split); bias and partial may be null; a design with ``tensor_maps``
@@ -574,10 +590,11 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int,
         splits = p.grid[1]
         ws = workspace(device_id)
         partial = ws.buffer("partials", splits * M * N, np.float32) if splits > 1 else null
-        if (p.prologue and norm is None) or (p.epilogue and residual is None):
-            raise ValueError(f"{p.name} fuses the {'RMSNorm prologue' if p.prologue else 'residual epilogue'}: "
-                             f"launch needs {'norm' if p.prologue else 'residual'}")
-        norm_w, eps = norm if p.prologue else (null, 0.0)
+        with_norm = p.prologue == registry.PRO_NORM
+        if (with_norm and norm is None) or (p.epilogue and residual is None):
+            raise ValueError(f"{p.name} fuses the {'RMSNorm prologue' if with_norm else 'residual epilogue'}: "
+                             f"launch needs {'norm' if with_norm else 'residual'}")
+        norm_w, eps = norm if with_norm else (null, 0.0)
         launch_kernel(fn, p.grid, p.block, (x, qweight, qzeros, scales, null if bias is None else bias, out,
                                             partial, ws.counters(N // 32), np.int32(M), np.int32(N), np.int32(K),
                                             np.int32(p.group_size), np.int32(p.chunks_per_split), norm_w,

@@ -127,15 +127,24 @@ class DecodeDesign(Design):
     @staticmethod
     def fusions(shape: "DecodeShape") -> tuple:
         """The fused variants (prologue, epilogue) instantiated for ``shape`` besides the plain one:
-        the RMSNorm prologue on the register pipeline (stages 0, where the batch-1 decode step runs;
-        the ring streams its activations by rounds and has none), the residual epilogue on every
-        shape (the same code on both pipelines). Never both at once: no Llama GEMM needs both, and
-        each instance costs CI a compile."""
-        return ((True, False), (False, True)) if shape.stages == 0 else ((False, True),)
+        the RMSNorm and the SiLU * up prologues (PRO_NORM, PRO_SILU_MUL) on the register pipeline
+        (stages 0, where the batch-1 decode step runs; the ring streams its activations by rounds and
+        has none), the residual epilogue on every shape (the same code on both pipelines). Never a
+        prologue and the epilogue at once: no Llama GEMM needs both, and each instance costs CI a
+        compile."""
+        if shape.stages == 0:
+            return ((PRO_NORM, False), (PRO_SILU_MUL, False), (0, True))
+        return ((0, True),)
 
     def instances(self) -> list:
         return [sh.instance(gch, dt, *fused) for dt in self.dtypes for sh in self.shapes
                 for fused in ((False, False),) + self.fusions(sh) for gch in divisors(sh.chunks)]
+
+
+# quick_decode's prologues (its template parameter PRO; 0: none): what quickcupy.gemm's norm= and
+# silu_mul= run inside the GEMM's launch where the plan's instance has them.
+PRO_NORM = 1          # RMSNorm of x's rows
+PRO_SILU_MUL = 2      # x is (M, 2K) gate | up; the GEMM reads T(silu(gate) * up)
 
 
 @dataclass(frozen=True)
@@ -156,9 +165,10 @@ class DecodeShape:
     def round_chunks(self) -> int:   # chunks of a tile column per round (KW warps x U)
         return self.kw * self.chunks
 
-    def instance(self, gch: int, dtype: str = "float16", prologue: bool = False, epilogue: bool = False) -> str:
-        """The template instance; ``prologue``/``epilogue``: the RMSNorm prologue (PRO) / residual
-        epilogue (EPI) switched on (the plain instance leaves both template defaults, 0)."""
+    def instance(self, gch: int, dtype: str = "float16", prologue: int = 0, epilogue: bool = False) -> str:
+        """The template instance; ``prologue``: 0, PRO_NORM or PRO_SILU_MUL (template PRO),
+        ``epilogue``: the residual epilogue (EPI) switched on (the plain instance leaves both
+        template defaults, 0)."""
         fused = f", {int(prologue)}, {int(epilogue)}" if prologue or epilogue else ""
         return (f"quick_decode<{self.nwarps}, {self.kw}, {self.mb}, {self.chunks}, {self.stages}, {gch}, "
                 f"{self.minb}, {CTYPES[dtype]}{fused}>")

@@ -95,7 +95,7 @@ def _compile_edited(tmp_path, monkeypatch, filename: str, text: str, name: str, 
     return kernels.nvrtc_compile(filename, arch, [name], ["--ptxas-options=-v"])
 
 
-@pytest.mark.parametrize("variant", ("no-early", "no-pdl", "plain", "prefetch"))
+@pytest.mark.parametrize("variant", ("no-early", "no-pdl", "plain", "no-prefetch"))
 def test_attention_probe_variants_compile(variant, tmp_path, monkeypatch):
     """dev/attention_probe.py's edits: each text is in cuda/decode_attention.cu once (``edited``
     raises otherwise), and the edited copy (in a folder of its own) compiles for sm_90 and differs."""

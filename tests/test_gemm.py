@@ -117,10 +117,14 @@ def test_which_kernels_fuse(monkeypatch):
     assert fusion("quick_decode", 1, True, False) == (True, False)
     assert fusion("quick_decode", 1, False, True) == (False, True)
     assert fusion("quick_decode", 1, True, True) == (True, False)
+    silu = registry.PRO_SILU_MUL
+    assert fusion("quick_decode", 1, silu, False) == (silu, False)
+    assert fusion("quick_decode", 4, silu, True) == (0, True)
     assert fusion("quick_decode", 4, True, True) == fusion("quick_decode", 4, False, True) == (False, True)
     assert fusion("quick_decode", 4, True, False) == (False, False)
     act_order = SimpleNamespace(**{**vars(layer), "perm": np.arange(4096)})
     assert fusion("quick_decode", 1, True, True, act_order) == (False, True)
+    assert fusion("quick_decode", 1, silu, False, act_order) == (0, False)
     for kernel in ("quick", "quick_m16", "quick_sm90"):
         assert fusion(kernel, 16, True, True) == (False, False)
     picks.update({1: registry.VARIANTS["quick_decode"], 64: registry.VARIANTS["quick_sm90"],
@@ -392,11 +396,12 @@ def _layers_with_and_without_bias(K, N, layout, bias):
 @pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
 @pytest.mark.parametrize("K,N", FUSION_SHAPES)
 def test_norm_and_residual_with_every_kernel(K, N, dtype, rng):
-    """gemm with norm=(w, eps) and/or residual=r for every kernel name (fused where the kernel has
-    them, composed otherwise), M = 1, 3, 8, 16, with and without bias, split-K and not, against
-    float64 (the exact RMSNorm of x; r plus the product): the norm alone and with the residual
-    (outputs poisoned), the residual into a separate out (poisoned) and in place (out = r). Every
-    call twice: the same bits (a fixed order of every sum). x, w and r are left as they were."""
+    """gemm with norm=(w, eps) or silu_mul=True, and/or residual=r, for every kernel name (fused
+    where the kernel has them, composed otherwise), M = 1, 3, 8, 16, with and without bias, split-K
+    and not, against float64 (the exact RMSNorm of x, silu(gate) * up of gate_up; r plus the
+    product): each prologue alone and with the residual (outputs poisoned), the residual into a
+    separate out (poisoned) and in place (out = r). Every call twice: the same bits (a fixed order
+    of every sum). x, gate_up, w and r are left as they were."""
     import cupy
     from quickcupy import gemm
     q, _ = _layer(K, N, 128, "quick")
@@ -407,13 +412,17 @@ def test_norm_and_residual_with_every_kernel(K, N, dtype, rng):
     fused_seen = set()
     for M in (1, 3, 8, 16):
         x, r = _act(rng, (M, K), 3.0, dtype), _act(rng, (M, N), 4.0, dtype)
+        gate_up = _act(rng, (M, 2 * K), 3.0, dtype)
         w = (1 + 0.1 * rng.standard_normal(K)).astype(np.float32).astype(x.dtype)
-        xd, rd, wd = cupy.asarray(x), cupy.asarray(r), cupy.asarray(w)
+        xd, rd, wd, gud = cupy.asarray(x), cupy.asarray(r), cupy.asarray(w), cupy.asarray(gate_up)
         plain_product, normed_product = _f64(x) @ W.T, _rms_norm64(x, w, EPS) @ W.T
+        g64 = _f64(gate_up[:, :K])
+        gated_product = (g64 / (1 + np.exp(-g64)) * _f64(gate_up[:, K:])) @ W.T
         for with_bias in (False, True):
             b = _f64(bias) if with_bias else 0.0
             refs = {"norm": normed_product + b, "residual": _f64(r) + plain_product + b,
-                    "in_place": _f64(r) + plain_product + b, "both": _f64(r) + normed_product + b}
+                    "in_place": _f64(r) + plain_product + b, "both": _f64(r) + normed_product + b,
+                    "silu_mul": gated_product + b, "silu_mul_residual": _f64(r) + gated_product + b}
             for kernel in KERNELS:
                 v = registry.variant(kernel)
                 if (M > (v.design.max_m or M) or dtype not in v.design.dtypes
@@ -425,23 +434,28 @@ def test_norm_and_residual_with_every_kernel(K, N, dtype, rng):
                     for case, ref in refs.items():
                         where = f"{kernel} M={M} bias={with_bias} split_k={split_k} {case}"
                         asked = {"norm": (wd, EPS)} if case in ("norm", "both") else {}
+                        gated = case.startswith("silu_mul")
+                        if gated:
+                            asked["silu_mul"] = True
                         runs = []
                         for _ in range(2):
                             out = rd.copy() if case == "in_place" else _poisoned((M, N), dtype)
-                            if case != "norm":
+                            if case not in ("norm", "silu_mul"):
                                 asked["residual"] = out if case == "in_place" else rd
-                            assert gemm(xd, layer, kernel, out, **asked, **plan) is out
+                            assert gemm(gud if gated else xd, layer, kernel, out, **asked, **plan) is out
                             runs.append(out.get())
                         fused_seen.add((kernel, case, gemm_module.fused(layer, M, dtype, kernel, norm="norm" in asked,
-                                                                        residual="residual" in asked)))
+                                                                        residual="residual" in asked,
+                                                                        silu_mul=gated)))
                         assert np.array_equal(_bits(runs[0]), _bits(runs[1])), f"{where}: two runs differ"
                         assert not np.isnan(_f64(runs[0])).any(), f"{where}: NaN in the output"
                         err = rel_error(_f64(runs[0]), ref)
                         assert err < FUSION_TOL * UNIT[dtype], f"{where}: relative error {err:.2e}"
         assert np.array_equal(_bits(xd), _bits(x)) and np.array_equal(_bits(wd), _bits(w))
-        assert np.array_equal(_bits(rd), _bits(r))
-    # quick_decode at M = 1 (the register pipeline) ran the norm and the residual add in its launch
+        assert np.array_equal(_bits(rd), _bits(r)) and np.array_equal(_bits(gud), _bits(gate_up))
+    # quick_decode at M = 1 (the register pipeline) ran each prologue and the residual add in its launch
     assert ("quick_decode", "norm", (True, False)) in fused_seen
+    assert ("quick_decode", "silu_mul", (True, False)) in fused_seen
     assert ("quick_decode", "in_place", (False, True)) in fused_seen
     assert all(f == (False, False) for k, _, f in fused_seen if k not in ("quick_decode", "auto"))
 
@@ -450,10 +464,11 @@ def test_norm_and_residual_with_every_kernel(K, N, dtype, rng):
 @pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
 @pytest.mark.parametrize("K,N", FUSION_SHAPES)
 def test_fused_equals_composed(K, N, dtype, rng):
-    """quick_decode with the norm in its prologue and the residual add in its epilogue against the
-    same GEMM composed by hand (add_rms_norm, the plain GEMM, an elementwise add): the residual bit
-    for bit (both epilogues, split and not, in place too), the norm within 2 ulps (its sum of
-    squares runs in another order, so inv_rms, and a normed input, may differ in the last bit)."""
+    """quick_decode with the norm or SiLU * up in its prologue and the residual add in its epilogue
+    against the same GEMM composed by hand (add_rms_norm or silu_mul, the plain GEMM, an elementwise
+    add): the residual and SiLU * up bit for bit (both epilogues, split and not, in place too), the
+    norm within 2 ulps (its sum of squares runs in another order, so inv_rms, and a normed input,
+    may differ in the last bit)."""
     import cupy
     from quickcupy import gemm
     from quickcupy.llama import ops
@@ -477,13 +492,18 @@ def test_fused_equals_composed(K, N, dtype, rng):
                 fused = gemm(xd, layer, "quick_decode", _poisoned((M, N), dtype), norm=(wd, EPS), **plan)
                 close = _within_ulps(fused, composed, dtype)
                 assert close.all(), f"{where}: {np.count_nonzero(~close)} outputs differ by more than 2 ulps"
+                gud = cupy.asarray(_act(rng, (M, 2 * K), 3.0, dtype))
+                composed = gemm(ops.silu_mul(gud), layer, "quick_decode", **plan)
+                fused = gemm(gud, layer, "quick_decode", _poisoned((M, N), dtype), silu_mul=True, **plan)
+                assert np.array_equal(_bits(fused), _bits(composed)), f"{where} silu_mul"
     assert gemm_module.fused(layers[False], 1, dtype, "quick_decode", norm=True) == (True, False)
+    assert gemm_module.fused(layers[False], 1, dtype, "quick_decode", silu_mul=True) == (True, False)
     assert gemm_module.fused(layers[False], 1, dtype, "quick_decode", residual=True) == (False, True)
 
 
 @pytest.mark.gpu
 def test_norm_and_residual_errors_before_launch(rng):
-    """Bad norm / residual arguments raise before anything runs: the output stays as it was."""
+    """Bad norm / residual / silu_mul arguments raise before anything runs: the output stays as it was."""
     import cupy
     from quickcupy import QuantLinear, gemm
     K, N = 256, 128
@@ -508,4 +528,10 @@ def test_norm_and_residual_errors_before_launch(rng):
             gemm(x, square, kernel, x, residual=x)
         with pytest.raises(ValueError, match="out overlaps the norm weight"):
             gemm(x, square, kernel, w2[:4 * K].reshape(4, K), norm=(w2[:K], 1e-5))
+        with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 512\) \(silu_mul: gate \| up"):
+            gemm(x, layer, kernel, out, silu_mul=True)
+        with pytest.raises(ValueError, match="norm and silu_mul cannot both be given"):
+            gemm(cupy.concatenate([x, x], axis=1), layer, kernel, out, norm=(w, 1e-5), silu_mul=True)
+        with pytest.raises(TypeError, match="silu_mul must be True or False"):
+            gemm(x, layer, kernel, out, silu_mul="yes")
         assert bool(cupy.isnan(out).all()) and not buf.any() and not bool(cupy.isnan(x).any())

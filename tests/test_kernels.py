@@ -155,22 +155,35 @@ def test_sm90_tensor_maps_cover_the_packed_tensors(K, N, G, M, monkeypatch):
                                    (640, 256, 640), (8192, 28672, 128)])
 def test_fused_decode_plans(K, N, G, M, dtype):
     """The fused plans of quick_decode keep the plain launch (grid, split, block shape) and name an
-    instance CI compiles: the RMSNorm prologue on the register pipeline only, the residual epilogue
-    on every shape, never both (asked for both, the prologue wins); other designs fuse nothing."""
+    instance CI compiles: the RMSNorm and SiLU * up prologues on the register pipeline only (the
+    latter where its up slice keeps the blocks the grid needs on the SMs: always at M = 1), the
+    residual epilogue on every shape, never both (asked for both, the prologue wins); other designs
+    fuse nothing."""
     plain = kernels.plan("quick_decode", M, N, K, G, dtype=dtype)
     register = plain.shape.stages == 0
-    for pro, epi in ((True, False), (False, True), (True, True)):
+    silu = registry.PRO_SILU_MUL
+    for pro, epi in ((True, False), (False, True), (True, True), (silu, False), (silu, True)):
         p = kernels.plan("quick_decode", M, N, K, G, dtype=dtype, prologue=pro, epilogue=epi)
         assert (p.grid, p.chunks_per_split, p.shape, p.block) == (plain.grid, plain.chunks_per_split, plain.shape,
                                                                     plain.block)
-        assert p.prologue == (pro and register) and p.epilogue == (epi and not p.prologue)
+        if pro == silu and register and not p.prologue:    # the up slice would cost blocks per SM
+            assert M > 1
+            per_sm = kernels._decode_per_sm(plain.shape, kernels._decode_smem(plain.shape, M, plain.chunks_per_split,
+                                                                               silu), kernels.H100)
+            assert per_sm < kernels._decode_per_sm(plain.shape, plain.shared_bytes, kernels.H100)
+        else:
+            assert p.prologue == (pro if register else 0)
+        assert p.epilogue == (epi and not p.prologue)
         assert p.name in registry.SOURCES["quick_decode.cu"].instances
         assert (p.name == plain.name) == (not p.prologue and not p.epilogue)
         assert p.shared_bytes == kernels._decode_smem(p.shape, M, p.chunks_per_split, p.prologue) <= \
             kernels.H100.smem_per_block
-        if p.prologue:      # norm_w's slice and the warps' row sums come on top of the plain launch's
+        if p.prologue == registry.PRO_NORM:   # norm_w's slice and the warps' row sums on top of the plain launch's
             assert p.shared_bytes == plain.shared_bytes + (32 * p.chunks_per_split + 8) * 2 + 32 * p.shape.nwarps \
                 or plain.shape.kw > 1
+        if p.prologue == silu:                # up's slice: M more rows
+            assert p.shared_bytes == plain.shared_bytes + M * (32 * p.chunks_per_split + 8) * 2 or plain.shape.kw > 1
+            assert p.name.endswith(f", {silu}, 0>")
     for kernel in ("quick", "awq"):
         if M <= 16:
             p = kernels.plan(kernel, M, N, K, G, dtype=dtype, prologue=True, epilogue=True)

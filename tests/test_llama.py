@@ -13,7 +13,7 @@ from quickcupy.device import no_gpu_reason
 from quickcupy.attention import decode_attention, decode_attention_rope
 from quickcupy.llama import (NORMS, PROJECTIONS, LayerWeights, LlamaConfig, LlamaModel, apply_rope, attention,
                              load_checkpoint, make_linear, random_layers, rms_norm, rope_tables,
-                             save_awq_checkpoint)
+                             save_awq_checkpoint, silu_mul)
 from quickcupy.llama import model as llama_model
 from quickcupy.llama.model import fuse
 from quickcupy.tools.llama_bench import estimate_gpu_bytes
@@ -184,6 +184,10 @@ def test_linear_factory(rng):
     np.testing.assert_allclose(make_linear("numpy", q)(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="backend='int8' is not one of"):
         make_linear("int8", w)
+    # silu_mul=True: x is [gate | up] and silu(gate) * up the product's input (down_proj of a step)
+    gate_up = rng.standard_normal((2, 3, 128), dtype=np.float32)
+    np.testing.assert_array_equal(make_linear("numpy", w)(gate_up, silu_mul=True),
+                                  make_linear("numpy", w)(silu_mul(gate_up[..., :64], gate_up[..., 64:])))
 
 
 @pytest.mark.parametrize("backend,dtype,match", [

@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import dtypes, kernels
 from ..attention import decode_attention, decode_attention_rope, decode_head_dim_error
-from ..gemm import QuantLinear
+from ..gemm import QuantLinear, gemm
 from ..quantize import QuantizedWeight, quantize
 from . import families, ops
 
@@ -377,14 +377,16 @@ def _check_bias_perm(bias, perm, N: int, K: int):
 
 class NumpyLinear:
     """Float32 reference on the CPU: x (..., K) float32 -> x[..., perm] @ W.T + bias (..., N)
-    float32 (perm, bias: None or as :func:`make_linear` takes them)."""
+    float32 (perm, bias: None or as :func:`make_linear` takes them). Every linear of the runner
+    also takes ``silu_mul=True``: x is then (..., 2K) [gate | up] and silu(gate) * up its input."""
 
     def __init__(self, weight: np.ndarray, bias=None, perm=None):
         self.weight = np.ascontiguousarray(weight, np.float32)      # (N, K)
         self.out_features, self.in_features = self.weight.shape
         self.bias, self.perm = _check_bias_perm(bias, perm, self.out_features, self.in_features)
 
-    def __call__(self, x):
+    def __call__(self, x, silu_mul=False):
+        x = _gated(x) if silu_mul else x
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2[:, self.perm]
@@ -415,7 +417,8 @@ class DenseLinear:
         self.in_features, self.out_features = self.weight_t.shape
         self.bias = None if bias is None else cupy.asarray(bias)     # float32
 
-    def __call__(self, x):
+    def __call__(self, x, silu_mul=False):
+        x = _gated(x) if silu_mul else x
         # 2-D: one GEMM; cupy.matmul of (B, S, K) @ (K, N) would run B broadcast GEMMs instead.
         y = x.reshape(-1, self.in_features) @ self.weight_t
         if self.bias is not None:        # added in float32 (bfloat16 arithmetic goes through it anyway)
@@ -434,12 +437,12 @@ class QuantizedLinear:
         self.kernel = kernel
         self.out_features, self.in_features = q.out_features, q.in_features
 
-    def __call__(self, x):
+    def __call__(self, x, silu_mul=False):
         import cupy
-        x2 = cupy.ascontiguousarray(x.reshape(-1, self.in_features))
+        x2 = cupy.ascontiguousarray(x.reshape(-1, x.shape[-1]))
         if x2.data.ptr % 16:                 # the kernels load 16-byte vectors; a view may be offset
             x2 = x2.copy()
-        y = self.layer(x2, kernel=self.kernel)
+        y = gemm(x2, self.layer, kernel=self.kernel, silu_mul=silu_mul)   # fused where the kernel has it
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -452,7 +455,8 @@ class ConcatLinear:
         self.in_features = linears[0].in_features
         self.out_features = sum(layer.out_features for layer in linears)
 
-    def __call__(self, x):
+    def __call__(self, x, silu_mul=False):
+        x = _gated(x) if silu_mul else x
         return _xp(x).concatenate([layer(x) for layer in self.linears], axis=-1)
 
 
@@ -650,6 +654,15 @@ def silu_mul(gate, up):
     return (g / (1 + xp.exp(-g)) * up).astype(gate.dtype, copy=False)
 
 
+def _gated(gate_up):
+    """silu(gate) * up of gate_up (..., 2I) = [gate | up]: the fused kernel on CuPy (float16,
+    bfloat16), :func:`silu_mul` otherwise."""
+    if _xp(gate_up) is np or gate_up.dtype == np.float32:
+        I = gate_up.shape[-1] // 2
+        return silu_mul(gate_up[..., :I], gate_up[..., I:])
+    return ops.silu_mul(gate_up)
+
+
 def _xp(a):
     return np if isinstance(a, np.ndarray) else sys.modules["cupy"]
 
@@ -738,8 +751,9 @@ class LlamaBlock:
         (the previous block's increment, or None) is added in place by the first RMSNorm. tables:
         the model's full (cos, sin) tables; start_dev: (1,) int32 device array holding ``start``.
         A decode step (S == 1 with a cache) reads positions only from start_dev: capturable; its
-        rotary embedding and cache write run inside the attention kernel (4 launches per layer
-        besides the GEMMs: norm, attention, norm, silu * up).
+        rotary embedding and cache write run inside the attention kernel, and silu(gate) * up inside
+        the down GEMM where its kernel has the prologue (quick_decode's register pipeline: 3
+        launches per layer besides the GEMMs, norm, attention, norm; else 4, silu * up apart).
         """
         c = self.config
         B, S, _ = x.shape
@@ -754,7 +768,7 @@ class LlamaBlock:
             attn = attention(qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:], start, kv_cache, bias,
                              written=True, window=c.sliding_window)
         h = ops.add_rms_norm(x, self.post_norm, eps, self._reduced(self.o_proj(attn)))
-        return self._reduced(self.down_proj(ops.silu_mul(self.gate_up_proj(h))))
+        return self._reduced(self.down_proj(self.gate_up_proj(h), silu_mul=True))
 
     def _reduced(self, y):
         return y if self.reduce is None else self.reduce(y)
