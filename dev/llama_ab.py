@@ -32,9 +32,10 @@ def order(round_index: int) -> tuple:
 
 
 def rates(report: dict) -> dict:
-    """{(backend, batch): (decode tok/s wall, decode tok/s GPU or None)} of one llama JSON report."""
-    return {(t["backend"], t["batch"]): (t["decode_tokens_per_s"], t.get("decode_gpu_tokens_per_s"))
-            for t in report["throughput"]}
+    """{(backend, batch): (decode tok/s wall, decode tok/s GPU or None)} of one llama JSON report
+    (its runs under "throughput", or "generation" for a whole model: ``--vocab``, ``--checkpoint``)."""
+    runs = report["throughput"] if "throughput" in report else report["generation"]
+    return {(t["backend"], t["batch"]): (t["decode_tokens_per_s"], t.get("decode_gpu_tokens_per_s")) for t in runs}
 
 
 def summary(runs: dict) -> list:

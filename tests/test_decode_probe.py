@@ -143,6 +143,9 @@ def test_llama_ab_alternates_and_summarizes():
     assert rows[("numpy", 1)][7] is None
     text = llama_ab.table(llama_ab.summary(runs))
     assert "1.050" in text and "200 ->       210" in text
+    # a whole model's report (--vocab, --checkpoint) keeps its runs under "generation"
+    whole = {"generation": report(100.0, 99.0)["throughput"], "decode_step_batch1": {}}
+    assert llama_ab.rates(whole) == {("quick", 256): (100.0, 99.0), ("numpy", 1): (1.0, None)}
 
 
 def test_llama_ab_runs_two_checkouts(tmp_path, capsys):
