@@ -195,3 +195,20 @@ def test_cli_vocab_needs_a_gpu(capsys, monkeypatch):
 def test_cli_vocab_is_checked(capsys):
     assert main(["llama", "--vocab", "4"]) != 0
     assert "--vocab" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_gpu_cli_vocab_times_the_whole_model(tmp_path):
+    """``llama --vocab`` end to end on a tiny model: every backend's decode at batch 1 and 2, and the
+    batch-1 step split into GEMM and non-GEMM time (the GEMMs replaced by stand-ins that keep SiLU *
+    up where the down GEMM would not run it itself)."""
+    out = tmp_path / "model.json"
+    assert main(["llama", "--preset", "tiny", "--vocab", "512", "--batch", "1,2", "--prompt", "8", "--gen", "4",
+                 "--backends", "fp16,quick,auto", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {(g["backend"], g["batch"]) for g in report["generation"]} == {
+        (b, n) for b in ("fp16", "quick", "auto") for n in (1, 2)}
+    assert all(g["decode_tokens_per_s"] > 0 for g in report["generation"])
+    for backend in ("quick", "auto"):
+        step = report["decode_step_batch1"][backend]
+        assert step["full_step_us"] > step["no_gemm_step_us"] > 0 and step["gemm_us_per_layer"] > 0

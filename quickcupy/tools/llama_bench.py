@@ -16,9 +16,10 @@ import numpy as np
 
 from .. import device as _device
 from ..llama import ops
+from ..gemm import fused
 from ..llama.checkpoint import load_checkpoint
-from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, projection_shapes,
-                           random_head, random_layers)
+from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, QuantizedLinear,
+                           projection_shapes, random_head, random_layers)
 from ..llama.parallel import check_shardable
 from ..quantize import effective_group_size, quantize
 from ..reference import rel_error
@@ -462,18 +463,27 @@ def _copy_block(block):
 
 
 class _NoGemm:
-    """Stands in for a linear layer: returns a persistent zero buffer (no launch), so that a graph of
-    the stack times everything but the GEMMs."""
+    """Stands in for a linear layer: returns a persistent zero buffer (no GEMM launch), so that a graph
+    of the stack times everything but the GEMMs. Asked for ``silu_mul``, it launches ``ops.silu_mul``
+    where the layer's own call would (its GEMM kernel has no such prologue for x: :func:`gemm.fused`),
+    so that launch stays in the non-GEMM time and a fused one in the GEMM's."""
 
-    def __init__(self, out_features: int):
-        self.out_features, self._out = out_features, {}
+    def __init__(self, linear):
+        self.linear, self.out_features, self._out = linear, linear.out_features, {}
 
-    def __call__(self, x):
+    def __call__(self, x, silu_mul=False):
         import cupy
+        if silu_mul and not self._fuses_silu_mul(x):
+            x = ops.silu_mul(x)
         shape = x.shape[:-1] + (self.out_features,)
         if shape not in self._out:
             self._out[shape] = cupy.zeros(shape, x.dtype)
         return self._out[shape]
+
+    def _fuses_silu_mul(self, x) -> bool:
+        layer = self.linear
+        return isinstance(layer, QuantizedLinear) and fused(layer.layer, x.size // x.shape[-1], x.dtype,
+                                                            layer.kernel, silu_mul=True)[0]
 
 
 def _without_gemms(model: LlamaModel) -> LlamaModel:
@@ -483,7 +493,7 @@ def _without_gemms(model: LlamaModel) -> LlamaModel:
     for block in model.blocks:
         b = copy.copy(block)
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-            setattr(b, name, _NoGemm(getattr(block, name).out_features))
+            setattr(b, name, _NoGemm(getattr(block, name)))
         bare.blocks.append(b)
     return bare
 
