@@ -469,7 +469,7 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k, norm=None, residu
     _check_x(x, layer, 2 if silu_mul else 1)
     N, K = layer.out_features, layer.in_features
     shape = x.shape[:-1] + (N,)
-    M = x.size // (x.shape[-1])
+    M = x.size // x.shape[-1]
     if out is None:
         with kernels.allocation_allowed():
             out = cupy.empty(shape, x.dtype)
