@@ -655,8 +655,8 @@ def silu_mul(gate, up):
 
 
 def _gated(gate_up):
-    """silu(gate) * up of gate_up (..., 2I) = [gate | up]: the fused kernel on CuPy (float16,
-    bfloat16), :func:`silu_mul` otherwise."""
+    """silu(gate) * up of gate_up (..., 2I) = [gate | up], for a linear whose GEMM cannot take it
+    in: :func:`ops.silu_mul`'s kernel on CuPy (float16, bfloat16), :func:`silu_mul` otherwise."""
     if _xp(gate_up) is np or gate_up.dtype == np.float32:
         I = gate_up.shape[-1] // 2
         return silu_mul(gate_up[..., :I], gate_up[..., I:])
