@@ -437,13 +437,25 @@ def fused(layer: QuantLinear, M: int, dtype="float16", kernel=None, *, norm: boo
     ``silu_mul`` (the prologue) and/or ``residual`` as these flags say, runs each of them inside its
     GEMM launch (False: gemm composes it, or it was not asked for). For the current device and the
     current stream's capture state (under capture, auto may choose another kernel)."""
+    p = _call_plan(layer, M, dtype, kernel, norm, residual, silu_mul)
+    return (False, False) if p is None else (bool(p.prologue), p.epilogue)
+
+
+def takes_pdl(layer: QuantLinear, M: int, dtype="float16", kernel=None, *, norm: bool = False,
+              residual: bool = False, silu_mul: bool = False) -> bool:
+    """Whether that :func:`gemm` call (the arguments as :func:`fused`'s) launches a kernel that takes
+    part in programmatic dependent launch (:func:`quickcupy.kernels.takes_pdl`)."""
+    return kernels.takes_pdl(_call_plan(layer, M, dtype, kernel, norm, residual, silu_mul))
+
+
+def _call_plan(layer: QuantLinear, M: int, dtype, kernel, norm: bool, residual: bool, silu_mul: bool):
+    """The LaunchPlan of a gemm call (None for the dequant path), on the layer's device."""
     import cupy
     v = layer.default_kernel if kernel is None else registry.variant(kernel)
     if cupy.cuda.runtime.getDevice() != layer.device:
         with cupy.cuda.Device(layer.device):
-            return fused(layer, M, dtype, v, norm=norm, residual=residual, silu_mul=silu_mul)
-    _, p = _launch_choice(v, layer, M, dtypes.name(dtype), None, None, _prologue(norm, silu_mul), residual)
-    return (False, False) if p is None else (bool(p.prologue), p.epilogue)
+            return _call_plan(layer, M, dtype, v, norm, residual, silu_mul)
+    return _launch_choice(v, layer, M, dtypes.name(dtype), None, None, _prologue(norm, silu_mul), residual)[1]
 
 
 def _prologue(norm: bool, silu_mul: bool) -> int:
@@ -484,6 +496,7 @@ def _gemm(x, layer: QuantLinear, kernel, out, tile_m, split_k, norm=None, residu
                                 or split_k < 1):
         raise ValueError(f"split_k={split_k!r} must be a positive int (or None to choose by shape)")
     v, p = _launch_choice(v, layer, M, x.dtype.name, tile_m, split_k, prologue, residual is not None)
+    kernels.record_gemm_pdl(kernels.takes_pdl(p))
     bias = layer.bias_as(x.dtype)
     ws = kernels.workspace(layer.device)
     if prologue and not (p is not None and p.prologue):      # composed: the GEMM's input first
@@ -529,4 +542,4 @@ def _plan(v: registry.Variant, M, N, K, group_size, device, tile_m, split_k, dty
                         split_k=split_k, dtype=dtype, prologue=prologue, epilogue=epilogue)
 
 
-__all__ = ["QuantLinear", "gemm", "fused", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape"]
+__all__ = ["QuantLinear", "gemm", "fused", "takes_pdl", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape"]

@@ -535,8 +535,52 @@ def _pdl_capable(device_id: int) -> bool:
 def pdl_active(device_id: int) -> bool:
     """Whether :func:`launch_kernel` launches with programmatic dependent launch now: on sm_90+
     while the current stream is captured into a CUDA graph (where the graph keeps the programmatic
-    edges and the launch's host cost is paid once), unless ``QUICKCUPY_PDL=0``."""
-    return _pdl_capable(device_id) and capturing()
+    edges and the launch's host cost is paid once), unless ``QUICKCUPY_PDL=0`` or this thread is
+    inside ``pdl_allowed(False)``."""
+    return _pdl_capable(device_id) and not getattr(_PDL_LOCAL, "off", False) and capturing()
+
+
+# Per thread: "off" (pdl_allowed(False)), "record" (the list of record_gemm_pdl, or None).
+_PDL_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def pdl_allowed(on: bool):
+    """Within the block this thread's launches use programmatic dependent launch only if ``on``
+    (and :func:`pdl_active`'s conditions hold)."""
+    before = getattr(_PDL_LOCAL, "off", False)
+    _PDL_LOCAL.off = not on
+    try:
+        yield
+    finally:
+        _PDL_LOCAL.off = before
+
+
+def takes_pdl(p: LaunchPlan | None) -> bool:
+    """Whether a GEMM launch of plan ``p`` (None: the dequant path, cuBLAS) takes part in
+    programmatic dependent launch: its kernel fetches its weights, then waits in ``qc::pdl_wait``
+    (the decode design, launched with the attribute)."""
+    return p is not None and bool(p.counters)
+
+
+@contextlib.contextmanager
+def recording_gemm_pdl():
+    """Yields a list that gets :func:`takes_pdl` of every GEMM this thread launches (or stands in
+    for: :func:`record_gemm_pdl`) within the block; a decode graph captures with programmatic
+    launch only when all of its GEMMs take part (quickcupy.llama.model.DecodeGraph)."""
+    before = getattr(_PDL_LOCAL, "record", None)
+    _PDL_LOCAL.record = []
+    try:
+        yield _PDL_LOCAL.record
+    finally:
+        _PDL_LOCAL.record = before
+
+
+def record_gemm_pdl(takes: bool):
+    """Adds one GEMM's :func:`takes_pdl` to the innermost :func:`recording_gemm_pdl` (if any)."""
+    record = getattr(_PDL_LOCAL, "record", None)
+    if record is not None:
+        record.append(bool(takes))
 
 
 def launch_kernel(fn, grid, block, args, shared_mem: int = 0, *, pdl: bool = False):
@@ -599,7 +643,7 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int,
                                             partial, ws.counters(N // 32), np.int32(M), np.int32(N), np.int32(K),
                                             np.int32(p.group_size), np.int32(p.chunks_per_split), norm_w,
                                             np.float32(eps), residual if p.epilogue else null),
-                      p.shared_bytes, pdl=True)
+                      p.shared_bytes, pdl=takes_pdl(p))
         return out
     splits = p.split_k
     partial = workspace(device_id).buffer("partials", splits * M * N, np.float32) if splits > 1 else null

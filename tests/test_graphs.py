@@ -22,6 +22,39 @@ SENTINEL = 12345.0
 
 
 # ---------------------------------------------------------------------------------------- CPU
+def test_programmatic_launch_is_allowed_per_thread_and_gemms_are_recorded(monkeypatch):
+    """pdl_allowed(False) turns programmatic launch off for this thread's launches inside the block
+    (nested blocks restore what was), other threads keep it; recording_gemm_pdl collects what each
+    GEMM reports inside it (innermost block only, nothing outside any); takes_pdl is true for the
+    decode design's plans only (they launch with the attribute), false for the dequant path."""
+    import threading
+    monkeypatch.setattr(kernels, "_pdl_capable", lambda device_id: True)
+    monkeypatch.setattr(kernels, "capturing", lambda: True)
+    assert kernels.pdl_active(0)
+    seen = []
+    with kernels.pdl_allowed(False):
+        assert not kernels.pdl_active(0)
+        with kernels.pdl_allowed(True):
+            assert kernels.pdl_active(0)
+        assert not kernels.pdl_active(0)
+        other = threading.Thread(target=lambda: seen.append(kernels.pdl_active(0)))
+        other.start()
+        other.join()
+    assert kernels.pdl_active(0) and seen == [True]
+    kernels.record_gemm_pdl(False)                  # outside any recording: dropped
+    with kernels.recording_gemm_pdl() as outer:
+        kernels.record_gemm_pdl(True)
+        with kernels.recording_gemm_pdl() as inner:
+            kernels.record_gemm_pdl(False)
+        kernels.record_gemm_pdl(1)
+    assert outer == [True, True] and inner == [False]
+    assert kernels.takes_pdl(kernels.plan("quick_decode", 1, 4096, 4096, 128))
+    assert kernels.takes_pdl(kernels.plan("quick_decode", 16, 4096, 11008, 128))
+    for name, M in (("quick", 1), ("awq", 1), ("quick_sm90", 256)):
+        assert not kernels.takes_pdl(kernels.plan(name, M, 4096, 4096, 128)), name
+    assert not kernels.takes_pdl(None)
+
+
 def test_one_gemm_call_resolves_its_kernel_name_once(monkeypatch):
     """gemm turns the kernel name into its registry record once, before any check, and passes the
     record down: the planner and the launcher never look a name up again."""

@@ -1060,6 +1060,8 @@ class DecodeGraph:
     the position from ``cache.start_dev``, advances the position as its last node, and leaves the
     normed hidden states in ``hidden`` (B, 1, hidden). The LM head and sampling run after it
     (a dense LM head is cuBLAS). Replays on the current stream; the caller adds 1 to cache.length.
+    ``pdl``: whether the step was captured with programmatic dependent launch (on sm_90+, only when
+    every GEMM of the warm-up step took part in it: :func:`quickcupy.kernels.takes_pdl`).
     """
 
     def __init__(self, model: LlamaModel, cache: KVCache):
@@ -1079,12 +1081,18 @@ class DecodeGraph:
         cupy.cuda.get_current_stream().synchronize()       # cache and ids are ready before the side stream reads them
         with cupy.cuda.using_allocator(self.pool.malloc), self.stream, kernels.using_workspace(self.workspace):
             # The warm-up writes the cache at the current position, which the first replay rewrites.
-            model._normed_hidden(self.ids, cache, fill_start=False)
+            with kernels.recording_gemm_pdl() as gemms:
+                model._normed_hidden(self.ids, cache, fill_start=False)
+            # Programmatic dependent launch only where every GEMM of the step takes part: between
+            # GEMMs that do not, the small kernels' attribute cost the quick backend 3% at batch 1
+            # (2647 against 2566 us a step, results/h100/llama_decode_ab.txt).
+            self.pdl = all(gemms)
             self.stream.synchronize()
             self.stream.begin_capture()
             try:
-                self.hidden = model._normed_hidden(self.ids, cache, fill_start=False)
-                ops.advance_position(cache.start_dev)
+                with kernels.pdl_allowed(self.pdl):
+                    self.hidden = model._normed_hidden(self.ids, cache, fill_start=False)
+                    ops.advance_position(cache.start_dev)
             finally:
                 self.graph = self.stream.end_capture()
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import device as _device
+from .. import kernels
 from ..llama import ops
-from ..gemm import fused
+from ..gemm import fused, takes_pdl
 from ..llama.checkpoint import load_checkpoint
 from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, QuantizedLinear,
                            projection_shapes, random_head, random_layers)
@@ -466,13 +467,18 @@ class _NoGemm:
     """Stands in for a linear layer: returns a persistent zero buffer (no GEMM launch), so that a graph
     of the stack times everything but the GEMMs. Asked for ``silu_mul``, it launches ``ops.silu_mul``
     where the layer's own call would (its GEMM kernel has no such prologue for x: :func:`gemm.fused`),
-    so that launch stays in the non-GEMM time and a fused one in the GEMM's."""
+    so that launch stays in the non-GEMM time and a fused one in the GEMM's; and it records whether
+    the layer's GEMM would take part in programmatic dependent launch, so the step without GEMMs is
+    captured with the real step's launch attributes (DecodeGraph.pdl)."""
 
     def __init__(self, linear):
         self.linear, self.out_features, self._out = linear, linear.out_features, {}
 
     def __call__(self, x, silu_mul=False):
         import cupy
+        layer, M = self.linear, x.size // x.shape[-1]
+        if isinstance(layer, QuantizedLinear):     # the step keeps the real one's launch attributes
+            kernels.record_gemm_pdl(takes_pdl(layer.layer, M, x.dtype, layer.kernel, silu_mul=silu_mul))
         if silu_mul and not self._fuses_silu_mul(x):
             x = ops.silu_mul(x)
         shape = x.shape[:-1] + (self.out_features,)
