@@ -6,16 +6,22 @@
 // activations (the B operand, N = tokens) in the 128-byte swizzle the wgmma descriptor reads
 // without bank conflicts, and the weights still packed, as they arrive (Marlin's way of streaming).
 //
-// Block: QUICK_SM90_THREADS = 2 warpgroups; tile 256 output features x BT tokens, K in steps of 64.
-// Wide feature tiles and 4-bit weights keep the L2 -> SM traffic low: per step a block reads
-// BT x 128 bytes of activations and 256 x 32 bytes of weights (at 128 x 256 the other way round the
-// activation copies alone hit the L2 bandwidth, measured). Warpgroup wg owns features
-// [128 wg, +128); its warp w owns the QUICK tile column of 32 features at 32 w, and the 4 words of
-// a lane's 16 bytes per chunk are the A fragments of two wgmma row blocks: words (0, 1) -> rows
-// 16 w .. +15 of block 0 (features 32 w + 0..15), words (2, 3) -> the same rows of block 1
-// (features 32 w + 16..31); half2 2s + r of a word is register r of k16 step s
-// (quickcupy/layouts.py draws it). Per 64-deep step a warpgroup issues 2 blocks x 4 k16 steps =
-// 8 wgmma.m64nBTk16.
+// Block: QUICK_SM90_THREADS = 2 warpgroups, K in steps of 64; two tile shapes (RB below):
+//   BT = 64, 128 tokens: 256 output features. Warpgroup wg owns features [128 wg, +128); its warp w
+//     owns the QUICK tile column of 32 features at 32 w, and the 4 words of a lane's 16 bytes per
+//     chunk are the A fragments of two wgmma row blocks: words (0, 1) -> rows 16 w .. +15 of block 0
+//     (features 32 w + 0..15), words (2, 3) -> the same rows of block 1 (features 32 w + 16..31);
+//     per 64-deep step a warpgroup issues 2 blocks x 4 k16 steps = 8 wgmma.m64nBTk16. Wide feature
+//     tiles keep the activation traffic low: per step a block reads BT x 128 bytes of activations
+//     and 256 x 32 bytes of weights (a cp.async 128 x 256 tile the other way round hit the L2
+//     bandwidth, measured).
+//   BT = 256 tokens: 128 output features, one row block per warpgroup: warp w owns half w % 2 of
+//     tile column w / 2, i.e. words (2 (w % 2), 2 (w % 2) + 1) of each lane's 16 bytes (features
+//     32 (w / 2) + 16 (w % 2) + 0..15), an 8-byte read; per step 4 wgmma.m64n256k16, the same
+//     multiply-adds and 128 accumulators a thread as BT = 128, but half the A fragments and half the
+//     dequantization per warp (126 instead of 188 SASS instructions per step for a warp that does not
+//     issue the copies; 1.05-1.23x faster from M = 192 on the H100, results/h100/sm90_rowblock.txt).
+// Half2 2s + r of a word is register r of k16 step s (quickcupy/layouts.py draws it).
 //
 // Pipeline: one STAGES-deep ring of K steps, each slot holding the step's activation tile, packed
 // weights, scales and zeros, every one a single TMA box issued by one thread (the packed tensors as
@@ -34,14 +40,13 @@ constexpr int SM90_WG = 128;                     // threads per warpgroup
 constexpr int SM90_BK = 64;                      // K per main-loop step: one 128-byte swizzle row
 constexpr int SM90_U = SM90_BK / 32;             // 32-deep QUICK chunks per step
 constexpr int SM90_WARPS = QUICK_SM90_THREADS / 32;
-// A slot after its activations: the block's packed weights, [warp (tile column)][chunk][lane][16
-// bytes]; then per group the step uses (GPS = SM90_U / GCH of them) the scales of each warp's tile
-// (8 g x 4 sub-tiles, fp16), [warp][group][64 bytes]; then its zeros (8 halfwords),
-// [warp][group][16 bytes]. Every region starts on 128 bytes, as TMA wants.
-constexpr int SM90_W_BYTES = SM90_WARPS * SM90_U * 512;
+// A slot after its activations: the block's packed weights, [tile column][chunk][lane][16 bytes];
+// then per group the step uses (GPS = SM90_U / GCH of them) the scales of each tile column (8 g x 4
+// sub-tiles, fp16), [tile column][group][64 bytes]; then its zeros (8 halfwords), [tile
+// column][group][16 bytes]. Every region starts on 128 bytes, as TMA wants.
 constexpr int SM90_SZ_REGION = 2048;             // scales and zeros of up to 2 groups, rounded to 1 KB
 
-template <int BT,       // tokens per block = wgmma N: 64 or 128
+template <int BT,       // tokens per block = wgmma N: 64 or 128 (256 features a block), or 256 (128)
           int STAGES,   // slots of the ring (each: BT x 64 fp16 activations + the step's weights)
           int GCH,      // chunks per scale/zero reload = gcd(group_size / 32, 2): 1 or 2
           typename T>   // activations, bias and C: half or __nv_bfloat16 (Dt<T>); scales are fp16
@@ -54,13 +59,17 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
            const T* __restrict__ bias, T* __restrict__ C, float* __restrict__ partial,
            int M, int N, int K, int group_size, int chunks_per_split) {
   using D = Dt<T>;
+  constexpr int RB = BT == 256 ? 1 : 2;          // wgmma row blocks (m64) per warpgroup
+  constexpr int TCOLS = SM90_WARPS * RB / 2;     // QUICK tile columns per block: 8 or 4
+  constexpr int BN = 32 * TCOLS;                 // output features per block
   constexpr int X_BYTES = BT * SM90_BK * 2;      // activation tile of a slot (first: 1 KB aligned)
+  constexpr int W_BYTES = TCOLS * SM90_U * 512;  // packed weights of a slot
   constexpr int GPS = SM90_U / GCH;               // groups a step reads scales and zeros of
-  constexpr int S_BYTES = SM90_WARPS * GPS * 64, Z_BYTES = SM90_WARPS * GPS * 16;
+  constexpr int S_BYTES = TCOLS * GPS * 64, Z_BYTES = TCOLS * GPS * 16;
   static_assert(S_BYTES + Z_BYTES <= SM90_SZ_REGION, "scales and zeros overflow their region");
-  constexpr int SLOT = X_BYTES + SM90_W_BYTES + SM90_SZ_REGION;
-  constexpr u32 SLOT_TX = X_BYTES + SM90_W_BYTES + S_BYTES + Z_BYTES;   // bytes the 4 boxes bring
-  constexpr int BN = 2 * SM90_WG;                // output features per block (2 groups x 128)
+  constexpr int SLOT = X_BYTES + W_BYTES + SM90_SZ_REGION;
+  static_assert(SLOT % 1024 == 0, "swizzled activation tiles start on 1024 bytes");
+  constexpr u32 SLOT_TX = X_BYTES + W_BYTES + S_BYTES + Z_BYTES;   // bytes the 4 boxes bring
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const u32 base = smem_addr(smem_raw);
   const u32 ring = (base + 16 * STAGES + 1023) & ~1023u;   // swizzled tiles start on 1024 bytes
@@ -72,8 +81,10 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
   // its activations and the whole weight stays in L2 across waves.
   const int tiles_n = (N + BN - 1) / BN, tile = blockIdx.x + gridDim.x * blockIdx.y;
   const int m0 = (tile / tiles_n) * BT;
-  const int tcol0 = (tile % tiles_n) * SM90_WARPS;      // the block's first QUICK tile column
-  const int col0 = (tcol0 + warp) * 32;                 // the warp's first output feature
+  const int tcol0 = (tile % tiles_n) * TCOLS;           // the block's first QUICK tile column
+  const int tcw = RB == 2 ? warp : warp / 2;            // the warp's tile column in the block
+  const int hb = RB == 2 ? 0 : warp % 2;                // RB = 1: the warp's half of it (words 2 hb, +1)
+  const int col0 = (tcol0 + tcw) * 32 + 16 * hb;        // the warp's first output feature
   const bool warp_active = col0 < N;             // inactive warps still join their group's wgmmas
   const int chunks = K / 32, chunks_per_group = group_size / 32;
   const int kc0 = blockIdx.z * chunks_per_split;
@@ -98,36 +109,45 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
     mbar_arrive_expect_tx(bar, SLOT_TX);
     tma_load_2d(slot, &x_map, kc * 32, m0, bar);
     tma_load_2d(slot + X_BYTES, &w_map, kc * 64, tcol0, bar);                     // 8-byte units
-    tma_load_2d(slot + X_BYTES + SM90_W_BYTES, &s_map, grp * 8, tcol0, bar);
-    tma_load_2d(slot + X_BYTES + SM90_W_BYTES + S_BYTES, &z_map, grp * 2, tcol0, bar);
+    tma_load_2d(slot + X_BYTES + W_BYTES, &s_map, grp * 8, tcol0, bar);
+    tma_load_2d(slot + X_BYTES + W_BYTES + S_BYTES, &z_map, grp * 2, tcol0, bar);
   };
   // A fragments of step `it` from its slot: a[b][s] = wgmma row block b, k16 step s (chunk s / 2).
-  auto dequant = [&](int it, u32 (&a)[2][2 * SM90_U][4]) {
+  auto dequant = [&](int it, u32 (&a)[RB][2 * SM90_U][4]) {
     const unsigned char* slot = ring_ptr + (it % STAGES) * SLOT;
     const int kc = kc0 + it * SM90_U;
 #pragma unroll
     for (int c = 0; c < SM90_U; ++c) {
       // this warp's row of scales and zeros, at the chunk's group among the step's (one group when
       // GCH = 2; with GCH = 1 the two chunks share the first when group_size / 32 is odd and above 1)
-      const int gi = warp * GPS + (GCH == SM90_U ? 0 : (kc + c) / chunks_per_group - kc / chunks_per_group);
-      const uint2 s4 = *reinterpret_cast<const uint2*>(slot + X_BYTES + SM90_W_BYTES + gi * 64 + 8 * g);
-      typename D::T2 z[4];                       // pair j = (zero j, 0)
-      D::codes8(*reinterpret_cast<const unsigned short*>(slot + X_BYTES + SM90_W_BYTES + S_BYTES + gi * 16 + 2 * g), z);
-      const half2 s01 = as_half2(s4.x), s23 = as_half2(s4.y);
-      const typename D::Scale sc[4] = {D::make_scale(__low2half2(s01)), D::make_scale(__high2half2(s01)),
-                                       D::make_scale(__low2half2(s23)), D::make_scale(__high2half2(s23))};
-      const uint4 wv = *reinterpret_cast<const uint4*>(slot + X_BYTES + ((warp * SM90_U + c) * 32 + lane) * 16);
-      const u32 words[4] = {wv.x, wv.y, wv.z, wv.w};
-      u32 h[4][4];                               // h[j][2 s + r]: sub-tile j, k16 step s, register r
+      const int gi = tcw * GPS + (GCH == SM90_U ? 0 : (kc + c) / chunks_per_group - kc / chunks_per_group);
+      const unsigned char* sg = slot + X_BYTES + W_BYTES + gi * 64 + 8 * g;   // sub-tiles 0..3's scales
+      const unsigned char* wl = slot + X_BYTES + ((tcw * SM90_U + c) * 32 + lane) * 16;
+      typename D::T2 z[4];                       // pair j = (zero 2 hb + j, 0)
+      D::codes8(*reinterpret_cast<const unsigned short*>(slot + X_BYTES + W_BYTES + S_BYTES + gi * 16 + 2 * g) >> (8 * hb), z);
+      u32 words[2 * RB];                         // the lane's words 2 hb .. 2 hb + 2 RB - 1
+      half2 s2[RB];                              // their scales, two a half2
+      if constexpr (RB == 2) {
+        const uint4 wv = *reinterpret_cast<const uint4*>(wl);
+        const uint2 s4 = *reinterpret_cast<const uint2*>(sg);
+        words[0] = wv.x, words[1] = wv.y, words[2] = wv.z, words[3] = wv.w;
+        s2[0] = as_half2(s4.x), s2[RB - 1] = as_half2(s4.y);
+      } else {
+        const uint2 wv = *reinterpret_cast<const uint2*>(wl + 8 * hb);
+        words[0] = wv.x, words[1] = wv.y;
+        s2[0] = as_half2(*reinterpret_cast<const u32*>(sg + 4 * hb));
+      }
+      u32 h[2 * RB][4];                          // h[j][2 s + r]: word j, k16 step s, register r
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < 2 * RB; ++j) {
         const typename D::Zero zj = D::make_zero(D::low2(z[j]));
         const typename D::Zero zz[4] = {zj, zj, zj, zj};
-        const typename D::Scale sj[4] = {sc[j], sc[j], sc[j], sc[j]};
+        const typename D::Scale s = D::make_scale(j % 2 ? __high2half2(s2[j / 2]) : __low2half2(s2[j / 2]));
+        const typename D::Scale sj[4] = {s, s, s, s};
         D::dequant8(words[j], zz, sj, h[j]);
       }
 #pragma unroll
-      for (int b = 0; b < 2; ++b)
+      for (int b = 0; b < RB; ++b)
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
           u32 (&f)[4] = a[b][2 * c + s];         // mma A: (row g, k lo), (g + 8, lo), (g, hi), (g + 8, hi)
@@ -140,9 +160,9 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
   };
   auto wait_full = [&](int it) { mbar_wait(full + 8 * (it % STAGES), (it / STAGES) & 1); };
 
-  float acc[2][BT / 2];
+  float acc[RB][BT / 2];
 #pragma unroll
-  for (int b = 0; b < 2; ++b)
+  for (int b = 0; b < RB; ++b)
 #pragma unroll
     for (int i = 0; i < BT / 2; ++i) acc[b][i] = 0.f;
 
@@ -154,13 +174,13 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
   // it + STAGES - 2 once both groups are done with it (the other group may be two steps behind; lane
   // 0 of warp it % 8 issues it, so the waits and copies rotate over the warps); then wait for the
   // wgmmas and mark step it's slot empty.
-  auto step = [&](int it, const u32 (&cur)[2][2 * SM90_U][4], u32 (&next)[2][2 * SM90_U][4]) {
+  auto step = [&](int it, const u32 (&cur)[RB][2 * SM90_U][4], u32 (&next)[RB][2 * SM90_U][4]) {
     const u32 x = ring + (it % STAGES) * SLOT;
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < 2 * SM90_U; ++s)
 #pragma unroll
-      for (int b = 0; b < 2; ++b) wgmma_rs<BT, T>(acc[b], cur[b][s], wgmma_desc_sw128(x + 32 * s));
+      for (int b = 0; b < RB; ++b) wgmma_rs<BT, T>(acc[b], cur[b][s], wgmma_desc_sw128(x + 32 * s));
     wgmma_commit();
     if (it + 1 < iters) {
       wait_full(it + 1);
@@ -173,7 +193,7 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
     wgmma_wait<0>();
     mbar_arrive(empty + 8 * (it % STAGES));
   };
-  u32 a0[2][2 * SM90_U][4], a1[2][2 * SM90_U][4];
+  u32 a0[RB][2 * SM90_U][4], a1[RB][2 * SM90_U][4];
   if (iters > 0) {
     wait_full(0);
     dequant(0, a0);
@@ -183,12 +203,12 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
     if (it + 1 < iters) step(it + 1, a1, a0);
   }
 
-  // Epilogue: lane holds D rows (features) col0 + 16 b + g (+ 8), columns (tokens) 8 i + 2 t (+ 1).
+  // Epilogue: lane holds D rows (features) col0 + 16 b + 8 h + g, columns (tokens) 8 i + 2 t (+ 1).
   if (!warp_active) return;
   const bool split = gridDim.z > 1;
   float* part = partial + (size_t)blockIdx.z * M * N;
 #pragma unroll
-  for (int b = 0; b < 2; ++b)
+  for (int b = 0; b < RB; ++b)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int col = col0 + 16 * b + 8 * h + g;

@@ -69,7 +69,7 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
 // D (64 x NT, fp32) += A (64 x 16, T = half or __nv_bfloat16, registers) * B (16 x NT, T, shared
 // memory, K-major, descriptor desc_b), issued by one warpgroup. Warp w of the group holds rows
 // 16 w .. 16 w + 15 of A and D in the mma.m16n8k16 fragment layouts: a[0..3] as mma's A; d[4 i + e]
-// as mma's C of the n8 block i (rows g, g + 8; columns 8 i + 2 t, + 1). Instances for NT = 64, 128.
+// as mma's C of the n8 block i (rows g, g + 8; columns 8 i + 2 t, + 1). Instances for NT = 64, 128, 256.
 template <int NT, typename T>
 __device__ __forceinline__ void wgmma_rs(float (&d)[NT / 2], const u32 (&a)[4], unsigned long long desc_b);
 
@@ -80,12 +80,19 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[NT / 2], const u32 (&a)[4], 
                  "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 #define QC_WGMMA_F64 QC_F8(0), QC_F8(8), QC_F8(16), QC_F8(24)
 #define QC_WGMMA_F128 QC_WGMMA_F64, QC_F8(32), QC_F8(40), QC_F8(48), QC_F8(56)
+#define QC_WGMMA_F256 QC_WGMMA_F128, QC_F8(64), QC_F8(72), QC_F8(80), QC_F8(88), QC_F8(96), QC_F8(104), \
+                      QC_F8(112), QC_F8(120)
 #define QC_WGMMA_D64 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
                      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define QC_WGMMA_D128 QC_WGMMA_D64 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, " \
                       "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define QC_WGMMA_D256 QC_WGMMA_D128 ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, " \
+                      "%78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+                      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+                      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
 #define QC_WGMMA_A64 "{%32, %33, %34, %35}, %36", "%37"
 #define QC_WGMMA_A128 "{%64, %65, %66, %67}, %68", "%69"
+#define QC_WGMMA_A256 "{%128, %129, %130, %131}, %132", "%133"
 #define QC_WGMMA_ASM(NT, PTX, A, FLAG)                                                              \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " FLAG ", 0;\n"                                  \
                "wgmma.mma_async.sync.aligned.m64n" #NT "k16.f32." PTX "." PTX " {" QC_WGMMA_D##NT     \
@@ -104,13 +111,18 @@ QC_WGMMA_RS(64, half, "f16")
 QC_WGMMA_RS(64, __nv_bfloat16, "bf16")
 QC_WGMMA_RS(128, half, "f16")
 QC_WGMMA_RS(128, __nv_bfloat16, "bf16")
+QC_WGMMA_RS(256, half, "f16")
+QC_WGMMA_RS(256, __nv_bfloat16, "bf16")
 #undef QC_WGMMA_RS
 #undef QC_WGMMA_CALL
 #undef QC_WGMMA_ASM
+#undef QC_WGMMA_A256
 #undef QC_WGMMA_A128
 #undef QC_WGMMA_A64
+#undef QC_WGMMA_D256
 #undef QC_WGMMA_D128
 #undef QC_WGMMA_D64
+#undef QC_WGMMA_F256
 #undef QC_WGMMA_F128
 #undef QC_WGMMA_F64
 #undef QC_F8

@@ -44,6 +44,7 @@ CASES = [  # (M, K, N, group_size, tile_m, split_k)
     (33, 384, 256, 64, 32, None),
     (100, 640, 448, -1, 64, 2),
     (130, 256, 128, 128, 128, 1),
+    (257, 2048, 160, 32, None, None),   # quick_sm90's 256-token tiles: 2 row tiles, 5 tile columns
 ]
 
 
@@ -87,7 +88,7 @@ def main() -> int:
             out = cupy.full((M, N), np.nan, dtype)
             plan = dict(tile_m=tile_m, split_k=split_k) if kernel in ("awq", "quick") else {}
             if kernel == "quick_sm90":
-                plan = dict(tile_m=tile_m if tile_m in (64, 128) else None, split_k=split_k)
+                plan = dict(tile_m=tile_m if tile_m in registry.design_of(kernel).tiles else None, split_k=split_k)
             gemm(cupy.asarray(x), layer, kernel, out=out, **plan)
             err = float(np.linalg.norm(out.get().astype(np.float64) - ref) / np.linalg.norm(ref))
             worst = max(worst, err if np.isfinite(err) else np.inf)

@@ -37,8 +37,8 @@ EDITS = {
     "issuer-0": [("tid == 32 * (it % SM90_WARPS)", "tid == 0")],
     "no-dequant": [("        D::dequant8(words[j], zz, sj, h[j]);",
                     "        for (int r = 0; r < 4; ++r) h[j][r] = words[j] >> r;")],
-    "no-wgmma": [("      for (int b = 0; b < 2; ++b) wgmma_rs<BT, T>(acc[b], cur[b][s], wgmma_desc_sw128(x + 32 * s));",
-                  "      for (int b = 0; b < 2; ++b)\n"
+    "no-wgmma": [("      for (int b = 0; b < RB; ++b) wgmma_rs<BT, T>(acc[b], cur[b][s], wgmma_desc_sw128(x + 32 * s));",
+                  "      for (int b = 0; b < RB; ++b)\n"
                   "        acc[b][s] += __uint_as_float((cur[b][s][0] ^ cur[b][s][1] ^ cur[b][s][2] ^ cur[b][s][3]"
                   " ^ (x + 32 * s)) & 0x007fffffu);")],
 }

@@ -182,14 +182,15 @@ def _plan_gemm(design: GemmDesign, M, N, K, group_size, device: DeviceLimits, ti
     if group_size % 32 or K % group_size:
         raise ValueError(f"group_size={group_size} must be a multiple of 32 dividing K={K}")
     t = design.tiles[bm] if tile is None else tile
-    bn = next((b for b in design.tile_n if N % b == 0), design.tile_n[-1])
+    # the instance for bm may fix its columns (a tuning Tile override cannot change them)
+    bn = design.tiles[bm].bn or next((b for b in design.tile_n if N % b == 0), design.tile_n[-1])
     gch = math.gcd(group_size // 32, t.chunks)
     chunks = K // 32
     tiles = math.ceil(M / bm) * math.ceil(N / bn)
     splits, per = _split_k(tiles, chunks, t.chunks, t.blocks_per_sm * device.sm_count, split_k, design.split_rule)
     return LaunchPlan(design=design, name=design.instance(bm, bn, gch, tile, dtype), bm=bm, bn=bn, tile=t,
                       grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
-                      shared_bytes=design.smem_bytes(bm, t), chunks_per_split=per,
+                      shared_bytes=design.smem_bytes(bm, bn, t), chunks_per_split=per,
                       M=M, N=N, K=K, group_size=group_size)
 
 
@@ -719,11 +720,12 @@ def gemm_tensor_maps(p: LaunchPlan, x, qweight, qzeros, scales) -> tuple:
     """The TMA maps a ``tensor_maps`` design (quick_sm90) takes: x (box bm x 64, 128-byte swizzle),
     then the QUICK-packed qweight, scales and qzeros, each as a 2-D array of 8-byte words with one
     row per 32-feature tile column (N / 32 rows; qweight K / 32 x 512 bytes a row, scales groups x
-    64, qzeros groups x 16), so a block's 8 tile columns of one 64-deep K step are one 8-row box:
-    1 KB of weights a row, and the scales and zeros of :func:`sm90_step_groups` groups."""
+    64, qzeros groups x 16), so a block's tile columns (bn / 32: 8, or 4 with 256-token tiles) of
+    one 64-deep K step are one box of that many rows: 1 KB of weights a row, and the scales and
+    zeros of :func:`sm90_step_groups` groups."""
     M, N, K, G = p.M, p.N, p.K, p.group_size
     rows, chunks, groups = N // 32, K // 32, K // G
-    box_rows = p.design.threads // 32           # a block's tile columns: one per warp
+    box_rows = p.bn // 32                       # a block's tile columns
     step_groups = sm90_step_groups(p)
     # in 8-byte words: a chunk of a tile column is 512 bytes, a group's scales 64, its zeros 16
     return (x_tensor_map(x.data.ptr, M, K, p.bm, x.dtype.name),

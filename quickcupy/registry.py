@@ -41,6 +41,7 @@ class Tile:
     stages: int = 1          # cp.async ring depth for activations
     wstages: int = 1         # register sets of weights in flight (loaded wstages - 1 steps ahead)
     blocks_per_sm: int = 1   # resident blocks per SM (registers allow): sets the split-K target
+    bn: int = 0              # columns of C per block when the kernel fixes them for this bm (0: tile_n)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -84,7 +85,7 @@ class GemmDesign(Design):
     tile_n: tuple            # columns per block, first that divides N wins (the last if none does)
     tiles: dict              # rows per block (bm) -> Tile
     template: str            # instance name, formatted with bm, bn, chunks, gch, stages, wstages, ctype
-    smem_bytes: Callable     # (bm, Tile) -> dynamic shared memory bytes of a block
+    smem_bytes: Callable     # (bm, bn, Tile) -> dynamic shared memory bytes of a block
     split_rule: str = "nearest"  # split-K by M tiles: "nearest" one wave, or "fill": most splits within one wave
     tensor_maps: bool = False    # takes TMA tensor maps of x, qweight, scales, qzeros first (kernels.gemm_tensor_maps)
 
@@ -212,7 +213,7 @@ DESIGNS = {
         # threads in flight as 2 quick blocks).
         tiles={bm: Tile(blocks_per_sm=8) for bm in (16, 32, 64)},
         template="awq_gemm<{bm}, {bn}, {ctype}>",
-        smem_bytes=lambda bm, t: 0,       # static __shared__ arrays
+        smem_bytes=lambda bm, bn, t: 0,       # static __shared__ arrays
         description="AutoAWQ design: dequantized weights written back to shared memory"),
     "quick": GemmDesign(
         name="quick", source="quick_gemm.cu", function="quick_gemm", layout="quick", threads=128,
@@ -224,7 +225,7 @@ DESIGNS = {
                64: Tile(chunks=4, stages=3, wstages=2, blocks_per_sm=2),
                128: Tile(chunks=2, stages=3, wstages=3, blocks_per_sm=2)},
         template="quick_gemm<{bm}, {chunks}, {gch}, {stages}, {wstages}, {ctype}>",
-        smem_bytes=lambda bm, t: t.stages * bm * (32 * t.chunks + SMEM_PAD) * 2,   # activation ring
+        smem_bytes=lambda bm, bn, t: t.stages * bm * (32 * t.chunks + SMEM_PAD) * 2,   # activation ring
         description="QUICK interleaved weights loaded straight into mma registers"),
 }
 
@@ -252,14 +253,18 @@ DESIGNS["quick_decode"] = DecodeDesign(
 DESIGNS["quick_sm90"] = GemmDesign(
     name="quick_sm90", source="quick_sm90.cu", function="quick_sm90", layout="quick", threads=256,
     n_multiple=32, tile_n=(256,),
-    # Two warpgroups of 128 output features share the activation tile: 256 features x bm tokens
-    # per block, K steps of 64 (chunks=2), one block per SM (bm fp32 accumulators per thread).
-    tiles={64: Tile(chunks=2, stages=6, blocks_per_sm=1), 128: Tile(chunks=2, stages=5, blocks_per_sm=1)},
+    # Two warpgroups share the activation tile, K steps of 64 (chunks=2), one block per SM: 256
+    # features (2 row blocks of 128 per warpgroup) x 64 or 128 tokens, bm / 2 fp32 accumulators per
+    # row block and thread; or 128 features (one row block each) x 256 tokens, the same 128
+    # accumulators and half the dequantization per warp: 1.05-1.23x faster from M = 192 on the H100
+    # (results/h100/sm90_rowblock.txt), slower below (a 256-token tile mostly empty).
+    tiles={64: Tile(chunks=2, stages=6, blocks_per_sm=1), 128: Tile(chunks=2, stages=5, blocks_per_sm=1),
+           256: Tile(chunks=2, stages=5, blocks_per_sm=1, bn=128)},
     template="quick_sm90<{bm}, {stages}, {gch}, {ctype}>",
     # a ring of K steps on a 1024-byte boundary after 2 mbarriers (8 bytes) per stage; a slot holds
-    # the swizzled activations (bm x 128 bytes), the packed weights (8 KB) and scales/zeros (2 KB),
-    # each a TMA box
-    smem_bytes=lambda bm, t: t.stages * (bm * 128 + 8192 + 2048 + 16) + 1024,
+    # the swizzled activations (bm x 128 bytes), the packed weights (bn x 32 bytes) and scales/zeros
+    # (2 KB), each a TMA box
+    smem_bytes=lambda bm, bn, t: t.stages * (bm * 128 + bn * 32 + 2048 + 16) + 1024,
     # Split-K never past one wave: a second, partly filled wave cost up to 1.3x (H100 sweep of tile
     # and split at M = 64..512 on four bench shapes, results/h100/sm90_plan_sweep.txt).
     split_rule="fill",

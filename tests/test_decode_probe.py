@@ -124,27 +124,6 @@ def test_sm90_probe_variants_compile(variant, tmp_path, monkeypatch):
     assert " 0 bytes spill stores" in log
 
 
-@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
-def test_sm90_rowblock_experiment_compiles_without_spills(dtype, tmp_path, monkeypatch):
-    """dev/quick_sm90_rowblock.cu (one m64 row block per warpgroup, wgmma N = 256) compiles for
-    sm_90a without spills or serialized wgmmas, and the probe's launch arithmetic holds: its
-    shared memory fits an H100 block, K splits stay within one wave in whole K steps."""
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    import sm90_rowblock_probe as rb
-    name = rb.instance(128, 8192, dtype)
-    cubin, lowered, log = _compile_edited(tmp_path, monkeypatch, rb.SOURCE.name, rb.SOURCE.read_text(), name,
-                                          "sm_90a")
-    assert len(cubin) > 0 and set(lowered) == {name}
-    assert " 0 bytes spill stores" in log and "C7513" not in log
-    assert rb.smem_bytes() <= kernels.H100.smem_per_block
-    assert rb.instance(96, 1536, dtype).split(", ")[1] == "1" and rb.instance(-1, 1024, dtype).split(", ")[1] == "2"
-    for M, N, K in ((256, 8192, 8192), (1, 256, 1024), (1000, 256, 8192), (4096, 22016, 4096)):
-        splits, cps = rb.splits_for(M, N, K, 132)
-        tiles = -(-M // rb.BT) * -(-N // (rb.TC * 32))
-        assert cps % rb.U == 0 and (splits - 1) * cps < K // 32 <= splits * cps
-        assert splits == 1 or tiles * splits <= 132
-
-
 def test_llama_ab_alternates_and_summarizes():
     """dev/llama_ab.py: the earlier checkout runs first in even rounds, second in odd ones; the
     summary takes each side's medians and their ratio, and GPU medians only where runs have them."""

@@ -201,7 +201,7 @@ def test_kernels_match_reference(K, N, G, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ("awq", "quick", "quick_sm90"))
-@pytest.mark.parametrize("tile_m", (16, 32, 64, 128))
+@pytest.mark.parametrize("tile_m", (16, 32, 64, 128, 256))
 @pytest.mark.parametrize("split_k", (1, 3, 8))
 def test_tile_and_split_variants(kernel, tile_m, split_k, rng):
     if tile_m not in registry.design_of(kernel).tiles:
@@ -211,6 +211,36 @@ def test_tile_and_split_variants(kernel, tile_m, split_k, rng):
     x = rng.standard_normal((77, K)).astype(np.float16)
     y = _run(x, layer, kernel, tile_m=tile_m, split_k=split_k)
     _check(y, reference_gemm(x, q))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
+@pytest.mark.parametrize("M,K,N,G", [(129, 1024, 4192, 128), (200, 2048, 384, 32), (300, 1536, 640, 96),
+                                     (513, 1024, 160, -1), (1000, 8192, 256, 128), (4096, 4096, 1056, 64)])
+def test_sm90_256_token_tiles(dtype, M, K, N, G, rng):
+    """quick_sm90's 256-token tiles (128 features a block, one wgmma row block per warpgroup, each
+    warp dequantizing half of its lanes' QUICK words): rows past M, tile columns past N (N / 32
+    odd, a block's last tile columns absent), 3-chunk groups (two groups a K step), one group per row,
+    split-K (the plan's and 3) and a bias (fp16, rounded to bf16 for bf16 activations: within the
+    tolerance), fp16 and bf16, against float64, outputs poisoned."""
+    import cupy
+    from quickcupy import QuantLinear, effective_group_size, gemm
+    reason = kernels.unsupported_reason("quick_sm90", cupy.cuda.Device().id)
+    if reason:
+        pytest.skip(reason)
+    dt = cupy.dtype(dtype)
+    q = quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float32), G)
+    bias = (rng.standard_normal(N) * 0.5).astype(np.float32)
+    layer = QuantLinear.from_quantized(q, "quick", bias=bias.astype(np.float16))
+    x = cupy.asarray(rng.standard_normal((M, K)).astype(np.float32)).astype(dt)
+    ref = reference_gemm(x.astype(np.float32).get(), q, layer.bias.astype(np.float32).get())
+    for split_k in (None, 3):
+        p = kernels.plan("quick_sm90", M, N, K, effective_group_size(G, K), kernels.device_limits(0),
+                         split_k=split_k, dtype=dtype)
+        assert p.bm == 256 and p.bn == 128
+        out = cupy.full((M, N), np.nan, dt)
+        y = gemm(x, layer, "quick_sm90", out, split_k=split_k)
+        _check(y.astype(np.float32).get(), ref)
 
 
 @pytest.mark.gpu

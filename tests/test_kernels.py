@@ -118,13 +118,14 @@ def test_plans_cover_k_exactly(kernel, M, K, N, G):
 
 @pytest.mark.parametrize("K,N,G,M", [(8192, 8192, 128, 4096), (4608, 1056, 96, 200), (4096, 512, 32, 64),
                                      (2336, 256, 2336, 100), (4608, 256, 192, 300), (640, 288, 640, 1),
-                                     (4096, 4096, 64, 1024)])
+                                     (4096, 4096, 64, 1024), (2336, 160, 2336, 129)])
 def test_sm90_tensor_maps_cover_the_packed_tensors(K, N, G, M, monkeypatch):
     """gemm_tensor_maps (the driver's encode stubbed): qweight, scales and qzeros as (N / 32) rows
     spanning exactly the packed arrays' bytes, and the four boxes of a K step bringing the bytes
-    quick_sm90's full barrier waits for: bm x 128 of x, 8 KB of weights, 8 x 80 per group the
-    instance's GCH makes it read (cuda/quick_sm90.cu: SLOT_TX; 2 groups where group_size / 32 is odd,
-    as 96 and 2336 = 73 chunks). Boxes short of that leave the barrier waiting forever."""
+    quick_sm90's full barrier waits for: bm x 128 of x, bn x 32 bytes of weights, bn / 32 x 80 per
+    group the instance's GCH makes it read (cuda/quick_sm90.cu: SLOT_TX, with TCOLS = bn / 32 tile
+    columns: 8, or 4 with 256-token tiles; 2 groups where group_size / 32 is odd, as 96 and 2336 = 73
+    chunks). Boxes short of that leave the barrier waiting forever."""
     import numpy as np
 
     from quickcupy.layouts import pack_quick
@@ -142,11 +143,13 @@ def test_sm90_tensor_maps_cover_the_packed_tensors(K, N, G, M, monkeypatch):
     box_bytes = 0
     for (_, dtype, cols, rows, row_bytes, bc, br, _, what), arr in zip(
             packs, (packed.qweight, packed.scales, packed.qzeros)):
-        assert dtype == "uint64" and rows == N // 32 and br == 8, what
+        assert dtype == "uint64" and rows == N // 32 and br == p.bn // 32, what
         assert cols * 8 == row_bytes and rows * row_bytes == arr.nbytes, what
         box_bytes += bc * br * 8
     assert kernels.sm90_step_groups(p) == 2 // gch == (2 if (G // 32) % 2 else 1)
-    assert box_bytes == 8192 + 8 * 80 * (2 // gch)
+    assert box_bytes == 32 * p.bn + p.bn // 32 * 80 * (2 // gch)
+    assert p.bn == (128 if p.bm == 256 else 256) and p.shared_bytes == p.tile.stages * (
+        p.bm * 128 + 32 * p.bn + 2048 + 16) + 1024   # SLOT plus 2 mbarriers a stage, 1 KB alignment
 
 
 @pytest.mark.parametrize("dtype", ("float16", "bfloat16"))

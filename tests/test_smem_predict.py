@@ -60,16 +60,20 @@ def test_quick_decode_instructions_match_nsight_compute(M, expected):
     assert {k: p[k] for k in expected} == expected
 
 
-@pytest.mark.parametrize("M,G", [(16, 128), (200, 32), (4096, 128)])
-def test_quick_sm90_streams_without_conflicts(M, G):
+@pytest.mark.parametrize("M,G", [(16, 128), (100, 32), (200, 32), (4096, 128)])
+def test_quick_sm90_reads_its_packed_weights_back(M, G):
     """quick_sm90 per 64-deep step and warp (8 per block): everything arrives by TMA (no LSU
-    copies); the weights read back (2 x 4 wavefronts), scales and zeros (1 wavefront each per
-    reloaded chunk). No conflicts, no stores."""
+    copies). With 64- and 128-token tiles (256 features a block) each warp reads a whole tile
+    column back: 16 bytes a lane and chunk (2 x 4 wavefronts), scales and zeros (1 wavefront each
+    per reloaded chunk), no conflicts. With 256-token tiles (128 features, from M = 129) a warp reads
+    half a tile column: 8 bytes of each lane's 16, still 4 wavefronts a chunk, 2 of them excess
+    (lanes 8 apart share banks), and 4-byte scales (1 wavefront). No stores."""
     p = predict("quick_sm90", M, 8192, 8192, G)
-    warp_steps = -(-M // p["tile_m"]) * (8192 // 256) * (8192 // 64) * 8
+    bn = 128 if p["tile_m"] == 256 else 256
+    warp_steps = -(-M // p["tile_m"]) * (8192 // bn) * (8192 // 64) * 8
     reloads = 2 if G == 32 else 1
     assert p.get("ldgsts_inst", 0) == 0
     assert p["ld_inst"] == warp_steps * (2 + 2 * reloads)
     assert p["ld_wavefronts"] == warp_steps * (2 * 4 + 2 * reloads)
-    assert p["ld_conflicts"] == 0
+    assert p["ld_conflicts"] == (warp_steps * 2 * 2 if bn == 128 else 0)
     assert p.get("st_inst", 0) == p.get("ldsm_inst", 0) == 0

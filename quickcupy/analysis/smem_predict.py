@@ -83,19 +83,26 @@ def _quick_instructions(p):
 def _sm90_instructions(p):
     """quick_sm90, per K step: the activations, packed weights, scales and zeros arrive by TMA (the
     copy engine, not the LSU: no shared-memory pipe instructions); every warp reads its weights
-    back (one 16-byte ld.shared per lane and chunk, [warp][chunk][lane]) and, per reloaded chunk,
-    its scales (8 bytes at 8 g of its 64-byte row) and zeros (2 bytes at 2 g of its 16-byte row;
-    lanes of one g share them). wgmma reads its B operand through the async proxy, outside ncu's
-    shared-memory pipe counters."""
+    back ([tile column][chunk][lane], 16 bytes a lane) and, per reloaded chunk, its scales ([tile
+    column] rows of 64 bytes, 8 at 8 g) and zeros (rows of 16 bytes, 2 at 2 g; lanes of one g share
+    them). With 256 features a block (bn 256) warp w reads all of tile column w: one 16-byte
+    ld.shared per lane and chunk, 8-byte scales. With 128 (256-token tiles) warp w reads half
+    w % 2 of tile column w / 2: 8 bytes of each lane's 16 (at 8 (w % 2)) and 4 of the 8 scale
+    bytes. wgmma reads its B operand through the async proxy, outside ncu's shared-memory pipe
+    counters."""
     warps = p.design.threads // banks.WARP
+    whole = p.bn == 32 * warps                  # each warp a whole tile column (else half of one)
     reloads = p.tile.chunks // math.gcd(p.group_size // 32, p.tile.chunks)
     g = LANES // 4
     for warp in range(warps):
+        col, half = (warp, 0) if whole else (warp // 2, warp % 2)
+        w_bytes, s_bytes = (16, 8) if whole else (8, 4)
         for ch in range(p.tile.chunks):
-            yield warp, "ld", banks.count_wavefronts(16 * ((warp * p.tile.chunks + ch) * 32 + LANES), 16, load=True)
+            yield warp, "ld", banks.count_wavefronts(16 * ((col * p.tile.chunks + ch) * 32 + LANES) + 8 * half,
+                                                     w_bytes, load=True)
         for r in range(reloads):
-            yield warp, "ld", banks.count_wavefronts((warp * reloads + r) * 64 + 8 * g, 8, load=True)
-            yield warp, "ld", banks.count_wavefronts((warp * reloads + r) * 16 + 2 * g, 2, load=True)
+            yield warp, "ld", banks.count_wavefronts((col * reloads + r) * 64 + 8 * g + 4 * half, s_bytes, load=True)
+            yield warp, "ld", banks.count_wavefronts((col * reloads + r) * 16 + 2 * g, 2, load=True)
 
 
 def _predict_decode(p) -> dict:
