@@ -437,24 +437,19 @@ def fused(layer: QuantLinear, M: int, dtype="float16", kernel=None, *, norm: boo
     ``silu_mul`` (the prologue) and/or ``residual`` as these flags say, runs each of them inside its
     GEMM launch (False: gemm composes it, or it was not asked for). For the current device and the
     current stream's capture state (under capture, auto may choose another kernel)."""
-    p = _call_plan(layer, M, dtype, kernel, norm, residual, silu_mul)
+    p = launch_plan(layer, M, dtype, kernel, norm=norm, residual=residual, silu_mul=silu_mul)
     return (False, False) if p is None else (bool(p.prologue), p.epilogue)
 
 
-def takes_pdl(layer: QuantLinear, M: int, dtype="float16", kernel=None, *, norm: bool = False,
-              residual: bool = False, silu_mul: bool = False) -> bool:
-    """Whether that :func:`gemm` call (the arguments as :func:`fused`'s) launches a kernel that takes
-    part in programmatic dependent launch (:func:`quickcupy.kernels.takes_pdl`)."""
-    return kernels.takes_pdl(_call_plan(layer, M, dtype, kernel, norm, residual, silu_mul))
-
-
-def _call_plan(layer: QuantLinear, M: int, dtype, kernel, norm: bool, residual: bool, silu_mul: bool):
-    """The LaunchPlan of a gemm call (None for the dequant path), on the layer's device."""
+def launch_plan(layer: QuantLinear, M: int, dtype="float16", kernel=None, *, norm: bool = False,
+                residual: bool = False, silu_mul: bool = False):
+    """The :class:`quickcupy.kernels.LaunchPlan` that call (the arguments as :func:`fused`'s) runs, or
+    None for the dequant path (cuBLAS); e.g. :func:`quickcupy.kernels.takes_pdl` of it."""
     import cupy
     v = layer.default_kernel if kernel is None else registry.variant(kernel)
     if cupy.cuda.runtime.getDevice() != layer.device:
         with cupy.cuda.Device(layer.device):
-            return _call_plan(layer, M, dtype, v, norm, residual, silu_mul)
+            return launch_plan(layer, M, dtype, v, norm=norm, residual=residual, silu_mul=silu_mul)
     return _launch_choice(v, layer, M, dtypes.name(dtype), None, None, _prologue(norm, silu_mul), residual)[1]
 
 
@@ -542,4 +537,4 @@ def _plan(v: registry.Variant, M, N, K, group_size, device, tile_m, split_k, dty
                         split_k=split_k, dtype=dtype, prologue=prologue, epilogue=epilogue)
 
 
-__all__ = ["QuantLinear", "gemm", "fused", "takes_pdl", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape"]
+__all__ = ["QuantLinear", "gemm", "fused", "launch_plan", "KERNELS", "LAYOUTS", "kernel_layout", "check_layer_shape"]

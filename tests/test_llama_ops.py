@@ -232,15 +232,16 @@ def test_graph_decode_is_bit_identical_to_eager(rng, backend, batch, dtype):
 @pytest.mark.parametrize("backend,batch", [("auto", 1), ("auto", 300), ("quick", 1), ("awq", 2)])
 def test_decode_graph_uses_programmatic_launch_only_where_every_gemm_takes_part(rng, backend, batch):
     """A decode graph is captured with programmatic dependent launch (DecodeGraph.pdl) exactly when
-    every projection's GEMM at that batch takes part in it (gemm.takes_pdl, from the launch plan);
+    every projection's GEMM at that batch takes part in it (kernels.takes_pdl of gemm.launch_plan);
     never with the quick or awq GEMMs, nor where eager auto runs dequant + cuBLAS (batch 300)."""
     import cupy
-    from quickcupy.gemm import takes_pdl
+    from quickcupy import kernels
+    from quickcupy.gemm import launch_plan
     model = _model(rng, backend)
     cache = model.new_cache(batch, 16)
     model.prefill(cupy.asarray(rng.integers(0, 512, (batch, 7))), cache, True)
     linears = [getattr(b, name) for b in model.blocks for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
-    every = all(takes_pdl(lin.layer, batch, model.dtype, lin.kernel, silu_mul=name == "down_proj")
+    every = all(kernels.takes_pdl(launch_plan(lin.layer, batch, model.dtype, lin.kernel, silu_mul=name == "down_proj"))
                 for lin, name in zip(linears, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] * len(model.blocks)))
     graph = model.decode_graph(cache)
     assert graph.pdl == every

@@ -17,7 +17,7 @@ import numpy as np
 from .. import device as _device
 from .. import kernels
 from ..llama import ops
-from ..gemm import fused, takes_pdl
+from ..gemm import launch_plan
 from ..llama.checkpoint import load_checkpoint
 from ..llama.model import (BACKENDS, PRESETS, QUANTIZED_BACKENDS, KVCache, LlamaConfig, LlamaModel, QuantizedLinear,
                            projection_shapes, random_head, random_layers)
@@ -466,7 +466,7 @@ def _copy_block(block):
 class _NoGemm:
     """Stands in for a linear layer: returns a persistent zero buffer (no GEMM launch), so that a graph
     of the stack times everything but the GEMMs. Asked for ``silu_mul``, it launches ``ops.silu_mul``
-    where the layer's own call would (its GEMM kernel has no such prologue for x: :func:`gemm.fused`),
+    where the layer's own call would (its GEMM kernel has no such prologue for x: :func:`gemm.launch_plan`),
     so that launch stays in the non-GEMM time and a fused one in the GEMM's; and it records whether
     the layer's GEMM would take part in programmatic dependent launch, so the step without GEMMs is
     captured with the real step's launch attributes (DecodeGraph.pdl)."""
@@ -476,20 +476,17 @@ class _NoGemm:
 
     def __call__(self, x, silu_mul=False):
         import cupy
-        layer, M = self.linear, x.size // x.shape[-1]
-        if isinstance(layer, QuantizedLinear):     # the step keeps the real one's launch attributes
-            kernels.record_gemm_pdl(takes_pdl(layer.layer, M, x.dtype, layer.kernel, silu_mul=silu_mul))
-        if silu_mul and not self._fuses_silu_mul(x):
+        layer = self.linear
+        if isinstance(layer, QuantizedLinear):     # the launch the real call would make
+            p = launch_plan(layer.layer, x.size // x.shape[-1], x.dtype, layer.kernel, silu_mul=silu_mul)
+            kernels.record_gemm_pdl(kernels.takes_pdl(p))     # so the step keeps its launch attributes
+            silu_mul = silu_mul and not (p is not None and p.prologue)
+        if silu_mul:                               # the layer's GEMM would not run it: it stays here
             x = ops.silu_mul(x)
         shape = x.shape[:-1] + (self.out_features,)
         if shape not in self._out:
             self._out[shape] = cupy.zeros(shape, x.dtype)
         return self._out[shape]
-
-    def _fuses_silu_mul(self, x) -> bool:
-        layer = self.linear
-        return isinstance(layer, QuantizedLinear) and fused(layer.layer, x.size // x.shape[-1], x.dtype,
-                                                            layer.kernel, silu_mul=True)[0]
 
 
 def _without_gemms(model: LlamaModel) -> LlamaModel:
