@@ -116,27 +116,19 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
   }
   __syncthreads();
 
-  // The block's K steps are copied in order, each into its slot by one thread: four TMA boxes, all
-  // completing on the slot's full barrier: the activations (rows past M and columns past K arrive as
-  // zeros), the block's tile columns of packed weights for the step's chunks, and the scales and
-  // zeros of the step's groups (tile columns past N and chunks past K arrive as zeros too). Every
-  // thread follows where the next copy comes from (step lk of the tile at token lm0, tile column
-  // ltc), so whichever lane issues it does no division.
-  int lk = step0, lm0 = tile0 / tiles_n * BT, ltc = tile0 % tiles_n * TCOLS;
-  auto load_next = [&](int it, bool issue) {    // `it`: the block's step, for its slot
-    if (issue) {
-      const u32 slot = ring + (it % STAGES) * SLOT, bar = full + 8 * (it % STAGES);
-      const int kc = lk * SM90_U, grp = kc / chunks_per_group;
-      mbar_arrive_expect_tx(bar, SLOT_TX);
-      tma_load_2d(slot, &x_map, kc * 32, lm0, bar);
-      tma_load_2d(slot + X_BYTES, &w_map, kc * 64, ltc, bar);                     // 8-byte units
-      tma_load_2d(slot + X_BYTES + W_BYTES, &s_map, grp * 8, ltc, bar);
-      tma_load_2d(slot + X_BYTES + W_BYTES + S_BYTES, &z_map, grp * 2, ltc, bar);
-    }
-    if (++lk == steps) {                        // the next tile in raster order
-      lk = 0, ltc += TCOLS;
-      if (ltc >= tiles_n * TCOLS) ltc = 0, lm0 += BT;
-    }
+  // The block's K step `it` -> its slot, issued by one thread: four TMA boxes, all completing on the
+  // slot's full barrier: the activations (rows past M and columns past K arrive as zeros), the
+  // block's tile columns of packed weights for the step's chunks, and the scales and zeros of the
+  // step's groups (tile columns past N and chunks past K arrive as zeros too).
+  auto load_step = [&](int it) {
+    const u32 slot = ring + (it % STAGES) * SLOT, bar = full + 8 * (it % STAGES);
+    const int v = step0 + it, tl = tile0 + v / steps, kc = (v % steps) * SM90_U, grp = kc / chunks_per_group;
+    const int m0 = tl / tiles_n * BT, tcol0 = tl % tiles_n * TCOLS;
+    mbar_arrive_expect_tx(bar, SLOT_TX);
+    tma_load_2d(slot, &x_map, kc * 32, m0, bar);
+    tma_load_2d(slot + X_BYTES, &w_map, kc * 64, tcol0, bar);                     // 8-byte units
+    tma_load_2d(slot + X_BYTES + W_BYTES, &s_map, grp * 8, tcol0, bar);
+    tma_load_2d(slot + X_BYTES + W_BYTES + S_BYTES, &z_map, grp * 2, tcol0, bar);
   };
   // A fragments of step `it` from its slot: a[b][s] = wgmma row block b, k16 step s (chunk s / 2).
   // (`ks`: the step's place in its tile)
@@ -199,76 +191,64 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
     return bias != nullptr ? D::to_float(bias[col0 + 16 * b + 8 * h + g]) : 0.f;
   };
   // The end of the block's steps [first, last] of tile `tl`. A whole tile is written out from acc.
-  // A share: acc goes to the block's partial slot; the last block to arrive sums the slots in K
-  // order (block c_lo's first; its own acc where it is one of the first two terms) into acc and
-  // writes the tile out.
+  // A share: acc goes to the block's partial slot, and the last block to arrive sums the slots in K
+  // order (block c_lo's first) and writes the tile out, reading them back in a loop (not unrolled:
+  // no second set of sums beside acc).
   constexpr int VECS = RB * BT / 8;              // float4 of sums a thread holds: j = b BT / 8 + i
-  constexpr int BATCH = 8;                       // slot loads in flight (32 registers beside acc)
-  static_assert(VECS % BATCH == 0, "slots are read in whole batches");
   auto finish_tile = [&](int tl, int first, int last) {
-    // the warp's first feature, from the thread index read afresh (kept from the start, it is one
-    // register too many across the main loop and spills)
-    unsigned w;
-    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(w));
-    w /= 32;
-    const int m0 = tl / tiles_n * BT;
-    const int col0 = (tl % tiles_n * TCOLS + (RB == 2 ? w : w / 2)) * 32 + 16 * (RB == 2 ? 0 : w % 2);
-    if (first != 0 || last != steps - 1) {
-      const unsigned t0 = (unsigned)tl * steps;
-      const int me = blockIdx.x, c_lo = block_of(t0), c_hi = block_of(t0 + steps - 1);
-      float4* slots = reinterpret_cast<float4*>(partial);   // a slot: [VECS][thread] float4
-      float4* mine = slots + (size_t)slot_of(me, t0) * VECS * QUICK_SM90_THREADS + tid;
-#pragma unroll
-      for (int j = 0; j < VECS; ++j) {
-        const float* a = &acc[j / (BT / 8)][4 * (j % (BT / 8))];
-        __stcg(mine + j * QUICK_SM90_THREADS, make_float4(a[0], a[1], a[2], a[3]));
-      }
-      fence_acq_rel_gpu();                       // release: the slot before the count
-      __syncthreads();
-      if (tid == 0) last_to_arrive = atomicAdd(counters + tl, 1u) == (unsigned)(c_hi - c_lo);
-      __syncthreads();
-      if (!last_to_arrive) return;
-      fence_acq_rel_gpu();                       // acquire: the other slots after the count
-      if (tid == 0) counters[tl] = 0;           // every share arrived: ready for the next launch
-      // acc = (or +=) block c's slot
-      auto take = [&](int c, bool add) {
-        const float4* src = slots + (size_t)slot_of(c, t0) * VECS * QUICK_SM90_THREADS + tid;
-#pragma unroll
-        for (int j0 = 0; j0 < VECS; j0 += BATCH) {
-          float4 o[BATCH];
-#pragma unroll
-          for (int j = 0; j < BATCH; ++j) o[j] = __ldcg(src + (j0 + j) * QUICK_SM90_THREADS);
-#pragma unroll
-          for (int j = 0; j < BATCH; ++j) {
-            float* a = &acc[(j0 + j) / (BT / 8)][4 * ((j0 + j) % (BT / 8))];
-            if (add) a[0] += o[j].x, a[1] += o[j].y, a[2] += o[j].z, a[3] += o[j].w;
-            else a[0] = o[j].x, a[1] = o[j].y, a[2] = o[j].z, a[3] = o[j].w;
-          }
-        }
-      };
-      const bool own = me <= c_lo + 1;          // acc is one of the first two terms (a + b = b + a)
-      if (!own) take(c_lo, false);
-      for (int c = own ? c_lo : c_lo + 1; c <= c_hi; ++c)
-        if (!own || c != me) take(c, true);
-    }
-    if (col0 >= N) return;                       // the warp's features lie past N
+    const int m0 = tl / tiles_n * BT, col0 = (tl % tiles_n * TCOLS + tcw) * 32 + 16 * hb;
+    const bool live = col0 < N;                  // the warp's features lie within N
     // C's address as a value the compiler cannot see through: else it keeps each element's address
     // (loop invariants of the tile loop) in registers across the main loop and spills
     T* out = C;
     asm volatile("" : "+l"(out));
+    if (first == 0 && last == steps - 1) {
+      if (live)
 #pragma unroll
-    for (int b = 0; b < RB; ++b)
+        for (int b = 0; b < RB; ++b)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float bv = bias_of(col0, b, h);
+          for (int h = 0; h < 2; ++h) {
+            const float bv = bias_of(col0, b, h);
 #pragma unroll
-        for (int i = 0; i < BT / 8; ++i)
+            for (int i = 0; i < BT / 8; ++i)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) put(out, m0, col0, b, h, i, e, acc[b][4 * i + 2 * h + e], bv);
+              for (int e = 0; e < 2; ++e) put(out, m0, col0, b, h, i, e, acc[b][4 * i + 2 * h + e], bv);
+          }
+      return;
+    }
+    const unsigned t0 = (unsigned)tl * steps;
+    const int c_lo = block_of(t0), c_hi = block_of(t0 + steps - 1);
+    float4* slots = reinterpret_cast<float4*>(partial);   // a slot: [VECS][thread] float4
+    float4* mine = slots + (size_t)slot_of(blockIdx.x, t0) * VECS * QUICK_SM90_THREADS;
+#pragma unroll
+    for (int j = 0; j < VECS; ++j) {
+      const float* a = &acc[j / (BT / 8)][4 * (j % (BT / 8))];
+      __stcg(mine + j * QUICK_SM90_THREADS + tid, make_float4(a[0], a[1], a[2], a[3]));
+    }
+    __threadfence();                             // release: the slot before the count
+    __syncthreads();
+    if (tid == 0) last_to_arrive = atomicAdd(counters + tl, 1u) == (unsigned)(c_hi - c_lo);
+    __syncthreads();
+    if (!last_to_arrive) return;
+    __threadfence();                             // acquire: the other slots after the count
+    if (tid == 0) counters[tl] = 0;             // every share arrived: ready for the next launch
+    if (!live) return;
+#pragma unroll 2
+    for (int j = 0; j < VECS; ++j) {
+      float4 sum = __ldcg(slots + ((size_t)slot_of(c_lo, t0) * VECS + j) * QUICK_SM90_THREADS + tid);
+      for (int c = c_lo + 1; c <= c_hi; ++c) {
+        const float4 o = __ldcg(slots + ((size_t)slot_of(c, t0) * VECS + j) * QUICK_SM90_THREADS + tid);
+        sum.x += o.x, sum.y += o.y, sum.z += o.z, sum.w += o.w;
       }
+      const int b = j / (BT / 8), i = j % (BT / 8);
+      const float bv0 = bias_of(col0, b, 0), bv1 = bias_of(col0, b, 1);
+      put(out, m0, col0, b, 0, i, 0, sum.x, bv0), put(out, m0, col0, b, 0, i, 1, sum.y, bv0);
+      put(out, m0, col0, b, 1, i, 0, sum.z, bv1), put(out, m0, col0, b, 1, i, 1, sum.w, bv1);
+    }
   };
 
-  for (int s = 0; s < STAGES - 2 && s < n; ++s) load_next(s, tid == 0);
+  if (tid == 0)
+    for (int s = 0; s < STAGES - 2 && s < n; ++s) load_step(s);
 
   // The block's step `it` (one warpgroup; its A fragments `cur` ready, `more`: not the last of the
   // tile's share): issue its wgmmas; while they run, dequantize step it + 1 (step `ks_next` of the
@@ -289,10 +269,9 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
       wait_full(it + 1);
       dequant(it + 1, ks_next, next);
     }
-    if (it + STAGES - 2 < n) {
-      const bool issue = tid == 32 * (it % SM90_WARPS);
-      if (issue && it >= 2) mbar_wait(empty + 8 * ((it - 2) % STAGES), ((it - 2) / STAGES) & 1);
-      load_next(it + STAGES - 2, issue);         // steps STAGES - 2, STAGES - 1: fresh slots
+    if (it + STAGES - 2 < n && tid == 32 * (it % SM90_WARPS)) {
+      if (it >= 2) mbar_wait(empty + 8 * ((it - 2) % STAGES), ((it - 2) / STAGES) & 1);
+      load_step(it + STAGES - 2);                // steps STAGES - 2, STAGES - 1: fresh slots
     }
     wgmma_wait<0>();
     mbar_arrive(empty + 8 * (it % STAGES));

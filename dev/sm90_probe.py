@@ -5,19 +5,16 @@ weights rotated past L2) at chosen shapes and M, as:
 
 - ``current``: today's kernel and launch plan;
 - each edit of ``EDITS``, compiled from an edited copy of cuda/ in a temporary folder:
+  ``issuer-0`` (thread 0 issues every K step's TMA boxes, instead of lane 0 of warp it % 8),
   ``no-dequant`` (the A fragments are the packed words themselves: the loads stay, the
   dequantization's arithmetic goes), ``no-wgmma`` (no wgmma: the fragments are folded into the
   accumulators so nothing is dead; what the copies, barriers and dequantization cost alone);
-  ``unsummed`` (the last block of a shared tile writes its own sums without reading the others'
-  partials: what the stream-K summation costs); the three compute nonsense and are timed only;
-- ``stages-S`` for each ``--stages`` S: today's source with the ring S slots deep (a Tile override);
-- ``blocks-B`` for each ``--blocks`` B: the plan on another stream-K grid: ``tiles`` (one block per
-  tile), ``xS`` (tiles x S blocks) or a number of blocks (``--edits`` picks the edits to time).
+  the last two compute nonsense and are timed only;
+- ``stages-S`` for each ``--stages`` S: today's source with the ring S slots deep (a Tile override).
 
 From the checkout, on a Hopper GPU (the package's cuda/ is never written)::
 
-    python dev/sm90_probe.py [--shapes 8192x8192,4096x22016,11008x4096] [--m 256,1024,4096] [--stages 4,6] \
-        [--blocks tiles,x2,264] [--edits unsummed] [--rounds 2]
+    python dev/sm90_probe.py [--shapes 8192x8192,4096x22016,11008x4096] [--m 256,1024,4096] [--stages 4,6] [--rounds 2]
 
 Each variant runs in its own process (the loader reads ``$QUICKCUPY_CUDA_DIR`` once), the list
 ``--rounds`` times over in the same order, so drift shows. ``current`` and the variants that keep
@@ -38,16 +35,15 @@ import source_variants  # noqa: E402  (dev/, beside this file)
 
 # Named edits of cuda/quick_sm90.cu: (text found exactly once, its replacement).
 EDITS = {
+    "issuer-0": [("tid == 32 * (it % SM90_WARPS)", "tid == 0")],
     "no-dequant": [("        D::dequant8(words[j], zz, sj, h[j]);",
                     "        for (int r = 0; r < 4; ++r) h[j][r] = words[j] >> r;")],
     "no-wgmma": [("      for (int b = 0; b < RB; ++b) wgmma_rs<BT, T>(acc[b], cur[b][s], wgmma_desc_sw128(x + 32 * s));",
                   "      for (int b = 0; b < RB; ++b)\n"
                   "        acc[b][s] += __uint_as_float((cur[b][s][0] ^ cur[b][s][1] ^ cur[b][s][2] ^ cur[b][s][3]"
                   " ^ (x + 32 * s)) & 0x007fffffu);")],
-    "unsummed": [("      if (!own) take(c_lo, false);\n", ""),
-                 ("        if (!own || c != me) take(c, true);\n", "        ;\n")],
 }
-CHECKED = ()                     # edits that keep the arithmetic: output compared with current's
+CHECKED = ("issuer-0",)          # edits that keep the arithmetic: output compared with current's
 
 
 def edited(source: str, name: str) -> str:
@@ -80,10 +76,6 @@ def measure(args) -> list:
             if args.stages:
                 tile = dataclasses.replace(design.tiles[design.tile_m(M)], stages=args.stages)
             p = kernels.plan("quick_sm90", M, N, K, G, kernels.device_limits(0), tile=tile)
-            if args.blocks:       # "tiles" (one block per tile), "xS" (tiles x S) or a number
-                b = args.blocks
-                p = dataclasses.replace(p, blocks=p.tiles if b == "tiles" else p.tiles * int(b[1:])
-                                        if b.startswith("x") else int(b))
             if p.shared_bytes > kernels.device_limits(0).smem_per_block:   # a ring too deep for this tile
                 out.append({"K": K, "N": N, "M": M, "us": float("nan"), "tflops": float("nan"),
                             "checksum": float("nan"), "instance": f"{p.name}: does not fit"})
@@ -105,25 +97,20 @@ def main() -> int:
     p.add_argument("--m", default="256,1024,4096")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--stages", default="4,6", help="ring depths to try besides the plan's ('' for none)")
-    p.add_argument("--blocks", default="", help="stream-K grids to try besides the plan's: 'tiles' (one block "
-                   "per tile), 'xS' (tiles x S), or a number of blocks, comma-separated")
-    p.add_argument("--edits", default=None, help="named edits to time (default: all of EDITS)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--rounds", type=int, default=2, help="times the whole list of variants runs")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # a child: measure and print JSON
     args = p.parse_args()
-    if args.one:                  # --stages: one depth, or '' for the plan's; --blocks: one grid or ''
+    if args.one:                  # --stages: one depth, or '' for the plan's
         args.stages = int(args.stages) if args.stages else 0
         print(json.dumps(measure(args)))
         return 0
     base = [sys.executable, __file__, "--one", "--shapes", args.shapes, "--m", args.m,
-            "--group-size", str(args.group_size), "--repeats", str(args.repeats), "--stages", "", "--blocks", ""]
+            "--group-size", str(args.group_size), "--repeats", str(args.repeats), "--stages", ""]
     source = (ROOT / "cuda" / "quick_sm90.cu").read_text()
     variants = {"current": (None, [])}
-    names = EDITS if args.edits is None else [e for e in args.edits.split(",") if e]
-    variants.update({name: (edited(source, name), []) for name in names})
+    variants.update({name: (edited(source, name), []) for name in EDITS})
     variants.update({f"stages-{s}": (None, ["--stages", s]) for s in args.stages.split(",") if s})
-    variants.update({f"blocks-{b}": (None, ["--blocks", b]) for b in args.blocks.split(",") if b})
     results = source_variants.run(base, "quick_sm90.cu", variants, args.rounds)
     print(f"quick_sm90 variants, group {args.group_size}, fp16; us per call in each of {args.rounds} rounds "
           f"(TFLOP/s of the last); 'same' = output as current's")
@@ -135,9 +122,6 @@ def main() -> int:
             times = "  ".join(f"{x['us']:8.1f}" for x in r)
             same = ("same" if all(abs(x["checksum"] - pt["checksum"]) <= 1e-3 * abs(pt["checksum"]) for x in r)
                     else "DIFFERS") if name in CHECKED or name.startswith("stages") else "timing only"
-            if name.startswith("blocks"):   # another summation order: equal within rounding
-                same = "near" if all(abs(x["checksum"] - pt["checksum"]) <= 1e-3 * abs(pt["checksum"]) for x in r) \
-                    else "DIFFERS"
             print(f"  {name:11s} {times}  {r[-1]['tflops']:6.0f}  {same}")
     return 0
 

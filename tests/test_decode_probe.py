@@ -109,7 +109,7 @@ def test_attention_probe_variants_compile(variant, tmp_path, monkeypatch):
     assert len(cubin) > 0 and set(lowered) == {name}
 
 
-@pytest.mark.parametrize("variant", ("no-dequant", "no-wgmma", "unsummed"))
+@pytest.mark.parametrize("variant", ("issuer-0", "no-dequant", "no-wgmma"))
 def test_sm90_probe_variants_compile(variant, tmp_path, monkeypatch):
     """dev/sm90_probe.py's edits of cuda/quick_sm90.cu: each text is there once (``edited`` raises
     otherwise), and the edited copy compiles for sm_90a without spills."""
