@@ -32,15 +32,6 @@
 // group, the dequantization of step it + 1 (into a second set of A registers) runs while the wgmmas
 // of step it are in flight; exactly one wgmma group is ever in flight, which keeps ptxas from
 // serializing them (warning C7513).
-//
-// Work: the tiles' K steps, tile after tile (tile-major), split evenly over the grid's blocks, each
-// block taking one contiguous range (stream-K). With one block per tile (gridDim.x = tiles) that is
-// one whole tile each. Otherwise a block's range may begin or end inside a tile: the ring runs on
-// across tile boundaries (the copies of the next tile's first steps go out while this tile's last
-// wgmmas run), and a tile whose K steps several blocks share is summed by the last of them to
-// arrive: each writes its fp32 sums to its slot of `partial` and counts itself on the tile's
-// counter; the last adds the slots in K order (a fixed order: the result does not depend on which
-// block came last) and writes C. No block ever waits for another, so any grid size is safe.
 #include "wgmma.cuh"
 
 using namespace qc;
@@ -65,10 +56,8 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
            const __grid_constant__ TensorMap s_map,   // scales: a row of groups x 64 bytes per tile column, box 8 x GPS 64
            const __grid_constant__ TensorMap z_map,   // qzeros: a row of groups x 16 bytes per tile column, box 8 x GPS 16
            const T* __restrict__ A, const uint4*, const unsigned short*, const uint2*,   // read through the maps
-           const T* __restrict__ bias, T* __restrict__ C,
-           float* __restrict__ partial,       // 2 slots of BT x BN fp32 per block (used by shared tiles)
-           unsigned* __restrict__ counters,   // one per tile, 0 between launches (left 0)
-           int M, int N, int K, int group_size) {
+           const T* __restrict__ bias, T* __restrict__ C, float* __restrict__ partial,
+           int M, int N, int K, int group_size, int chunks_per_split) {
   using D = Dt<T>;
   constexpr int RB = BT == 256 ? 1 : 2;          // wgmma row blocks (m64) per warpgroup
   constexpr int TCOLS = SM90_WARPS * RB / 2;     // QUICK tile columns per block: 8 or 4
@@ -88,25 +77,19 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
   const u32 full = base, empty = base + 8 * STAGES;        // STAGES mbarriers each
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+  // Raster: consecutive blocks take consecutive feature tiles of one token tile, so a wave shares
+  // its activations and the whole weight stays in L2 across waves.
+  const int tiles_n = (N + BN - 1) / BN, tile = blockIdx.x + gridDim.x * blockIdx.y;
+  const int m0 = (tile / tiles_n) * BT;
+  const int tcol0 = (tile % tiles_n) * TCOLS;           // the block's first QUICK tile column
   const int tcw = RB == 2 ? warp : warp / 2;            // the warp's tile column in the block
   const int hb = RB == 2 ? 0 : warp % 2;                // RB = 1: the warp's half of it (words 2 hb, +1)
+  const int col0 = (tcol0 + tcw) * 32 + 16 * hb;        // the warp's first output feature
+  const bool warp_active = col0 < N;             // inactive warps still join their group's wgmmas
   const int chunks = K / 32, chunks_per_group = group_size / 32;
-  const int steps = (chunks + SM90_U - 1) / SM90_U;     // K steps of a tile
-  // Tiles in raster order: consecutive tiles are consecutive feature tiles of one token tile, so
-  // blocks running at once share their activations and the whole weight stays in L2 across tokens.
-  const int tiles_n = (N + BN - 1) / BN, tiles = (M + BT - 1) / BT * tiles_n;
-  const long long total = (long long)tiles * steps;     // K steps of the whole GEMM
-  const long long u0 = total * blockIdx.x / gridDim.x;  // this block's first step (tile-major)
-  const int n = (int)(total * (blockIdx.x + 1) / gridDim.x - u0);   // and how many it takes
-  const int tile0 = (int)(u0 / steps), step0 = (int)(u0 % steps);
-  // The block whose range holds step v of the GEMM; the partial slot block c uses for the tile that
-  // begins at step t0: its first (2 c) when its range begins inside that tile, else its second
-  // (2 c + 1). Only for a tile that blocks share, where the plan keeps total x gridDim.x < 2^32 (so
-  // 32-bit divisions: a 64-bit one is a subroutine call, whose saved registers spill).
-  const unsigned total32 = (unsigned)total;
-  auto block_of = [&](unsigned v) { return (int)(((v + 1) * gridDim.x - 1) / total32); };
-  auto slot_of = [&](int c, unsigned t0) { return 2 * c + (total32 * c / gridDim.x < t0 ? 1 : 0); };
-  __shared__ int last_to_arrive;
+  const int kc0 = blockIdx.z * chunks_per_split;
+  const int kc1 = min(chunks, kc0 + chunks_per_split);
+  const int iters = (kc1 - kc0 + SM90_U - 1) / SM90_U;
 
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -116,14 +99,13 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
   }
   __syncthreads();
 
-  // The block's K step `it` -> its slot, issued by one thread: four TMA boxes, all completing on the
-  // slot's full barrier: the activations (rows past M and columns past K arrive as zeros), the
-  // block's tile columns of packed weights for the step's chunks, and the scales and zeros of the
-  // step's groups (tile columns past N and chunks past K arrive as zeros too).
+  // K step `it` -> its slot, issued by one thread: four TMA boxes, all completing on the slot's full
+  // barrier: the activations (rows past M and columns past K arrive as zeros), the block's 8 tile
+  // columns of packed weights for the step's chunks, and the scales and zeros of the step's groups
+  // (tile columns past N and chunks past K arrive as zeros too).
   auto load_step = [&](int it) {
     const u32 slot = ring + (it % STAGES) * SLOT, bar = full + 8 * (it % STAGES);
-    const int v = step0 + it, tl = tile0 + v / steps, kc = (v % steps) * SM90_U, grp = kc / chunks_per_group;
-    const int m0 = tl / tiles_n * BT, tcol0 = tl % tiles_n * TCOLS;
+    const int kc = kc0 + it * SM90_U, grp = kc / chunks_per_group;
     mbar_arrive_expect_tx(bar, SLOT_TX);
     tma_load_2d(slot, &x_map, kc * 32, m0, bar);
     tma_load_2d(slot + X_BYTES, &w_map, kc * 64, tcol0, bar);                     // 8-byte units
@@ -131,10 +113,9 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
     tma_load_2d(slot + X_BYTES + W_BYTES + S_BYTES, &z_map, grp * 2, tcol0, bar);
   };
   // A fragments of step `it` from its slot: a[b][s] = wgmma row block b, k16 step s (chunk s / 2).
-  // (`ks`: the step's place in its tile)
-  auto dequant = [&](int it, int ks, u32 (&a)[RB][2 * SM90_U][4]) {
+  auto dequant = [&](int it, u32 (&a)[RB][2 * SM90_U][4]) {
     const unsigned char* slot = ring_ptr + (it % STAGES) * SLOT;
-    const int kc = ks * SM90_U;
+    const int kc = kc0 + it * SM90_U;
 #pragma unroll
     for (int c = 0; c < SM90_U; ++c) {
       // this warp's row of scales and zeros, at the chunk's group among the step's (one group when
@@ -179,85 +160,21 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
   };
   auto wait_full = [&](int it) { mbar_wait(full + 8 * (it % STAGES), (it / STAGES) & 1); };
 
-  float acc[RB][BT / 2];                         // the tile's sums (zeroed at each tile)
-
-  // Element e (0, 1) of row h (0, 1) of row block b, token block i of a thread's sums: C's feature
-  // col0 + 16 b + 8 h + g, token m0 + 8 i + 2 t + e (acc[b][4 i + 2 h + e]); written with bias bv.
-  auto put = [&](T* out, int m0, int col0, int b, int h, int i, int e, float v, float bv) {
-    const int row = m0 + 8 * i + 2 * t + e;
-    if (row < M) out[(size_t)row * N + col0 + 16 * b + 8 * h + g] = D::from_float(v + bv);
-  };
-  auto bias_of = [&](int col0, int b, int h) {
-    return bias != nullptr ? D::to_float(bias[col0 + 16 * b + 8 * h + g]) : 0.f;
-  };
-  // The end of the block's steps [first, last] of tile `tl`. A whole tile is written out from acc.
-  // A share: acc goes to the block's partial slot, and the last block to arrive sums the slots in K
-  // order (block c_lo's first) and writes the tile out, reading them back in a loop (not unrolled:
-  // no second set of sums beside acc).
-  constexpr int VECS = RB * BT / 8;              // float4 of sums a thread holds: j = b BT / 8 + i
-  auto finish_tile = [&](int tl, int first, int last) {
-    const int m0 = tl / tiles_n * BT, col0 = (tl % tiles_n * TCOLS + tcw) * 32 + 16 * hb;
-    const bool live = col0 < N;                  // the warp's features lie within N
-    // C's address as a value the compiler cannot see through: else it keeps each element's address
-    // (loop invariants of the tile loop) in registers across the main loop and spills
-    T* out = C;
-    asm volatile("" : "+l"(out));
-    if (first == 0 && last == steps - 1) {
-      if (live)
+  float acc[RB][BT / 2];
 #pragma unroll
-        for (int b = 0; b < RB; ++b)
+  for (int b = 0; b < RB; ++b)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float bv = bias_of(col0, b, h);
-#pragma unroll
-            for (int i = 0; i < BT / 8; ++i)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) put(out, m0, col0, b, h, i, e, acc[b][4 * i + 2 * h + e], bv);
-          }
-      return;
-    }
-    const unsigned t0 = (unsigned)tl * steps;
-    const int c_lo = block_of(t0), c_hi = block_of(t0 + steps - 1);
-    float4* slots = reinterpret_cast<float4*>(partial);   // a slot: [VECS][thread] float4
-    float4* mine = slots + (size_t)slot_of(blockIdx.x, t0) * VECS * QUICK_SM90_THREADS;
-#pragma unroll
-    for (int j = 0; j < VECS; ++j) {
-      const float* a = &acc[j / (BT / 8)][4 * (j % (BT / 8))];
-      __stcg(mine + j * QUICK_SM90_THREADS + tid, make_float4(a[0], a[1], a[2], a[3]));
-    }
-    __threadfence();                             // release: the slot before the count
-    __syncthreads();
-    if (tid == 0) last_to_arrive = atomicAdd(counters + tl, 1u) == (unsigned)(c_hi - c_lo);
-    __syncthreads();
-    if (!last_to_arrive) return;
-    __threadfence();                             // acquire: the other slots after the count
-    if (tid == 0) counters[tl] = 0;             // every share arrived: ready for the next launch
-    if (!live) return;
-#pragma unroll 2
-    for (int j = 0; j < VECS; ++j) {
-      float4 sum = __ldcg(slots + ((size_t)slot_of(c_lo, t0) * VECS + j) * QUICK_SM90_THREADS + tid);
-      for (int c = c_lo + 1; c <= c_hi; ++c) {
-        const float4 o = __ldcg(slots + ((size_t)slot_of(c, t0) * VECS + j) * QUICK_SM90_THREADS + tid);
-        sum.x += o.x, sum.y += o.y, sum.z += o.z, sum.w += o.w;
-      }
-      const int b = j / (BT / 8), i = j % (BT / 8);
-      const float bv0 = bias_of(col0, b, 0), bv1 = bias_of(col0, b, 1);
-      put(out, m0, col0, b, 0, i, 0, sum.x, bv0), put(out, m0, col0, b, 0, i, 1, sum.y, bv0);
-      put(out, m0, col0, b, 1, i, 0, sum.z, bv1), put(out, m0, col0, b, 1, i, 1, sum.w, bv1);
-    }
-  };
+    for (int i = 0; i < BT / 2; ++i) acc[b][i] = 0.f;
 
   if (tid == 0)
-    for (int s = 0; s < STAGES - 2 && s < n; ++s) load_step(s);
+    for (int s = 0; s < STAGES - 2 && s < iters; ++s) load_step(s);
 
-  // The block's step `it` (one warpgroup; its A fragments `cur` ready, `more`: not the last of the
-  // tile's share): issue its wgmmas; while they run, dequantize step it + 1 (step `ks_next` of the
-  // tile) into `next` and refill the slot of step it - 2 with step it + STAGES - 2 once both groups
-  // are done with it (the other group may be two steps behind; lane 0 of warp it % 8 issues it, so
-  // the waits and copies rotate over the warps; the ring runs on across tiles); then wait for the
+  // Step `it` of one warpgroup (its A fragments `cur` are ready): issue 8 wgmmas; while they run,
+  // dequantize step it + 1 into `next` and refill the slot of step it - 2 with step
+  // it + STAGES - 2 once both groups are done with it (the other group may be two steps behind; lane
+  // 0 of warp it % 8 issues it, so the waits and copies rotate over the warps); then wait for the
   // wgmmas and mark step it's slot empty.
-  auto step = [&](int it, bool more, int ks_next, const u32 (&cur)[RB][2 * SM90_U][4],
-                  u32 (&next)[RB][2 * SM90_U][4]) {
+  auto step = [&](int it, const u32 (&cur)[RB][2 * SM90_U][4], u32 (&next)[RB][2 * SM90_U][4]) {
     const u32 x = ring + (it % STAGES) * SLOT;
     wgmma_fence();
 #pragma unroll
@@ -265,34 +182,46 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
 #pragma unroll
       for (int b = 0; b < RB; ++b) wgmma_rs<BT, T>(acc[b], cur[b][s], wgmma_desc_sw128(x + 32 * s));
     wgmma_commit();
-    if (more) {
+    if (it + 1 < iters) {
       wait_full(it + 1);
-      dequant(it + 1, ks_next, next);
+      dequant(it + 1, next);
     }
-    if (it + STAGES - 2 < n && tid == 32 * (it % SM90_WARPS)) {
+    if (it + STAGES - 2 < iters && tid == 32 * (it % SM90_WARPS)) {
       if (it >= 2) mbar_wait(empty + 8 * ((it - 2) % STAGES), ((it - 2) / STAGES) & 1);
       load_step(it + STAGES - 2);                // steps STAGES - 2, STAGES - 1: fresh slots
     }
     wgmma_wait<0>();
     mbar_arrive(empty + 8 * (it % STAGES));
   };
-
-  // Tile by tile, the block's share of each: its steps [first, last] of tile tl are the block's
-  // steps it0 .. it0 + last - first. The first step's A fragments come after the previous tile's
-  // sums were written out (not overlapped: they would be live beside the sums).
   u32 a0[RB][2 * SM90_U][4], a1[RB][2 * SM90_U][4];
-  for (int it0 = 0, tl = tile0, first = step0; it0 < n; it0 += steps - first, ++tl, first = 0) {
-    const int last = min(steps - 1, first + n - 1 - it0), it1 = it0 + last - first + 1;
-#pragma unroll
-    for (int b = 0; b < RB; ++b)
-#pragma unroll
-      for (int i = 0; i < BT / 2; ++i) acc[b][i] = 0.f;
-    wait_full(it0);
-    dequant(it0, first, a0);
-    for (int it = it0, ks = first; it < it1; it += 2, ks += 2) {
-      step(it, it + 1 < it1, ks + 1, a0, a1);
-      if (it + 1 < it1) step(it + 1, it + 2 < it1, ks + 2, a1, a0);
-    }
-    finish_tile(tl, first, last);
+  if (iters > 0) {
+    wait_full(0);
+    dequant(0, a0);
   }
+  for (int it = 0; it < iters; it += 2) {
+    step(it, a0, a1);
+    if (it + 1 < iters) step(it + 1, a1, a0);
+  }
+
+  // Epilogue: lane holds D rows (features) col0 + 16 b + 8 h + g, columns (tokens) 8 i + 2 t (+ 1).
+  if (!warp_active) return;
+  const bool split = gridDim.z > 1;
+  float* part = partial + (size_t)blockIdx.z * M * N;
+#pragma unroll
+  for (int b = 0; b < RB; ++b)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int col = col0 + 16 * b + 8 * h + g;
+      const float bv = (!split && bias != nullptr) ? D::to_float(bias[col]) : 0.f;
+#pragma unroll
+      for (int i = 0; i < BT / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int row = m0 + 8 * i + 2 * t + e;
+          if (row >= M) continue;
+          const float v = acc[b][4 * i + 2 * h + e];
+          if (split) part[(size_t)row * N + col] = v;
+          else C[(size_t)row * N + col] = D::from_float(v + bv);
+        }
+    }
 }

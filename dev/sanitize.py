@@ -45,7 +45,6 @@ CASES = [  # (M, K, N, group_size, tile_m, split_k)
     (100, 640, 448, -1, 64, 2),
     (130, 256, 128, 128, 128, 1),
     (257, 2048, 160, 32, None, None),   # quick_sm90's 256-token tiles: 2 row tiles, 5 tile columns
-    (200, 128, 17920, 128, None, None),  # quick_sm90: 140 tiles of 2 steps on 132 blocks, each sharing tiles
 ]
 
 

@@ -95,7 +95,6 @@ class LaunchPlan:
     group_size: int
     threads: int = 0             # threads per block (0: the design's)
     counters: bool = False       # the kernel reduces split-K itself and needs arrival counters
-    blocks: int = 0              # stream_k design: blocks of its 1-D grid sharing the tiles' K steps
     shape: DecodeShape | None = None   # planner "decode": the block shape chosen
     prologue: int = 0            # the instance's prologue (registry.PRO_NORM: launch's norm=; PRO_SILU_MUL: x is gate | up)
     epilogue: bool = False       # the instance adds the residual itself (residual epilogue; launch's residual=)
@@ -115,22 +114,6 @@ class LaunchPlan:
     @property
     def split_k(self) -> int:
         return self.grid[2]
-
-    @property
-    def tiles(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def launch_grid(self) -> tuple:
-        """The grid the kernel is launched on: (blocks, 1, 1) for a stream_k design, else ``grid``."""
-        return (self.blocks, 1, 1) if self.blocks else self.grid
-
-    @property
-    def partials(self) -> bool:
-        """Whether the launch sums fp32 partials (of K splits, or of tiles that blocks share)."""
-        if self.counters:
-            return self.grid[1] > 1
-        return self.blocks != self.tiles if self.blocks else self.split_k > 1
 
 
 def _split_k(tiles: int, chunks: int, step_chunks: int, target_blocks: int, split_k=None, rule="nearest"):
@@ -204,39 +187,11 @@ def _plan_gemm(design: GemmDesign, M, N, K, group_size, device: DeviceLimits, ti
     gch = math.gcd(group_size // 32, t.chunks)
     chunks = K // 32
     tiles = math.ceil(M / bm) * math.ceil(N / bn)
-    blocks = 0
-    if design.stream_k:
-        steps = math.ceil(chunks / t.chunks)
-        splits, per, blocks = 1, steps * t.chunks, _stream_k_blocks(tiles, steps, t.blocks_per_sm * device.sm_count,
-                                                                     split_k)
-    else:
-        splits, per = _split_k(tiles, chunks, t.chunks, t.blocks_per_sm * device.sm_count, split_k,
-                               design.split_rule)
+    splits, per = _split_k(tiles, chunks, t.chunks, t.blocks_per_sm * device.sm_count, split_k, design.split_rule)
     return LaunchPlan(design=design, name=design.instance(bm, bn, gch, tile, dtype), bm=bm, bn=bn, tile=t,
                       grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
                       shared_bytes=design.smem_bytes(bm, bn, t), chunks_per_split=per,
-                      M=M, N=N, K=K, group_size=group_size, blocks=blocks)
-
-
-# A stream_k design runs one block per tile where that fills the last wave of blocks to at least this
-# fraction; else one wave of blocks shares the tiles' K steps evenly.
-STREAM_K_FILL = 0.9
-
-
-def _stream_k_blocks(tiles: int, steps: int, slots: int, split_k=None) -> int:
-    """Blocks of a stream_k launch for ``tiles`` of ``steps`` K steps on ``slots`` resident blocks:
-    ``tiles`` (one block per tile) where they fill their last wave to STREAM_K_FILL, else ``slots``
-    as long as that leaves each block two steps on average (and never fewer blocks than tiles);
-    ``split_k`` asks for tiles x split_k blocks instead
-    (each tile in about split_k shares, at most one block per step). One block per tile where the
-    kernel's 32-bit arithmetic of shared tiles (steps x tiles x blocks < 2^32, cuda/quick_sm90.cu)
-    would not hold."""
-    if split_k is not None:
-        blocks = min(tiles * int(split_k), tiles * steps)
-    else:
-        waves = math.ceil(tiles / slots)
-        blocks = tiles if tiles / (waves * slots) >= STREAM_K_FILL else min(slots, max(tiles, tiles * steps // 2))
-    return blocks if blocks == tiles or tiles * steps * blocks < 2 ** 32 else tiles
+                      M=M, N=N, K=K, group_size=group_size)
 
 
 # Decode planner (cuda/quick_decode.cu). Fitted on H100 sweeps of every block shape of the registry
@@ -666,10 +621,8 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int,
 
     Argument order of every GEMM design: (A, qweight, qzeros, scales, bias, C, partial, M, N, K,
     group_size, chunks_per_split); bias and partial may be null; a design with ``tensor_maps``
-    takes TMA maps of A, qweight, scales and qzeros (:func:`gemm_tensor_maps`) before them; the
-    decode design takes arrival counters after partial and (norm weight, eps, residual) last; a
-    ``stream_k`` design takes arrival counters (one per tile) after partial (2 slots of bm x bn fp32
-    per block) and no chunks_per_split."""
+    takes TMA maps of A, qweight, scales and qzeros (:func:`gemm_tensor_maps`) before them; the decode design takes arrival
+    counters after partial and (norm weight, eps, residual) last."""
     fn = get_function(device_id, p.source, p.name, p.shared_bytes)
     M, N, K = p.M, p.N, p.K
     null = np.uint64(0)
@@ -692,17 +645,6 @@ def launch(p: LaunchPlan, x, qweight, qzeros, scales, bias, out, device_id: int,
                                             np.int32(p.group_size), np.int32(p.chunks_per_split), norm_w,
                                             np.float32(eps), residual if p.epilogue else null),
                       p.shared_bytes, pdl=takes_pdl(p))
-        return out
-    if p.blocks:               # stream_k: shared tiles summed by the kernel
-        ws = workspace(device_id)
-        shared = p.blocks != p.tiles
-        args = (x, qweight, qzeros, scales, null if bias is None else bias, out,
-                ws.buffer("partials", 2 * p.blocks * p.bm * p.bn, np.float32) if shared else null,
-                ws.counters(p.tiles) if shared else null,
-                np.int32(M), np.int32(N), np.int32(K), np.int32(p.group_size))
-        if p.design.tensor_maps:
-            args = gemm_tensor_maps(p, x, qweight, qzeros, scales) + args
-        fn(p.launch_grid, p.block, args, shared_mem=p.shared_bytes)
         return out
     splits = p.split_k
     partial = workspace(device_id).buffer("partials", splits * M * N, np.float32) if splits > 1 else null

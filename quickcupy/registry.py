@@ -80,15 +80,13 @@ class Design:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class GemmDesign(Design):
-    """A design launched on a grid of (M tiles, N tiles, K splits), with splits its fp32 partials
-    summed by cuda/splitk_reduce.cu; or, ``stream_k``, on a 1-D grid of blocks that share the tiles'
-    K steps evenly, a tile shared by several blocks summed in the kernel by the last to arrive."""
+    """A design launched on a grid of (M tiles, N tiles, K splits); with splits, its fp32
+    partials are summed by cuda/splitk_reduce.cu."""
     tile_n: tuple            # columns per block, first that divides N wins (the last if none does)
     tiles: dict              # rows per block (bm) -> Tile
     template: str            # instance name, formatted with bm, bn, chunks, gch, stages, wstages, ctype
     smem_bytes: Callable     # (bm, bn, Tile) -> dynamic shared memory bytes of a block
     split_rule: str = "nearest"  # split-K by M tiles: "nearest" one wave, or "fill": most splits within one wave
-    stream_k: bool = False       # blocks share tiles x K steps (kernels.LaunchPlan.blocks); split_rule unused
     tensor_maps: bool = False    # takes TMA tensor maps of x, qweight, scales, qzeros first (kernels.gemm_tensor_maps)
 
     def tile_m(self, M: int) -> int:
@@ -267,10 +265,9 @@ DESIGNS["quick_sm90"] = GemmDesign(
     # the swizzled activations (bm x 128 bytes), the packed weights (bn x 32 bytes) and scales/zeros
     # (2 KB), each a TMA box
     smem_bytes=lambda bm, bn, t: t.stages * (bm * 128 + bn * 32 + 2048 + 16) + 1024,
-    # One block per tile where the tiles fill their last wave well, else one wave of blocks sharing
-    # the tiles' K steps (kernels.STREAM_K_FILL): a second, partly filled wave cost up to 1.3x (H100
-    # sweep of tile and split-K at M = 64..512, results/h100/sm90_plan_sweep.txt).
-    stream_k=True,
+    # Split-K never past one wave: a second, partly filled wave cost up to 1.3x (H100 sweep of tile
+    # and split at M = 64..512 on four bench shapes, results/h100/sm90_plan_sweep.txt).
+    split_rule="fill",
     tensor_maps=True,
     description="QUICK for Hopper: weights dequantized in registers as the wgmma A operand, "
                 "activations in a swizzled shared-memory ring (sm_90a only)",

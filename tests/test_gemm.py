@@ -244,46 +244,6 @@ def test_sm90_256_token_tiles(dtype, M, K, N, G, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
-@pytest.mark.parametrize("M,K,N,G,blocks", [
-    (300, 1536, 640, 96, (3, 7, 10, 13, 23, 132, 240)),   # 2 x 5 tiles of 256 tokens, 24 steps, 2 groups a step
-    (77, 2080, 544, 32, (2, 4, 9, 50, 99)),               # 128-token tiles, 3 x 256 features (the last 32 wide), 33 steps (K % 64 = 32)
-    (40, 4096, 1024, 128, (1, 5, 17, 132)),               # 64-token tiles, 4 tiles of 64 steps
-    (513, 1024, 160, -1, (3, 8)),                         # 3 x 2 tiles, one group per row, the last tile column absent
-])
-def test_sm90_stream_k_shares(dtype, M, K, N, G, blocks, rng):
-    """quick_sm90 on any number of blocks sharing the tiles' K steps (stream-K): fewer blocks than
-    tiles (a block takes several tiles and shares of two), one block per tile, and more (a tile summed
-    from up to 24 blocks' partials), against float64 with a bias, outputs poisoned; the same grid
-    twice gives the same bits, and the arrival counters are left at zero."""
-    import dataclasses
-
-    import cupy
-    from quickcupy import QuantLinear, effective_group_size
-    reason = kernels.unsupported_reason("quick_sm90", cupy.cuda.Device().id)
-    if reason:
-        pytest.skip(reason)
-    dt = cupy.dtype(dtype)
-    q = quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float32), G)
-    bias = (rng.standard_normal(N) * 0.5).astype(np.float16)
-    layer = QuantLinear.from_quantized(q, "quick", bias=bias)
-    x = cupy.asarray(rng.standard_normal((M, K)).astype(np.float32)).astype(dt)
-    ref = reference_gemm(x.astype(np.float32).get(), q, layer.bias.astype(np.float32).get())
-    plan = kernels.plan("quick_sm90", M, N, K, effective_group_size(G, K), kernels.device_limits(0), dtype=dtype)
-    device = cupy.cuda.Device().id
-    for b in blocks:
-        p = dataclasses.replace(plan, blocks=b)
-        outs = []
-        for _ in range(2):
-            out = cupy.full((M, N), np.nan, dt)
-            kernels.launch(p, x, layer.qweight, layer.qzeros, layer.scales, layer.bias_as(dt), out, device)
-            outs.append(out.astype(np.float32).get())
-        _check(outs[0], ref)
-        assert np.array_equal(outs[0], outs[1]), f"{b} blocks: two launches differ"
-        assert not kernels.workspace(device).counters(p.tiles)[:p.tiles].any(), f"{b} blocks: counters left set"
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ("awq", "quick"))
 def test_group_minus_one_bias_and_batch_dims(layout, rng):
     from quickcupy import QuantLinear

@@ -1,7 +1,6 @@
 """quickcupy.kernels and quickcupy.registry (CPU): every CUDA source compiles with NVRTC as at run
 time, without spills; launch plans cover K exactly for every group size; the generated header is
 current; an edit of any header changes what NVRTC is handed (so CuPy's cache cannot serve stale code)."""
-import math
 import re
 import shutil
 import subprocess
@@ -115,37 +114,6 @@ def test_plans_cover_k_exactly(kernel, M, K, N, G):
     # Scales are reloaded every gch chunks from a step's start: group edges must fall on reloads.
     assert p.tile.chunks % gch == 0 and (G // 32) % gch == 0
     assert p.name in registry.SOURCES[p.source].instances     # an instance CI compiles
-
-
-@pytest.mark.parametrize("M,K,N,blocks", [
-    (4096, 8192, 8192, 1024),   # 16 x 64 tiles fill 8 waves of 132 to 97%: one block per tile
-    (1024, 8192, 8192, 256),    # 1.94 waves: one block per tile
-    (256, 4096, 22016, 132),    # 172 tiles, a second wave 30% full: one wave shares them
-    (256, 8192, 8192, 132),     # 64 tiles of 128 steps: half a wave; 132 blocks share them
-    (64, 4096, 4096, 132),      # 16 tiles (64-token tiles of 256 features)
-    (512, 8192, 8192, 128),     # 128 tiles fill one wave to 97%
-    (16, 128, 64, 1),           # one tile of one step: nothing to share
-])
-def test_sm90_stream_k_plans(M, K, N, blocks):
-    """quick_sm90 runs one block per tile where the tiles fill their last wave to STREAM_K_FILL, else
-    one wave (132 on an H100) of blocks sharing the tiles' K steps; K is never split otherwise, and
-    a tile shared by blocks uses partials (2 slots per block) and arrival counters."""
-    p = kernels.plan("quick_sm90", M, N, K, min(K, 128))
-    steps = math.ceil(K // 32 / p.tile.chunks)
-    assert (p.blocks, p.split_k, p.launch_grid) == (blocks, 1, (blocks, 1, 1))
-    assert p.chunks_per_split == steps * p.tile.chunks >= K // 32
-    assert p.partials == (blocks != p.tiles) and blocks <= p.tiles * steps
-
-
-def test_sm90_split_k_asks_for_shares_of_each_tile():
-    """split_k=s gives tiles x s blocks (each tile in about s shares), at most one block per K step;
-    where the kernel's 32-bit arithmetic of shared tiles would overflow, one block per tile."""
-    p = kernels.plan("quick_sm90", 256, 8192, 8192, 128, split_k=3)
-    assert (p.tiles, p.blocks, p.partials) == (64, 192, True)
-    assert kernels.plan("quick_sm90", 256, 8192, 8192, 128, split_k=1).blocks == 64
-    assert kernels.plan("quick_sm90", 16, 256, 128, 128, split_k=50).blocks == 2   # 1 tile of 2 steps
-    huge = kernels.plan("quick_sm90", 256 * 300, 128 * 500, 65536, 128, split_k=2)
-    assert huge.blocks == huge.tiles == 150000 and not huge.partials
 
 
 @pytest.mark.parametrize("K,N,G,M", [(8192, 8192, 128, 4096), (4608, 1056, 96, 200), (4096, 512, 32, 64),
