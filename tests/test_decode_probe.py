@@ -124,6 +124,30 @@ def test_sm90_probe_variants_compile(variant, tmp_path, monkeypatch):
     assert " 0 bytes spill stores" in log
 
 
+@pytest.mark.parametrize("config,dtype", [("192x3", "float16"), ("192x3", "bfloat16"), ("128x3", "float16"),
+                                          ("128x4", "float16"), ("256x2", "float16")])
+def test_sm90_wg3_experiment_compiles_without_spills(config, dtype, tmp_path, monkeypatch):
+    """dev/quick_sm90_wg3.cu (WGS warpgroups of one m64 row block, BT tokens) compiles for sm_90a
+    without spills or serialized wgmmas at the probe's configs, and the probe's launch arithmetic
+    holds: the ring fits an H100 block and its slots 1 KB boundaries, K splits stay within one wave
+    in whole K steps."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    import sm90_wg3_probe as wg
+    cfg = wg.Config(config)
+    name = cfg.instance(128, dtype)
+    cubin, lowered, log = _compile_edited(tmp_path, monkeypatch, wg.SOURCE.name, wg.SOURCE.read_text(), name,
+                                          "sm_90a")
+    assert len(cubin) > 0 and set(lowered) == {name}
+    assert " 0 bytes spill stores" in log and "C7513" not in log
+    assert cfg.smem() <= kernels.H100.smem_per_block and cfg.slot % 1024 == 0 and cfg.stages >= 4
+    assert cfg.instance(96, dtype).split(", ")[3] == "1" and cfg.instance(64, dtype).split(", ")[3] == "2"
+    for M, N, K in ((256, 8192, 8192), (1, 256, 1024), (1000, 256, 8192), (4096, 22016, 4096)):
+        splits, cps = cfg.splits(M, N, K, 132)
+        tiles = -(-M // cfg.bt) * -(-N // cfg.bn)
+        assert cps % wg.U == 0 and (splits - 1) * cps < K // 32 <= splits * cps
+        assert splits == 1 or tiles * splits <= 132
+
+
 def test_llama_ab_alternates_and_summarizes():
     """dev/llama_ab.py: the earlier checkout runs first in even rounds, second in odd ones; the
     summary takes each side's medians and their ratio, and GPU medians only where runs have them."""
