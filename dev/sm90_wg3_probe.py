@@ -80,20 +80,17 @@ def function(cfg: Config, name: str):
 
 def launch(cfg: Config, x, layer, y, sm_count: int):
     """y = x @ W.T with the experiment (layer: a quick-layout QuantLinear; y: (M, N) like x)."""
+    import dataclasses
+
     from quickcupy import kernels, registry
     from quickcupy.dtypes import ctype
     M, K = x.shape
     N = layer.out_features
     G = K if layer.group_size == -1 else layer.group_size
-    gps = U // math.gcd(G // 32, U)
-    rows, chunks, groups = N // 32, K // 32, K // G
-    maps = (kernels.x_tensor_map(x.data.ptr, M, K, cfg.bt, x.dtype.name),
-            kernels._tensor_map_2d(layer.qweight.data.ptr, "uint64", chunks * 64, rows, chunks * 512, U * 64,
-                                   cfg.tcols, kernels._SWIZZLE_NONE, "qweight"),
-            kernels._tensor_map_2d(layer.scales.data.ptr, "uint64", groups * 8, rows, groups * 64, 8 * gps,
-                                   cfg.tcols, kernels._SWIZZLE_NONE, "scales"),
-            kernels._tensor_map_2d(layer.qzeros.data.ptr, "uint64", groups * 2, rows, groups * 16, 2 * gps,
-                                   cfg.tcols, kernels._SWIZZLE_NONE, "qzeros"))
+    # quick_sm90's maps for this block shape: x in boxes of BT rows, the packed tensors in boxes of
+    # the block's tile columns (kernels.gemm_tensor_maps reads bm, bn, the K step and the group size)
+    shape = dataclasses.replace(kernels.plan("quick_sm90", M, N, K, G), bm=cfg.bt, bn=cfg.bn)
+    maps = kernels.gemm_tensor_maps(shape, x, layer.qweight, layer.qzeros, layer.scales)
     splits, cps = cfg.splits(M, N, K, sm_count)
     tiles = -(-M // cfg.bt) * -(-N // cfg.bn)
     null = np.uint64(0)
