@@ -124,6 +124,39 @@ def test_sm90_probe_variants_compile(variant, tmp_path, monkeypatch):
     assert " 0 bytes spill stores" in log
 
 
+@pytest.mark.parametrize("budget_mb", (16, 0))
+def test_decode_l2_probe_variant_compiles_without_spills(budget_mb, tmp_path, monkeypatch):
+    """dev/decode_l2_probe.py's edit of cuda/quick_decode.cu: its anchors are there once, the prefetch
+    comes before both pdl_waits, and the edited copy compiles for sm_90 (the bulk prefetch) and sm_80
+    (compiled out) without spills: the register pipeline, its SiLU prologue and the ring."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    import decode_l2_probe
+    source = (kernels.cuda_dir() / "quick_decode.cu").read_text()
+    text = decode_l2_probe.edited(source, budget_mb)
+    assert text.startswith(f"#define PROBE_L2_MB {budget_mb}\n") and text.count("probe_l2_slice();\n    pdl_wait();") == 2
+    names = ["quick_decode<16, 8, 1, 4, 0, 4, 1, half, 0, 0>", "quick_decode<16, 8, 1, 4, 0, 4, 1, half, 2, 0>",
+             "quick_decode<16, 2, 2, 4, 3, 4, 1, half, 0, 1>"]
+    _compile_edited(tmp_path, monkeypatch, "quick_decode.cu", text, names[0], "sm_90")   # the copy of cuda/
+    for arch in ("sm_90", "sm_80"):
+        cubin, lowered, log = kernels.nvrtc_compile("quick_decode.cu", arch, names, ["--ptxas-options=-v"])
+        assert len(cubin) > 0 and set(lowered) == set(names)
+        assert log.count(" 0 bytes spill stores") == log.count("bytes spill stores") >= len(names)
+
+
+def test_decode_l2_probe_table_compares_bits_and_rates():
+    """The probe's table: output bits against the current kernel's, medians and their ratio per batch."""
+    import decode_l2_probe
+    run = lambda digest, b1, b16, step: {"digests": {"4096x4096 M=1": digest},  # noqa: E731
+                                         "llama": {"rates": {"1": [b1, b1 + 2], "16": [b16, None]}, "step_us": step}}
+    results = {"current": [run("aa", 500, 5000, 1900), run("aa", 510, 5100, 1880)],
+               "l2-16": [run("aa", 550, 5200, 1750), run("aa", 560, 5300, 1740)],
+               "l2-0": [run("aa", 400, 5000, 2000), run("bb", 400, 5000, 2000)]}
+    rows = decode_l2_probe.table(results, "1,16").splitlines()
+    assert rows[0].startswith("current  same bits") and "x1.000" in rows[0] and "step 1890 us" in rows[0]
+    assert "median 555, x1.099; GPU 557" in rows[1] and "b16: 5,200 5,300 (median 5,250, x1.040; GPU -)" in rows[1]
+    assert "OUTPUT DIFFERS" in rows[2]
+
+
 @pytest.mark.parametrize("config,dtype", [("192x3", "float16"), ("192x3", "bfloat16"), ("128x3", "float16"),
                                           ("128x4", "float16"), ("256x2", "float16")])
 def test_sm90_wg3_experiment_compiles_without_spills(config, dtype, tmp_path, monkeypatch):
