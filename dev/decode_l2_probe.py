@@ -41,6 +41,14 @@ SOURCE = "quick_decode.cu"
 SHAPES = ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096))   # K x N of a Llama-2-7B layer
 MS = (1, 16)                                                           # the register pipeline, the ring
 
+# The instruction (sm_90; compiled out below), put before the file.
+_PREFETCH = r'''
+__device__ __forceinline__ void probe_bulk_prefetch_l2(const void* p, unsigned bytes) {  // 16-byte aligned
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+'''
 # The prefetch, defined once after the slice's scale row is known, called before both pdl_waits.
 # One lane per tile column and split (lane 0 of the warp with wk = 0) issues it; its share of the
 # budget is BUDGET / (tile columns x splits), rounded down to whole 512-byte chunks. Scales (64-byte
@@ -48,28 +56,22 @@ MS = (1, 16)                                                           # the reg
 # instruction needs.
 _HELPER = r'''
   auto probe_l2_slice = [&]() {
-#if __CUDA_ARCH__ >= 900
     if (lane != 0 || wk != 0 || !active) return;
     constexpr unsigned long long budget = PROBE_L2_MB == 0 ? ~0ull : (unsigned long long)PROBE_L2_MB << 20;
     const unsigned long long share = budget / ((unsigned long long)tiles_n * gridDim.y);
     const unsigned long long whole = (unsigned long long)nch_b * 512;
     const unsigned long long bytes = (whole < share ? whole : share) & ~511ull;
     const char* w = reinterpret_cast<const char*>(qweight + ((size_t)tn * chunks + kc0) * 32);
-    for (unsigned long long o = 0; o < bytes; o += 32768) {
-      const u32 n = (u32)(bytes - o < 32768 ? bytes - o : 32768);
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(w + o), "r"(n) : "memory");
-    }
+    for (unsigned long long o = 0; o < bytes; o += 32768)
+      probe_bulk_prefetch_l2(w + o, (u32)(bytes - o < 32768 ? bytes - o : 32768));
     const int nch = (int)(bytes / 512);
     if (nch > 0) {
       const int g0 = kc0 / cpg, g1 = (kc0 + nch - 1) / cpg + 1;   // groups of the prefetched chunks
       const uint2* s = scales + (sz_row + g0) * 8;
       const unsigned short* z = qzeros + (sz_row + g0) * 8;
-      if (((size_t)s & 15) == 0)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(s), "r"((u32)(g1 - g0) * 64) : "memory");
-      if (((size_t)z & 15) == 0)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(z), "r"((u32)(g1 - g0) * 16) : "memory");
+      if (((size_t)s & 15) == 0) probe_bulk_prefetch_l2(s, (u32)(g1 - g0) * 64);
+      if (((size_t)z & 15) == 0) probe_bulk_prefetch_l2(z, (u32)(g1 - g0) * 16);
     }
-#endif
   };
 '''
 _SZ_ROW = "  const size_t sz_row = (size_t)tn * groups;  // first scale/zero row of the tile column\n"
@@ -80,7 +82,7 @@ _WAIT_RING = "      if (r < nrounds) issue_w(r, r * SLOT_B);\n    pdl_wait();\n"
 def edited(source: str, budget_mb: int) -> str:
     """cuda/quick_decode.cu with the bulk prefetch of at most ``budget_mb`` MB (0: whole slices)."""
     what = f"l2-{budget_mb}"
-    text = f"#define PROBE_L2_MB {int(budget_mb)}\n" + source
+    text = f"#define PROBE_L2_MB {int(budget_mb)}\n" + _PREFETCH + source
     return source_variants.edited(text, [
         (_SZ_ROW, _SZ_ROW + _HELPER),
         (_WAIT_REGISTERS, "    probe_l2_slice();\n" + _WAIT_REGISTERS),
