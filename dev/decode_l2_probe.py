@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,19 +107,12 @@ def digests() -> dict:
 
 def llama(batch: str) -> dict:
     """The whole model once with backend auto: {batch: [tok/s wall, tok/s GPU]} and the batch-1 step."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "llama.json"
-        cmd = [sys.executable, "-m", "quickcupy", "llama", "--preset", "7b", "--layers", "32", "--vocab", "32000",
-               "--prompt", "128", "--gen", "16", "--batch", batch, "--backends", "auto", "--check-tokens", "0",
-               "--json", str(path)]
-        done = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"llama failed:\n{done.stderr.strip()[-2000:]}")
-        report = json.loads(path.read_text())
-    rates = {str(r["batch"]): [r["decode_tokens_per_s"], r.get("decode_gpu_tokens_per_s")]
-             for r in report["generation"] if r["backend"] == "auto"}
+    from llama_ab import rates, run_llama
+    report = run_llama(ROOT, ["--preset", "7b", "--layers", "32", "--vocab", "32000", "--prompt", "128", "--gen", "16",
+                              "--batch", batch, "--backends", "auto", "--check-tokens", "0"])
     step = report.get("decode_step_batch1", {}).get("auto", {})
-    return {"rates": rates, "step_us": step.get("full_step_us")}
+    return {"rates": {str(b): list(r) for (backend, b), r in rates(report).items() if backend == "auto"},
+            "step_us": step.get("full_step_us")}
 
 
 def table(results: dict, batch: str) -> str:

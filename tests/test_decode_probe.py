@@ -157,6 +157,26 @@ def test_decode_l2_probe_table_compares_bits_and_rates():
     assert "OUTPUT DIFFERS" in rows[2]
 
 
+def test_decode_l2_probe_reads_the_llama_report(monkeypatch):
+    """The child's llama run is llama_ab's (this checkout, auto only); it keeps auto's rates per batch
+    and the batch-1 step."""
+    import decode_l2_probe
+    import llama_ab
+    seen = {}
+
+    def fake_run(checkout, args):
+        seen["checkout"], seen["args"] = checkout, args
+        return {"generation": [{"backend": "auto", "batch": 1, "decode_tokens_per_s": 500.0,
+                                "decode_gpu_tokens_per_s": 505.0},
+                               {"backend": "auto", "batch": 16, "decode_tokens_per_s": 5000.0}],
+                "decode_step_batch1": {"auto": {"full_step_us": 1896.0}}}
+    monkeypatch.setattr(llama_ab, "run_llama", fake_run)
+    out = decode_l2_probe.llama("1,16")
+    assert seen["checkout"] == decode_l2_probe.ROOT and seen["args"][seen["args"].index("--batch") + 1] == "1,16"
+    assert seen["args"][seen["args"].index("--backends") + 1] == "auto"
+    assert out == {"rates": {"1": [500.0, 505.0], "16": [5000.0, None]}, "step_us": 1896.0}
+
+
 @pytest.mark.parametrize("config,dtype", [("192x3", "float16"), ("192x3", "bfloat16"), ("128x3", "float16"),
                                           ("128x4", "float16"), ("256x2", "float16")])
 def test_sm90_wg3_experiment_compiles_without_spills(config, dtype, tmp_path, monkeypatch):
