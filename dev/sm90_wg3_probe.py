@@ -3,14 +3,17 @@
 The experiment (see its header) gives a block WGS warpgroups of one m64 row block each, BT tokens
 (wgmma N): ``--configs BTxWGS,...``, e.g. 192x3 (192 features x 192 tokens, 3 warps per scheduler),
 128x3, 128x4 (256 x 128, 4 warps per scheduler) and 256x2 (quick_sm90's own 256-token tile, the
-control). Each config runs the deepest ring that fits (at most 8 slots) and split-K as quick_sm90's
-"fill" rule (splits while the blocks stay within one wave), reduced by the package's splitk_reduce.
+control); a suffix sS sets the ring's slots (64x2s7: 7 slots, so that two blocks share an SM).
+Each config runs the deepest ring that fits one block an SM (at most 8 slots) unless told, and
+split-K as quick_sm90's "fill" rule (splits while the blocks stay within one wave of as many blocks
+as an SM holds, from the compiled kernel's registers and shared memory), reduced by the package's
+splitk_reduce.
 
 Checked first, every config on layers quantized from float weights against the float64 reference
 of the dequantized weights (awkward shapes: rows past M, tile columns past N, group sizes 32-256
 and -1, split-K); a config that is wrong anywhere is not timed. Then timed like ``bench`` (event
 pairs behind a spin kernel, the packed weights rotated past L2) against today's quick_sm90 (its own
-plan) and ``cupy.matmul``, in fp16 or bf16. From the checkout, on a Hopper GPU::
+plan), ``cupy.matmul`` and, at M <= 16, quick_decode, in fp16 or bf16. From the checkout, on a Hopper GPU::
 
     python dev/sm90_wg3_probe.py [--configs 192x3,128x3,128x4,256x2] [--shapes 8192x8192,4096x22016,11008x4096] \
         [--m 256,1024,4096] [--dtype bfloat16]
@@ -30,20 +33,27 @@ sys.path.insert(0, str(ROOT / "dev"))
 
 SOURCE = Path(__file__).resolve().parent / "quick_sm90_wg3.cu"
 U = 2                                         # 32-deep chunks per K step (WG3_U)
-SMEM_LIMIT = 227 * 1024
+SMEM_LIMIT = 227 * 1024                       # a block's shared memory
+SM_SMEM = 228 * 1024                          # an SM's
 
 
 class Config:
-    """One instance shape: BT tokens, WGS warpgroups (64 features each), the deepest ring that fits."""
+    """One instance shape: BT tokens, WGS warpgroups (64 features each), S ring slots ("BTxWGS" takes
+    the deepest ring that fits one block an SM, at most 8; "BTxWGSsS" takes S, e.g. 64x2s7 so that
+    two blocks share an SM)."""
 
     def __init__(self, text: str):
-        self.bt, self.wgs = (int(v) for v in text.split("x"))
+        shape, _, stages = text.partition("s")
+        self.bt, self.wgs = (int(v) for v in shape.split("x"))
         if self.bt not in (64, 128, 192, 256) or not 1 <= self.wgs <= 4:
             raise SystemExit(f"--configs {text}: BT must be 64, 128, 192 or 256 and WGS 1-4")
         self.threads, self.tcols = 128 * self.wgs, 2 * self.wgs
         self.bn = 32 * self.tcols
         self.slot = self.bt * 128 + self.tcols * U * 512 + 2048
-        self.stages = min(8, (SMEM_LIMIT - 1024) // (self.slot + 16))
+        self.stages = int(stages) if stages else min(8, (SMEM_LIMIT - 1024) // (self.slot + 16))
+        if not 3 <= self.stages <= 8 or self.smem() > SMEM_LIMIT:
+            raise SystemExit(f"--configs {text}: {self.stages} slots do not fit (3-8 slots, {SMEM_LIMIT} bytes)")
+        self.per_sm = 1                           # blocks an SM holds: set from the compiled kernel (launch)
         self.name = text
 
     def smem(self) -> int:
@@ -58,7 +68,7 @@ class Config:
         """(splits, chunks per split): as many K splits as keep the blocks within one wave."""
         tiles = -(-M // self.bt) * -(-N // self.bn)
         chunks = K // 32
-        want = max(1, min(sm_count // tiles, chunks // (2 * U)))
+        want = max(1, min(self.per_sm * sm_count // tiles, chunks // (2 * U)))
         cps = -(-(-(-chunks // want)) // U) * U
         return -(-chunks // cps), cps
 
@@ -75,6 +85,10 @@ def function(cfg: Config, name: str):
         fn = mod.get_function(name)
         fn.max_dynamic_shared_size_bytes = cfg.smem()
         _FUNCTIONS[name] = fn
+        # blocks an SM holds: shared memory (1 KB reserved a block), registers (allocated in 8s), threads
+        cfg.per_sm = min(SM_SMEM // (cfg.smem() + 1024), 65536 // (-(-fn.num_regs // 8) * 8 * cfg.threads),
+                         2048 // cfg.threads)
+        print(f"  {name}: {fn.num_regs} registers, {cfg.per_sm} block(s) an SM")
     return _FUNCTIONS[name]
 
 
@@ -91,11 +105,11 @@ def launch(cfg: Config, x, layer, y, sm_count: int):
     # the block's tile columns (kernels.gemm_tensor_maps reads bm, bn, the K step and the group size)
     shape = dataclasses.replace(kernels.plan("quick_sm90", M, N, K, G), bm=cfg.bt, bn=cfg.bn)
     maps = kernels.gemm_tensor_maps(shape, x, layer.qweight, layer.qzeros, layer.scales)
+    fn = function(cfg, cfg.instance(G, x.dtype.name))     # first: it sets cfg.per_sm, which the split reads
     splits, cps = cfg.splits(M, N, K, sm_count)
     tiles = -(-M // cfg.bt) * -(-N // cfg.bn)
     null = np.uint64(0)
     partial = kernels.workspace(layer.device).buffer("partials", splits * M * N, np.float32) if splits > 1 else null
-    fn = function(cfg, cfg.instance(G, x.dtype.name))
     fn((tiles, 1, splits), (cfg.threads,), maps + (null, y, partial, np.int32(M), np.int32(N), np.int32(K),
                                                     np.int32(G), np.int32(cps)), shared_mem=cfg.smem())
     if splits > 1:
@@ -141,6 +155,8 @@ def main() -> int:
 
     import cupy
     from decode_probe import rotation
+
+    import quickcupy
     from quickcupy import kernels
     from quickcupy.tools.timing import rotating, time_gpu
 
@@ -163,7 +179,8 @@ def main() -> int:
     dt = np.dtype(args.dtype)
     print(f"\nus per call, group {args.group_size}, {args.dtype}; (x) = quick_sm90's time / the config's; "
           f"'diff' = the largest max |config - quick_sm90| / max |quick_sm90|")
-    print(f"{'K x N':>12} {'M':>5} {'cuBLAS':>8} {'quick_sm90':>10} " + " ".join(f"{c.name:>15}" for c in configs)
+    print(f"{'K x N':>12} {'M':>5} {'cuBLAS':>8} {'decode':>8} {'quick_sm90':>10} "
+          + " ".join(f"{c.name:>15}" for c in configs)
           + f" {'diff':>9}")
     for shape in args.shapes.split(","):
         K, N = (int(v) for v in shape.split("x"))
@@ -178,6 +195,9 @@ def main() -> int:
                                                layer.device)
             t_ref = time_gpu(rotating(lambda w: cupy.matmul(x, w), w16), 10, args.repeats) * 1e6
             t_cur = time_gpu(rotating(cur, layers), 10, args.repeats) * 1e6
+            # quick_decode (M <= 16), the kernel auto runs there today
+            t_dec = (time_gpu(rotating(lambda layer: quickcupy.gemm(x, layer, kernel="quick_decode"), layers), 10,
+                              args.repeats) * 1e6 if M <= 16 else float("nan"))
             cur(layers[0])
             ref = y0.astype(np.float32)
             cells, diff = [], 0.0
@@ -188,7 +208,7 @@ def main() -> int:
                 new(layers[0])
                 diff = max(diff, float(cupy.abs(y1.astype(np.float32) - ref).max() / cupy.abs(ref).max()))
                 cells.append(f"{t:8.1f} ({t_cur / t:4.2f})")
-            print(f"{K:>6}x{N:<6}{M:>5} {t_ref:8.1f} {t_cur:10.1f} " + " ".join(f"{c:>15}" for c in cells)
+            print(f"{K:>6}x{N:<6}{M:>5} {t_ref:8.1f} {t_dec:8.1f} {t_cur:10.1f} " + " ".join(f"{c:>15}" for c in cells)
                   + f" {diff:9.2e}")
     return 0
 
