@@ -63,16 +63,31 @@ def table(rows: list) -> str:
     return "\n".join(out)
 
 
-def run_llama(checkout: Path, llama_args: list) -> dict:
-    """One llama run in ``checkout`` (its quickcupy first on the path); its JSON report."""
+def run_tool(checkout: Path, tool: str, tool_args: list) -> dict:
+    """One run of ``python -m quickcupy TOOL`` (llama, bench) in ``checkout`` (its quickcupy first on
+    the path); its JSON report."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "llama.json"
+        out = Path(tmp) / f"{tool}.json"
         env = dict(os.environ, PYTHONPATH=str(checkout))
-        done = subprocess.run([sys.executable, "-m", "quickcupy", "llama", *llama_args, "--json", str(out)],
+        done = subprocess.run([sys.executable, "-m", "quickcupy", tool, *tool_args, "--json", str(out)],
                               cwd=checkout, env=env, capture_output=True, text=True)
         if done.returncode:
-            raise SystemExit(f"llama in {checkout} failed:\n{done.stderr.strip()[-2000:]}")
+            raise SystemExit(f"{tool} in {checkout} failed:\n{done.stderr.strip()[-2000:]}")
         return json.loads(out.read_text())
+
+
+def run_llama(checkout: Path, llama_args: list) -> dict:
+    """One llama run in ``checkout``; its JSON report."""
+    return run_tool(checkout, "llama", llama_args)
+
+
+def old_checkout(p: argparse.ArgumentParser, old: Path, rounds: int) -> Path:
+    """``--old`` resolved, after checking it holds quickcupy/ and cuda/ and that ``rounds`` >= 1."""
+    if not (old / "quickcupy").is_dir() or not (old / "cuda").is_dir():
+        p.error(f"--old {old} must hold quickcupy/ and cuda/")
+    if rounds < 1:
+        p.error("--rounds must be >= 1")
+    return old.resolve()
 
 
 def main(argv=None) -> int:
@@ -82,11 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("llama_args", nargs=argparse.REMAINDER, help="-- then the llama tool's arguments")
     args = p.parse_args(argv)
     llama_args = args.llama_args[1:] if args.llama_args[:1] == ["--"] else args.llama_args
-    if not (args.old / "quickcupy").is_dir() or not (args.old / "cuda").is_dir():
-        p.error(f"--old {args.old} must hold quickcupy/ and cuda/")
-    if args.rounds < 1:
-        p.error("--rounds must be >= 1")
-    checkouts = {"old": args.old.resolve(), "today": ROOT}
+    checkouts = {"old": old_checkout(p, args.old, args.rounds), "today": ROOT}
     runs = {side: [] for side in SIDES}
     for i in range(args.rounds):
         for side in order(i):

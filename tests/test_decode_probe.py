@@ -252,6 +252,41 @@ def test_llama_ab_refuses_a_folder_without_a_checkout(tmp_path):
         llama_ab.main(["--old", str(tmp_path), "--", "--preset", "tiny"])
 
 
+def test_bench_ab_alternates_and_summarizes(tmp_path, monkeypatch, capsys):
+    """dev/bench_ab.py: llama_ab's alternation over two checkouts' bench JSON (run_tool stubbed), the
+    points every run has, per point the medians and old / today (above 1: today faster)."""
+    import bench_ab
+    import llama_ab
+    old = tmp_path / "old"
+    for name in ("quickcupy", "cuda"):
+        (old / name).mkdir(parents=True)
+    calls = []
+    old_times = iter([40.0, 44.0])
+    new_times = iter([30.0, 34.0])
+
+    def fake(checkout, tool, args):
+        side = "old" if checkout == old.resolve() else "today"
+        calls.append((side, tool, tuple(args)))
+        t = next(old_times if side == "old" else new_times)
+        points = [{"K": 8192, "N": 8192, "M": 64, "kernel": "quick_sm90", "time_us": t},
+                  {"K": 8192, "N": 8192, "M": 64, "kernel": "fp16", "time_us": 50.0},
+                  {"K": 8192, "N": 8192, "M": 1, "kernel": "quick_sm90", "time_us": None}]
+        if side == "today":
+            points.append({"K": 4096, "N": 4096, "M": 64, "kernel": "quick_sm90", "time_us": 9.0})
+        return {"points": points}
+    monkeypatch.setattr(bench_ab, "run_tool", fake)
+    assert bench_ab.main(["--old", str(old), "--", "--m", "64", "--kernels", "fp16,quick_sm90"]) == 0
+    assert [c[0] for c in calls] == [s for i in range(2) for s in llama_ab.order(i)]
+    assert {c[1:] for c in calls} == {("bench", ("--m", "64", "--kernels", "fp16,quick_sm90"))}
+    out = capsys.readouterr().out
+    rows = {r[3]: r for r in bench_ab.summary({"old": [{(1, 1, 1, "k"): 40.0}, {(1, 1, 1, "k"): 44.0}],
+                                              "today": [{(1, 1, 1, "k"): 30.0}, {(1, 1, 1, "k"): 34.0}]})}
+    assert rows["k"][6:] == (42.0, 32.0, 42.0 / 32.0)
+    assert "quick_sm90" in out and "1.312" in out and "4096x4096" not in out and "1.000" in out
+    with pytest.raises(SystemExit):
+        bench_ab.main(["--old", str(tmp_path / "none"), "--", "--m", "64"])
+
+
 def test_dequant_fold_error_separates_the_exact_way_from_the_fold():
     """dev/dequant_fold_error.py: the kernels' sub-then-multiply rounds (n - z) s once (at most 15
     half-ulps of 2^-10 relative, 0.0074 of the scale), while one fma against a precomputed
