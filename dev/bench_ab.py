@@ -14,14 +14,13 @@ From the checkout, on a GPU (arguments after ``--`` go to the bench tool)::
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llama_ab import ROOT, SIDES, old_checkout, order, run_tool  # noqa: E402  (dev/, beside this file)
+from llama_ab import SIDES, ab_main  # noqa: E402  (dev/, beside this file)
 
 
 def times(report: dict) -> dict:
@@ -50,21 +49,7 @@ def table(rows: list) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--old", required=True, type=Path, help="a folder with the earlier commit's quickcupy/ and cuda/")
-    p.add_argument("--rounds", type=int, default=2, help="runs of each checkout (default 2)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then the bench tool's arguments")
-    args = p.parse_args(argv)
-    bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
-    checkouts = {"old": old_checkout(p, args.old, args.rounds), "today": ROOT}
-    runs = {side: [] for side in SIDES}
-    for i in range(args.rounds):
-        for side in order(i):
-            runs[side].append(times(run_tool(checkouts[side], "bench", bench_args)))
-            print(f"round {i + 1}: {side} done", file=sys.stderr, flush=True)
-    print(f"bench {' '.join(bench_args)}; {args.rounds} rounds, old = {args.old}")
-    print(table(summary(runs)))
-    return 0
+    return ab_main(argv, "bench", __doc__.splitlines()[0], times, lambda runs: table(summary(runs)), 2)
 
 
 if __name__ == "__main__":

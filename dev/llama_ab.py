@@ -81,31 +81,33 @@ def run_llama(checkout: Path, llama_args: list) -> dict:
     return run_tool(checkout, "llama", llama_args)
 
 
-def old_checkout(p: argparse.ArgumentParser, old: Path, rounds: int) -> Path:
-    """``--old`` resolved, after checking it holds quickcupy/ and cuda/ and that ``rounds`` >= 1."""
-    if not (old / "quickcupy").is_dir() or not (old / "cuda").is_dir():
-        p.error(f"--old {old} must hold quickcupy/ and cuda/")
-    if rounds < 1:
-        p.error("--rounds must be >= 1")
-    return old.resolve()
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ab_main(argv, tool: str, description: str, extract, report, rounds: int) -> int:
+    """The A/B of ``tool`` (llama, bench) between ``--old`` and this checkout: ``extract`` (a JSON
+    report -> {point: value}) per run, ``report`` ({side: [extract(), one per round]} -> text) at the
+    end; ``rounds``: the default of ``--rounds``."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--old", required=True, type=Path, help="a folder with the earlier commit's quickcupy/ and cuda/")
-    p.add_argument("--rounds", type=int, default=3, help="runs of each checkout (default 3)")
-    p.add_argument("llama_args", nargs=argparse.REMAINDER, help="-- then the llama tool's arguments")
+    p.add_argument("--rounds", type=int, default=rounds, help=f"runs of each checkout (default {rounds})")
+    p.add_argument("tool_args", nargs=argparse.REMAINDER, help=f"-- then the {tool} tool's arguments")
     args = p.parse_args(argv)
-    llama_args = args.llama_args[1:] if args.llama_args[:1] == ["--"] else args.llama_args
-    checkouts = {"old": old_checkout(p, args.old, args.rounds), "today": ROOT}
+    tool_args = args.tool_args[1:] if args.tool_args[:1] == ["--"] else args.tool_args
+    if not (args.old / "quickcupy").is_dir() or not (args.old / "cuda").is_dir():
+        p.error(f"--old {args.old} must hold quickcupy/ and cuda/")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    checkouts = {"old": args.old.resolve(), "today": ROOT}
     runs = {side: [] for side in SIDES}
     for i in range(args.rounds):
         for side in order(i):
-            runs[side].append(rates(run_llama(checkouts[side], llama_args)))
+            runs[side].append(extract(run_tool(checkouts[side], tool, tool_args)))
             print(f"round {i + 1}: {side} done", file=sys.stderr, flush=True)
-    print(f"llama {' '.join(llama_args)}; {args.rounds} rounds, old = {args.old}")
-    print(table(summary(runs)))
+    print(f"{tool} {' '.join(tool_args)}; {args.rounds} rounds, old = {args.old}")
+    print(report(runs))
     return 0
+
+
+def main(argv=None) -> int:
+    return ab_main(argv, "llama", __doc__.splitlines()[0], rates, lambda runs: table(summary(runs)), 3)
 
 
 if __name__ == "__main__":

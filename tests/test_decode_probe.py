@@ -274,7 +274,7 @@ def test_bench_ab_alternates_and_summarizes(tmp_path, monkeypatch, capsys):
         if side == "today":
             points.append({"K": 4096, "N": 4096, "M": 64, "kernel": "quick_sm90", "time_us": 9.0})
         return {"points": points}
-    monkeypatch.setattr(bench_ab, "run_tool", fake)
+    monkeypatch.setattr(llama_ab, "run_tool", fake)
     assert bench_ab.main(["--old", str(old), "--", "--m", "64", "--kernels", "fp16,quick_sm90"]) == 0
     assert [c[0] for c in calls] == [s for i in range(2) for s in llama_ab.order(i)]
     assert {c[1:] for c in calls} == {("bench", ("--m", "64", "--kernels", "fp16,quick_sm90"))}
