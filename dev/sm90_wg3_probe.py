@@ -53,7 +53,6 @@ class Config:
         self.stages = int(stages) if stages else min(8, (SMEM_LIMIT - 1024) // (self.slot + 16))
         if not 3 <= self.stages <= 8 or self.smem() > SMEM_LIMIT:
             raise SystemExit(f"--configs {text}: {self.stages} slots do not fit (3-8 slots, {SMEM_LIMIT} bytes)")
-        self.per_sm = 1                           # blocks an SM holds: set from the compiled kernel (launch)
         self.name = text
 
     def smem(self) -> int:
@@ -64,11 +63,18 @@ class Config:
         return (f"quick_sm90_wg<{self.bt}, {self.wgs}, {self.stages}, {gch}, "
                 f"{'half' if dtype == 'float16' else '__nv_bfloat16'}>")
 
-    def splits(self, M: int, N: int, K: int, sm_count: int) -> tuple:
-        """(splits, chunks per split): as many K splits as keep the blocks within one wave."""
+    def per_sm(self, num_regs: int) -> int:
+        """Blocks an SM holds at ``num_regs`` registers a thread (allocated in 8s), by shared memory
+        (1 KB reserved a block), registers and threads."""
+        return min(SM_SMEM // (self.smem() + 1024), 65536 // (-(-num_regs // 8) * 8 * self.threads),
+                   2048 // self.threads)
+
+    def splits(self, M: int, N: int, K: int, sm_count: int, per_sm: int = 1) -> tuple:
+        """(splits, chunks per split): as many K splits as keep the blocks within one wave of
+        ``per_sm`` blocks an SM."""
         tiles = -(-M // self.bt) * -(-N // self.bn)
         chunks = K // 32
-        want = max(1, min(self.per_sm * sm_count // tiles, chunks // (2 * U)))
+        want = max(1, min(per_sm * sm_count // tiles, chunks // (2 * U)))
         cps = -(-(-(-chunks // want)) // U) * U
         return -(-chunks // cps), cps
 
@@ -85,15 +91,13 @@ def function(cfg: Config, name: str):
         fn = mod.get_function(name)
         fn.max_dynamic_shared_size_bytes = cfg.smem()
         _FUNCTIONS[name] = fn
-        # blocks an SM holds: shared memory (1 KB reserved a block), registers (allocated in 8s), threads
-        cfg.per_sm = min(SM_SMEM // (cfg.smem() + 1024), 65536 // (-(-fn.num_regs // 8) * 8 * cfg.threads),
-                         2048 // cfg.threads)
-        print(f"  {name}: {fn.num_regs} registers, {cfg.per_sm} block(s) an SM")
+        print(f"  {name}: {fn.num_regs} registers, {cfg.per_sm(fn.num_regs)} block(s) an SM")
     return _FUNCTIONS[name]
 
 
 def launch(cfg: Config, x, layer, y, sm_count: int):
-    """y = x @ W.T with the experiment (layer: a quick-layout QuantLinear; y: (M, N) like x)."""
+    """y = x @ W.T with the experiment (layer: a quick-layout QuantLinear; y: (M, N) like x); the
+    number of K splits it ran."""
     import dataclasses
 
     from quickcupy import kernels, registry
@@ -105,8 +109,8 @@ def launch(cfg: Config, x, layer, y, sm_count: int):
     # the block's tile columns (kernels.gemm_tensor_maps reads bm, bn, the K step and the group size)
     shape = dataclasses.replace(kernels.plan("quick_sm90", M, N, K, G), bm=cfg.bt, bn=cfg.bn)
     maps = kernels.gemm_tensor_maps(shape, x, layer.qweight, layer.qzeros, layer.scales)
-    fn = function(cfg, cfg.instance(G, x.dtype.name))     # first: it sets cfg.per_sm, which the split reads
-    splits, cps = cfg.splits(M, N, K, sm_count)
+    fn = function(cfg, cfg.instance(G, x.dtype.name))
+    splits, cps = cfg.splits(M, N, K, sm_count, cfg.per_sm(fn.num_regs))
     tiles = -(-M // cfg.bt) * -(-N // cfg.bn)
     null = np.uint64(0)
     partial = kernels.workspace(layer.device).buffer("partials", splits * M * N, np.float32) if splits > 1 else null
@@ -117,7 +121,7 @@ def launch(cfg: Config, x, layer, y, sm_count: int):
         threads = registry.SPLITK_REDUCE_THREADS
         reduce_fn((-(-(M * N // 4) // threads),), (threads,), (partial, null, y, np.int32(splits), np.int32(M),
                                                                np.int32(N)))
-    return y
+    return splits
 
 
 CHECK_SHAPES = ((1, 256, 128, 128), (300, 1024, 4096 + 96, 128), (257, 2048, 384, 32), (600, 1536, 512, 96),
@@ -137,9 +141,9 @@ def check(cfg: Config, sm_count: int, dtype: str) -> list:
         layer = QuantLinear.from_quantized(q, "quick")
         xg = cupy.asarray((rng.standard_normal((M, K)) * 0.5).astype(np.float32)).astype(dtype)
         y = cupy.full((M, N), np.nan, dtype)
-        launch(cfg, xg, layer, y, sm_count)
+        splits = launch(cfg, xg, layer, y, sm_count)
         err = rel_error(y.astype(np.float32), reference_gemm(xg.astype(np.float32).get(), q))
-        rows.append((M, K, N, G, cfg.splits(M, N, K, sm_count)[0], err))
+        rows.append((M, K, N, G, splits, err))
     return rows
 
 

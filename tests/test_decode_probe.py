@@ -2,6 +2,7 @@
 cuda/quick_decode.cu exactly once, the edited sources compile (NVRTC, as the loader would), and they
 are written to a temporary copy of cuda/, never into the package's."""
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -196,11 +197,12 @@ def test_sm90_wg3_experiment_compiles_without_spills(config, dtype, tmp_path, mo
     assert cfg.smem() <= kernels.H100.smem_per_block and cfg.slot % 1024 == 0 and cfg.stages >= 4
     if "s" in config:                            # a ring short enough for two blocks an SM
         assert 2 * (cfg.smem() + 1024) <= wg.SM_SMEM and cfg.stages == int(config.split("s")[1])
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    assert cfg.per_sm(regs) == (2 if "s" in config else 1)   # the split rule's blocks an SM
     assert cfg.instance(96, dtype).split(", ")[3] == "1" and cfg.instance(64, dtype).split(", ")[3] == "2"
     for per_sm in (1, 2):
-        cfg.per_sm = per_sm
         for M, N, K in ((256, 8192, 8192), (1, 256, 1024), (1000, 256, 8192), (4096, 22016, 4096), (64, 8192, 8192)):
-            splits, cps = cfg.splits(M, N, K, 132)
+            splits, cps = cfg.splits(M, N, K, 132, per_sm)
             tiles = -(-M // cfg.bt) * -(-N // cfg.bn)
             assert cps % wg.U == 0 and (splits - 1) * cps < K // 32 <= splits * cps
             assert splits == 1 or tiles * splits <= per_sm * 132
