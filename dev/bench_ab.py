@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llama_ab import SIDES, ab_main  # noqa: E402  (dev/, beside this file)
+from llama_ab import SIDES, ab_main, common_keys  # noqa: E402  (dev/, beside this file)
 
 
 def times(report: dict) -> dict:
@@ -31,9 +31,8 @@ def times(report: dict) -> dict:
 def summary(runs: dict) -> list:
     """Rows (K, N, M, kernel, old times, today times, old median, today median, old / today) from
     ``runs`` = {side: [times(), one per round]}, for the points every run has."""
-    keys = [k for k in runs["old"][0] if all(k in r for side in SIDES for r in runs[side])]
     rows = []
-    for key in keys:
+    for key in common_keys(runs):
         each = {side: [r[key] for r in runs[side]] for side in SIDES}
         med = {side: statistics.median(each[side]) for side in SIDES}
         rows.append((*key, each["old"], each["today"], med["old"], med["today"], med["old"] / med["today"]))

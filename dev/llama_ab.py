@@ -38,12 +38,17 @@ def rates(report: dict) -> dict:
     return {(t["backend"], t["batch"]): (t["decode_tokens_per_s"], t.get("decode_gpu_tokens_per_s")) for t in runs}
 
 
+def common_keys(runs: dict) -> list:
+    """The points of ``runs`` = {side: [{point: value}, one per round]} that every run has, in the
+    first run's order."""
+    return [k for k in runs["old"][0] if all(k in r for side in SIDES for r in runs[side])]
+
+
 def summary(runs: dict) -> list:
     """Rows (backend, batch, old walls, today walls, old median, today median, ratio, old GPU median,
     today GPU median) from ``runs`` = {side: [rates(), one per round]}, for the keys both sides have."""
-    keys = [k for k in runs["old"][0] if all(k in r for side in SIDES for r in runs[side])]
     rows = []
-    for key in keys:
+    for key in common_keys(runs):
         walls = {side: [r[key][0] for r in runs[side]] for side in SIDES}
         gpus = {side: [r[key][1] for r in runs[side] if r[key][1] is not None] for side in SIDES}
         med = {side: statistics.median(walls[side]) for side in SIDES}
