@@ -6,29 +6,31 @@
 // activations (the B operand, N = tokens) in the 128-byte swizzle the wgmma descriptor reads
 // without bank conflicts, and the weights still packed, as they arrive (Marlin's way of streaming).
 //
-// Block: QUICK_SM90_THREADS = 2 warpgroups, K in steps of 64; two tile shapes (RB below):
-//   BT = 64, 128 tokens: 256 output features. Warpgroup wg owns features [128 wg, +128); its warp w
-//     owns the QUICK tile column of 32 features at 32 w, and the 4 words of a lane's 16 bytes per
-//     chunk are the A fragments of two wgmma row blocks: words (0, 1) -> rows 16 w .. +15 of block 0
+// Block: THREADS / 128 warpgroups of BN / (16 x warps) = RB wgmma row blocks (m64) each, BN output
+// features x BT tokens, K in steps of 64. Two ways to give a warp its features:
+//   RB = 2 (BN = 256, 2 warpgroups): warpgroup wg owns features [128 wg, +128); its warp w owns the
+//     QUICK tile column of 32 features at 32 w, and the 4 words of a lane's 16 bytes per chunk are
+//     the A fragments of two wgmma row blocks: words (0, 1) -> rows 16 w .. +15 of block 0
 //     (features 32 w + 0..15), words (2, 3) -> the same rows of block 1 (features 32 w + 16..31);
-//     per 64-deep step a warpgroup issues 2 blocks x 4 k16 steps = 8 wgmma.m64nBTk16. Wide feature
-//     tiles keep the activation traffic low: per step a block reads BT x 128 bytes of activations
-//     and 256 x 32 bytes of weights (a cp.async 128 x 256 tile the other way round hit the L2
-//     bandwidth, measured).
-//   BT = 256 tokens: 128 output features, one row block per warpgroup: warp w owns half w % 2 of
-//     tile column w / 2, i.e. words (2 (w % 2), 2 (w % 2) + 1) of each lane's 16 bytes (features
-//     32 (w / 2) + 16 (w % 2) + 0..15), an 8-byte read; per step 4 wgmma.m64n256k16, the same
-//     multiply-adds and 128 accumulators a thread as BT = 128, but half the A fragments and half the
-//     dequantization per warp (126 instead of 188 SASS instructions per step for a warp that does not
-//     issue the copies; 1.05-1.23x faster from M = 192 on the H100, results/h100/sm90_rowblock.txt).
+//     per 64-deep step a warpgroup issues 2 blocks x 4 k16 steps = 8 wgmma.m64nBTk16.
+//   RB = 1 (BN = 64 x warpgroups): one row block per warpgroup; warp w owns half w % 2 of tile
+//     column w / 2, i.e. words (2 (w % 2), 2 (w % 2) + 1) of each lane's 16 bytes (features
+//     32 (w / 2) + 16 (w % 2) + 0..15), an 8-byte read; per step 4 wgmma.m64nBTk16: half the A
+//     fragments and half the dequantization per warp of RB = 2 (126 instead of 188 SASS instructions
+//     per step for a warp that does not issue the copies at BT = 256 against 128).
+// Wide feature tiles keep the activation traffic low: per step a block reads BT x 128 bytes of
+// activations and BN x 32 bytes of weights (a cp.async 128 x 256 tile the other way round hit the L2
+// bandwidth, measured). The plan's tiles (quickcupy/registry.py): 64 and 128 tokens x 256 features
+// in 4 warpgroups, 256 tokens x 128 features in 2 (results/h100/sm90_rowblock.txt,
+// results/h100/sm90_warpgroups_probe.txt).
 // Half2 2s + r of a word is register r of k16 step s (quickcupy/layouts.py draws it).
 //
 // Pipeline: one STAGES-deep ring of K steps, each slot holding the step's activation tile, packed
 // weights, scales and zeros, every one a single TMA box issued by one thread (the packed tensors as
-// 2-D arrays of tile columns: one row per 32-feature QUICK tile column, so a block's 8 tile columns
-// of a K step are one 8-row box; see quickcupy.kernels.gemm_tensor_maps), handed over with
-// mbarriers ("full" when a slot's bytes landed, "empty" when both warpgroups are done with it), so
-// the two groups run out of step and no consumer thread spends instructions on copies. Within a
+// 2-D arrays of tile columns: one row per 32-feature QUICK tile column, so a block's tile columns
+// of a K step are one box of BN / 32 rows; see quickcupy.kernels.gemm_tensor_maps), handed over with
+// mbarriers ("full" when a slot's bytes landed, "empty" when every warpgroup is done with it), so
+// the groups run out of step and no consumer thread spends instructions on copies. Within a
 // group, the dequantization of step it + 1 (into a second set of A registers) runs while the wgmmas
 // of step it are in flight; exactly one wgmma group is ever in flight, which keeps ptxas from
 // serializing them (warning C7513).
@@ -39,18 +41,19 @@ using namespace qc;
 constexpr int SM90_WG = 128;                     // threads per warpgroup
 constexpr int SM90_BK = 64;                      // K per main-loop step: one 128-byte swizzle row
 constexpr int SM90_U = SM90_BK / 32;             // 32-deep QUICK chunks per step
-constexpr int SM90_WARPS = QUICK_SM90_THREADS / 32;
 // A slot after its activations: the block's packed weights, [tile column][chunk][lane][16 bytes];
 // then per group the step uses (GPS = SM90_U / GCH of them) the scales of each tile column (8 g x 4
 // sub-tiles, fp16), [tile column][group][64 bytes]; then its zeros (8 halfwords), [tile
 // column][group][16 bytes]. Every region starts on 128 bytes, as TMA wants.
 constexpr int SM90_SZ_REGION = 2048;             // scales and zeros of up to 2 groups, rounded to 1 KB
 
-template <int BT,       // tokens per block = wgmma N: 64 or 128 (256 features a block), or 256 (128)
+template <int BT,       // tokens per block = wgmma N: 64, 128 or 256
+          int BN,       // output features per block: 256 or 128
+          int THREADS,  // 256 or 512: 2 or 4 warpgroups (RB = BN / (16 x warps) row blocks each)
           int STAGES,   // slots of the ring (each: BT x 64 fp16 activations + the step's weights)
           int GCH,      // chunks per scale/zero reload = gcd(group_size / 32, 2): 1 or 2
           typename T>   // activations, bias and C: half or __nv_bfloat16 (Dt<T>); scales are fp16
-__global__ void __launch_bounds__(QUICK_SM90_THREADS, 1)
+__global__ void __launch_bounds__(THREADS, 1)
 quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box BT x 64, 128B swizzle
            const __grid_constant__ TensorMap w_map,   // qweight: a row of K / 32 x 512 bytes per tile column, box 8 x 1 KB
            const __grid_constant__ TensorMap s_map,   // scales: a row of groups x 64 bytes per tile column, box 8 x GPS 64
@@ -59,9 +62,10 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
            const T* __restrict__ bias, T* __restrict__ C, float* __restrict__ partial,
            int M, int N, int K, int group_size, int chunks_per_split) {
   using D = Dt<T>;
-  constexpr int RB = BT == 256 ? 1 : 2;          // wgmma row blocks (m64) per warpgroup
-  constexpr int TCOLS = SM90_WARPS * RB / 2;     // QUICK tile columns per block: 8 or 4
-  constexpr int BN = 32 * TCOLS;                 // output features per block
+  constexpr int WARPS = THREADS / 32;
+  constexpr int RB = BN / (16 * WARPS);          // wgmma row blocks (m64) per warpgroup
+  static_assert(RB == 1 || RB == 2, "a warp owns a whole or half a QUICK tile column");
+  constexpr int TCOLS = BN / 32;                 // QUICK tile columns per block
   constexpr int X_BYTES = BT * SM90_BK * 2;      // activation tile of a slot (first: 1 KB aligned)
   constexpr int W_BYTES = TCOLS * SM90_U * 512;  // packed weights of a slot
   constexpr int GPS = SM90_U / GCH;               // groups a step reads scales and zeros of
@@ -94,14 +98,14 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(full + 8 * s, 1);                        // the issuing thread's expect_tx
-      mbar_init(empty + 8 * s, QUICK_SM90_THREADS);      // one arrival per thread once it is done with it
+      mbar_init(empty + 8 * s, THREADS);                 // one arrival per thread once it is done with it
     }
   }
   __syncthreads();
 
   // K step `it` -> its slot, issued by one thread: four TMA boxes, all completing on the slot's full
-  // barrier: the activations (rows past M and columns past K arrive as zeros), the block's 8 tile
-  // columns of packed weights for the step's chunks, and the scales and zeros of the step's groups
+  // barrier: the activations (rows past M and columns past K arrive as zeros), the block's TCOLS
+  // tile columns of packed weights for the step's chunks, and the scales and zeros of the step's groups
   // (tile columns past N and chunks past K arrive as zeros too).
   auto load_step = [&](int it) {
     const u32 slot = ring + (it % STAGES) * SLOT, bar = full + 8 * (it % STAGES);
@@ -169,10 +173,10 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
   if (tid == 0)
     for (int s = 0; s < STAGES - 2 && s < iters; ++s) load_step(s);
 
-  // Step `it` of one warpgroup (its A fragments `cur` are ready): issue 8 wgmmas; while they run,
+  // Step `it` of one warpgroup (its A fragments `cur` are ready): issue 4 RB wgmmas; while they run,
   // dequantize step it + 1 into `next` and refill the slot of step it - 2 with step
-  // it + STAGES - 2 once both groups are done with it (the other group may be two steps behind; lane
-  // 0 of warp it % 8 issues it, so the waits and copies rotate over the warps); then wait for the
+  // it + STAGES - 2 once every group is done with it (another group may be two steps behind; lane
+  // 0 of warp it % WARPS issues it, so the waits and copies rotate over the warps); then wait for the
   // wgmmas and mark step it's slot empty.
   auto step = [&](int it, const u32 (&cur)[RB][2 * SM90_U][4], u32 (&next)[RB][2 * SM90_U][4]) {
     const u32 x = ring + (it % STAGES) * SLOT;
@@ -186,7 +190,7 @@ quick_sm90(const __grid_constant__ TensorMap x_map,   // x as (M, K) of T, box B
       wait_full(it + 1);
       dequant(it + 1, next);
     }
-    if (it + STAGES - 2 < iters && tid == 32 * (it % SM90_WARPS)) {
+    if (it + STAGES - 2 < iters && tid == 32 * (it % WARPS)) {
       if (it >= 2) mbar_wait(empty + 8 * ((it - 2) % STAGES), ((it - 2) / STAGES) & 1);
       load_step(it + STAGES - 2);                // steps STAGES - 2, STAGES - 1: fresh slots
     }

@@ -7,7 +7,6 @@
 constexpr int SMEM_PAD = 8;
 constexpr int AWQ_THREADS = 64;
 constexpr int QUICK_THREADS = 128;
-constexpr int QUICK_SM90_THREADS = 256;
 constexpr int SPLITK_REDUCE_THREADS = 128;
 constexpr int DECODE_ATTENTION_THREADS = 128;
 constexpr int DEQUANT_THREADS = 128;

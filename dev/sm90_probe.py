@@ -35,7 +35,7 @@ import source_variants  # noqa: E402  (dev/, beside this file)
 
 # Named edits of cuda/quick_sm90.cu: (text found exactly once, its replacement).
 EDITS = {
-    "issuer-0": [("tid == 32 * (it % SM90_WARPS)", "tid == 0")],
+    "issuer-0": [("tid == 32 * (it % WARPS)", "tid == 0")],
     "no-dequant": [("        D::dequant8(words[j], zz, sj, h[j]);",
                     "        for (int r = 0; r < 4; ++r) h[j][r] = words[j] >> r;")],
     "no-wgmma": [("      for (int b = 0; b < RB; ++b) wgmma_rs<BT, T>(acc[b], cur[b][s], wgmma_desc_sw128(x + 32 * s));",

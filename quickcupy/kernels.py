@@ -191,7 +191,7 @@ def _plan_gemm(design: GemmDesign, M, N, K, group_size, device: DeviceLimits, ti
     return LaunchPlan(design=design, name=design.instance(bm, bn, gch, tile, dtype), bm=bm, bn=bn, tile=t,
                       grid=(math.ceil(M / bm), math.ceil(N / bn), splits),
                       shared_bytes=design.smem_bytes(bm, bn, t), chunks_per_split=per,
-                      M=M, N=N, K=K, group_size=group_size)
+                      M=M, N=N, K=K, group_size=group_size, threads=t.threads)
 
 
 # Decode planner (cuda/quick_decode.cu). Fitted on H100 sweeps of every block shape of the registry

@@ -42,6 +42,7 @@ class Tile:
     wstages: int = 1         # register sets of weights in flight (loaded wstages - 1 steps ahead)
     blocks_per_sm: int = 1   # resident blocks per SM (registers allow): sets the split-K target
     bn: int = 0              # columns of C per block when the kernel fixes them for this bm (0: tile_n)
+    threads: int = 0         # threads per block where the instance takes them as a template parameter (0: the design's)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -84,7 +85,7 @@ class GemmDesign(Design):
     partials are summed by cuda/splitk_reduce.cu."""
     tile_n: tuple            # columns per block, first that divides N wins (the last if none does)
     tiles: dict              # rows per block (bm) -> Tile
-    template: str            # instance name, formatted with bm, bn, chunks, gch, stages, wstages, ctype
+    template: str            # instance name, formatted with bm, bn, chunks, gch, stages, wstages, threads, ctype
     smem_bytes: Callable     # (bm, bn, Tile) -> dynamic shared memory bytes of a block
     split_rule: str = "nearest"  # split-K by M tiles: "nearest" one wave, or "fill": most splits within one wave
     tensor_maps: bool = False    # takes TMA tensor maps of x, qweight, scales, qzeros first (kernels.gemm_tensor_maps)
@@ -101,13 +102,13 @@ class GemmDesign(Design):
         and ``dtype`` activations."""
         t = self.tiles[bm] if tile is None else tile
         return self.template.format(bm=bm, bn=bn, chunks=t.chunks, gch=gch, stages=t.stages,
-                                    wstages=t.wstages, ctype=CTYPES[dtype])
+                                    wstages=t.wstages, threads=t.threads or self.threads, ctype=CTYPES[dtype])
 
     def instances(self) -> list:
         out = []
         for dt in self.dtypes:
             for bm, t in self.tiles.items():
-                for bn in self.tile_n:
+                for bn in (t.bn,) if t.bn else self.tile_n:
                     for gch in divisors(t.chunks):
                         name = self.instance(bm, bn, gch, dtype=dt)
                         if name not in out:
@@ -115,6 +116,8 @@ class GemmDesign(Design):
         return out
 
     def thread_constants(self) -> dict:
+        if any(t.threads for t in self.tiles.values()):   # the instances carry their block size
+            return {}
         return {f"{self.name.upper()}_THREADS": self.threads}
 
 
@@ -253,14 +256,17 @@ DESIGNS["quick_decode"] = DecodeDesign(
 DESIGNS["quick_sm90"] = GemmDesign(
     name="quick_sm90", source="quick_sm90.cu", function="quick_sm90", layout="quick", threads=256,
     n_multiple=32, tile_n=(256,),
-    # Two warpgroups share the activation tile, K steps of 64 (chunks=2), one block per SM: 256
-    # features (2 row blocks of 128 per warpgroup) x 64 or 128 tokens, bm / 2 fp32 accumulators per
-    # row block and thread; or 128 features (one row block each) x 256 tokens, the same 128
-    # accumulators and half the dequantization per warp: 1.05-1.23x faster from M = 192 on the H100
-    # (results/h100/sm90_rowblock.txt), slower below (a 256-token tile mostly empty).
-    tiles={64: Tile(chunks=2, stages=6, blocks_per_sm=1), 128: Tile(chunks=2, stages=5, blocks_per_sm=1),
-           256: Tile(chunks=2, stages=5, blocks_per_sm=1, bn=128)},
-    template="quick_sm90<{bm}, {stages}, {gch}, {ctype}>",
+    # Warpgroups of one m64 row block each share the activation tile, K steps of 64 (chunks=2), one
+    # block per SM: 256 features in 4 warpgroups x 64 or 128 tokens (bm / 2 fp32 accumulators a
+    # thread, 90-125 registers of the 128 that 512 threads allow), or 128 features in 2 x 256
+    # tokens (128 accumulators): each warp dequantizes half a QUICK tile column. Against two
+    # warpgroups of two row blocks each (the whole column) at 64 and 128 tokens:
+    # results/h100/sm90_warpgroups_probe.txt; 256 tokens against 128 from M = 192:
+    # results/h100/sm90_rowblock.txt (slower below: a 256-token tile mostly empty).
+    tiles={64: Tile(chunks=2, stages=8, blocks_per_sm=1, threads=512),
+           128: Tile(chunks=2, stages=8, blocks_per_sm=1, threads=512),
+           256: Tile(chunks=2, stages=5, blocks_per_sm=1, bn=128, threads=256)},
+    template="quick_sm90<{bm}, {bn}, {threads}, {stages}, {gch}, {ctype}>",
     # a ring of K steps on a 1024-byte boundary after 2 mbarriers (8 bytes) per stage; a slot holds
     # the swizzled activations (bm x 128 bytes), the packed weights (bn x 32 bytes) and scales/zeros
     # (2 KB), each a TMA box

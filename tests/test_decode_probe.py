@@ -119,7 +119,7 @@ def test_sm90_probe_variants_compile(variant, tmp_path, monkeypatch):
     source = (kernels.cuda_dir() / "quick_sm90.cu").read_text()
     text = sm90_probe.edited(source, variant)
     assert text != source
-    name = "quick_sm90<128, 5, 2, half>"
+    name = "quick_sm90<128, 256, 512, 8, 2, half>"
     cubin, lowered, log = _compile_edited(tmp_path, monkeypatch, "quick_sm90.cu", text, name, "sm_90a")
     assert len(cubin) > 0 and set(lowered) == {name}
     assert " 0 bytes spill stores" in log

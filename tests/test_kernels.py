@@ -93,8 +93,12 @@ def test_registry_is_the_one_list():
     for d in registry.DESIGNS.values():
         assert d.function in registry.NCU_KERNEL_REGEX
         assert d.source in registry.SOURCES and (kernels.cuda_dir() / d.source).is_file()
-        if isinstance(d, registry.GemmDesign):   # decode shapes set their threads as template parameters
-            assert smem_maps.constants()[f"{d.name.upper()}_THREADS"] == d.threads
+        constant = f"{d.name.upper()}_THREADS"
+        if d.thread_constants():
+            assert smem_maps.constants()[constant] == d.threads
+        else:                                    # decode shapes and quick_sm90's tiles: template parameters
+            assert constant not in smem_maps.constants()
+            assert not isinstance(d, registry.GemmDesign) or all(t.threads for t in d.tiles.values())
     for v in registry.VARIANTS.values():
         assert v.design is registry.DESIGNS[v.design.name]
 
@@ -139,7 +143,7 @@ def test_sm90_tensor_maps_cover_the_packed_tensors(K, N, G, M, monkeypatch):
     kernels.gemm_tensor_maps(p, fake(x), fake(packed.qweight), fake(packed.qzeros), fake(packed.scales))
     (_, _, xk, xm, _, xbc, xbr, _, _), *packs = calls
     assert (xk, xm, xbc, xbr) == (K, M, 64, p.bm)
-    gch = int(re.findall(r"\d+", p.name.split("<")[1])[2])
+    gch = int(re.findall(r"\d+", p.name.split("<")[1])[4])   # quick_sm90<bm, bn, threads, stages, gch, T>
     box_bytes = 0
     for (_, dtype, cols, rows, row_bytes, bc, br, _, what), arr in zip(
             packs, (packed.qweight, packed.scales, packed.qzeros)):

@@ -62,18 +62,17 @@ def test_quick_decode_instructions_match_nsight_compute(M, expected):
 
 @pytest.mark.parametrize("M,G", [(16, 128), (100, 32), (200, 32), (4096, 128)])
 def test_quick_sm90_reads_its_packed_weights_back(M, G):
-    """quick_sm90 per 64-deep step and warp (8 per block): everything arrives by TMA (no LSU
-    copies). With 64- and 128-token tiles (256 features a block) each warp reads a whole tile
-    column back: 16 bytes a lane and chunk (2 x 4 wavefronts), scales and zeros (1 wavefront each
-    per reloaded chunk), no conflicts. With 256-token tiles (128 features, from M = 129) a warp reads
-    half a tile column: 8 bytes of each lane's 16, still 4 wavefronts a chunk, 2 of them excess
-    (lanes 8 apart share banks), and 4-byte scales (1 wavefront). No stores."""
+    """quick_sm90 per 64-deep step and warp: everything arrives by TMA (no LSU copies). Every tile
+    gives a warpgroup one m64 row block, so a warp reads half a tile column back: 8 bytes of each
+    lane's 16, still 4 wavefronts a chunk, 2 of them excess (lanes 8 apart share banks), and 4-byte
+    scales (1 wavefront) and zeros (1) per reloaded chunk. 64- and 128-token tiles: 256 features in
+    16 warps; 256-token tiles (from M = 129): 128 features in 8. No stores."""
     p = predict("quick_sm90", M, 8192, 8192, G)
-    bn = 128 if p["tile_m"] == 256 else 256
-    warp_steps = -(-M // p["tile_m"]) * (8192 // bn) * (8192 // 64) * 8
+    bn, warps = (128, 8) if p["tile_m"] == 256 else (256, 16)
+    warp_steps = -(-M // p["tile_m"]) * (8192 // bn) * (8192 // 64) * warps
     reloads = 2 if G == 32 else 1
     assert p.get("ldgsts_inst", 0) == 0
     assert p["ld_inst"] == warp_steps * (2 + 2 * reloads)
     assert p["ld_wavefronts"] == warp_steps * (2 * 4 + 2 * reloads)
-    assert p["ld_conflicts"] == (warp_steps * 2 * 2 if bn == 128 else 0)
+    assert p["ld_conflicts"] == warp_steps * 2 * 2
     assert p.get("st_inst", 0) == p.get("ldsm_inst", 0) == 0

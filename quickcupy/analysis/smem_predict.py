@@ -85,12 +85,12 @@ def _sm90_instructions(p):
     copy engine, not the LSU: no shared-memory pipe instructions); every warp reads its weights
     back ([tile column][chunk][lane], 16 bytes a lane) and, per reloaded chunk, its scales ([tile
     column] rows of 64 bytes, 8 at 8 g) and zeros (rows of 16 bytes, 2 at 2 g; lanes of one g share
-    them). With 256 features a block (bn 256) warp w reads all of tile column w: one 16-byte
-    ld.shared per lane and chunk, 8-byte scales. With 128 (256-token tiles) warp w reads half
-    w % 2 of tile column w / 2: 8 bytes of each lane's 16 (at 8 (w % 2)) and 4 of the 8 scale
-    bytes. wgmma reads its B operand through the async proxy, outside ncu's shared-memory pipe
+    them). With two row blocks a warpgroup (bn = 32 x warps) warp w reads all of tile column w: one
+    16-byte ld.shared per lane and chunk, 8-byte scales. With one (every tile of the plan) warp w
+    reads half w % 2 of tile column w / 2: 8 bytes of each lane's 16 (at 8 (w % 2)) and 4 of the 8
+    scale bytes. wgmma reads its B operand through the async proxy, outside ncu's shared-memory pipe
     counters."""
-    warps = p.design.threads // banks.WARP
+    warps = p.block[0] // banks.WARP
     whole = p.bn == 32 * warps                  # each warp a whole tile column (else half of one)
     reloads = p.tile.chunks // math.gcd(p.group_size // 32, p.tile.chunks)
     g = LANES // 4
