@@ -56,7 +56,7 @@ FORCE_ENV = "QUICKCUPY_AUTO_TABLE"
 # Without any table: QUICK's kernel while the GEMM is memory-bound, cuBLAS on dequantized weights
 # beyond; the same rules as quickcupy/tuning/arch-sm80.json (where they come from is said there),
 # kernels that every architecture and activation dtype runs.
-DEFAULT_RULES = ({"max_m": 256, "kernel": "quick"}, {"max_m": None, "kernel": "dequant"})
+DEFAULT_RULES = ({"max_m": 128, "kernel": "quick"}, {"max_m": None, "kernel": "dequant"})
 LAYOUT = "quick"               # every kernel auto chooses from reads this layout
 # Keys a table (and a dtype's section) may hold; informational ones are not read.
 TABLE_KEYS = {"schema", "device", "arch", "targets", "command", "note", "rules", "shapes", "dtypes",

@@ -260,8 +260,9 @@ DESIGNS["quick_sm90"] = GemmDesign(
     # block per SM: 256 features in 4 warpgroups x 64 or 128 tokens (bm / 2 fp32 accumulators a
     # thread, 90-125 registers of the 128 that 512 threads allow), or 128 features in 2 x 256
     # tokens (128 accumulators): each warp dequantizes half a QUICK tile column. Against two
-    # warpgroups of two row blocks each (the whole column) at 64 and 128 tokens:
-    # results/h100/sm90_warpgroups_probe.txt; 256 tokens against 128 from M = 192:
+    # warpgroups of two row blocks each (the whole column) at 64 and 128 tokens, 1.07-1.14x at
+    # M = 16-128: results/h100/sm90_four_warpgroups_ab.txt; 128-feature tiles there lose
+    # (results/h100/sm90_warpgroups_probe.txt); 256 tokens against 128 from M = 192:
     # results/h100/sm90_rowblock.txt (slower below: a 256-token tile mostly empty).
     tiles={64: Tile(chunks=2, stages=8, blocks_per_sm=1, threads=512),
            128: Tile(chunks=2, stages=8, blocks_per_sm=1, threads=512),

@@ -419,11 +419,11 @@ def test_info_says_which_table_auto_uses(monkeypatch, capsys, user_dir):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "auto table: architecture defaults sm_90" in out
-    assert "float16: quick_decode to M=16, quick to 32, quick_sm90 to 1024, dequant beyond" in out
-    assert "bfloat16: quick_decode to M=16, quick to 32, quick_sm90 to 512, dequant beyond" in out
+    assert "float16: quick_decode to M=16, quick_sm90 to 2048, dequant beyond" in out
+    assert "bfloat16: quick_decode to M=16, quick_sm90 to 1024, dequant beyond" in out
     monkeypatch.setattr(info, "device_info", lambda: {"available": True, "name": H100, "compute_capability": "9.0"})
     assert main(["info", "--json"]) == 0
     auto = json.loads(capsys.readouterr().out)["auto"]
     assert auto["source"] == "package" and auto["path"].endswith("nvidia-h100-80gb-hbm3.json")
     assert len(auto["dtypes"]["bfloat16"]["shapes"]) == 7
-    assert info.rules_text(dispatch.DEFAULT_RULES) == "quick to M=256, dequant beyond"
+    assert info.rules_text(dispatch.DEFAULT_RULES) == "quick to M=128, dequant beyond"
