@@ -177,6 +177,21 @@ def test_decode_l2_probe_reads_the_llama_report(monkeypatch):
     assert out == {"rates": {"1": [500.0, 505.0], "16": [5000.0, None]}, "step_us": 1896.0}
 
 
+def test_sm90_plan_sweep_launches_and_lines():
+    """dev/sm90_plan_sweep.py: the launches of tiles x splits as the plan runs them (a clamped split
+    once), and a table line naming the plan's launch, the fastest and a BAD one."""
+    import sm90_plan_sweep as sweep
+    got = sweep.launches(256, 8192, 8192, 128, (128, 256), (1, 2, 3, 1000), kernels.H100)
+    assert got[:3] == [(128, 1), (128, 2), (128, 3)] and len(got) == len(set(got)) == 8
+    for tm, sk in got:
+        p = kernels.plan("quick_sm90", 256, 8192, 8192, 128, tile_m=tm, split_k=sk)
+        assert p.bm == tm and p.split_k == sk
+    assert sweep.launches(64, 4096, 256, 128, (64,), (1, 2, 3, 8), kernels.H100) == [(64, 1), (64, 2), (64, 4)]
+    row = {"plan": "256/2", "cublas_us": 54.1, "launches": {"192/1": 70.0, "256/2": 62.5, "256/3": None}}
+    assert sweep.line(8192, 8192, 256, row) == ("K=8192 N=8192 M=256: plan 256/2 62.5 | best 256/2 62.5 | "
+                                                "cuBLAS 54.1 | 192/1:70.0 256/2:62.5 256/3:BAD")
+
+
 def test_llama_ab_alternates_and_summarizes():
     """dev/llama_ab.py: the earlier checkout runs first in even rounds, second in odd ones; the
     summary takes each side's medians and their ratio, and GPU medians only where runs have them."""
