@@ -29,14 +29,6 @@ sys.path.insert(0, str(ROOT))   # the checkout's quickcupy
 KERNEL = "quick_sm90"
 
 
-def parse_ints(text: str) -> list:
-    return [int(v) for v in text.split(",") if v]
-
-
-def parse_shapes(text: str) -> list:
-    return [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s]
-
-
 def launches(M: int, N: int, K: int, group_size: int, tiles, splits, device) -> list:
     """The distinct (tile_m, split_k) launches of ``tiles`` x ``splits`` at this point, as the plan
     runs them (a split the plan clamps counted once, under the split it runs), tile by tile."""
@@ -99,8 +91,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the points here")
     args = ap.parse_args(argv)
     from quickcupy import registry
+    from quickcupy.tools.common import UsageError, parse_int_list, parse_ms, parse_shapes
+    try:
+        shapes, ms, splits = parse_shapes(args.shapes), parse_ms(args.m), parse_int_list("--splits", args.splits, 1)
+        tiles = parse_int_list("--tiles", args.tiles, 1) if args.tiles else None
+    except UsageError as err:
+        raise SystemExit(str(err)) from None
     have = sorted(registry.design_of(KERNEL).tiles)
-    tiles = parse_ints(args.tiles) if args.tiles else have
+    tiles = tiles or have
     if set(tiles) - set(have):
         raise SystemExit(f"--tiles: {KERNEL} has {have}-row tiles, not {sorted(set(tiles) - set(have))}")
     from quickcupy import device as _device
@@ -110,21 +108,20 @@ def main(argv=None) -> int:
     import numpy as np
 
     from quickcupy import QuantLinear, kernels
-    from quickcupy.quantize import quantize
-    from quickcupy.tools.bench import _dequantized_fp16
+    from quickcupy.tools.bench import _dequantized_fp16, host_quantize_pack
     from quickcupy.tools.bench_report import rotation_copies, weight_bytes
     reason = kernels.unsupported_reason(KERNEL, cupy.cuda.Device().id)
     if reason:
         raise SystemExit(f"{KERNEL}: {reason}")
-    splits, ms, G = parse_ints(args.splits), parse_ints(args.m), args.group_size
+    G = args.group_size
     device = kernels.device_limits(cupy.cuda.Device().id)
     l2 = cupy.cuda.Device().attributes["L2CacheSize"]
     print(f"# dev/sm90_plan_sweep.py {' '.join(sys.argv[1:] if argv is None else argv)}; "
           f"{cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, us per call, fp16, group {G}")
     points = []
-    for K, N in parse_shapes(args.shapes):
+    for K, N in shapes:
         rng = np.random.default_rng(0)
-        q = quantize((rng.standard_normal((N, K), dtype=np.float32) * 0.02).astype(np.float16), G)
+        q, _ = host_quantize_pack(K, N, G)      # bench's random weight, quantized on the host
         first = QuantLinear.from_quantized(q, "quick")
         layers = [first] + [first.copy() for _ in range(rotation_copies(weight_bytes("int4", K, N, G), l2) - 1)]
         w = _dequantized_fp16(q)
