@@ -65,6 +65,8 @@ def test_sources_compile_without_spills(source, arch, nvrtc_builds):
         for line in usage:
             nums = [int(n) for n in re.findall(r"(\d+) bytes", line)]
             assert not any(nums), f"{source} ({target}) uses local memory: {line.strip()}"
+        # wgmma: none serialized (C7513), no wait injected by ptxas where the code has none (C7517)
+        assert "C7513" not in log and "C7517" not in log, f"{source} ({target}): ptxas changed the wgmma pipeline:\n{log}"
     # Non-template kernels (extern "C") are built, and reported, in every chunk: counted once.
     assert set(reported) == instances and len(reported) == len(names)
 
